@@ -1,0 +1,49 @@
+"""Options shared by several commands, declared once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+ArtifactArg = Annotated[
+    Optional[Path],
+    typer.Argument(help="Model file: a checkpoint (.pt), a tbopt artifact, int8 TorchScript, .mlmodel or "
+                        ".mlpackage. Default: the bundled demo checkpoint.", show_default=False),
+]
+OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the result.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the results as JSON (and nothing else) on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes.")]
+ArchOpt = Annotated[
+    Optional[str],
+    typer.Option("--arch", help="Your own network instead of TinyBeauty: package.module:ClassName "
+                                "(importable from the current environment).", rich_help_panel="Model"),
+]
+ArchKwargsOpt = Annotated[
+    Optional[str],
+    typer.Option("--arch-kwargs", help="JSON object of constructor arguments for --arch, e.g. '{\"width\": 16}'.",
+                 rich_help_panel="Model"),
+]
+TrustPickleOpt = Annotated[
+    bool,
+    typer.Option("--trust-pickle", help="DANGEROUS: allow checkpoints that need full unpickling, which can run "
+                                        "arbitrary code. Only for files you made yourself.",
+                 rich_help_panel="Model"),
+]
+DataOpt = Annotated[
+    Optional[Path],
+    typer.Option("--data", help="Folder of images, or of pairs (input/ + target/, or before/ + after/). "
+                                "Default: the built-in synthetic test set (100 pairs).",
+                 rich_help_panel="Data"),
+]
+LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=1, help="Use at most N images.", rich_help_panel="Data")]
+ThreadsOpt = Annotated[
+    Optional[int],
+    typer.Option("--threads", min=1, help="CPU threads for PyTorch (default: all cores).", rich_help_panel="Timing"),
+]
+
+
+def model_options(arch: str | None, arch_kwargs: str | None, trust_pickle: bool) -> dict:
+    return {"arch": arch, "arch_kwargs": arch_kwargs, "trust_pickle": trust_pickle}

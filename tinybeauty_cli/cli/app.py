@@ -1,0 +1,41 @@
+"""The ``tbopt`` Typer application: every command is registered here."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .. import __version__
+from . import apply, info
+
+app = typer.Typer(
+    name="tbopt",
+    help="Shrink the TinyBeauty facial-makeup network and ship it to iPhones as Core ML.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tbopt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Show the version and exit.")] = None,
+) -> None:
+    """Shrink the TinyBeauty facial-makeup network and ship it to iPhones as Core ML."""
+
+
+app.command("info")(info.info)
+app.command("apply")(apply.apply)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,43 @@
+"""tbopt apply: make up photos with a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, List
+
+import typer
+
+from ..apply import apply_makeup
+from ..paths import demo_checkpoint
+from ..runners import open_runner
+from . import _output
+from ._errors import handle_errors
+from ._options import ArchKwargsOpt, ArchOpt, ForceOpt, JsonOpt, QuietOpt, TrustPickleOpt, model_options
+
+
+@handle_errors
+def apply(
+    artifact: Annotated[Path, typer.Argument(help="Model file (checkpoint, tbopt artifact, int8 TorchScript, "
+                                                  ".mlmodel, .mlpackage), or 'demo' for the bundled demo.")],
+    images: Annotated[List[Path], typer.Argument(help="Photos to make up.", show_default=False)],
+    out_dir: Annotated[Path, typer.Option("--output", "-o", help="Folder for the made-up images (<name>.png).")],
+    model_size: Annotated[bool, typer.Option("--model-size", help="Write the model-size image of the centre "
+                                             "square instead of adding the residual at full resolution.")] = False,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+) -> None:
+    """Write made-up versions of photos: the residual is added at full resolution, as the authors' demo does."""
+    out = _output.Output(json_mode=json_out, quiet=quiet)
+    path = demo_checkpoint() if str(artifact) == "demo" else artifact
+    runner = open_runner(path, **model_options(arch, arch_kwargs, trust_pickle))
+    results = apply_makeup(runner, list(images), out_dir, model_size=model_size, force=force, progress=out)
+    if json_out:
+        out.json({"model": str(path), "engine": runner.engine, "images": results})
+        return
+    out.table(f"made up with {path.name} ({runner.engine})", ["input", "output", "size", "mean |change|", "PSNR vs input (dB)"],
+              [(r.input, r.output, f"{r.width}x{r.height}", f"{r.mean_abs_change:.2f}", r.psnr_vs_input_db)
+               for r in results], right=("mean |change|", "PSNR vs input (dB)"))

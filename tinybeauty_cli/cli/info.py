@@ -1,0 +1,74 @@
+"""tbopt info: what a model file is."""
+
+from __future__ import annotations
+
+from ..describe import describe
+from ..paths import demo_checkpoint
+from . import _output
+from ._errors import handle_errors
+from ._options import ArchKwargsOpt, ArchOpt, ArtifactArg, JsonOpt, TrustPickleOpt, model_options
+
+
+@handle_errors
+def info(
+    artifact: ArtifactArg = None,
+    json_out: JsonOpt = False,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+) -> None:
+    """Architecture, parameters, MACs, size on disk and zipped, preprocessing and history of a model."""
+    path = artifact or demo_checkpoint()
+    data = describe(path, **model_options(arch, arch_kwargs, trust_pickle))
+    out = _output.Output(json_mode=json_out)
+    if json_out:
+        out.json(data)
+        return
+    render_info(out, data)
+
+
+def render_info(out: _output.Output, d: dict) -> None:
+    items = {
+        "file": d["path"],
+        "found": d.get("found"),
+        "kind": f"{d['kind']} ({d['engine']})",
+        "architecture": d.get("architecture"),
+        "parameters": d.get("parameters"),
+        "non-zero parameters": _nonzero(d),
+        "MACs": f"{d['macs'] / 1e9:.3f} G at {d.get('preprocessing', {}).get('size', '?')}px" if d.get("macs") else None,
+        "size on disk": f"{_output.kb(d['size_bytes'])} KB ({d['size_bytes']:,} B)",
+        "size zipped": f"{_output.kb(d['zipped_bytes'])} KB ({d['zipped_bytes']:,} B)",
+        "preprocessing": _prep(d.get("preprocessing")),
+        "sha256": d["sha256"],
+    }
+    for k, v in d.items():
+        if k.startswith("coreml_") or k in ("format", "target", "precision"):
+            items[k] = v
+    out.fields(None, {k: v for k, v in items.items() if v is not None})
+    history = d.get("history") or []
+    if history:
+        out.table("history", ["#", "step", "when", "configuration", "figures"],
+                  [(i + 1, h["step"], h.get("time", ""), _compact(h.get("config")), _compact(h.get("figures")))
+                   for i, h in enumerate(history)])
+    else:
+        out.line("history: none (not produced by tbopt)")
+
+
+def _nonzero(d: dict) -> str | None:
+    if d.get("nonzero_parameters") is None or not d.get("parameters"):
+        return None
+    nz, total = d["nonzero_parameters"], d["parameters"]
+    return f"{nz:,} ({100 * (1 - nz / total):.1f}% zeros)"
+
+
+def _prep(p: dict | None) -> str | None:
+    if not p:
+        return None
+    lo, hi = p["value_range"]
+    return f"{p['size']}x{p['size']} RGB, values in [{lo:g}, {hi:g}], network returns a {p['output']}"
+
+
+def _compact(d: dict | None) -> str:
+    if not d:
+        return ""
+    return ", ".join(f"{k}={v}" for k, v in d.items())

@@ -1,0 +1,55 @@
+"""What a model file is: architecture, parameters, MACs, sizes, preprocessing, history."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import LoadedModel
+from .files import sha256_file, size_on_disk, zipped_size
+from .metrics import count_macs, count_parameters
+from .runners import Runner, TorchRunner, open_runner
+
+
+def model_figures(loaded: LoadedModel) -> dict[str, Any]:
+    """Architecture, parameter and MAC counts of a loaded PyTorch model."""
+    if loaded.kind == "float":
+        module = loaded.module
+        params, nonzero = count_parameters(module)
+        return {
+            "architecture": loaded.artifact.arch.describe(),
+            "arch": loaded.artifact.arch.to_dict(),
+            "parameters": params,
+            "nonzero_parameters": nonzero,
+            "macs": count_macs(module, loaded.preprocessing.size),
+        }
+    meta = loaded.metadata
+    figures = {k: meta[k] for k in ("architecture", "arch", "parameters", "nonzero_parameters", "macs") if k in meta}
+    figures.setdefault("architecture", "TorchScript module")
+    return figures
+
+
+def describe(path: Path | str, runner: Runner | None = None, **options: Any) -> dict[str, Any]:
+    """Everything ``tbopt info`` shows, as a dict (the same dict ``--json`` prints)."""
+    path = Path(path)
+    runner = runner or open_runner(path, **options)
+    info: dict[str, Any] = {
+        "path": str(path),
+        "kind": runner.kind,
+        "engine": runner.engine,
+        "size_bytes": size_on_disk(path),
+        "zipped_bytes": zipped_size(path),
+        "sha256": sha256_file(path),
+    }
+    if isinstance(runner, TorchRunner) and runner.loaded is not None:
+        loaded = runner.loaded
+        info["found"] = loaded.found
+        info.update(model_figures(loaded))
+        info["preprocessing"] = loaded.preprocessing.to_dict()
+        info["history"] = [h.to_dict() for h in loaded.history]
+        if loaded.artifact is not None and loaded.artifact.source:
+            info["source"] = loaded.artifact.source
+        if loaded.metadata:
+            info["metadata"] = {k: v for k, v in loaded.metadata.items() if k != "history"}
+    info.update(runner.info())
+    return info

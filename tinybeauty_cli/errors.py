@@ -1,0 +1,66 @@
+"""The one family of errors the library raises; the CLI turns them into one line."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+
+class TbOptError(Exception):
+    """Base class. ``hint`` is a short suggestion the CLI prints after the message."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+class ConfigError(TbOptError):
+    """A configuration value is invalid."""
+
+
+class UsageError(TbOptError):
+    """Options that do not fit together (exit code 2, like a CLI usage error)."""
+
+    exit_code = 2
+
+
+class InputError(TbOptError):
+    """An input file or folder cannot be used (missing, unreadable, corrupt)."""
+
+
+class UnsafeCheckpointError(InputError):
+    """A checkpoint needs arbitrary unpickling, which can run code."""
+
+
+class ArchitectureMismatchError(InputError):
+    """A state dict does not fit the architecture."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        missing: Iterable[str] = (),
+        unexpected: Iterable[str] = (),
+        mismatched: Iterable[str] = (),
+        hint: str | None = None,
+    ):
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        self.mismatched = list(mismatched)
+        super().__init__(message, hint)
+
+
+class OutputExistsError(TbOptError):
+    """An output exists and ``--force`` was not given."""
+
+    def __init__(self, path: object):
+        super().__init__(f"{path} already exists", hint="pass --force to overwrite it")
+
+
+class ImageError(InputError):
+    """An image cannot be read or a folder holds no usable images."""
+
+
+class UnsupportedError(TbOptError):
+    """A valid request this tool cannot carry out (e.g. an op a runner does not know)."""

@@ -1,0 +1,200 @@
+"""Folders of images and of (input, target) pairs, preprocessing, and the built-in test set."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from . import synthetic
+from .errors import ImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+#: Folder-name pairs recognised as (input, target).
+PAIR_DIRS = (("input", "target"), ("before", "after"))
+#: Larger images are refused as possible decompression bombs (a 16K x 16K photo is 268 MP).
+MAX_PIXELS = 16384 * 16384
+
+
+@dataclass
+class ImageSet:
+    """Model-size images as uint8 (N, S, S, 3); ``targets`` is None for unpaired folders."""
+
+    names: list[str]
+    inputs: np.ndarray
+    targets: np.ndarray | None
+    source: str  # e.g. "built-in synthetic test set (100 pairs, seed 20240901)"
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def has_targets(self) -> bool:
+        return self.targets is not None
+
+
+def read_image(path: Path) -> Image.Image:
+    """Open ``path`` as an 8-bit RGB image, or raise :class:`ImageError` naming it.
+
+    RGBA/LA/P-with-transparency are composited onto white; 16-bit and 32-bit grey
+    (I;16, I, F) are scaled to 8 bits, not clipped; EXIF orientation is applied.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"image {path} does not exist")
+    if path.is_dir():
+        raise ImageError(f"image {path} is a directory")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_PIXELS:
+                    raise ImageError(f"image {path} is {im.width}x{im.height}: too large "
+                                     f"(possible decompression bomb, limit {MAX_PIXELS:,} pixels)")
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                return _to_rgb(im)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image {path} refused as a possible decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path} is not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"image {path} is corrupt or truncated ({exc})") from None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode == "RGB":
+        return im.copy()
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im).astype(np.float64)
+        top = 65535.0 if mode.startswith("I;16") else max(float(a.max()), 1.0)
+        if mode == "I" and a.max() <= 65535:
+            top = 65535.0 if a.max() > 255 else 255.0
+        if mode == "F":
+            top = 1.0 if a.max() <= 1.0 else 255.0
+        g = np.clip(np.round(a / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([g] * 3, axis=-1), "RGB")
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "RGBa", "La", "PA"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def center_square(im: Image.Image) -> Image.Image:
+    side = min(im.size)
+    left = (im.width - side) // 2
+    top = (im.height - side) // 2
+    return im.crop((left, top, left + side, top + side))
+
+
+def to_model_size(im: Image.Image, size: int) -> np.ndarray:
+    """Center square crop, bicubic resize to ``size`` x ``size``; uint8 (S, S, 3)."""
+    sq = center_square(im)
+    if sq.size != (size, size):
+        sq = sq.resize((size, size), Image.BICUBIC)
+    return np.asarray(sq, dtype=np.uint8)
+
+
+def list_images(folder: Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.exists():
+        raise ImageError(f"folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ImageError(f"{folder} is not a folder")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _pair_dirs(folder: Path) -> tuple[Path, Path] | None:
+    for a, b in PAIR_DIRS:
+        if (folder / a).is_dir() and (folder / b).is_dir():
+            return folder / a, folder / b
+    return None
+
+
+def load_folder(folder: Path, size: int, limit: int | None = None) -> ImageSet:
+    """A folder of images, or of pairs (``input``/``target`` or ``before``/``after`` matched by stem)."""
+    folder = Path(folder)
+    pairs = _pair_dirs(folder) if folder.is_dir() else None
+    if pairs is not None:
+        in_dir, tg_dir = pairs
+        ins = {p.stem: p for p in list_images(in_dir)}
+        tgs = {p.stem: p for p in list_images(tg_dir)}
+        only_in = sorted(set(ins) - set(tgs))
+        only_tg = sorted(set(tgs) - set(ins))
+        if only_in or only_tg:
+            parts = []
+            if only_in:
+                parts.append(f"{len(only_in)} input(s) without a target (e.g. {only_in[0]})")
+            if only_tg:
+                parts.append(f"{len(only_tg)} target(s) without an input (e.g. {only_tg[0]})")
+            raise ImageError(f"{folder}: unmatched pairs: " + "; ".join(parts),
+                             hint=f"inputs in {in_dir.name}/ and targets in {tg_dir.name}/ are matched by file name stem")
+        stems = sorted(ins)[: limit if limit else None]
+        if not stems:
+            raise ImageError(f"{in_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        inputs = np.stack([to_model_size(read_image(ins[s]), size) for s in stems])
+        targets = np.stack([to_model_size(read_image(tgs[s]), size) for s in stems])
+        return ImageSet(stems, inputs, targets, f"{folder} ({len(stems)} pairs, {in_dir.name}/{tg_dir.name})")
+    files = list_images(folder)[: limit if limit else None]
+    if not files:
+        raise ImageError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})",
+                         hint="or give it input/ and target/ subfolders of pairs")
+    inputs = np.stack([to_model_size(read_image(p), size) for p in files])
+    return ImageSet([p.stem for p in files], inputs, None, f"{folder} ({len(files)} images, no targets)")
+
+
+@lru_cache(maxsize=4)
+def _builtin(size: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    bare, made = synthetic.portraits(synthetic.TEST_SEED, count, size)
+    bare.setflags(write=False)
+    made.setflags(write=False)
+    return bare, made
+
+
+def builtin_test_set(size: int = 256, limit: int | None = None) -> ImageSet:
+    """The built-in test set: 100 synthetic (bare, made-up) pairs from a fixed seed."""
+    count = min(limit or synthetic.TEST_COUNT, synthetic.TEST_COUNT)
+    bare, made = _builtin(size, count)
+    return ImageSet([f"synthetic_{i:03d}" for i in range(count)], bare, made,
+                    f"built-in synthetic test set ({count} pairs, seed {synthetic.TEST_SEED})")
+
+
+def synthetic_unlabeled(count: int, size: int = 256, seed: int = synthetic.TRAIN_SEED + 1) -> ImageSet:
+    """Unlabeled synthetic portraits (calibration / distillation), never the test set's seed."""
+    bare, _ = synthetic.portraits(seed, count, size)
+    return ImageSet([f"portrait_{i:03d}" for i in range(count)], bare, None,
+                    f"synthetic portraits ({count}, seed {seed})")
+
+
+def load_images(data: Path | None, size: int, limit: int | None = None) -> ImageSet:
+    """``--data`` as every command reads it: a folder, or (None) the built-in test set."""
+    if limit is not None and limit < 1:
+        raise ImageError(f"--limit must be >= 1, got {limit}")
+    if data is None:
+        return builtin_test_set(size, limit)
+    return load_folder(Path(data), size, limit)
+
+
+def uint8_to_model(batch: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [-1, 1]."""
+    return (np.ascontiguousarray(batch.transpose(0, 3, 1, 2)).astype(np.float32) / 127.5) - 1.0
+
+
+def model_to_uint8(batch: np.ndarray) -> np.ndarray:
+    """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3), rounded."""
+    return np.clip(np.round((np.asarray(batch, np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def save_png(array: np.ndarray, path: Path) -> None:
+    Image.fromarray(array).save(path, format="PNG")

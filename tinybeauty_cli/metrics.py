@@ -1,0 +1,137 @@
+"""Measurements: PSNR, SSIM, parameter and MAC counts, latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def psnr_db(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> np.ndarray:
+    """PSNR of each image of a batch (inf where identical). Layout does not matter."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch {a.shape} vs {b.shape}")
+    if a.ndim == 3:
+        a, b = a[None], b[None]
+    mse = ((a - b) ** 2).reshape(a.shape[0], -1).mean(axis=1)
+    with np.errstate(divide="ignore"):
+        return 10.0 * np.log10(data_range**2 / mse)
+
+
+#: Identical images have infinite PSNR; averages cap each image here.
+PSNR_CAP_DB = 150.0
+
+
+def mean_psnr_db(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
+    """Mean over images of per-image PSNR (each capped at :data:`PSNR_CAP_DB`)."""
+    return float(np.mean(np.minimum(psnr_db(a, b, data_range), PSNR_CAP_DB)))
+
+
+def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> np.ndarray:
+    """SSIM per image (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, on each
+    channel, averaged). ``a``, ``b``: (N, H, W, 3) or (N, 3, H, W) -- channels are
+    detected as the axis of size 3 next to the batch axis or at the end."""
+    ta = torch.as_tensor(np.asarray(a, np.float64))
+    tb = torch.as_tensor(np.asarray(b, np.float64))
+    if ta.ndim == 3:
+        ta, tb = ta[None], tb[None]
+    if ta.shape[-1] == 3 and ta.shape[1] != 3:
+        ta, tb = ta.permute(0, 3, 1, 2), tb.permute(0, 3, 1, 2)
+    c = ta.shape[1]
+    g = torch.exp(-0.5 * ((torch.arange(11, dtype=torch.float64) - 5) / 1.5) ** 2)
+    g = g / g.sum()
+    win = (g[:, None] * g[None, :]).expand(c, 1, 11, 11).contiguous()
+
+    def filt(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(t, win, groups=c)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_a, mu_b = filt(ta), filt(tb)
+    saa = filt(ta * ta) - mu_a**2
+    sbb = filt(tb * tb) - mu_b**2
+    sab = filt(ta * tb) - mu_a * mu_b
+    m = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a**2 + mu_b**2 + c1) * (saa + sbb + c2))
+    return m.mean(dim=(1, 2, 3)).numpy()
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(parameters, non-zero parameters)."""
+    total = nonzero = 0
+    for p in module.parameters():
+        total += p.numel()
+        nonzero += int(torch.count_nonzero(p).item())
+    return total, nonzero
+
+
+def count_macs(module: nn.Module, size: int, channels: int = 3) -> int:
+    """Multiply-accumulates of one forward pass at ``size`` x ``size`` (PyTorch's flop counter / 2).
+
+    Dense MACs: zeros of unstructured pruning are still multiplied by a dense kernel.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, channels, size, size)
+    was_training = module.training
+    module.eval()
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        module(x)
+    module.train(was_training)
+    return int(counter.get_total_flops() // 2)
+
+
+@dataclass
+class Latency:
+    """Per-call latency in milliseconds after warm-up."""
+
+    p50_ms: float
+    p90_ms: float
+    mean_ms: float
+    min_ms: float
+    runs: int
+    warmup: int
+    threads: int
+
+    @property
+    def images_per_second(self) -> float:
+        return 1000.0 / self.p50_ms if self.p50_ms > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, float | int]:
+        d = asdict(self)
+        d["images_per_second"] = round(self.images_per_second, 2)
+        return d
+
+
+def measure_latency(fn: Callable[[], object], runs: int = 30, warmup: int = 5,
+                    threads: int | None = None, on_run: Callable[[], None] | None = None) -> Latency:
+    """Call ``fn`` ``warmup`` times, then time ``runs`` calls; median and 90th percentile.
+
+    ``threads`` sets ``torch.set_num_threads`` for the measurement (restored after).
+    """
+    if runs < 1 or warmup < 0:
+        raise ValueError("runs must be >= 1 and warmup >= 0")
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000.0)
+            if on_run is not None:
+                on_run()
+        used = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+    times.sort()
+    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
+    return Latency(statistics.median(times), p90, statistics.fmean(times), times[0], runs, warmup, used)
