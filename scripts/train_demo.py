@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from tinybeauty_cli import synthetic
-from tinybeauty_cli.images import model_to_uint8
-from tinybeauty_cli.metrics import mean_psnr_db
+from tinybeauty_cli.evaluate import evaluate
+from tinybeauty_cli.images import builtin_test_set
+from tinybeauty_cli.runners import TorchRunner
 from tinybeauty_cli.model import TinyBeauty, TinyBeautyConfig
 from tinybeauty_cli.training import FitConfig, fit
 
@@ -48,15 +49,6 @@ def make_batch_fn(bare: torch.Tensor, made: torch.Tensor, batch: int, crop: int 
         return x, y
 
     return batch_fn
-
-
-def evaluate(model: TinyBeauty, bare_u8: np.ndarray, made_u8: np.ndarray) -> float:
-    outs = []
-    with torch.no_grad():
-        for i in range(0, len(bare_u8), 10):
-            x = to_tensor(bare_u8[i:i + 10])
-            outs.append(torch.clamp(x + model(x), -1, 1).numpy())
-    return mean_psnr_db(model_to_uint8(np.concatenate(outs)), made_u8)
 
 
 def main() -> int:
@@ -104,9 +96,8 @@ def main() -> int:
     model.eval()
     train_seconds = time.perf_counter() - t0
 
-    test_bare, test_made = synthetic.portraits(synthetic.TEST_SEED, synthetic.TEST_COUNT, 256)
-    psnr = evaluate(model, test_bare, test_made)
-    baseline = mean_psnr_db(test_bare, test_made)
+    scores = evaluate(TorchRunner(model), builtin_test_set(256))
+    psnr, baseline = scores.target_psnr_db, scores.do_nothing_psnr_db
     print(f"built-in test set ({synthetic.TEST_COUNT} pairs, seed {synthetic.TEST_SEED}):")
     print(f"  PSNR against targets: {psnr:.2f} dB")
     print(f"  do-nothing baseline:  {baseline:.2f} dB  (margin {psnr - baseline:+.2f} dB)")

@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+
+from tinybeauty_cli.evaluate import evaluate, fidelity_psnr_db, target_psnr_db
+from tinybeauty_cli.images import ImageSet, builtin_test_set, uint8_to_model
+from tinybeauty_cli.runners import Runner, TorchRunner
+
+from .conftest import small_tinybeauty
+
+
+class Identity(Runner):
+    engine = "identity"
+
+    def residual(self, x):
+        return np.zeros_like(x)
+
+
+def test_identity_scores_the_do_nothing_baseline():
+    images = builtin_test_set(64, limit=4)
+    ev = evaluate(Identity(), images, reference=uint8_to_model(images.inputs))
+    assert ev.target_psnr_db == pytest.approx(ev.do_nothing_psnr_db)
+    assert ev.fidelity_psnr_db >= 100  # identical outputs hit the cap
+
+
+def test_fidelity_is_measured_in_float_before_rounding():
+    a = np.zeros((2, 3, 8, 8), np.float32)
+    b = a + 1e-3  # far below half an 8-bit level
+    assert fidelity_psnr_db(a, b) == pytest.approx(10 * np.log10(4 / 1e-6), rel=1e-4)
+    assert target_psnr_db(a, np.full((2, 8, 8, 3), 128, np.uint8)) == pytest.approx(10 * np.log10(255**2 / 0.25), rel=1e-3)
+
+
+def test_unpaired_images_have_no_target_score():
+    images = ImageSet(["a"], np.zeros((1, 32, 32, 3), np.uint8), None, "test")
+    ev = evaluate(TorchRunner(small_tinybeauty()), images)
+    assert ev.target_psnr_db is None and ev.fidelity_psnr_db is None
+    assert ev.outputs.shape == (1, 3, 32, 32)
