@@ -1,0 +1,140 @@
+"""tbopt prune: magnitude (per layer or global) or channel pruning, with optional distillation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from ..paths import demo_checkpoint
+from ..prune import DEFAULT_CHANNEL_FINETUNE_STEPS, PruneConfig, PruneMethod, PruneReport, prune as prune_model
+from . import _output
+from ._errors import handle_errors
+from ._options import (ArchKwargsOpt, ArchOpt, ArtifactArg, ForceOpt, JsonOpt, LimitOpt, OutputOpt, QuietOpt,
+                       ThreadsOpt, TrustPickleOpt, model_options)
+
+
+@handle_errors
+def prune(
+    artifact: ArtifactArg = None,
+    rate: Annotated[float, typer.Option("--rate", "-r", help="Fraction to remove, in [0, 1): of each layer's weights "
+                                        "(magnitude), of all conv weights (global), of each channel group (channel).",
+                                        show_default=False)] = ...,  # type: ignore[assignment]
+    method: Annotated[PruneMethod, typer.Option(
+        "--method", "-m", help="magnitude: zero each layer's smallest weights; global: one threshold over all "
+                               "layers; channel: remove whole channels (smaller and faster).")] = PruneMethod.magnitude,
+    finetune_steps: Annotated[Optional[int], typer.Option(
+        "--finetune-steps", min=0, show_default=False,
+        help=f"Distillation steps after pruning (teacher: the input model). Default: 0 for magnitude and global, "
+             f"{DEFAULT_CHANNEL_FINETUNE_STEPS} for channel.")] = None,
+    data: Annotated[Optional[Path], typer.Option(
+        "--data", help="Folder of unlabeled images for fine-tuning and channel ranking (of pairs, only the inputs "
+                       "are used). Default: synthetic portraits, never the test set.", rich_help_panel="Data")] = None,
+    exclude: Annotated[Optional[List[str]], typer.Option(
+        "--exclude", "-x", help="Conv layer to leave alone: a module name, a parent module, or a glob "
+                                "(e.g. 'upconv*'). Repeatable.", show_default=False)] = None,
+    eval_data: Annotated[Optional[Path], typer.Option(
+        "--eval-data", help="Folder of images or pairs to score on. Default: the built-in test set (100 pairs).",
+        rich_help_panel="Data")] = None,
+    limit: LimitOpt = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of fine-tuning (same seed, same threads: same model).")] = 0,
+    output: OutputOpt = None,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    threads: ThreadsOpt = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+) -> None:
+    """Prune a model's convolutions (unstructured, or whole channels), fine-tune it by distillation and score it.
+
+    Writes a tbopt artifact (default ./<name>_pruned-<method>-<percent>.pt) with the step in its history.
+    """
+    out = _output.Output(json_mode=json_out, quiet=quiet)
+    cfg = PruneConfig(rate=rate, method=method.value, finetune_steps=finetune_steps, exclude=tuple(exclude or ()),
+                      seed=seed)
+    path = artifact or demo_checkpoint()
+    report = prune_model(path, cfg, output=output, force=force, data=data, eval_data=eval_data, eval_limit=limit,
+                         threads=threads, progress=out, **model_options(arch, arch_kwargs, trust_pickle))
+    if json_out:
+        out.json(report.to_dict())
+        return
+    render_prune(out, report)
+
+
+def render_prune(out: _output.Output, r: PruneReport) -> None:
+    cfg = r.config
+    structured = cfg.method == PruneMethod.channel.value
+    rows = []
+    for layer in r.layers:
+        shape = _shape(layer.shape_before)
+        if layer.shape_after != layer.shape_before:
+            shape += f" -> {_shape(layer.shape_after)}"
+        rows.append((layer.name, layer.kind, shape, f"{layer.weights_before:,} -> {layer.weights_after:,}",
+                     _pct(layer.sparsity), "excluded" if layer.excluded else _pct(layer.removed_fraction)))
+    out.table(f"{cfg.method} pruning, rate {cfg.rate:g}: {Path(r.input).name} -> {r.output}",
+              ["layer", "type", "weight shape", "weights", "zeros", "removed"], rows,
+              right=("weights", "zeros", "removed"),
+              caption="zeros: share of the layer's stored weights that are 0; removed: gone or zeroed, of the original")
+    b, a, ratio = r.before, r.after, r.ratios()
+    macs_note = "" if structured or cfg.rate == 0 else " (dense kernels multiply the zeros too)"
+    size_note = "" if structured or cfg.rate == 0 else " (zeros are stored: the dense file does not shrink)"
+    out.table("totals", ["", "before", "after", "after / before"], [
+        ("parameters", b.parameters, a.parameters, _x(ratio["parameters"])),
+        ("non-zero parameters", b.nonzero_parameters, a.nonzero_parameters, _x(ratio["nonzero_parameters"])),
+        (f"MACs at {r.size}px{macs_note}", _g(b.macs), _g(a.macs), _x(ratio["macs"])),
+        (f"size on disk{size_note}", _bytes(b.size_bytes), _bytes(a.size_bytes), _x(ratio["size_bytes"])),
+        ("size zipped", _bytes(b.zipped_bytes), _bytes(a.zipped_bytes), _x(ratio["zipped_bytes"])),
+    ], right=("before", "after", "after / before"),
+        caption="'before' is the input model saved in the same tbopt artifact format")
+    q = r.quality
+    quality = {
+        "scored on": q["images"],
+        "fidelity to the input model": _db(q.get("fidelity_psnr_db"), f"worst image {_db(q.get('worst_fidelity_db'))}"),
+    }
+    if q.get("target_psnr_before_db") is not None:
+        change = q.get("target_psnr_change_db")
+        quality["PSNR vs targets"] = (f"{_db(q['target_psnr_before_db'])} -> {_db(q['target_psnr_after_db'])} "
+                                      f"({change:+.2f} dB; doing nothing scores {_db(q.get('do_nothing_psnr_db'))})")
+    if "fidelity_pruned_only_db" in q:
+        before_ft = f"fidelity {_db(q['fidelity_pruned_only_db'])}"
+        if q.get("target_psnr_pruned_only_db") is not None:
+            before_ft += f", PSNR vs targets {_db(q['target_psnr_pruned_only_db'])}"
+        quality["before fine-tuning"] = before_ft
+    ft = r.finetune
+    if ft.get("steps"):
+        quality["fine-tuning"] = (f"{ft['steps']} steps of {ft['batch_size']} on {ft['images']}, "
+                                  f"L1 {ft['first_loss']:.4f} -> {ft['last_loss']:.4f}")
+    s = r.seconds
+    quality["time"] = ", ".join(f"{k} {v:.1f} s" for k, v in s.items())
+    out.fields("quality", quality)
+    for note in r.notes:
+        out.line(f"Note: {note}")
+
+
+def _shape(shape: list[int]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}%"
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _g(macs: int) -> str:
+    return f"{macs / 1e9:.3f} G"
+
+
+def _bytes(n: int | None) -> str:
+    return "-" if n is None else f"{n:,} B"
+
+
+def _db(v: float | None, extra: str = "") -> str:
+    if v is None:
+        return "-"
+    return f"{v:.2f} dB" + (f" ({extra})" if extra else "")
