@@ -179,7 +179,8 @@ def test_coupled_channels_are_cut_at_the_same_index_everywhere(monkeypatch):
 
     monkeypatch.setattr(P, "channel_importance", victims_last)
     # the LayerNorm groups are excluded: LayerNorm mixes all channels, so cutting one is not exact
-    groups = P.prune_channels(model, 1 / 8, _images(), exclude={"upconv1.conv", "upconv2.conv"})
+    groups = P.prune_channels(model, 1 / 8, _images(), exclude={"upconv1.conv", "upconv2.conv"},
+                              reconstruct=False)
     assert len(groups) == 5
     for name in victims:
         assert layers[name].weight.shape[0] == 7, name
@@ -198,6 +199,19 @@ def test_importance_follows_the_consumer_not_the_producers_filter():
     kept = model.content_encoder.conv_first.conv.weight
     # channel 2 (50x larger than the rest) is gone: no kept filter has that norm
     assert kept.flatten(1).norm(dim=1).max() < 10 * kept.flatten(1).norm(dim=1).median()
+
+
+def test_reconstruction_brings_the_pruned_model_closer_to_the_original():
+    torch.manual_seed(0)
+    original = TinyBeauty(TinyBeautyConfig.uniform(8, 1)).eval()
+    calibration, held_out = _images(8, 64, seed=1), _images(4, 64, seed=2)
+    errors = {}
+    for reconstruct in (False, True):
+        model = copy.deepcopy(original)
+        P.prune_channels(model, 0.25, calibration, reconstruct=reconstruct)
+        with torch.no_grad():
+            errors[reconstruct] = float((model(held_out) - original(held_out)).pow(2).mean())
+    assert errors[True] < 0.7 * errors[False], errors
 
 
 def test_channel_pruning_a_users_unet_with_convtranspose():

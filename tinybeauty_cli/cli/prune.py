@@ -108,7 +108,8 @@ def render_prune(out: _output.Output, r: PruneReport) -> None:
         quality["fine-tuning"] = (f"{ft['steps']} steps of {ft['batch_size']} on {ft['images']}, "
                                   f"L1 {ft['first_loss']:.4f} -> {ft['last_loss']:.4f}")
     s = r.seconds
-    quality["time"] = ", ".join(f"{k} {v:.1f} s" for k, v in s.items())
+    order = ["prune", "finetune", "evaluate", "write", "total"]
+    quality["time"] = ", ".join(f"{k} {s[k]:.1f} s" for k in sorted(s, key=lambda k: (order + [k]).index(k)))
     out.fields("quality", quality)
     for note in r.notes:
         out.line(f"Note: {note}")
