@@ -60,12 +60,12 @@ def test_table_says_what_unstructured_pruning_does_not_do(tmp_path, small_artifa
 
 def test_channel_with_finetuning_on_a_folder(tmp_path, small_artifact, photos):
     out = tmp_path / "c.pt"
-    r = run("prune", small_artifact, "--rate", "0.25", "--method", "channel", "--finetune-steps", "2",
+    r = run("prune", small_artifact, "--rate", "0.25", "--method", "channel", "--finetune-steps", "1",
             "--data", photos, "-o", out, "--limit", "2", "--json")
     assert r.exit_code == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["after"]["macs"] < 0.7 * d["before"]["macs"]
-    assert d["finetune"]["steps"] == 2 and str(photos) in d["finetune"]["images"]
+    assert d["finetune"]["steps"] == 1 and str(photos) in d["finetune"]["images"]
     assert d["groups"] and all(g["channels_after"] == 6 for g in d["groups"])
     info = json.loads(run("info", out, "--json").stdout)
     assert info["parameters"] == d["after"]["parameters"]
@@ -74,10 +74,9 @@ def test_channel_with_finetuning_on_a_folder(tmp_path, small_artifact, photos):
 
 def test_default_output_name_in_the_current_folder(tmp_path, small_artifact, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    r = run("prune", small_artifact, "--rate", "0.3", "--method", "channel", "--finetune-steps", "0",
-            "--limit", "1", "--quiet")
+    r = run("prune", small_artifact, "--rate", "0.3", "--method", "global", "--limit", "1", "--quiet")
     assert r.exit_code == 0, r.stderr
-    assert (tmp_path / "small_pruned-channel-30.pt").is_file()
+    assert (tmp_path / "small_pruned-global-30.pt").is_file()
 
 
 def test_users_unet_with_convtranspose(tmp_path, photos):
@@ -86,7 +85,7 @@ def test_users_unet_with_convtranspose(tmp_path, photos):
     torch.save(TinyUNet().state_dict(), src)
     out = tmp_path / "unet_pruned.pt"
     r = run("prune", src, "--arch", "tests.archs:TinyUNet", "--rate", "0.25", "--method", "channel",
-            "--finetune-steps", "2", "--data", photos, "-o", out, "--limit", "2", "--json")
+            "--finetune-steps", "1", "--data", photos, "-o", out, "--limit", "2", "--json")
     assert r.exit_code == 0, r.stderr
     d = json.loads(r.stdout)
     shapes = {layer["name"]: layer["shape_after"] for layer in d["layers"]}
