@@ -8,6 +8,7 @@ only see this interface, so Core ML files and int8 TorchScript work like checkpo
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from .checkpoint import LoadedModel, Preprocessing, load_model
-from .errors import UnsupportedError
+from .errors import UnsupportedError, UsageError
 
 
 class Runner:
@@ -75,6 +76,11 @@ class TorchRunner(Runner):
 
 #: Openers for other artifact kinds, by file suffix (registered by their modules).
 _SUFFIX_OPENERS: dict[str, Callable[..., Runner]] = {}
+#: Modules that register openers, imported on first use (they pull in heavy libraries).
+_LAZY_OPENERS: dict[str, str] = {".mlpackage": "tinybeauty_cli.coreml_runtime",
+                                 ".mlmodel": "tinybeauty_cli.coreml_runtime"}
+#: Options only Core ML openers take; meaningless (so refused) for checkpoints.
+_COREML_OPTIONS = ("compute_units", "fp16_emulation")
 
 
 def register_opener(suffix: str, opener: Callable[..., Runner]) -> None:
@@ -100,8 +106,16 @@ def open_runner(path: Path | str, **options: Any) -> Runner:
     for checkpoints; Core ML openers take their own (e.g. ``compute_units``).
     """
     path = Path(path)
-    opener = _SUFFIX_OPENERS.get(path.suffix.lower())
+    suffix = path.suffix.lower()
+    if suffix not in _SUFFIX_OPENERS and suffix in _LAZY_OPENERS:
+        importlib.import_module(_LAZY_OPENERS[suffix])
+    opener = _SUFFIX_OPENERS.get(suffix)
     if opener is not None:
         return opener(path, **options)
+    given = [k for k in _COREML_OPTIONS if options.get(k) not in (None, False)]
+    if given:
+        flags = " and ".join("--" + k.replace("_", "-") for k in given)
+        verb = "applies" if len(given) == 1 else "apply"
+        raise UsageError(f"{flags} {verb} to Core ML models (.mlpackage, .mlmodel), not to {path.name}")
     ckpt_opts = {k: options[k] for k in ("arch", "arch_kwargs", "trust_pickle") if k in options}
     return runner_for(load_model(path, **ckpt_opts))
