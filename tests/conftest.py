@@ -9,7 +9,8 @@ import torch
 from tinybeauty_cli.checkpoint import Artifact, HistoryStep, save_artifact
 from tinybeauty_cli.model import TinyBeauty, TinyBeautyConfig
 
-REALDATA = Path(__file__).resolve().parent.parent.parent / "shared" / "realdata"
+#: ../shared/realdata beside the project (TBOPT_REALDATA overrides it, e.g. from a git worktree).
+REALDATA = Path(os.environ.get("TBOPT_REALDATA") or Path(__file__).resolve().parent.parent.parent / "shared" / "realdata")
 REAL_CKPT = REALDATA / "tinybeauty_style1.pt"
 REAL_FACE = REALDATA / "face_01.png"
 

@@ -169,8 +169,9 @@ class CoreMLZoo:
             image = io_mode == "image"
             if fmt == "mlprogram":
                 precision = "fp32" if weights == "fp32" else "fp16"
-                target = "iOS18" if weights in ("sparse-pal4", "int4-block") else "iOS16"
-                ml = self.base(program=True, precision=precision, image_io=image, target=target)
+                ios18 = weights in ("sparse-pal4", "int4-block") or weights.endswith("-ios18")
+                weights = weights.removesuffix("-ios18")
+                ml = self.base(program=True, precision=precision, image_io=image, target="iOS18" if ios18 else "iOS16")
                 if weights not in ("fp32", "fp16"):
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
@@ -187,12 +188,15 @@ class CoreMLZoo:
         return self._paths[name]
 
 
-#: format/io/weights of every variant the reference executor is checked on.
+#: format/io/weights of every variant the reference executor is checked on. "fp16-ios18" etc. are
+#: converted for iOS 18, whose opset writes compressed weights with different constexpr ops.
 MLPROGRAM_VARIANTS = [f"mlprogram/tensor/{w}" for w in
-                      ("fp32", "fp16", "int8", "pal8", "pal4", "pal2", "sparse", "sparse-pal4")] + \
-                     [f"mlprogram/image/{w}" for w in ("fp32", "fp16", "pal4")]
-NEURALNETWORK_VARIANTS = [f"neuralnetwork/tensor/{w}" for w in ("fp32", "fp16", "int8", "lut4", "linlut2")] + \
-                         [f"neuralnetwork/image/{w}" for w in ("fp32", "fp16", "int8")]
+                      ("fp32", "fp16", "int8", "int8-affine", "pal8", "pal4", "pal2", "sparse", "sparse-pal4",
+                       "int8-ios18", "pal4-ios18", "int4-block")] + \
+                     [f"mlprogram/image/{w}" for w in ("fp32", "fp16", "int8", "pal4", "sparse-pal4")]
+NEURALNETWORK_VARIANTS = [f"neuralnetwork/tensor/{w}" for w in ("fp32", "fp16", "int8", "lut8", "lut4", "lut2",
+                                                                 "linlut2")] + \
+                         [f"neuralnetwork/image/{w}" for w in ("fp32", "fp16", "int8", "lut4")]
 
 
 class OpZooA(nn.Module):
@@ -254,3 +258,15 @@ class OpZooB(nn.Module):
         z = f.pad(self.c2(y)[:, :, 1:-1, 2:], (0, 2, 1, 1))
         z = torch.clamp(z / (1.0 + z.abs()), -0.9, 0.9) + f.softplus(z).sum(dim=1, keepdim=True) / 8
         return torch.tanh(self.c3(z))
+
+
+class OpZoo(nn.Module):
+    """Both zoos in one network (one conversion per format): ``B(x + A(x))``."""
+
+    def __init__(self, width: int = 8, size: int = 32):
+        super().__init__()
+        self.a = OpZooA(width)
+        self.b = OpZooB(width, size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(x + self.a(x))

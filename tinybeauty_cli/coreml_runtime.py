@@ -436,27 +436,43 @@ def open_coreml_runner(path: Path | str, *, compute_units: str | ComputeUnits | 
 
 # ---------------------------------------------------------------- weights, for comparisons
 
-def weight_elements(model: CoreMLModelFile) -> list[np.ndarray]:
-    """Every weight tensor the file stores (decompressed): float constants of more than one
-    element that feed compute ops (ML Program), or every ``WeightParams`` (NeuralNetwork)."""
+@dataclass
+class StoredTensor:
+    """One weight tensor as the file stores it, decompressed to float32."""
+
+    name: str  # the op or layer (and field) it belongs to
+    array: np.ndarray
+    conv: str | None = None  # "weight" / "bias" of a convolution, else None
+    transposed: bool = False  # of a transposed convolution
+
+
+def stored_tensors(model: CoreMLModelFile) -> list[StoredTensor]:
+    """Every weight tensor the file stores, decompressed with coremltools' own code (ML Program:
+    float constants of more than one element that feed compute ops; NeuralNetwork: every
+    ``WeightParams`` and ``loadConstantND``), in graph order."""
+    out: list[StoredTensor] = []
     if model.format == "mlprogram":
         from .coreml_exec.mlprogram import load_program, materialize_constants
 
         fn = load_program(model.path).functions["main"]
         consts = materialize_constants(fn)
-        seen: dict[str, np.ndarray] = {}
+        seen: set[str] = set()
         for op in fn.operations:
             if op.op_type == "const" or op.op_type.startswith("constexpr_"):
                 continue
-            for inp in op.inputs.values():
+            is_conv = op.op_type in ("conv", "conv_transpose")
+            for key, inp in op.inputs.items():
                 for v in inp if isinstance(inp, (list, tuple)) else (inp,):
                     val = consts.get(v.name) if v is not None else None
-                    if isinstance(val, np.ndarray) and val.dtype.kind == "f" and val.size > 1:
-                        seen[v.name] = val
-        return list(seen.values())
+                    if not (isinstance(val, np.ndarray) and val.dtype.kind == "f" and val.size > 1) or v.name in seen:
+                        continue
+                    seen.add(v.name)
+                    role = key if is_conv and key in ("weight", "bias") else None
+                    out.append(StoredTensor(f"{op.name}.{key}", np.asarray(val, np.float32), role,
+                                            op.op_type == "conv_transpose"))
+        return out
     from .coreml_exec.neuralnetwork import network_of, weight_array
 
-    arrays = []
     for layer in network_of(model.spec).layers:
         kind = layer.WhichOneof("layer")
         p = getattr(layer, kind)
@@ -465,17 +481,24 @@ def weight_elements(model: CoreMLModelFile) -> list[np.ndarray]:
             groups = int(p.nGroups) or 1
             shape = ((p.kernelChannels, p.outputChannels // groups, kh, kw) if p.isDeconvolution
                      else (p.outputChannels, p.kernelChannels, kh, kw))
-            arrays.append(weight_array(p.weights, shape, axis=1 if p.isDeconvolution else 0))
+            out.append(StoredTensor(f"{layer.name}.weights", weight_array(
+                p.weights, shape, axis=1 if p.isDeconvolution else 0), "weight", bool(p.isDeconvolution)))
             if p.hasBias:
-                arrays.append(weight_array(p.bias, (p.outputChannels,)))
+                out.append(StoredTensor(f"{layer.name}.bias", weight_array(p.bias, (p.outputChannels,)), "bias",
+                                        bool(p.isDeconvolution)))
         elif kind == "batchnorm":
-            for wp in (p.gamma, p.beta) + (() if p.computeMeanVar else (p.mean, p.variance)):
-                arrays.append(weight_array(wp, (p.channels,)))
+            fields = ("gamma", "beta") + (() if p.computeMeanVar else ("mean", "variance"))
+            out.extend(StoredTensor(f"{layer.name}.{f}", weight_array(getattr(p, f), (p.channels,)))
+                       for f in fields)
         elif kind == "loadConstantND":
             arr = weight_array(p.data, [int(s) for s in p.shape])
             if arr.size > 1:
-                arrays.append(arr)
-    return arrays
+                out.append(StoredTensor(f"{layer.name}.data", arr))
+    return out
+
+
+def weight_elements(model: CoreMLModelFile) -> list[np.ndarray]:
+    return [t.array for t in stored_tensors(model)]
 
 
 @dataclass
@@ -490,47 +513,31 @@ class ConvWeights:
 
 def conv_weights(path: Path | str) -> list[ConvWeights]:
     """Every convolution's weights as the file stores them (decompressed), in graph order."""
-    model = read_coreml(path)
-    out: list[ConvWeights] = []
-    if model.format == "mlprogram":
-        from .coreml_exec.mlprogram import load_program, materialize_constants
-
-        fn = load_program(model.path).functions["main"]
-        consts = materialize_constants(fn)
-        for op in fn.operations:
-            if op.op_type in ("conv", "conv_transpose"):
-                w = consts.get(op.weight.name)
-                if w is None:
-                    raise UnsupportedError(f"{op.op_type} {op.name!r} has a non-constant weight")
-                b = consts.get(op.bias.name) if op.bias is not None else None
-                out.append(ConvWeights(op.name, op.op_type == "conv_transpose", np.asarray(w, np.float32),
-                                       None if b is None else np.asarray(b, np.float32)))
-        return out
-    from .coreml_exec.neuralnetwork import network_of, weight_array
-
-    for layer in network_of(model.spec).layers:
-        if layer.WhichOneof("layer") != "convolution":
-            continue
-        p = layer.convolution
-        kh, kw = list(p.kernelSize)
-        groups = int(p.nGroups) or 1
-        if p.isDeconvolution:
-            w = weight_array(p.weights, (p.kernelChannels, p.outputChannels // groups, kh, kw), axis=1)
-        else:
-            w = weight_array(p.weights, (p.outputChannels, p.kernelChannels, kh, kw))
-        b = weight_array(p.bias, (p.outputChannels,)) if p.hasBias else None
-        out.append(ConvWeights(layer.name, bool(p.isDeconvolution), w, b))
-    return out
+    return _conv_pairs(stored_tensors(read_coreml(path)))
 
 
-def with_conv_weights(module: nn.Module, weights: Sequence[ConvWeights], size: int) -> nn.Module:
-    """``module`` carrying ``weights``: its Conv2d / ConvTranspose2d layers in the order a forward
-    pass runs them receive the file's weights one by one (shapes and kinds checked).
+def _conv_pairs(tensors: Sequence[StoredTensor]) -> list[ConvWeights]:
+    convs: list[ConvWeights] = []
+    for t in tensors:
+        if t.conv == "weight":
+            convs.append(ConvWeights(t.name.rsplit(".", 1)[0], t.transposed, t.array, None))
+        elif t.conv == "bias":
+            convs[-1].bias = t.array
+    return convs
 
-    This is the PyTorch twin a compressed export is compared with: same arithmetic, the
-    weights the file really holds. BatchNorm folded into a convolution by the converter
-    must be folded in ``module`` first.
+
+def with_file_weights(module: nn.Module, path: Path | str, size: int, max_relative_error: float = 0.5) -> nn.Module:
+    """``module`` (changed in place) carrying the weights a Core ML file really holds: the PyTorch
+    twin a compressed export is compared with -- same arithmetic, the file's decompressed weights.
+
+    Convolutions get the file's convolutions in the order a forward pass runs them (kinds and
+    shapes checked). Every other parameter takes the stored tensor with as many elements that
+    is closest to it (e.g. a LayerNorm gamma a NeuralNetwork quantizer also compressed), when
+    one is within ``max_relative_error``; parameters the file folded away keep their values.
+    BatchNorm folded into a convolution by the converter must be folded in ``module`` first.
     """
+    tensors = stored_tensors(read_coreml(path))
+    convs = _conv_pairs(tensors)
     order: list[nn.Module] = []
     hooks = [m.register_forward_hook(lambda mod, _i, _o: order.append(mod))
              for m in module.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
@@ -540,18 +547,32 @@ def with_conv_weights(module: nn.Module, weights: Sequence[ConvWeights], size: i
     finally:
         for h in hooks:
             h.remove()
-    if len(order) != len(weights):
-        raise UnsupportedError(f"the model runs {len(order)} convolutions, the Core ML file has {len(weights)}")
+    if len(order) != len(convs):
+        raise UnsupportedError(f"the model runs {len(order)} convolutions, the Core ML file has {len(convs)}")
+    taken: set[int] = set()
     with torch.no_grad():
-        for layer, cw in zip(order, weights):
+        for layer, cw in zip(order, convs):
             if isinstance(layer, nn.ConvTranspose2d) != cw.transposed or tuple(layer.weight.shape) != cw.weight.shape:
                 raise UnsupportedError(f"convolution {cw.name!r} {cw.weight.shape} does not match {layer} "
                                        f"{tuple(layer.weight.shape)}")
             layer.weight.copy_(torch.from_numpy(cw.weight))
+            taken.add(id(layer.weight))
             if cw.bias is not None:
                 if layer.bias is None:
                     raise UnsupportedError(f"convolution {cw.name!r} has a bias, {layer} has none")
                 layer.bias.copy_(torch.from_numpy(cw.bias))
+                taken.add(id(layer.bias))
+        others = [t.array.reshape(-1) for t in tensors if t.conv is None]
+        for param in module.parameters():
+            if id(param) in taken or not param.is_floating_point():
+                continue
+            flat = param.detach().reshape(-1).numpy()
+            norm = max(float(np.linalg.norm(flat)), 1e-12)
+            errors = [(float(np.linalg.norm(a - flat)) / norm, i) for i, a in enumerate(others) if a.size == flat.size]
+            if errors:
+                err, i = min(errors)
+                if err <= max_relative_error:
+                    param.copy_(torch.from_numpy(others[i]).reshape(param.shape))
     return module
 
 
@@ -561,5 +582,5 @@ for _suffix in SUFFIXES:
 __all__: Sequence[str] = (
     "REFERENCE_ENGINE", "ComputeUnits", "CoreMLModelFile", "CoreMLRunner", "ConvWeights", "Feature",
     "coreml_available", "conv_weights", "import_coremltools", "open_coreml_runner", "read_coreml",
-    "weight_elements", "with_conv_weights",
+    "stored_tensors", "weight_elements", "with_file_weights",
 )

@@ -755,16 +755,26 @@ class MLProgramExecutor:
 
 
 def summarize_weights(function: Any) -> dict[str, Any]:
-    """Counts of compressed weight tensors by ``constexpr_*`` op type, and stored float elements."""
-    compression: dict[str, int] = {}
-    produced_by_constexpr: set[str] = set()
+    """Counts of compressed weight tensors by their decompression chain, e.g.
+    ``constexpr_lut_to_sparse+constexpr_sparse_to_dense`` for joint sparse + palettized."""
+    def producers(op: Any) -> list[str]:
+        chain: list[str] = []
+        for inp in op.inputs.values():
+            for v in inp if isinstance(inp, (list, tuple)) else (inp,):
+                if v is not None and v.op is not None and v.op.op_type.startswith("constexpr_"):
+                    chain += [t for t in producers(v.op) + [v.op.op_type] if t not in chain]
+        return chain
+
+    feeding: set[str] = set()
     for op in function.operations:
         if op.op_type.startswith("constexpr_"):
             for inp in op.inputs.values():
                 for v in inp if isinstance(inp, (list, tuple)) else (inp,):
-                    if v is not None and v.op is not None and v.op.op_type.startswith("constexpr_"):
-                        produced_by_constexpr.add(v.op.name)
-    for op in function.operations:  # count the last op of each decompression chain once
-        if op.op_type.startswith("constexpr_") and op.name not in produced_by_constexpr:
-            compression[op.op_type] = compression.get(op.op_type, 0) + 1
+                    if v is not None and v.op is not None:
+                        feeding.add(v.op.name)
+    compression: dict[str, int] = {}
+    for op in function.operations:  # the last op of each decompression chain, once
+        if op.op_type.startswith("constexpr_") and op.name not in feeding:
+            key = "+".join(producers(op) + [op.op_type])
+            compression[key] = compression.get(key, 0) + 1
     return {"compressed_tensors": compression}
