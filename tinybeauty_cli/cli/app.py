@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
-from . import apply, info
+from . import apply, bench, compare, info
 
 app = typer.Typer(
     name="tbopt",
@@ -35,6 +35,8 @@ def _root(
 
 app.command("info")(info.info)
 app.command("apply")(apply.apply)
+app.command("bench")(bench.bench)
+app.command("compare")(compare.compare)
 
 
 def main() -> None:
