@@ -11,29 +11,18 @@ import torch
 from PIL import Image
 
 from tests.archs import TinyUNet
-from tests.conftest import REAL_CKPT, REAL_FACE, small_tinybeauty
+from tests.conftest import COREML_SIZE as SIZE
+from tests.conftest import small_tinybeauty
 from tests.coreml_models import MLPROGRAM_VARIANTS, NEURALNETWORK_VARIANTS, CoreMLZoo, OpZoo, convert, fold_batchnorm
 from tinybeauty_cli import coreml_runtime as cr
-from tinybeauty_cli.checkpoint import load_model
 from tinybeauty_cli.coreml_exec import mlprogram, neuralnetwork
-from tinybeauty_cli.errors import InputError, TbOptError, UnsupportedError, UsageError
+from tinybeauty_cli.errors import InputError, TbOptError, UnsupportedError
 from tinybeauty_cli.evaluate import fidelity_psnr_db
-from tinybeauty_cli.images import builtin_test_set, model_to_uint8, to_model_size, uint8_to_model
+from tinybeauty_cli.images import model_to_uint8
 from tinybeauty_cli.runners import open_runner
 
-SIZE = 32
 #: The issue's bars: fp32 export vs PyTorch; fp16 export vs PyTorch; compressed vs its PyTorch twin.
 FP32_DB, FP16_DB, COMPRESSED_DB = 90.0, 60.0, 60.0
-
-
-@pytest.fixture(scope="session")
-def inputs() -> np.ndarray:
-    return uint8_to_model(builtin_test_set(SIZE, limit=3).inputs)
-
-
-@pytest.fixture(scope="session")
-def tb_zoo(tmp_path_factory) -> CoreMLZoo:
-    return CoreMLZoo(tmp_path_factory.mktemp("coreml_tinybeauty"), small_tinybeauty(seed=3, dim=8, n_res=1), SIZE)
 
 
 @pytest.fixture(scope="session")
@@ -327,13 +316,12 @@ def test_bad_core_ml_files_are_clear_errors(tmp_path):
         open_runner(tmp_path / "file.mlpackage")
 
 
-def test_options_that_do_not_fit_are_usage_errors(tb_zoo, small_artifact):
-    with pytest.raises(UsageError, match="--compute-units applies to Core ML"):
-        open_runner(small_artifact, compute_units="cpu")
-    with pytest.raises(UsageError, match="--fp16-emulation applies"):
-        open_runner(small_artifact, fp16_emulation=True)
-    with pytest.raises(UsageError, match="--arch"):
-        open_runner(tb_zoo.path("mlprogram/tensor/fp16"), arch="tests.archs:TinyUNet")
+def test_one_set_of_options_serves_a_mix_of_files(tb_zoo, small_artifact):
+    """Checkpoint options are ignored by Core ML openers and Core ML options by checkpoints,
+    so ``bench a.pt b.mlpackage --compute-units cpu --arch ...`` works; bad values still fail."""
+    options = dict(compute_units="cpu", fp16_emulation=True, arch=None, arch_kwargs=None, trust_pickle=False)
+    assert open_runner(small_artifact, **options).kind == "float"
+    assert open_runner(tb_zoo.path("mlprogram/tensor/fp16"), **{**options, "arch": "tests.archs:TinyUNet"}).kind == "coreml"
     with pytest.raises(TbOptError, match="compute units must be one of"):
         open_runner(tb_zoo.path("mlprogram/tensor/fp16"), compute_units="gpu")
 
@@ -442,25 +430,6 @@ def test_device_path_is_refused_off_macos(tb_zoo):
 
 
 # ---------------------------------------------------------------- the released checkpoint
-
-REAL_SIZE = 64  # the network is resolution-agnostic; the full-size figures are in benchmarks/
-
-
-@pytest.fixture(scope="session")
-def real_zoo(tmp_path_factory) -> CoreMLZoo:
-    if not REAL_CKPT.is_file():
-        pytest.skip("../shared/realdata is absent")
-    model = load_model(REAL_CKPT).module.eval()
-    return CoreMLZoo(tmp_path_factory.mktemp("coreml_real"), model, REAL_SIZE)
-
-
-@pytest.fixture(scope="session")
-def real_inputs() -> np.ndarray:
-    if not REAL_FACE.is_file():
-        pytest.skip("../shared/realdata is absent")
-    face = to_model_size(Image.open(REAL_FACE).convert("RGB"), REAL_SIZE)[None]
-    return uint8_to_model(np.concatenate([face, builtin_test_set(REAL_SIZE, limit=1).inputs]))
-
 
 REAL_QUICK = ["mlprogram/tensor/fp32", "mlprogram/tensor/fp16", "mlprogram/tensor/pal4",
               "neuralnetwork/tensor/fp16", "neuralnetwork/tensor/lut4"]

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Preprocessing
-from .errors import ConfigError, InputError, UnsupportedError, UsageError
+from .errors import ConfigError, InputError, UnsupportedError
 from .runners import Runner, register_opener
 
 #: How every figure computed by the reference executor is labelled (it is not device latency).
@@ -411,9 +411,10 @@ def open_coreml_runner(path: Path | str, *, compute_units: str | ComputeUnits | 
 
     ``use_device``: None picks Core ML where it can run (macOS) and the reference
     executor elsewhere; False forces the reference executor; True requires Core ML.
+    ``arch``, ``arch_kwargs`` and ``trust_pickle`` concern checkpoints and are ignored (a
+    Core ML file carries its own graph), so commands can pass one set of options to a mix.
     """
-    if arch or arch_kwargs or trust_pickle:
-        raise UsageError("--arch, --arch-kwargs and --trust-pickle apply to PyTorch checkpoints, not Core ML models")
+    del arch, arch_kwargs, trust_pickle
     units = parse_compute_units(compute_units)
     model = read_coreml(path)
     device = coreml_available() if use_device is None else use_device

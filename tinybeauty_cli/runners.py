@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .checkpoint import LoadedModel, Preprocessing, load_model
-from .errors import UnsupportedError, UsageError
+from .errors import UnsupportedError
 
 
 class Runner:
@@ -79,8 +79,6 @@ _SUFFIX_OPENERS: dict[str, Callable[..., Runner]] = {}
 #: Modules that register openers, imported on first use (they pull in heavy libraries).
 _LAZY_OPENERS: dict[str, str] = {".mlpackage": "tinybeauty_cli.coreml_runtime",
                                  ".mlmodel": "tinybeauty_cli.coreml_runtime"}
-#: Options only Core ML openers take; meaningless (so refused) for checkpoints.
-_COREML_OPTIONS = ("compute_units", "fp16_emulation")
 
 
 def register_opener(suffix: str, opener: Callable[..., Runner]) -> None:
@@ -103,7 +101,9 @@ def open_runner(path: Path | str, **options: Any) -> Runner:
     """Open any artifact tbopt knows as a :class:`Runner`.
 
     ``options`` are passed to the opener: ``arch``, ``arch_kwargs``, ``trust_pickle``
-    for checkpoints; Core ML openers take their own (e.g. ``compute_units``).
+    for checkpoints; Core ML openers take their own (``compute_units``, ``fp16_emulation``).
+    Each opener ignores the others' options, so one set of options serves a mix of files
+    (``tbopt bench a.pt b.mlpackage --compute-units cpu``).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -112,10 +112,5 @@ def open_runner(path: Path | str, **options: Any) -> Runner:
     opener = _SUFFIX_OPENERS.get(suffix)
     if opener is not None:
         return opener(path, **options)
-    given = [k for k in _COREML_OPTIONS if options.get(k) not in (None, False)]
-    if given:
-        flags = " and ".join("--" + k.replace("_", "-") for k in given)
-        verb = "applies" if len(given) == 1 else "apply"
-        raise UsageError(f"{flags} {verb} to Core ML models (.mlpackage, .mlmodel), not to {path.name}")
     ckpt_opts = {k: options[k] for k in ("arch", "arch_kwargs", "trust_pickle") if k in options}
     return runner_for(load_model(path, **ckpt_opts))
