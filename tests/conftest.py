@@ -9,7 +9,7 @@ import torch
 from tinybeauty_cli.checkpoint import Artifact, HistoryStep, save_artifact
 from tinybeauty_cli.model import TinyBeauty, TinyBeautyConfig
 
-#: ../shared/realdata beside the project (TBOPT_REALDATA overrides it, e.g. from a git worktree).
+# A git worktree sits one level deeper than the main checkout: TBOPT_REALDATA points there.
 REALDATA = Path(os.environ.get("TBOPT_REALDATA") or Path(__file__).resolve().parent.parent.parent / "shared" / "realdata")
 REAL_CKPT = REALDATA / "tinybeauty_style1.pt"
 REAL_FACE = REALDATA / "face_01.png"

@@ -708,7 +708,10 @@ def compile_function(function: Any, fp16_emulation: bool = False) -> OpGraph:
             continue
         if getattr(op, "blocks", None):
             raise UnsupportedError(f"{op.op_type} {op.name!r}: control flow is not supported by the reference executor")
-        fn, dyn = _OPS[op.op_type](op, _Ctx(g.consts, op))
+        try:
+            fn, dyn = _OPS[op.op_type](op, _Ctx(g.consts, op))
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+            raise UnsupportedError(f"{op.op_type} {op.name!r}: cannot compile its parameters ({exc})") from exc
         outs = [o.name for o in op.outputs]
         if all(v.name in g.consts for v in dyn):  # constant subgraph: fold it once, now
             with torch.inference_mode():

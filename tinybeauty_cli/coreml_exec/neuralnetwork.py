@@ -576,7 +576,10 @@ def compile_network(spec: Any, fp16_emulation: bool = False) -> OpGraph:
             g.consts[layer.output[0]] = weight_array(params.data, [int(s) for s in params.shape],
                                                      what=f"{layer.name} data")
             continue
-        fn, ins = _LAYERS[kind](layer, params)
+        try:
+            fn, ins = _LAYERS[kind](layer, params)
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+            raise UnsupportedError(f"{kind} layer {layer.name!r}: cannot compile its parameters ({exc})") from exc
         if all(i in g.consts and i not in g.slots for i in ins):  # constant subgraph: fold it now
             with torch.inference_mode():
                 value = fn(*[as_tensor(g.consts[i]) for i in ins])
@@ -622,7 +625,9 @@ def image_scaler(spec: Any, input_name: str) -> tuple[float, tuple[float, float,
                 raise UnsupportedError("mean-image preprocessing is not supported by the reference executor")
             if kind == "scaler":
                 s = pre.scaler
-                return float(s.channelScale or 0.0), (float(s.redBias), float(s.greenBias), float(s.blueBias))
+                if s.channelScale == 0.0:  # proto3 cannot tell "unset" from 0: refuse rather than guess
+                    raise UnsupportedError("an image scaler with channelScale 0 is not supported")
+                return float(s.channelScale), (float(s.redBias), float(s.greenBias), float(s.blueBias))
     return None
 
 
