@@ -137,7 +137,9 @@ def test_image_io_is_8_bit_like_core_ml(tb_zoo, inputs):
     assert np.mean(got == want) > 0.99
 
 
-def test_bgr_image_models_and_per_channel_bias(tmp_path, inputs):
+@pytest.mark.parametrize("program", [True, pytest.param(False, marks=pytest.mark.slow)],
+                         ids=["mlprogram", "neuralnetwork"])
+def test_bgr_image_models_and_per_channel_bias(tmp_path, inputs, program):
     """Channel order and the scaler's per-channel bias, as a BGR app would see them."""
     model = small_tinybeauty(seed=5, dim=8, n_res=1)
     bias = (-1.0, -0.75, -1.25)  # red, green, blue
@@ -148,13 +150,12 @@ def test_bgr_image_models_and_per_channel_bias(tmp_path, inputs):
     with torch.inference_mode():
         out_bgr = (torch.clamp(net_in + model(net_in), -1, 1) + 1) * 127.5
     want = out_bgr.flip(1).numpy() / 127.5 - 1.0
-    for program in (True, False):
-        ml = convert(model, SIZE, program=program, precision="fp32", image_io=True, bgr=True, bias=bias)
-        path = tmp_path / ("bgr.mlpackage" if program else "bgr.mlmodel")
-        ml.save(str(path))
-        runner = cr.open_coreml_runner(path, round_image_output=False, use_device=False)
-        assert runner.model.input.color == "BGR" and runner.model.output.color == "BGR"
-        assert fidelity_psnr_db(runner.predict(inputs), want) >= FP32_DB
+    ml = convert(model, SIZE, program=program, precision="fp32", image_io=True, bgr=True, bias=bias)
+    path = tmp_path / ("bgr.mlpackage" if program else "bgr.mlmodel")
+    ml.save(str(path))
+    runner = cr.open_coreml_runner(path, round_image_output=False, use_device=False)
+    assert runner.model.input.color == "BGR" and runner.model.output.color == "BGR"
+    assert fidelity_psnr_db(runner.predict(inputs), want) >= FP32_DB
 
 
 @pytest.mark.parametrize("program", [True, False], ids=["mlprogram", "neuralnetwork"])
@@ -249,6 +250,34 @@ def test_an_unknown_neuralnetwork_layer_is_named(tmp_path):
     ct.models.MLModel(builder.spec).save(str(path))
     with pytest.raises(UnsupportedError, match="lrn"):
         open_runner(path)
+
+
+def test_neuralnetwork_layers_written_by_hand(tmp_path, inputs):
+    """Layers coremltools' converter does not emit but a compact exporter may: a rank-preserving
+    reshape (0 = keep the axis, -1 = infer) around an instance norm, and an inference batchnorm."""
+    ct = cr.import_coremltools()
+    from coremltools.models import datatypes
+    from coremltools.models.neural_network import NeuralNetworkBuilder
+
+    shape = (1, 3, SIZE, SIZE)
+    rng = np.random.default_rng(3)
+    gamma, beta = rng.uniform(0.5, 1.5, 3), rng.uniform(-0.2, 0.2, 3)
+    builder = NeuralNetworkBuilder([("x", datatypes.Array(*shape))], [("y", datatypes.Array(*shape))],
+                                   disable_rank5_shape_mapping=True)
+    builder.add_rank_preserving_reshape("r1", "x", "flat", [0, 1, -1, SIZE])
+    builder.add_batchnorm("ln", 1, np.ones(1), np.zeros(1), input_name="flat", output_name="normed",
+                          compute_mean_var=True, instance_normalization=True, epsilon=1e-5)
+    builder.add_rank_preserving_reshape("r2", "normed", "back", [-1, 3, SIZE, 0])
+    builder.add_batchnorm("affine", 3, gamma, beta, np.zeros(3), np.ones(3), input_name="back", output_name="y",
+                          epsilon=0.0)
+    path = tmp_path / "layers.mlmodel"
+    ct.models.MLModel(builder.spec).save(str(path))
+    runner = cr.open_coreml_runner(path, use_device=False)
+    x = torch.from_numpy(inputs)
+    flat = x.reshape(len(x), 1, -1, SIZE)
+    y = torch.nn.functional.instance_norm(flat, eps=1e-5).reshape(x.shape)
+    want = y * torch.tensor(gamma, dtype=torch.float32).view(1, 3, 1, 1) + torch.tensor(beta, dtype=torch.float32).view(1, 3, 1, 1)
+    assert fidelity_psnr_db(runner.residual(inputs), want.numpy()) >= FP32_DB
 
 
 def test_a_variant_the_executor_cannot_pin_down_is_refused(tmp_path):

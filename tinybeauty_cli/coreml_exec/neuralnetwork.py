@@ -483,6 +483,17 @@ def _reshape_static(layer, p):
     return (lambda x: torch.reshape(x, shape)), [layer.input[0]]
 
 
+@_layer("rankPreservingReshape")
+def _rank_preserving_reshape(layer, p):
+    target = [int(v) for v in p.targetShape]  # 0: the input's size on that axis; -1: inferred
+
+    def reshape(x: torch.Tensor) -> torch.Tensor:
+        if len(target) != x.dim():
+            raise _refuse(layer, f"a target shape {target} for a rank-{x.dim()} input")
+        return torch.reshape(x, [x.shape[i] if t == 0 else t for i, t in enumerate(target)])
+    return reshape, [layer.input[0]]
+
+
 @_layer("transpose")
 def _transpose(layer, p):
     axes = [int(a) for a in p.axes]
@@ -537,7 +548,7 @@ def _slice_static(layer, p):
 # ---------------------------------------------------------------- the compiler
 
 #: Layers whose meaning depends on the true rank of a tensor (refused under the old rank-5 mapping).
-_RANK_DEPENDENT = {"reshapeStatic", "transpose", "squeeze", "expandDims", "sliceStatic", "concatND",
+_RANK_DEPENDENT = {"reshapeStatic", "rankPreservingReshape", "transpose", "squeeze", "expandDims", "sliceStatic", "concatND",
                    "softmaxND", "loadConstantND", "reduceMean", "reduceSum", "reduceMax", "reduceMin",
                    "reduceSumSquare", "reduceL1", "reduceL2", "reduceLogSumExp"}
 
