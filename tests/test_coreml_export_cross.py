@@ -49,18 +49,18 @@ def models(tmp_path_factory):
 
 slow = pytest.mark.slow
 CASES = [  # (file name, export options, source model, bar kind)
-    pytest.param("fp32-tensor.mlpackage", ["--fp32", "--io", "tensor"], "dense", "fp32"),
-    pytest.param("fp16-image.mlpackage", [], "dense", "fp16"),
-    pytest.param("int8-image.mlpackage", ["--weights", "int8"], "dense", "compressed", marks=slow),
-    pytest.param("pal4-tensor.mlpackage", ["--weights", "pal4", "--io", "tensor"], "dense", "compressed"),
-    pytest.param("sparse-pal4.mlpackage", ["--weights", "pal4"], "pruned", "compressed"),
-    pytest.param("fp32-tensor.mlmodel", ["--fp32", "--io", "tensor"], "dense", "fp32", marks=slow),
-    pytest.param("fp16-image.mlmodel", [], "dense", "fp16", marks=slow),
-    pytest.param("pal2-image.mlmodel", ["--weights", "pal2"], "dense", "compressed"),
+    pytest.param("fp32-tensor.mlpackage", ["--fp32", "--io", "tensor"], "dense", "fp32", id="fp32-tensor.mlpackage"),
+    pytest.param("fp16-image.mlpackage", [], "dense", "fp16", id="fp16-image.mlpackage"),
+    pytest.param("int8-image.mlpackage", ["--weights", "int8"], "dense", "compressed", marks=slow, id="int8-image.mlpackage"),
+    pytest.param("pal4-tensor.mlpackage", ["--weights", "pal4", "--io", "tensor"], "dense", "compressed", id="pal4-tensor.mlpackage"),
+    pytest.param("sparse-pal4.mlpackage", ["--weights", "pal4"], "pruned", "compressed", id="sparse-pal4.mlpackage"),
+    pytest.param("fp32-tensor.mlmodel", ["--fp32", "--io", "tensor"], "dense", "fp32", marks=slow, id="fp32-tensor.mlmodel"),
+    pytest.param("fp16-image.mlmodel", [], "dense", "fp16", marks=slow, id="fp16-image.mlmodel"),
+    pytest.param("pal2-image.mlmodel", ["--weights", "pal2"], "dense", "compressed", id="pal2-image.mlmodel"),
 ]
 
 
-@pytest.mark.parametrize("name,options,source,bar", CASES, ids=lambda v: v if isinstance(v, str) and "." in v else "")
+@pytest.mark.parametrize("name,options,source,bar", CASES)
 def test_exported_files_run_in_the_reference_executor(models, inputs, name, options, source, bar):
     folder, modules, paths = models
     path = folder / name
