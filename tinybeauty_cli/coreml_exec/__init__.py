@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..errors import InputError, UnsupportedError
@@ -95,9 +96,6 @@ class GraphBuilder:
             self.slots[name] = len(self.slots)
         return self.slots[name]
 
-    def has(self, name: str) -> bool:
-        return name in self.slots or name in self.consts
-
     def add_step(self, name: str, kind: str, fn: Callable[..., Any], inputs: Sequence[str],
                  outputs: Sequence[str], rounded: Sequence[int] = ()) -> None:
         for i in inputs:
@@ -135,8 +133,6 @@ def as_tensor(value: Any) -> torch.Tensor:
     """A constant as a tensor: floats as float32 (fp16 values are exact in fp32), ints as int64."""
     if isinstance(value, torch.Tensor):
         return value
-    import numpy as np
-
     arr = np.asarray(value)
     if arr.dtype.kind == "f":
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
