@@ -192,8 +192,7 @@ class CoreMLZoo:
 #: converted for iOS 18, whose opset writes compressed weights with different constexpr ops.
 MLPROGRAM_VARIANTS = [f"mlprogram/tensor/{w}" for w in
                       ("fp32", "fp16", "int8", "int8-affine", "pal8", "pal6", "pal4", "pal3", "pal2", "sparse",
-                       "sparse-pal4",
-                       "int8-ios18", "pal4-ios18", "int4-block")] + \
+                       "sparse-pal4", "int8-ios18", "pal4-ios18", "int4-block")] + \
                      [f"mlprogram/image/{w}" for w in ("fp32", "fp16", "int8", "pal4", "sparse-pal4")]
 NEURALNETWORK_VARIANTS = [f"neuralnetwork/tensor/{w}" for w in ("fp32", "fp16", "int8", "lut8", "lut4", "lut2",
                                                                  "linlut2")] + \
