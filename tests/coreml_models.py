@@ -169,7 +169,8 @@ class CoreMLZoo:
             image = io_mode == "image"
             if fmt == "mlprogram":
                 precision = "fp32" if weights == "fp32" else "fp16"
-                ios18 = weights in ("sparse-pal4", "int4-block") or weights.endswith("-ios18")
+                # iOS 16's constexpr_lut_to_dense takes 1/2/4/6/8-bit tables only; 3-bit needs iOS 18
+                ios18 = weights in ("sparse-pal4", "int4-block", "pal3") or weights.endswith("-ios18")
                 weights = weights.removesuffix("-ios18")
                 ml = self.base(program=True, precision=precision, image_io=image, target="iOS18" if ios18 else "iOS16")
                 if weights not in ("fp32", "fp16"):
