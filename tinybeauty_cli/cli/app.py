@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
-from . import apply, bench, compare, info
+from . import apply, bench, compare, info, quantize
 
 app = typer.Typer(
     name="tbopt",
@@ -37,6 +37,7 @@ app.command("info")(info.info)
 app.command("apply")(apply.apply)
 app.command("bench")(bench.bench)
 app.command("compare")(compare.compare)
+app.command("quantize")(quantize.quantize)
 
 
 def main() -> None:
