@@ -22,7 +22,6 @@ The rewritten network is an ``fx.GraphModule`` whose quantizable layers are ordi
 ``nn.Conv2d`` modules, so FX quantization sees them as usual.
 """
 
-from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
@@ -40,6 +39,9 @@ EXACT_PSNR_DB = 100.0
 
 class ChannelInstanceNorm(nn.Module):
     """``InstanceNorm2d`` (no running statistics) computed as ``group_norm`` with C groups."""
+
+    weight: Optional[torch.Tensor]  # real annotations (no __future__ import): TorchScript reads them
+    bias: Optional[torch.Tensor]
 
     def __init__(self, eps: float, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None):
         super().__init__()
@@ -134,8 +136,23 @@ class SubPixelConv2d(nn.Module):
         return self.interleave(self.conv(F.pad(x, (1, 1, 1, 1), mode=self.pad_mode)))
 
 
+class FloatBoundary(nn.Module):
+    """Identity that quantization leaves in float: its input is dequantized before it.
+
+    torch 2.13's FX ``convert_fx`` passes the int8 outputs of two convolutions straight to a
+    ``torch.cat`` that is meant to stay float, and ``torch.cat`` of quantized tensors with
+    different scales silently mixes them up. A boundary on each input keeps the cat float.
+    Freezing the TorchScript model removes the call.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 #: Modules FX must not trace into: replaced as a whole, or (PixelInterleave) not traceable.
-LEAF_MODULES: tuple[type[nn.Module], ...] = (MunitLayerNorm, ChannelInstanceNorm, FastLayerNorm, PixelInterleave)
+LEAF_MODULES: tuple[type[nn.Module], ...] = (MunitLayerNorm, ChannelInstanceNorm, FastLayerNorm, PixelInterleave,
+                                             FloatBoundary)
+_LIST_OPS = (torch.cat, torch.concat, torch.concatenate, torch.stack)
 #: Layers int8 quantization can replace.
 QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
                                                   nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
@@ -318,11 +335,37 @@ def optimize_graph(model: nn.Module, example: torch.Tensor) -> tuple[fx.GraphMod
     return rewritten, report
 
 
+def isolate_list_inputs(gm: fx.GraphModule) -> int:
+    """Put a :class:`FloatBoundary` on every tensor input of cat / stack; returns how many."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _LIST_OPS or not node.args:
+            continue
+        tensors = node.args[0]
+        if not isinstance(tensors, (list, tuple)):
+            continue
+        wrapped = []
+        for t in tensors:
+            if isinstance(t, fx.Node):
+                name = f"float_boundary_{count}"
+                gm.add_submodule(name, FloatBoundary())
+                with gm.graph.inserting_before(node):
+                    t = gm.graph.call_module(name, (t,))
+                count += 1
+            wrapped.append(t)
+        node.args = (type(tensors)(wrapped), *node.args[1:])
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return count
+
+
 def quantizable_layers(model: nn.Module) -> list[str]:
     """Names of the layers int8 quantization can replace, in module order."""
     return [name for name, mod in model.named_modules() if name and isinstance(mod, QUANTIZABLE_TYPES)]
 
 
-__all__ = ["ChannelInstanceNorm", "FastLayerNorm", "PixelInterleave", "SubPixelConv2d", "LEAF_MODULES",
+__all__ = ["ChannelInstanceNorm", "FastLayerNorm", "FloatBoundary", "PixelInterleave", "SubPixelConv2d", "LEAF_MODULES",
+           "isolate_list_inputs",
            "QUANTIZABLE_TYPES", "RewriteReport", "TraceError", "optimize_graph", "quantizable_layers", "trace",
            "fidelity_db"]

@@ -47,7 +47,8 @@ from .checkpoint import (TORCHSCRIPT_META, HistoryStep, LoadedModel, Preprocessi
 from .errors import ConfigError, ImageError, InputError, UnsupportedError
 from .evaluate import evaluate, fidelity_psnr_db
 from .files import atomic_output, check_output, size_on_disk, zipped_size
-from .graph_rewrites import LEAF_MODULES, RewriteReport, TraceError, optimize_graph, quantizable_layers
+from .graph_rewrites import (LEAF_MODULES, RewriteReport, TraceError, isolate_list_inputs, optimize_graph,
+                             quantizable_layers)
 from .images import (PAIR_DIRS, ImageSet, builtin_test_set, list_images, read_image, synthetic_unlabeled,
                      to_model_size, uint8_to_model)
 from .metrics import Latency, count_macs, count_parameters, measure_latencies
@@ -353,7 +354,8 @@ class _Quantizer:
     """One rewritten float graph, calibrated per qconfig, converted with any subset of layers in int8."""
 
     def __init__(self, graph: fx.GraphModule, layers: list[_Layer], example: torch.Tensor):
-        self.graph = graph
+        self.graph = copy.deepcopy(graph)
+        isolate_list_inputs(self.graph)
         self.layers = layers
         self.example = example
         self._prepared: dict[str, tuple[fx.GraphModule, dict[str, Any]]] = {}
