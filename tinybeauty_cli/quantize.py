@@ -295,9 +295,14 @@ def accuracy_warning(backend: str) -> str | None:
     return notes[0] if notes else None
 
 
+def supported_backends() -> list[str]:
+    """The quantized engines this PyTorch build has, in tbopt's order."""
+    return [b for b in BACKENDS if b in torch.backends.quantized.supported_engines]
+
+
 def usable_backends(requested: str, progress: Progress) -> tuple[list[str], list[BackendTrial]]:
     """Backends to try and the ones excluded (with why)."""
-    supported = [b for b in torch.backends.quantized.supported_engines if b in BACKENDS]
+    supported = supported_backends()
     if requested != "auto":
         if requested not in supported:
             raise UnsupportedError(f"backend {requested} is not available in this PyTorch build "
