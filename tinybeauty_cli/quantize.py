@@ -395,7 +395,7 @@ class _Quantizer:
             with torch.no_grad(), progress.task(label, total=len(calib)) as advance:
                 for i in range(0, len(calib), CALIB_BATCH):
                     batch = calib[i:i + CALIB_BATCH]
-                    prepared(batch.contiguous(memory_format=torch.channels_last))
+                    prepared(batch)  # NCHW: the histogram observers copy channels-last tensors first
                     advance(len(batch))
             self._prepared[key] = (prepared, qconfigs)
         return self._prepared[key]

@@ -36,6 +36,9 @@ def quantize(
     min_psnr: Annotated[float, typer.Option(
         "--min-psnr", help="Fidelity target (dB) against the float model.")] = 45.0,
     output: OutputOpt = None,
+    limit: Annotated[Optional[int], typer.Option(
+        "--limit", help="Score on at most N images of the built-in test set (default: all 100).",
+        rich_help_panel="Data")] = None,
     threads: ThreadsOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -48,8 +51,8 @@ def quantize(
     out = _output.Output(json_mode=json_out, quiet=quiet)
     source = artifact or demo_checkpoint()
     cfg = QuantizeConfig(backend=backend, calib=calib, calib_count=calib_count, keep_float=keep_float,
-                         min_psnr_db=min_psnr, threads=threads)
-    target = output or Path(f"{source.stem}_int8.pt")
+                         min_psnr_db=min_psnr, threads=threads, eval_limit=limit)
+    target = output or Path(f"{Path(source).stem}_int8.pt")
     command = "tbopt " + " ".join(sys.argv[1:]) if sys.argv[1:] else "tbopt quantize"
     result = quantize_model(source, target, cfg, force=force, progress=out, command=command,
                             **model_options(arch, arch_kwargs, trust_pickle))
