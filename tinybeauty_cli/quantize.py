@@ -358,7 +358,8 @@ class _Layer:
 class _Quantizer:
     """One rewritten float graph, calibrated per qconfig, converted with any subset of layers in int8."""
 
-    def __init__(self, graph: fx.GraphModule, layers: list[_Layer], example: torch.Tensor):
+    def __init__(self, graph: fx.GraphModule, layers: list[_Layer], example: torch.Tensor, output: str = "residual"):
+        self.output = output  # what the network returns: "residual" or "image"
         self.graph = copy.deepcopy(graph)
         isolate_list_inputs(self.graph)
         self.layers = layers
@@ -389,16 +390,23 @@ class _Quantizer:
         return prepared, qconfigs
 
     def calibrated(self, backend: str, calib: torch.Tensor, progress: Progress, label: str):
+        """The prepared model for ``backend``'s qconfigs, having observed every image of ``calib``.
+
+        Backends with the same qconfigs share one prepared model; images it has already
+        seen (a prefix of ``calib``) are not run again.
+        """
         key = self.key(backend)
         if key not in self._prepared:
-            prepared, qconfigs = self.prepare(backend)
-            with torch.no_grad(), progress.task(label, total=len(calib)) as advance:
-                for i in range(0, len(calib), CALIB_BATCH):
-                    batch = calib[i:i + CALIB_BATCH]
+            self._prepared[key] = (*self.prepare(backend), 0)
+        prepared, qconfigs, seen = self._prepared[key]
+        if seen < len(calib):
+            with torch.no_grad(), progress.task(label, total=len(calib) - seen) as advance:
+                for i in range(seen, len(calib), CALIB_BATCH):
+                    batch = calib[i:min(i + CALIB_BATCH, len(calib))]
                     prepared(batch)  # NCHW: the histogram observers copy channels-last tensors first
                     advance(len(batch))
-            self._prepared[key] = (prepared, qconfigs)
-        return self._prepared[key]
+            self._prepared[key] = (prepared, qconfigs, len(calib))
+        return prepared, qconfigs
 
     def convert(self, prepared_and_qconfigs, backend: str, quantize: set[str]) -> fx.GraphModule:
         """A copy of the calibrated model with only the graph layers in ``quantize`` in int8."""
@@ -466,11 +474,16 @@ def lower_to_torchscript(converted: nn.Module, example: torch.Tensor) -> torch.j
         return torch.jit.freeze(scripted.eval())
 
 
-def _fidelity(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, reference: np.ndarray) -> float:
+def made_up(x: np.ndarray, out: np.ndarray, output: str) -> np.ndarray:
+    """The made-up image from a network's output (a residual, or the image itself)."""
+    return np.clip(out if output == "image" else x + out, -1.0, 1.0)
+
+
+def _fidelity(q: "_Quantizer", module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+              reference: np.ndarray) -> float:
     with torch.no_grad(), _quiet():
-        r = module(x.contiguous(memory_format=torch.channels_last)).float().contiguous().numpy()
-    xn = x.numpy()
-    return fidelity_psnr_db(np.clip(xn + r, -1, 1), reference)
+        out = module(x.contiguous(memory_format=torch.channels_last)).float().contiguous().numpy()
+    return fidelity_psnr_db(made_up(x.numpy(), out, q.output), reference)
 
 
 def _quick_latency(module: torch.jit.ScriptModule, x: torch.Tensor, threads: int, runs: int) -> float:
@@ -505,13 +518,13 @@ def _plan_backend(q: _Quantizer, backend: str, cfg: QuantizeConfig, forced: set[
                                                  else "kept float (--keep-float)")
                  for layer in q.layers}
     quantize = set(candidates)
-    fid = _fidelity(q.convert(cal, backend, quantize), sens_x, sens_ref)
+    fid = _fidelity(q, q.convert(cal, backend, quantize), sens_x, sens_ref)
     steps = [{"kept_float": sorted(by_graph[g].name for g in set(by_graph) - quantize), "fidelity_db": _r(fid)}]
     if cfg.keep_float == "auto" and fid < cfg.min_psnr_db:
         alone: dict[str, float] = {}
         with progress.task(f"layer sensitivity ({backend})", total=len(candidates)) as advance:
             for g in sorted(candidates, key=lambda g: [l.graph_name for l in q.layers].index(g)):
-                alone[g] = _fidelity(q.convert(cal, backend, {g}), sens_x, sens_ref)
+                alone[g] = _fidelity(q, q.convert(cal, backend, {g}), sens_x, sens_ref)
                 decisions[g].alone_fidelity_db = alone[g]
                 advance(1)
         order = sorted(candidates, key=lambda g: alone[g])
@@ -524,7 +537,7 @@ def _plan_backend(q: _Quantizer, backend: str, cfg: QuantizeConfig, forced: set[
                     f"{cfg.min_psnr_db:g} dB ({fid:.2f} dB with only {by_graph[g].name} in int8)",
                     hint="lower --min-psnr, or calibrate on images closer to what the model will see")
             quantize.discard(g)
-            fid = _fidelity(q.convert(cal, backend, quantize), sens_x, sens_ref)
+            fid = _fidelity(q, q.convert(cal, backend, quantize), sens_x, sens_ref)
             decisions[g].quantized = False
             decisions[g].reason = (f"kept float: most sensitive #{rank} (alone in int8: {alone[g]:.2f} dB); "
                                    f"without it in int8 the model reaches {fid:.2f} dB")
@@ -545,16 +558,14 @@ def _plan_backend(q: _Quantizer, backend: str, cfg: QuantizeConfig, forced: set[
 
 def _prescreen(q: _Quantizer, backends: list[str], calib: torch.Tensor, threads: int,
                progress: Progress) -> dict[str, float]:
-    """Latency of each backend's all-int8 model (quick calibration: speed does not depend on it)."""
+    """Latency of each backend's all-int8 model, calibrated on one image (speed does not depend on it)."""
     times: dict[str, float] = {}
     all_layers = {layer.graph_name for layer in q.layers}
     with progress.task("timing backends", total=len(backends)) as advance:
         for b in backends:
-            prepared, qconfigs = q.prepare(b)
-            with torch.no_grad():
-                prepared(calib[:1].contiguous(memory_format=torch.channels_last))
+            cal = q.calibrated(b, calib[:1], SilentProgress(), "")  # calibration continues from here later
             with quantized_engine(b):
-                script = lower_to_torchscript(q.convert((prepared, qconfigs), b, all_layers), calib[:1])
+                script = lower_to_torchscript(q.convert(cal, b, all_layers), calib[:1])
                 times[b] = _quick_latency(script, calib[:1], threads, SELECTION_RUNS)
             advance(1)
     return times
@@ -645,8 +656,8 @@ def quantize_model(source: Path | str, output: Path | str, config: QuantizeConfi
 
     sens_x = calib[:cfg.sensitivity_images]
     with torch.no_grad():
-        sens_ref = np.clip(sens_x.numpy() + graph(sens_x).float().numpy(), -1, 1)
-    quantizer = _Quantizer(graph, layers, calib[:1])
+        sens_ref = made_up(sens_x.numpy(), graph(sens_x).float().numpy(), prep.output)
+    quantizer = _Quantizer(graph, layers, calib[:1], prep.output)
     threads = cfg.effective_threads
 
     t0 = time.perf_counter()
