@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from tinybeauty_cli import quantize as qz
-from tinybeauty_cli.checkpoint import Artifact, HistoryStep, Preprocessing, load_model, save_artifact
+from tinybeauty_cli.checkpoint import Artifact, ArchSpec, HistoryStep, Preprocessing, load_model, save_artifact
 from tinybeauty_cli.describe import describe
 from tinybeauty_cli.errors import ConfigError, ImageError, InputError, UnsupportedError
 from tinybeauty_cli.model import TinyBeauty, TinyBeautyConfig
@@ -176,9 +176,12 @@ def test_keep_float_auto_keeps_the_most_sensitive_layers_until_the_target(tmp_pa
 
 
 def test_unreachable_fidelity_target_is_an_error(tmp_path):
-    src = save_small(tmp_path / "s.pt")
+    torch.manual_seed(0)
+    art = Artifact(ArchSpec.custom("tests.archs:TinyUNet", {"width": 4}), TinyUNet(4).state_dict(),
+                   preprocessing=Preprocessing(size=32))
+    save_artifact(art, tmp_path / "unet.pt")
     with pytest.raises(UnsupportedError, match="fidelity stays below --min-psnr"):
-        quantize_model(src, tmp_path / "q.pt", fast_config(min_psnr_db=149.0))
+        quantize_model(tmp_path / "unet.pt", tmp_path / "q.pt", fast_config(min_psnr_db=149.0))
     assert not (tmp_path / "q.pt").exists()
 
 

@@ -30,6 +30,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import platform
 import time
 import warnings
@@ -180,6 +181,7 @@ class QuantizeResult:
     latency: dict[str, Any]
     timings: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    ranking: dict[str, Any] = field(default_factory=dict)  # how engines were compared: threads, runs, float ms
 
     @property
     def quantized_layers(self) -> list[str]:
@@ -193,7 +195,7 @@ class QuantizeResult:
         return {
             "input": self.input, "output": self.output, "config": self.config.to_dict(),
             "backend": self.backend, "backend_reason": self.backend_reason, "engine": self.engine,
-            "backends": [b.to_dict() for b in self.backends],
+            "backends": [b.to_dict() for b in self.backends], "ranking": dict(self.ranking),
             "rewrites": self.rewrites.to_dict(), "calibration": dict(self.calibration),
             "quantized_layers": self.quantized_layers, "float_layers": self.float_layers,
             "layers": [layer.to_dict() for layer in self.layers], "keep_float_steps": list(self.keep_float_steps),
@@ -486,11 +488,12 @@ def _fidelity(q: "_Quantizer", module: Callable[[torch.Tensor], torch.Tensor], x
     return fidelity_psnr_db(made_up(x.numpy(), out, q.output), reference)
 
 
-def _quick_latency(module: torch.jit.ScriptModule, x: torch.Tensor, threads: int, runs: int) -> float:
-    """Fastest of ``runs`` calls: for ranking engines, the minimum is the estimate least hurt by load."""
+def fastest_runs(fns: Mapping[str, Callable[[], object]], threads: int, runs: int = SELECTION_RUNS) -> dict[str, float]:
+    """Fastest of ``runs`` interleaved calls of each function (ms): for ranking, the minimum is the
+    estimate least hurt by other processes, and interleaving gives every function the same conditions."""
     with torch.inference_mode(), _quiet():
-        lat = measure_latencies({"m": lambda: module(x)}, runs=runs, warmup=2, threads=threads)
-    return lat["m"].min_ms
+        lat = measure_latencies(dict(fns), runs=runs, warmup=2, threads=threads)
+    return {k: v.min_ms for k, v in lat.items()}
 
 
 @dataclass
@@ -523,7 +526,7 @@ def _plan_backend(q: _Quantizer, backend: str, cfg: QuantizeConfig, forced: set[
     if cfg.keep_float == "auto" and fid < cfg.min_psnr_db:
         alone: dict[str, float] = {}
         with progress.task(f"layer sensitivity ({backend})", total=len(candidates)) as advance:
-            for g in sorted(candidates, key=lambda g: [l.graph_name for l in q.layers].index(g)):
+            for g in [layer.graph_name for layer in q.layers if layer.graph_name in candidates]:
                 alone[g] = _fidelity(q, q.convert(cal, backend, {g}), sens_x, sens_ref)
                 decisions[g].alone_fidelity_db = alone[g]
                 advance(1)
@@ -547,28 +550,97 @@ def _plan_backend(q: _Quantizer, backend: str, cfg: QuantizeConfig, forced: set[
             if g in alone:
                 decisions[g].reason = f"int8 (alone: {alone[g]:.2f} dB)"
     timings["keep_float_s"] = timings.get("keep_float_s", 0.0) + time.perf_counter() - t0
-    if not quantize:
-        raise UnsupportedError("--keep-float leaves no layer to quantize")
     with quantized_engine(backend):
         script = lower_to_torchscript(q.convert(cal, backend, quantize), sens_x[:1])
-        latency = _quick_latency(script, sens_x[:1], cfg.effective_threads, SELECTION_RUNS)
     ordered = [decisions[layer.graph_name] for layer in q.layers]
-    return _Plan(backend, quantize, fid, latency, script, ordered, steps)
+    return _Plan(backend, quantize, fid, math.nan, script, ordered, steps)
 
 
-def _prescreen(q: _Quantizer, backends: list[str], calib: torch.Tensor, threads: int,
-               progress: Progress) -> dict[str, float]:
-    """Latency of each backend's all-int8 model, calibrated on one image (speed does not depend on it)."""
-    times: dict[str, float] = {}
+def ranking_threads(threads: int) -> int:
+    """Threads for ranking engines: 1 when the machine has more runnable processes than cores.
+
+    With every core busy, a multi-threaded kernel waits at each barrier for a thread the OS has
+    descheduled, and batch-1 latencies become 10x noisier than the differences between engines.
+    """
+    cores = os.cpu_count() or 1
+    return 1 if threads > 1 and os.getloadavg()[0] > cores else threads
+
+
+def _load_text() -> str:
+    return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+
+
+def _choose_backend(q: _Quantizer, backends: list[str], trials: list[BackendTrial], cfg: QuantizeConfig,
+                    forced: set[str], calib: torch.Tensor, sens_x: torch.Tensor, sens_ref: np.ndarray,
+                    float_model: nn.Module, threads: int, progress: Progress,
+                    timings: dict[str, float]) -> tuple[_Plan, str, list[str], float | None]:
+    """The plan to write, why, notes, and the float model's time in the same comparison.
+
+    Every engine's all-int8 model is timed first (interleaved, with the float model); then, fastest
+    first, each engine is calibrated and gets its float layers. Keeping layers float only adds time,
+    so an engine whose all-int8 model is already slower than the best finished plan is skipped.
+    Finished plans are compared in interleaved runs.
+    """
+    notes: list[str] = []
+    x1 = sens_x[:1]
+    if len(backends) == 1:
+        plan = _plan_backend(q, backends[0], cfg, forced, calib, sens_x, sens_ref, progress, timings)
+        t = fastest_runs({"int8": lambda: plan.script(x1), "float": lambda: float_model(x1)}, threads)
+        plan.latency_ms = t["int8"]
+        trials.append(_trial(plan, None, cfg.min_psnr_db))
+        reason = "requested with --backend" if cfg.backend != "auto" else "the only engine here without an accuracy warning"
+        if plan.fidelity_db < cfg.min_psnr_db:
+            notes.append(_missed(plan, cfg))
+        return plan, reason, notes, t["float"]
+
     all_layers = {layer.graph_name for layer in q.layers}
-    with progress.task("timing backends", total=len(backends)) as advance:
+    scripts: dict[str, torch.jit.ScriptModule] = {}
+    with progress.task("timing engines", total=len(backends)) as advance:
         for b in backends:
             cal = q.calibrated(b, calib[:1], SilentProgress(), "")  # calibration continues from here later
             with quantized_engine(b):
-                script = lower_to_torchscript(q.convert(cal, b, all_layers), calib[:1])
-                times[b] = _quick_latency(script, calib[:1], threads, SELECTION_RUNS)
+                scripts[b] = lower_to_torchscript(q.convert(cal, b, all_layers), x1)
             advance(1)
-    return times
+    # packed weights keep the engine they were packed for: the models can be timed side by side
+    quick = fastest_runs({**{b: (lambda s=s: s(x1)) for b, s in scripts.items()}, "float": lambda: float_model(x1)},
+                         threads)
+    float_ms = quick.pop("float")
+    best: _Plan | None = None
+    done: list[_Plan] = []
+    for b in sorted(backends, key=lambda b: quick[b]):
+        if best is not None and quick[b] >= best.latency_ms:
+            trials.append(BackendTrial(b, "skipped", f"its all-int8 model ({quick[b]:.1f} ms) is already slower than "
+                                                     f"{best.backend}'s final model ({best.latency_ms:.1f} ms)",
+                                       all_int8_latency_ms=quick[b]))
+            continue
+        plan = _plan_backend(q, b, cfg, forced, calib, sens_x, sens_ref, progress, timings)
+        rivals = {"new": lambda: plan.script(x1)}
+        if best is not None:
+            rivals["best"] = lambda: best.script(x1)
+        t = fastest_runs(rivals, threads)
+        plan.latency_ms = t["new"]
+        if best is not None:
+            best.latency_ms = t["best"]
+        done.append(plan)
+        trials.append(_trial(plan, quick[b], cfg.min_psnr_db))
+        if plan.fidelity_db >= cfg.min_psnr_db and (best is None or plan.latency_ms < best.latency_ms):
+            best = plan
+    for trial in trials:  # latencies of finished plans as last compared
+        match = next((p for p in done if p.backend == trial.backend), None)
+        if match is not None:
+            trial.latency_ms = match.latency_ms
+    if best is not None:
+        reason = (f"fastest of the {len(backends)} engines timed that meets {cfg.min_psnr_db:g} dB "
+                  f"(best of {SELECTION_RUNS} runs, {threads} thread(s))")
+        return best, reason, notes, float_ms
+    plan = max(done, key=lambda p: p.fidelity_db)
+    notes.append(_missed(plan, cfg))
+    return plan, f"no engine reaches {cfg.min_psnr_db:g} dB; the one with the highest fidelity", notes, float_ms
+
+
+def _missed(plan: _Plan, cfg: QuantizeConfig) -> str:
+    return (f"fidelity {plan.fidelity_db:.2f} dB on the calibration images is below --min-psnr "
+            f"{cfg.min_psnr_db:g} dB (--keep-float {_keep_float_text(cfg)})")
 
 
 def resolve_keep_float(names: Sequence[str], layers: list[_Layer]) -> set[str]:
@@ -653,6 +725,8 @@ def quantize_model(source: Path | str, output: Path | str, config: QuantizeConfi
     if not layers:
         raise UnsupportedError("the network has no convolution or linear layer to quantize")
     forced = resolve_keep_float(cfg.keep_float, layers) if isinstance(cfg.keep_float, tuple) else set()
+    if len(forced) == len(layers):
+        raise ConfigError("--keep-float keeps every layer in float: there is nothing left to quantize")
 
     sens_x = calib[:cfg.sensitivity_images]
     with torch.no_grad():
@@ -662,41 +736,13 @@ def quantize_model(source: Path | str, output: Path | str, config: QuantizeConfi
 
     t0 = time.perf_counter()
     backends, trials = usable_backends(cfg.backend, progress)
-    plans: list[_Plan] = []
-    if len(backends) == 1:
-        plans.append(_plan_backend(quantizer, backends[0], cfg, forced, calib, sens_x, sens_ref, progress, timings))
-        trials.append(_trial(plans[0], None, cfg.min_psnr_db))
-    else:
-        quick = _prescreen(quantizer, backends, calib, threads, progress)
-        best: _Plan | None = None
-        for b in sorted(backends, key=lambda b: quick[b]):
-            if best is not None and quick[b] >= best.latency_ms:
-                trials.append(BackendTrial(b, "skipped", f"its all-int8 model ({quick[b]:.1f} ms) is already slower "
-                                                         f"than {best.backend} ({best.latency_ms:.1f} ms)",
-                                           all_int8_latency_ms=quick[b]))
-                continue
-            plan = _plan_backend(quantizer, b, cfg, forced, calib, sens_x, sens_ref, progress, timings)
-            plans.append(plan)
-            trials.append(_trial(plan, quick[b], cfg.min_psnr_db))
-            meets = plan.fidelity_db >= cfg.min_psnr_db
-            if meets and (best is None or plan.latency_ms < best.latency_ms):
-                best = plan
-    meeting = [p for p in plans if p.fidelity_db >= cfg.min_psnr_db]
-    if meeting:
-        plan = min(meeting, key=lambda p: p.latency_ms)
-        if cfg.backend != "auto":
-            reason = "requested with --backend"
-        elif len(backends) == 1:
-            reason = "the only engine here without an accuracy warning"
-        else:
-            reason = (f"fastest of {len(backends)} engines timed that meets {cfg.min_psnr_db:g} dB "
-                      f"({plan.latency_ms:.1f} ms, best of {SELECTION_RUNS} runs)")
-    else:
-        plan = max(plans, key=lambda p: p.fidelity_db)
-        reason = (f"requested with --backend" if cfg.backend != "auto"
-                  else f"no engine reaches {cfg.min_psnr_db:g} dB; the one with the highest fidelity")
-        notes.append(f"fidelity {plan.fidelity_db:.2f} dB on the calibration images is below --min-psnr "
-                     f"{cfg.min_psnr_db:g} dB (--keep-float {_keep_float_text(cfg)})")
+    rank_threads = ranking_threads(threads)
+    if rank_threads != threads and len(backends) > 1:
+        notes.append(f"the machine is busy ({_load_text()}): engines were ranked single-threaded, where "
+                     f"other processes distort timings least; the latency figures use {threads} threads")
+    plan, reason, more_notes, float_ms = _choose_backend(
+        quantizer, backends, trials, cfg, forced, calib, sens_x, sens_ref, model, rank_threads, progress, timings)
+    notes.extend(more_notes)
     for t in trials:
         if t.backend == plan.backend:
             t.status = "chosen"
@@ -792,7 +838,9 @@ def quantize_model(source: Path | str, output: Path | str, config: QuantizeConfi
         notes.append("the int8 model measured no faster than the float model in this run; the machine may be "
                      "loaded (check uptime and re-run tbopt bench)")
     return QuantizeResult(str(source), str(output), cfg, plan.backend, reason, engine_label(plan.backend), trials,
-                          rewrites, calibration, decisions, plan.steps, size, quality, latency, timings, notes)
+                          rewrites, calibration, decisions, plan.steps, size, quality, latency, timings, notes,
+                          {"threads": rank_threads, "runs": SELECTION_RUNS, "float_ms": _r(float_ms),
+                           "measure": "fastest of the runs, engines interleaved with each other and the float model"})
 
 
 def _trial(plan: _Plan, all_int8_ms: float | None, min_psnr_db: float) -> BackendTrial:

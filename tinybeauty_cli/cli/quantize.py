@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..paths import demo_checkpoint
-from ..quantize import BACKENDS, QuantizeConfig, QuantizeResult, quantize_model
+from ..quantize import BACKENDS, SELECTION_RUNS, QuantizeConfig, QuantizeResult, quantize_model
 from . import _output
 from ._errors import handle_errors
 from ._options import (ArchKwargsOpt, ArchOpt, ArtifactArg, ForceOpt, JsonOpt, OutputOpt, QuietOpt, ThreadsOpt,
@@ -88,7 +88,9 @@ def render_quantize(out: _output.Output, r: QuantizeResult) -> None:
               [(layer.name, layer.kind, "int8" if layer.quantized else "float", layer.alone_fidelity_db, layer.reason)
                for layer in r.layers], right=("alone in int8 (dB)",))
     if len(r.backends) > 1:
-        out.table("backends", ["backend", "status", "all-int8 (ms)", "final (ms)", "fidelity (dB)", "kept float", "note"],
+        out.table(f"backends (fastest of {SELECTION_RUNS} interleaved runs, {r.ranking['threads']} thread(s); "
+                  f"float model {r.ranking['float_ms']} ms)",
+                  ["backend", "status", "all-int8 (ms)", "final (ms)", "fidelity (dB)", "kept float", "note"],
                   [(b.backend, b.status, b.all_int8_latency_ms, b.latency_ms, b.fidelity_db,
                     ", ".join(b.kept_float) or "-", b.note) for b in r.backends],
                   right=("all-int8 (ms)", "final (ms)", "fidelity (dB)"))
