@@ -420,7 +420,44 @@ class _Quantizer:
         for name, qc in qconfigs.items():
             mapping.set_module_name(name, qc if name in quantize else None)
         with _quiet(), quantized_engine(backend):
-            return inline_quantization_params(convert_fx(copy.deepcopy(prepared), qconfig_mapping=mapping))
+            converted = convert_fx(copy.deepcopy(prepared), qconfig_mapping=mapping)
+        return fold_relu_into_quantize(inline_quantization_params(converted))
+
+
+_PADS = (nn.ReflectionPad2d, nn.ReplicationPad2d, nn.ZeroPad2d)
+
+
+def fold_relu_into_quantize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Drop a float ReLU whose only way out is (padding and) quantization with zero point 0.
+
+    ``quantize_per_tensor`` to quint8 with zero point 0 clamps negative values to 0, which is
+    exactly what the ReLU did; padding copies values, so it commutes with the ReLU. One full
+    pass over the activation saved (at 256x256 after the first conv and before the last).
+    """
+    def is_relu(node: fx.Node) -> bool:
+        if node.op == "call_module":
+            return isinstance(gm.get_submodule(node.target), nn.ReLU)
+        return node.op == "call_function" and node.target in (torch.relu, torch.nn.functional.relu)
+
+    def is_pad(node: fx.Node) -> bool:
+        return node.op == "call_module" and isinstance(gm.get_submodule(node.target), _PADS)
+
+    changed = False
+    for node in list(gm.graph.nodes):
+        if not (node.op == "call_function" and node.target is torch.quantize_per_tensor and len(node.args) == 4
+                and node.args[2] == 0 and node.args[3] == torch.quint8):
+            continue
+        src = node.args[0]
+        while isinstance(src, fx.Node) and is_pad(src) and len(src.users) == 1:
+            src = src.args[0]
+        if isinstance(src, fx.Node) and is_relu(src) and len(src.users) == 1:
+            src.replace_all_uses_with(src.args[0])
+            gm.graph.erase_node(src)
+            changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return gm
 
 
 def inline_quantization_params(gm: fx.GraphModule) -> fx.GraphModule:
