@@ -56,15 +56,17 @@ def test_info_and_apply_accept_the_int8_file(cli_quantized, tmp_path):
     assert r.stderr.strip() == ""  # no deprecation chatter from quantized tensors
 
 
-def test_quantize_table(tmp_path):
-    src = save_small(tmp_path / "s.pt")
-    r = run("quantize", src, "-o", tmp_path / "q.pt", "--keep-float", "out", *FAST)
+def test_quantize_table_with_the_default_output_name(tmp_path, monkeypatch):
+    src = save_small(tmp_path / "model.pt")
+    monkeypatch.chdir(tmp_path)
+    r = run("quantize", src, "--keep-float", "out", *FAST)
     assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "model_int8.pt").is_file()
     for text in ("size on disk", "fidelity vs float", "latency p50", "PSNR vs targets", "out.conv", "float",
                  "kept float (--keep-float)", "backend"):
         assert text in r.stdout, text
     # refuses to overwrite without --force
-    again = run("quantize", src, "-o", tmp_path / "q.pt", *FAST)
+    again = run("quantize", src, *FAST)
     assert_one_line_error(again, "already exists")
 
 
@@ -84,11 +86,3 @@ def test_refusals_write_nothing(tmp_path, cli_quantized):
     assert_one_line_error(run("quantize", src, "-o", out, "--min-psnr", "0"), "--min-psnr")
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "s.pt"]
-
-
-def test_default_output_name(tmp_path, monkeypatch):
-    src = save_small(tmp_path / "model.pt")
-    monkeypatch.chdir(tmp_path)
-    r = run("quantize", src, "--keep-float", "none", *FAST)
-    assert r.exit_code == 0, r.stderr
-    assert (tmp_path / "model_int8.pt").is_file()

@@ -136,9 +136,14 @@ def test_quantizing_an_int8_file_is_refused_and_writes_nothing(quantized, tmp_pa
     assert not (tmp_path / "again.pt").exists()
 
 
-def test_keep_float_by_name_and_by_module_prefix(tmp_path):
+def test_keep_float_by_name_and_by_module_prefix_calibrated_on_a_folder(tmp_path):
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for i in range(3):
+        _png(folder / f"{i}.png", i)
     src = save_small(tmp_path / "s.pt")
-    r = quantize_model(src, tmp_path / "q.pt", fast_config(keep_float="upconv2,out.conv"))
+    r = quantize_model(src, tmp_path / "q.pt", fast_config(keep_float="upconv2,out.conv", calib=folder))
+    assert r.calibration["images"] == 3 and str(folder) in r.calibration["source"]
     assert r.float_layers == ["upconv2.conv", "out.conv"]
     kept = {layer.name: layer.reason for layer in r.layers if not layer.quantized}
     assert kept == {"upconv2.conv": "kept float (--keep-float)", "out.conv": "kept float (--keep-float)"}
@@ -242,16 +247,6 @@ def test_calibration_folder_without_readable_images_is_an_error(tmp_path, conten
     with pytest.raises(ImageError):
         quantize_model(src, tmp_path / "q.pt", fast_config(calib=folder))
     assert not (tmp_path / "q.pt").exists()
-
-
-def test_calibrating_on_a_folder(tmp_path):
-    folder = tmp_path / "calib"
-    folder.mkdir()
-    for i in range(3):
-        _png(folder / f"{i}.png", i)
-    src = save_small(tmp_path / "s.pt")
-    r = quantize_model(src, tmp_path / "q.pt", fast_config(calib=folder))
-    assert r.calibration["images"] == 3 and str(folder) in r.calibration["source"]
 
 
 def test_a_users_network_with_conv_transpose_and_cat(tmp_path):
