@@ -120,3 +120,35 @@ def test_float_boundaries_on_cat_inputs_and_quantizable_layers():
     with torch.no_grad():
         assert torch.equal(gm(x), net(x))
     assert quantizable_layers(net) == ["enc1.0", "enc2.0", "mid.0", "up", "dec.0", "head"]
+
+
+@pytest.mark.filterwarnings("ignore:The TorchScript type system")
+def test_equalized_channel_ranges_keep_the_function_and_even_out_the_ranges():
+    model = small_tinybeauty()
+    with torch.no_grad():  # make channel ranges very unequal, as in trained models
+        model.upconv2.conv.weight[:4].mul_(20)
+        model.content_encoder.down1.conv.weight.mul_(300)  # variances >> the norm's eps, as when trained
+        model.content_encoder.down1.conv.weight[:2].mul_(0.3)
+    images = torch.rand(6, 3, 32, 32) * 2 - 1
+    before = model.state_dict()
+    before = {k: v.clone() for k, v in before.items()}
+    gm, report = optimize_graph(model, images[:2], images=images)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is untouched
+    assert report.fidelity_db > 100 and any("equal ranges" in a for a in report.applied)
+    assert report.equalized["upconv2.conv"] > 10 and report.equalized["content_encoder.down1.conv"] > 2
+    assert "out.conv" not in report.equalized  # followed by tanh: scaling would not be free
+    ranges = {}
+    conv = gm.get_submodule("content_encoder.down1.conv")
+    def record(_m, _i, o):
+        ranges["down1"] = o.amax((0, 2, 3)) - o.amin((0, 2, 3))
+
+    hook = conv.register_forward_hook(record)
+    with torch.no_grad():
+        gm(images)
+    hook.remove()
+    r = ranges["down1"]
+    assert float(r.max() / r.min()) < 1.01
+    scripted = torch.jit.script(gm)
+    with torch.no_grad():
+        y = torch.rand(3, 3, 48, 40) * 2 - 1
+        assert fidelity_db(scripted(y), model(y)) > 100

@@ -23,6 +23,7 @@ The rewritten network is an ``fx.GraphModule`` whose quantizable layers are ordi
 """
 
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -85,22 +86,35 @@ class PixelInterleave(nn.Module):
     """(N, 4*C, H+1, W+1) phase maps -> (N, C, 2H, 2W), written channels-last.
 
     Phase ``(di, dj)`` (channel block ``2*di + dj``) is read at offset ``(di, dj)`` and
-    becomes output pixel ``(2i + di, 2j + dj)``.
+    becomes output pixel ``(2i + di, 2j + dj)``. With ``scale``/``shift`` (per output
+    channel) each value is mapped ``v * scale + shift`` on the way: this undoes the
+    per-channel range equalization of the conv before it (see :func:`equalize_channel_ranges`)
+    at no extra cost, since the interleave copies every value anyway.
     """
+
+    scale: Optional[torch.Tensor]
+    shift: Optional[torch.Tensor]
 
     def __init__(self, channels: int):
         super().__init__()
         self.channels = channels
+        self.scale = None
+        self.shift = None
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         c = self.channels
         n, h, w = y.shape[0], y.shape[2] - 1, y.shape[3] - 1
         phases = y.permute(0, 2, 3, 1)  # N, H+1, W+1, 4C: a view when y is channels-last
         out = torch.empty((n, h, 2, w, 2, c), dtype=y.dtype, device=y.device)
-        out[:, :, 0, :, 0, :] = phases[:, 0:h, 0:w, 0:c]
-        out[:, :, 0, :, 1, :] = phases[:, 0:h, 1:w + 1, c:2 * c]
-        out[:, :, 1, :, 0, :] = phases[:, 1:h + 1, 0:w, 2 * c:3 * c]
-        out[:, :, 1, :, 1, :] = phases[:, 1:h + 1, 1:w + 1, 3 * c:4 * c]
+        scale, shift = self.scale, self.shift
+        for di in range(2):
+            for dj in range(2):
+                k = 2 * di + dj
+                src = phases[:, di:di + h, dj:dj + w, k * c:(k + 1) * c]
+                if scale is not None and shift is not None:
+                    torch.addcmul(shift, src, scale, out=out[:, :, di, :, dj, :])
+                else:
+                    out[:, :, di, :, dj, :] = src
         return out.reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
 
 
@@ -186,11 +200,13 @@ class RewriteReport:
 
     applied: list[str] = field(default_factory=list)
     subpixel_layers: dict[str, str] = field(default_factory=dict)  # original conv name -> its 2x2 conv
+    equalized: dict[str, float] = field(default_factory=dict)  # conv -> widest / narrowest channel range before
     fidelity_db: float | None = None
     skipped: str | None = None  # why the rewrites were not used
 
     def to_dict(self) -> dict[str, Any]:
         return {"applied": list(self.applied), "subpixel_layers": dict(self.subpixel_layers),
+                "equalized_range_spread": {k: round(v, 1) for k, v in self.equalized.items()},
                 "fidelity_db": None if self.fidelity_db is None else round(self.fidelity_db, 1),
                 "skipped": self.skipped}
 
@@ -309,13 +325,18 @@ def fidelity_db(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(4.0 / mse)
 
 
-def optimize_graph(model: nn.Module, example: torch.Tensor) -> tuple[fx.GraphModule, RewriteReport]:
-    """The rewritten network, or the plainly traced one if a rewrite would change its outputs."""
+def optimize_graph(model: nn.Module, example: torch.Tensor,
+                   images: Optional[torch.Tensor] = None) -> tuple[fx.GraphModule, RewriteReport]:
+    """The rewritten network, or the plainly traced one if a rewrite would change its outputs.
+
+    With ``images`` (calibration images), conv output ranges are also equalized
+    (:func:`equalize_channel_ranges`). ``model`` itself is never modified.
+    """
     report = RewriteReport()
     gm = trace(model)
     with torch.no_grad():
         reference = model(example)
-    rewritten = trace(model)
+    rewritten = trace(copy.deepcopy(model))  # a trace shares its leaf modules with the model
     _rewrite_norms(rewritten, report)
     _rewrite_subpixel(rewritten, report)
     rewritten.graph.eliminate_dead_code()
@@ -323,6 +344,12 @@ def optimize_graph(model: nn.Module, example: torch.Tensor) -> tuple[fx.GraphMod
     rewritten.delete_all_unused_submodules()
     rewritten.recompile()
     rewritten.eval()
+    if images is not None:
+        eq = equalize_channel_ranges(rewritten, images)
+        if eq.layers:
+            report.equalized = dict(eq.spread)
+            report.applied.append(f"conv output channels scaled to equal ranges before int8 requantization "
+                                  f"({len(eq.layers)} convs followed by an instance norm or a sub-pixel interleave)")
     if not report.applied:
         return gm, report
     with torch.no_grad():
@@ -330,7 +357,7 @@ def optimize_graph(model: nn.Module, example: torch.Tensor) -> tuple[fx.GraphMod
     if report.fidelity_db < EXACT_PSNR_DB:
         report.skipped = (f"the rewritten graph differed from the original ({report.fidelity_db:.1f} dB < "
                           f"{EXACT_PSNR_DB:.0f} dB); quantizing the network as it is")
-        report.applied, report.subpixel_layers = [], {}
+        report.applied, report.subpixel_layers, report.equalized = [], {}, {}
         return gm, report
     return rewritten, report
 
@@ -360,12 +387,114 @@ def isolate_list_inputs(gm: fx.GraphModule) -> int:
     return count
 
 
+@dataclass
+class Equalization:
+    """Per-channel output ranges made equal before int8 requantization (see below)."""
+
+    layers: list[str] = field(default_factory=list)
+    spread: dict[str, float] = field(default_factory=dict)  # widest / narrowest channel range, before
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "range_spread": {k: round(v, 1) for k, v in self.spread.items()}}
+
+
+def _instance_norms() -> tuple[type[nn.Module], ...]:
+    return (ChannelInstanceNorm, nn.InstanceNorm2d)
+
+
+def _norm_after(gm: fx.GraphModule, conv_name: str) -> str:
+    node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == conv_name)
+    return next(iter(node.users)).target
+
+
+def equalize_channel_ranges(gm: fx.GraphModule, images: torch.Tensor) -> Equalization:
+    """Scale and shift each conv's output channels to a common range, where that is free.
+
+    An int8 conv requantizes its output per tensor; when channel ranges differ by 10x or
+    more, the narrow channels get a few levels only, and a norm then blows their error up
+    (in TinyBeauty's last upsampling conv this was the largest error of the whole int8
+    model). Scaling output channel c by ``a_c > 0`` and shifting it by ``b_c`` (weights and
+    bias of the float conv) gives every channel the same range; it is free where the next
+    step ignores it -- an instance norm (invariant to per-channel scale and shift) -- or
+    can undo it on the way -- a :class:`SubPixelConv2d`'s interleave. The graph computes the
+    same function afterwards.
+    """
+    targets: dict[str, tuple[nn.Conv2d, int, Optional[PixelInterleave]]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, SubPixelConv2d):
+            targets[node.target] = (mod.conv, 4, mod.interleave)
+        elif (type(mod) is nn.Conv2d and len(node.users) == 1 and _users_of_target(gm, node.target) == 1
+              and all(u.op == "call_module" and isinstance(gm.get_submodule(u.target), _instance_norms())
+                      and not getattr(gm.get_submodule(u.target), "track_running_stats", False)
+                      for u in node.users)):
+            targets[node.target] = (mod, 1, None)
+    if not targets:
+        return Equalization()
+    lo: dict[str, torch.Tensor] = {}
+    hi: dict[str, torch.Tensor] = {}
+    var: dict[str, torch.Tensor] = {}  # smallest per-image variance of each channel
+
+    def observe(name: str, phases: int):
+        def hook(_mod: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+            c = out.shape[1] // phases
+            per = out.detach().transpose(0, 1).reshape(phases, c, out.shape[0], -1).transpose(0, 1)
+            per = per.transpose(1, 2).reshape(c, out.shape[0], -1)  # channel, image, values
+            mn, mx = per.amin((1, 2)), per.amax((1, 2))
+            v = per.double().var(2, unbiased=False).amin(1)
+            lo[name] = torch.minimum(lo[name], mn) if name in lo else mn
+            hi[name] = torch.maximum(hi[name], mx) if name in hi else mx
+            var[name] = torch.minimum(var[name], v) if name in var else v
+        return hook
+
+    hooks = [conv.register_forward_hook(observe(name, phases)) for name, (conv, phases, _) in targets.items()]
+    try:
+        with torch.no_grad():
+            for i in range(0, len(images), 4):
+                gm(images[i:i + 4])
+    finally:
+        for h in hooks:
+            h.remove()
+    report = Equalization()
+    for name, (conv, phases, interleave) in targets.items():
+        width = (hi[name] - lo[name]).double()
+        if not bool((width > 0).any()):
+            continue
+        half = float(width.max()) / 2
+        live = width > half * 1e-6
+        a = torch.where(live, half / width.clamp_min(1e-30) * 2, torch.ones_like(width))
+        if interleave is None:
+            # An instance norm divides by sqrt(var + eps): scaling a channel by a moves eps to
+            # eps / a^2 in the original units. Scale only where that changes the result by < 1e-6.
+            eps = float(getattr(gm.get_submodule(_norm_after(gm, name)), "eps", 1e-5))
+            change = eps * (1 - 1 / a**2).abs() / (2 * var[name].clamp_min(1e-30))
+            a = torch.where(change < 1e-6, a, torch.ones_like(a))
+        b = -a * (hi[name] + lo[name]).double() / 2
+        report.spread[name] = float(width.max() / width[live].min())
+        a_all, b_all = a.repeat(phases), b.repeat(phases)
+        with torch.no_grad():
+            conv.weight.mul_(a_all.view(-1, *[1] * (conv.weight.dim() - 1)).to(conv.weight.dtype))
+            bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels, dtype=conv.weight.dtype)
+            new_bias = (bias.double() * a_all + b_all).to(conv.weight.dtype)
+            if conv.bias is None:
+                conv.bias = nn.Parameter(new_bias)
+            else:
+                conv.bias.copy_(new_bias)
+        if interleave is not None:  # undo it while interleaving: y = (y' - b) / a
+            interleave.scale = (1.0 / a).float()
+            interleave.shift = (-b / a).float()
+        report.layers.append(name)
+    return report
+
+
 def quantizable_layers(model: nn.Module) -> list[str]:
     """Names of the layers int8 quantization can replace, in module order."""
     return [name for name, mod in model.named_modules() if name and isinstance(mod, QUANTIZABLE_TYPES)]
 
 
 __all__ = ["ChannelInstanceNorm", "FastLayerNorm", "FloatBoundary", "PixelInterleave", "SubPixelConv2d", "LEAF_MODULES",
-           "isolate_list_inputs",
+           "isolate_list_inputs", "Equalization", "equalize_channel_ranges",
            "QUANTIZABLE_TYPES", "RewriteReport", "TraceError", "optimize_graph", "quantizable_layers", "trace",
            "fidelity_db"]

@@ -67,6 +67,8 @@ _ZIP_TIME = (2024, 1, 1, 0, 0, 0)  # fixed, so that the same model gives the sam
 CALIB_BATCH = 4
 #: Timed runs when engines are ranked (the fastest run counts).
 SELECTION_RUNS = 7
+#: Calibration images whose conv outputs set the per-channel range equalization.
+EQUALIZE_IMAGES = 8
 
 
 @dataclass(frozen=True)
@@ -751,7 +753,7 @@ def quantize_model(source: Path | str, output: Path | str, config: QuantizeConfi
     timings["calibration_images_s"] = time.perf_counter() - t0
 
     try:
-        graph, rewrites = optimize_graph(model, calib[:2])
+        graph, rewrites = optimize_graph(model, calib[:2], images=calib[:EQUALIZE_IMAGES])
     except TraceError as exc:
         raise UnsupportedError(f"the network cannot be traced into a static graph for quantization ({exc})",
                                hint="FX graph-mode quantization needs a forward() without data-dependent "
