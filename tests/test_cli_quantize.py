@@ -1,6 +1,8 @@
 """tbopt quantize through the CLI: table, JSON, and every refusal as one line with nothing written."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -53,7 +55,17 @@ def test_info_and_apply_accept_the_int8_file(cli_quantized, tmp_path):
     r = run("apply", out, photo, "-o", tmp_path / "made", "--json")
     assert r.exit_code == 0, r.stderr
     assert (tmp_path / "made" / "p.png").is_file()
-    assert r.stderr.strip() == ""  # no deprecation chatter from quantized tensors
+
+
+def test_no_deprecation_chatter_on_stderr(cli_quantized, tmp_path):
+    """torch prints its 'quantized tensors are deprecated' warning from C++, past Python's warning filters."""
+    _, out, _ = cli_quantized
+    from .test_cli import _photo
+    photo = _photo(tmp_path / "p.png")
+    res = subprocess.run([sys.executable, "-m", "tinybeauty_cli", "apply", str(out), str(photo), "-o",
+                          str(tmp_path / "made"), "--json"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.strip() == ""
 
 
 def test_quantize_table_with_the_default_output_name(tmp_path, monkeypatch):

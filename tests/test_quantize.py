@@ -201,8 +201,11 @@ def test_config_validation():
         QuantizeConfig(keep_float="a,,b")
     assert QuantizeConfig(keep_float=" None ").keep_float == "none"
     assert QuantizeConfig(keep_float="a, b,a").keep_float == ("a", "b")
-    d = QuantizeConfig(calib="x").to_dict()
-    assert d["calib"] == "x" and d["version"] == 1 and d["keep_float"] == "auto"
+    d = QuantizeConfig(calib="x", keep_float="a,b", threads=1).to_dict()
+    assert d["calib"] == "x" and d["version"] == 1 and d["keep_float"] == ["a", "b"]
+    assert QuantizeConfig.from_dict(d) == QuantizeConfig(calib="x", keep_float="a,b", threads=1)
+    with pytest.raises(ConfigError, match="version 9"):
+        QuantizeConfig.from_dict({**d, "version": 9})
 
 
 def _png(path, seed=0, size=(80, 60)):

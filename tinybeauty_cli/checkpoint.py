@@ -478,6 +478,12 @@ def _select_quantized_engine(path: Path) -> None:
                                f"build does not have (it has {', '.join(supported)})",
                                hint="re-run tbopt quantize on this machine")
     torch.backends.quantized.engine = engine
+    # PyTorch warns once per process that quantized tensors are deprecated. Loading and running
+    # TorchScript prints it from C++ straight to stderr; raised here from Python it becomes a
+    # Python warning, which is ignored, and the once is used up.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.quint8)
 
 
 def load_model(

@@ -107,6 +107,18 @@ class QuantizeConfig:
     def effective_threads(self) -> int:
         return self.threads or torch.get_num_threads()
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "QuantizeConfig":
+        """The inverse of :meth:`to_dict` (``version`` is checked; ``threads`` as recorded)."""
+        d = dict(d)
+        version = d.pop("version", QUANTIZE_VERSION)
+        if version != QUANTIZE_VERSION:
+            raise ConfigError(f"quantize configuration version {version} is not supported (this is {QUANTIZE_VERSION})")
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"unknown quantize configuration keys: {sorted(unknown)}")
+        return cls(**d)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["calib"] = str(self.calib) if self.calib else None
@@ -562,6 +574,10 @@ def _plan_backend(q: _Quantizer, backend: str, cfg: QuantizeConfig, forced: set[
     quantize = set(candidates)
     fid = _fidelity(q, q.convert(cal, backend, quantize), sens_x, sens_ref)
     steps = [{"kept_float": sorted(by_graph[g].name for g in set(by_graph) - quantize), "fidelity_db": _r(fid)}]
+    why = {"auto": f"int8 (with every layer in int8 the model reaches {fid:.2f} dB >= {cfg.min_psnr_db:g} dB)",
+           "none": "int8 (--keep-float none)"}.get(cfg.keep_float if isinstance(cfg.keep_float, str) else "", "int8")
+    for g in quantize:
+        decisions[g].reason = why
     if cfg.keep_float == "auto" and fid < cfg.min_psnr_db:
         alone: dict[str, float] = {}
         with progress.task(f"layer sensitivity ({backend})", total=len(candidates)) as advance:
@@ -856,8 +872,9 @@ def quantize_model(source: Path | str, output: Path | str, config: QuantizeConfi
                 "source": {"path": str(source), "sha256": loaded.sha256, "found": loaded.found},
                 "requires": {"torch": torch.__version__.split("+")[0],
                              "load": f"torch.backends.quantized.engine = '{plan.backend}' before torch.jit.load",
-                             "input": f"float32 (N, 3, {prep.size}, {prep.size}) in [-1, 1]; returns the residual r; "
-                                      "the image is clamp(x + r, -1, 1)"},
+                             "input": f"float32 (N, 3, {prep.size}, {prep.size}) in [-1, 1]; " + (
+                                 "returns the residual r; the image is clamp(x + r, -1, 1)"
+                                 if prep.output == "residual" else "returns the made-up image")},
                 "measured_on": {"cpu": platform.processor() or platform.machine(),
                                 "vnni": bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)())},
             }

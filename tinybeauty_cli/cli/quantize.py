@@ -84,9 +84,15 @@ def render_quantize(out: _output.Output, r: QuantizeResult) -> None:
                f"{lat['int8']['runs']} interleaved runs after {lat['int8']['warmup']} warm-up; "
                f"float = {lat['float_engine']}, int8 = {lat['int8_engine']}",
               right=("float", "int8", "int8 / float"))
-    out.table("layers", ["layer", "type", "precision", "alone in int8 (dB)", "why"],
-              [(layer.name, layer.kind, "int8" if layer.quantized else "float", layer.alone_fidelity_db, layer.reason)
-               for layer in r.layers], right=("alone in int8 (dB)",))
+    if any(layer.alone_fidelity_db is not None for layer in r.layers):
+        out.table("layers (sensitivity: fidelity with only that layer in int8)",
+                  ["layer", "type", "precision", "alone in int8 (dB)", "why"],
+                  [(layer.name, layer.kind, "int8" if layer.quantized else "float", layer.alone_fidelity_db,
+                    layer.reason) for layer in r.layers], right=("alone in int8 (dB)",))
+    else:
+        out.table("layers", ["layer", "type", "precision", "why"],
+                  [(layer.name, layer.kind, "int8" if layer.quantized else "float", layer.reason)
+                   for layer in r.layers])
     if len(r.backends) > 1:
         out.table(f"backends (fastest of {SELECTION_RUNS} interleaved runs, {r.ranking['threads']} thread(s); "
                   f"float model {r.ranking['float_ms']} ms)",
