@@ -328,3 +328,21 @@ def test_a_network_without_quantizable_layers(tmp_path):
     torch.save({"scale": torch.zeros(1)}, tmp_path / "noconv.pt")
     with pytest.raises(UnsupportedError, match="no convolution or linear layer"):
         quantize_model(tmp_path / "noconv.pt", tmp_path / "q.pt", fast_config(), arch="tests.archs:NoConv")
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_the_released_checkpoint_end_to_end(realdata, tmp_path):
+    """Defaults on the authors' checkpoint: meets the fidelity target, and makes up the real photo."""
+    from PIL import Image as PILImage
+
+    from tinybeauty_cli.apply import makeup_full_resolution
+
+    from .conftest import REAL_CKPT, REAL_FACE
+    r = quantize_model(REAL_CKPT, tmp_path / "released_int8.pt", QuantizeConfig())
+    assert r.quality["fidelity_psnr_db"] >= 45 and r.size["ratio"] < 0.2  # the release also stores optimizer state
+    int8, ref = open_runner(tmp_path / "released_int8.pt"), open_runner(REAL_CKPT)
+    photo = np.asarray(PILImage.open(REAL_FACE).convert("RGB"))
+    a = makeup_full_resolution(int8, photo).astype(np.float64)
+    b = makeup_full_resolution(ref, photo).astype(np.float64)
+    assert 10 * np.log10(255**2 / np.mean((a - b) ** 2)) > 40
