@@ -31,10 +31,10 @@ def fast_config(**kw) -> QuantizeConfig:
     return QuantizeConfig(**base)
 
 
-def save_small(path, model=None, history=("test-fixture",)):
+def save_small(path, model=None, history=("test-fixture",), size=SIZE):
     model = model or small_tinybeauty()
     art = Artifact.for_tinybeauty(model.config, model.state_dict(), history=[HistoryStep.now(h) for h in history],
-                                  preprocessing=Preprocessing(size=SIZE))
+                                  preprocessing=Preprocessing(size=size))
     save_artifact(art, path)
     return path
 
@@ -271,7 +271,8 @@ def test_channel_pruned_and_unstructured_pruned_tinybeauty(tmp_path):
     pruned = TinyBeauty(cfg).eval()
     with torch.no_grad():
         pruned.out.conv.weight.mul_(0.1)
-    r = quantize_model(save_small(tmp_path / "p.pt", pruned), tmp_path / "pq.pt", fast_config(keep_float="none"))
+    r = quantize_model(save_small(tmp_path / "p.pt", pruned, size=32), tmp_path / "pq.pt",
+                       fast_config(keep_float="none"))
     assert r.quality["fidelity_psnr_db"] > 35
     assert "channel-pruned" in load_model(tmp_path / "pq.pt").metadata["architecture"]
 
@@ -280,7 +281,8 @@ def test_channel_pruned_and_unstructured_pruned_tinybeauty(tmp_path):
         for p in sparse.parameters():
             if p.dim() == 4:
                 p.mul_((p.abs() > p.abs().flatten().median()).float())
-    r = quantize_model(save_small(tmp_path / "u.pt", sparse), tmp_path / "uq.pt", fast_config(keep_float="none"))
+    r = quantize_model(save_small(tmp_path / "u.pt", sparse, size=32), tmp_path / "uq.pt",
+                       fast_config(keep_float="none"))
     meta = load_model(tmp_path / "uq.pt").metadata
     assert meta["nonzero_parameters"] < 0.6 * meta["parameters"]
     assert r.quality["fidelity_psnr_db"] > 35
