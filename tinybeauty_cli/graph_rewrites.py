@@ -17,11 +17,14 @@ exact up to float rounding, and :func:`optimize_graph` checks that on real input
   channels, followed by interleaving the phases. 4/9 of the multiply-adds, and the
   4x larger upsampled tensor is never built. Reflection padding of the upsampled
   tensor equals replication padding of the low-resolution one.
+* with calibration images: each conv's output channels scaled and shifted to a common
+  range where that is free (:func:`equalize_channel_ranges`), so that the int8 conv's
+  per-tensor output requantization serves every channel alike.
 
 The rewritten network is an ``fx.GraphModule`` whose quantizable layers are ordinary
-``nn.Conv2d`` modules, so FX quantization sees them as usual.
+``nn.Conv2d`` modules, so FX quantization sees them as usual. (No ``from __future__ import
+annotations`` here: TorchScript reads the modules' class-level annotations.)
 """
-
 
 import copy
 import math
@@ -41,7 +44,7 @@ EXACT_PSNR_DB = 100.0
 class ChannelInstanceNorm(nn.Module):
     """``InstanceNorm2d`` (no running statistics) computed as ``group_norm`` with C groups."""
 
-    weight: Optional[torch.Tensor]  # real annotations (no __future__ import): TorchScript reads them
+    weight: Optional[torch.Tensor]
     bias: Optional[torch.Tensor]
 
     def __init__(self, eps: float, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None):
