@@ -10,7 +10,7 @@
    and plain FX int8 (default x86 qconfig mapping, traced and frozen: DESIGN.md §2's baseline).
 3. Fidelity against the float model and PSNR against the targets of the built-in test set (100
    images) before and after, size on disk and zipped.
-4. Where the int8 model's time goes: a torch.profiler table of its operators.
+4. Where the time goes: torch.profiler tables of the int8 model's operators and of plain FX int8's.
 
 Targets: int8 latency <= 0.5x the float model's eager latency; fidelity >= 45 dB; PSNR drop
 <= 0.25 dB; size on disk <= 35% of the float checkpoint. The machine is shared: the load average is
@@ -147,16 +147,17 @@ def main() -> None:
         # 4. profile ------------------------------------------------------------------------------
         if not args.no_profile:
             from torch.profiler import ProfilerActivity, profile
-            with torch.inference_mode(), quantized_engine(engine), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.set_num_threads(args.threads)
-                for _ in range(3):
-                    int8.module(x)
-                with profile(activities=[ProfilerActivity.CPU]) as prof:
-                    for _ in range(10):
-                        int8.module(x)
-            print(f"\n4. int8 model profile ({args.threads} thread(s), 10 runs; times are totals over the 10):")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+            for title, module, eng in (("int8 tbopt", int8.module, engine), ("plain FX int8 x86", baseline, "x86")):
+                with torch.inference_mode(), quantized_engine(eng), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    torch.set_num_threads(args.threads)
+                    for _ in range(3):
+                        module(x)
+                    with profile(activities=[ProfilerActivity.CPU]) as prof:
+                        for _ in range(10):
+                            module(x)
+                print(f"\n4. {title} profile ({args.threads} thread(s), 10 runs; times are totals over the 10):")
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
     ratio = lat["int8 tbopt"].p50_ms / ref
     print("targets:")
