@@ -348,3 +348,14 @@ def test_the_released_checkpoint_end_to_end(realdata, tmp_path):
     a = makeup_full_resolution(int8, photo).astype(np.float64)
     b = makeup_full_resolution(ref, photo).astype(np.float64)
     assert 10 * np.log10(255**2 / np.mean((a - b) ** 2)) > 40
+
+
+def test_float_torchscript_and_all_float_requests_are_refused(tmp_path):
+    model = small_tinybeauty()
+    torch.jit.save(torch.jit.trace(model, torch.rand(1, 3, 32, 32)), str(tmp_path / "ts.pt"))
+    with pytest.raises(UnsupportedError, match="TorchScript archive; tbopt quantize needs the float weights"):
+        quantize_model(tmp_path / "ts.pt", tmp_path / "q.pt", fast_config())
+    src = save_small(tmp_path / "s.pt", size=32)
+    with pytest.raises(ConfigError, match="keeps every layer in float"):
+        quantize_model(src, tmp_path / "q.pt", fast_config(keep_float="content_encoder,res,upconv1,upconv2,out"))
+    assert not (tmp_path / "q.pt").exists()
