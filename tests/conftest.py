@@ -9,7 +9,8 @@ import torch
 from tinybeauty_cli.checkpoint import Artifact, HistoryStep, save_artifact
 from tinybeauty_cli.model import TinyBeauty, TinyBeautyConfig
 
-REALDATA = Path(__file__).resolve().parent.parent.parent / "shared" / "realdata"
+# A git worktree sits one level deeper than the main checkout: TBOPT_REALDATA points there.
+REALDATA = Path(os.environ.get("TBOPT_REALDATA") or Path(__file__).resolve().parent.parent.parent / "shared" / "realdata")
 REAL_CKPT = REALDATA / "tinybeauty_style1.pt"
 REAL_FACE = REALDATA / "face_01.png"
 
@@ -53,3 +54,52 @@ def small_state_dict_file(tmp_path) -> Path:
     path = tmp_path / "small_sd.pt"
     torch.save(model.state_dict(), path)
     return path
+
+
+# ---------------------------------------------------------------- Core ML test models (built on first use)
+
+COREML_SIZE = 32  # small and fast; the full-size figures are in benchmarks/coreml_runtime_figures.py
+REAL_COREML_SIZE = 64  # the released network is resolution-agnostic
+
+
+@pytest.fixture(scope="session")
+def inputs():
+    """Three synthetic faces at COREML_SIZE, model space (on the 8-bit grid, as photos are)."""
+    from tinybeauty_cli.images import builtin_test_set, uint8_to_model
+
+    return uint8_to_model(builtin_test_set(COREML_SIZE, limit=3).inputs)
+
+
+@pytest.fixture(scope="session")
+def tb_zoo(tmp_path_factory):
+    """Core ML files of a small TinyBeauty, made with coremltools directly (see tests/coreml_models.py)."""
+    from .coreml_models import CoreMLZoo
+
+    return CoreMLZoo(tmp_path_factory.mktemp("coreml_tinybeauty"), small_tinybeauty(seed=3, dim=8, n_res=1),
+                     COREML_SIZE)
+
+
+@pytest.fixture(scope="session")
+def real_zoo(tmp_path_factory):
+    """Core ML files of the authors' released checkpoint, at REAL_COREML_SIZE."""
+    if not REAL_CKPT.is_file():
+        pytest.skip("../shared/realdata is absent")
+    from tinybeauty_cli.checkpoint import load_model
+
+    from .coreml_models import CoreMLZoo
+
+    return CoreMLZoo(tmp_path_factory.mktemp("coreml_real"), load_model(REAL_CKPT).module.eval(), REAL_COREML_SIZE)
+
+
+@pytest.fixture(scope="session")
+def real_inputs():
+    """The real face and one synthetic face at REAL_COREML_SIZE, model space."""
+    if not REAL_FACE.is_file():
+        pytest.skip("../shared/realdata is absent")
+    import numpy as np
+    from PIL import Image
+
+    from tinybeauty_cli.images import builtin_test_set, to_model_size, uint8_to_model
+
+    face = to_model_size(Image.open(REAL_FACE).convert("RGB"), REAL_COREML_SIZE)[None]
+    return uint8_to_model(np.concatenate([face, builtin_test_set(REAL_COREML_SIZE, limit=1).inputs]))

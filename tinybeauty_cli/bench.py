@@ -138,7 +138,7 @@ def bench(paths: list[Path], cfg: BenchConfig, *, ref: Path | None = None, time_
         ref_runner = None
         if ref is not None and all(Path(ref).resolve() != Path(p).resolve() for p in paths):
             ref_runner = open_runner(ref, **open_options)
-        notes: list[str] = []
+        notes: list[str] = [n for r in runners for n in getattr(r, "notes", ())]
         evaluations: dict[int, Evaluation] = {}
         for i, (path, runner) in enumerate(zip(paths, runners)):
             evaluations[i] = evaluate(runner, images.get(runner.size), progress=progress,

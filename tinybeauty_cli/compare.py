@@ -156,7 +156,7 @@ def compare(path_a: Path, path_b: Path, cfg: CompareConfig, *, out_dir: Path | N
     ia, ib = describe(path_a, runner=ra), describe(path_b, runner=rb)
     sides = [Side(str(p), r.kind, r.engine, i["size_bytes"], i["zipped_bytes"], e.target_psnr_db, l)
              for p, r, i, e, l in ((path_a, ra, ia, ea, la), (path_b, rb, ib, eb, lb))]
-    notes = []
+    notes = [n for r in (ra, rb) for n in getattr(r, "notes", ())]
     if any("not device" in r.engine for r in (ra, rb)):
         notes.append("a Core ML time here comes from tbopt's reference executor on this CPU, not from a device")
     if figure_path is not None:

@@ -8,6 +8,7 @@ only see this interface, so Core ML files and int8 TorchScript work like checkpo
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -75,6 +76,9 @@ class TorchRunner(Runner):
 
 #: Openers for other artifact kinds, by file suffix (registered by their modules).
 _SUFFIX_OPENERS: dict[str, Callable[..., Runner]] = {}
+#: Modules that register openers, imported on first use (they pull in heavy libraries).
+_LAZY_OPENERS: dict[str, str] = {".mlpackage": "tinybeauty_cli.coreml_runtime",
+                                 ".mlmodel": "tinybeauty_cli.coreml_runtime"}
 
 
 def register_opener(suffix: str, opener: Callable[..., Runner]) -> None:
@@ -97,10 +101,15 @@ def open_runner(path: Path | str, **options: Any) -> Runner:
     """Open any artifact tbopt knows as a :class:`Runner`.
 
     ``options`` are passed to the opener: ``arch``, ``arch_kwargs``, ``trust_pickle``
-    for checkpoints; Core ML openers take their own (e.g. ``compute_units``).
+    for checkpoints; Core ML openers take their own (``compute_units``, ``fp16_emulation``).
+    Each opener ignores the others' options, so one set of options serves a mix of files
+    (``tbopt bench a.pt b.mlpackage --compute-units cpu``).
     """
     path = Path(path)
-    opener = _SUFFIX_OPENERS.get(path.suffix.lower())
+    suffix = path.suffix.lower()
+    if suffix not in _SUFFIX_OPENERS and suffix in _LAZY_OPENERS:
+        importlib.import_module(_LAZY_OPENERS[suffix])
+    opener = _SUFFIX_OPENERS.get(suffix)
     if opener is not None:
         return opener(path, **options)
     ckpt_opts = {k: options[k] for k in ("arch", "arch_kwargs", "trust_pickle") if k in options}

@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..coreml_runtime import ComputeUnits
+
 ArtifactArg = Annotated[
     Optional[Path],
     typer.Argument(help="Model file: a checkpoint (.pt), a tbopt artifact, int8 TorchScript, .mlmodel or "
@@ -47,3 +49,23 @@ ThreadsOpt = Annotated[
 
 def model_options(arch: str | None, arch_kwargs: str | None, trust_pickle: bool) -> dict:
     return {"arch": arch, "arch_kwargs": arch_kwargs, "trust_pickle": trust_pickle}
+
+
+ComputeUnitsOpt = Annotated[
+    Optional[ComputeUnits],
+    typer.Option("--compute-units", case_sensitive=False,
+                 help="Core ML models on macOS: the processors Core ML may use (default: all). Off macOS, "
+                      "Core ML models run in tbopt's reference executor on the CPU and this has no effect.",
+                 rich_help_panel="Core ML"),
+]
+Fp16EmulationOpt = Annotated[
+    bool,
+    typer.Option("--fp16-emulation", help="Core ML models run by the reference executor (off macOS): round every "
+                                          "fp16 value to fp16 after each op, as fp16 hardware does.",
+                 rich_help_panel="Core ML"),
+]
+
+
+def coreml_options(compute_units: ComputeUnits | None, fp16_emulation: bool) -> dict:
+    return {"compute_units": compute_units.value if compute_units is not None else None,
+            "fp16_emulation": fp16_emulation}

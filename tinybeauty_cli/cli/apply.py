@@ -11,8 +11,10 @@ from ..apply import apply_makeup
 from ..paths import demo_checkpoint
 from ..runners import open_runner
 from . import _output
+from ._notes import warn_runner_notes
 from ._errors import handle_errors
-from ._options import ArchKwargsOpt, ArchOpt, ForceOpt, JsonOpt, QuietOpt, TrustPickleOpt, model_options
+from ._options import (ArchKwargsOpt, ArchOpt, ComputeUnitsOpt, Fp16EmulationOpt, ForceOpt, JsonOpt, QuietOpt,
+                       TrustPickleOpt, coreml_options, model_options)
 
 
 @handle_errors
@@ -29,11 +31,15 @@ def apply(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    compute_units: ComputeUnitsOpt = None,
+    fp16_emulation: Fp16EmulationOpt = False,
 ) -> None:
     """Write made-up versions of photos: the residual is added at full resolution, as the authors' demo does."""
     out = _output.Output(json_mode=json_out, quiet=quiet)
     path = demo_checkpoint() if str(artifact) == "demo" else artifact
-    runner = open_runner(path, **model_options(arch, arch_kwargs, trust_pickle))
+    runner = open_runner(path, **model_options(arch, arch_kwargs, trust_pickle),
+                         **coreml_options(compute_units, fp16_emulation))
+    warn_runner_notes(out, [runner], compute_units is not None, fp16_emulation)
     results = apply_makeup(runner, list(images), out_dir, model_size=model_size, force=force, progress=out)
     if json_out:
         out.json({"model": str(path), "engine": runner.engine, "images": results})

@@ -12,8 +12,8 @@ from ..files import atomic_output, check_output
 from ..paths import demo_checkpoint
 from . import _output
 from ._errors import handle_errors
-from ._options import (ArchKwargsOpt, ArchOpt, DataOpt, ForceOpt, JsonOpt, LimitOpt, QuietOpt, ThreadsOpt,
-                       TrustPickleOpt, model_options)
+from ._options import (ArchKwargsOpt, ArchOpt, ComputeUnitsOpt, DataOpt, Fp16EmulationOpt, ForceOpt, JsonOpt,
+                       LimitOpt, QuietOpt, ThreadsOpt, TrustPickleOpt, coreml_options, model_options)
 
 
 @handle_errors
@@ -41,6 +41,8 @@ def bench(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    compute_units: ComputeUnitsOpt = None,
+    fp16_emulation: Fp16EmulationOpt = False,
 ) -> None:
     """Size (KB, on disk and zipped), PSNR, fidelity, SSIM and latency of each artifact on the same images."""
     out = _output.Output(json_mode=json_out, quiet=quiet)
@@ -50,7 +52,8 @@ def bench(
     cfg = BenchConfig(data=data, limit=limit, runs=runs, warmup=warmup, threads=threads)
     paths = list(artifacts) if artifacts else [demo_checkpoint()]
     result = run_bench(paths, cfg, ref=ref, time_models=not no_timing, progress=out,
-                       **model_options(arch, arch_kwargs, trust_pickle))
+                       **model_options(arch, arch_kwargs, trust_pickle),
+                         **coreml_options(compute_units, fp16_emulation))
     if csv_file is not None:
         with atomic_output(csv_file, force=force) as tmp:
             tmp.write_text(to_csv(result))

@@ -10,8 +10,8 @@ import typer
 from ..compare import CompareConfig, compare as run_compare
 from . import _output
 from ._errors import handle_errors
-from ._options import (ArchKwargsOpt, ArchOpt, DataOpt, ForceOpt, JsonOpt, LimitOpt, QuietOpt, ThreadsOpt,
-                       TrustPickleOpt, model_options)
+from ._options import (ArchKwargsOpt, ArchOpt, ComputeUnitsOpt, DataOpt, Fp16EmulationOpt, ForceOpt, JsonOpt,
+                       LimitOpt, QuietOpt, ThreadsOpt, TrustPickleOpt, coreml_options, model_options)
 
 
 @handle_errors
@@ -32,12 +32,15 @@ def compare(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    compute_units: ComputeUnitsOpt = None,
+    fp16_emulation: Fp16EmulationOpt = False,
 ) -> None:
     """Both artifacts on the same images: output PSNR between them, each vs targets, size and speed ratios, weights."""
     out = _output.Output(json_mode=json_out, quiet=quiet)
     cfg = CompareConfig(data=data, limit=limit, runs=runs, warmup=warmup, threads=threads, worst=worst)
     result = run_compare(a, b, cfg, out_dir=out_dir, force=force, time_models=not no_timing, progress=out,
-                         **model_options(arch, arch_kwargs, trust_pickle))
+                         **model_options(arch, arch_kwargs, trust_pickle),
+                         **coreml_options(compute_units, fp16_emulation))
     if json_out:
         out.json(result)
         return
