@@ -120,10 +120,11 @@ def main() -> None:
             lat1 = measure_latencies({k: (lambda m=m: m(x)) for k, m in list(models.items())[:2]},
                                      runs=max(10, args.runs // 2), warmup=3, threads=1)
         ref = lat["float eager (reference)"].p50_ms
+        ref_min = lat["float eager (reference)"].min_ms
         print(f"\n2. latency, batch 1, 256x256, {args.threads} thread(s), median of {args.runs} interleaved runs:")
         for k, v in lat.items():
             print(f"   {k:26s} p50 {v.p50_ms:7.2f} ms  p90 {v.p90_ms:7.2f} ms  min {v.min_ms:7.2f} ms  "
-                  f"ratio {v.p50_ms / ref:.3f}")
+                  f"ratio {v.p50_ms / ref:.3f} (of minima {v.min_ms / ref_min:.3f})")
         print(f"   (1 thread: float eager {lat1['float eager (reference)'].p50_ms:.2f} ms, int8 "
               f"{lat1['int8 tbopt'].p50_ms:.2f} ms, ratio "
               f"{lat1['int8 tbopt'].p50_ms / lat1['float eager (reference)'].p50_ms:.3f})")
