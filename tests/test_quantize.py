@@ -359,3 +359,14 @@ def test_float_torchscript_and_all_float_requests_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="keeps every layer in float"):
         quantize_model(src, tmp_path / "q.pt", fast_config(keep_float="content_encoder,res,upconv1,upconv2,out"))
     assert not (tmp_path / "q.pt").exists()
+
+
+def test_measure_latencies_interleaves_and_restores_threads():
+    from tinybeauty_cli.metrics import measure_latencies
+    calls = []
+    before = torch.get_num_threads()
+    lat = measure_latencies({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, runs=3, warmup=1,
+                            threads=1)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up of each, then alternating timed runs
+    assert set(lat) == {"a", "b"} and lat["a"].runs == 3 and lat["a"].threads == 1 and lat["a"].min_ms <= lat["a"].p50_ms
+    assert torch.get_num_threads() == before

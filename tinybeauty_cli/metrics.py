@@ -137,8 +137,8 @@ def measure_latency(fn: Callable[[], object], runs: int = 30, warmup: int = 5,
     return Latency(statistics.median(times), p90, statistics.fmean(times), times[0], runs, warmup, used)
 
 
-def measure_latencies(fns: "dict[str, Callable[[], object]]", runs: int = 30, warmup: int = 5,
-                      threads: int | None = None) -> "dict[str, Latency]":
+def measure_latencies(fns: dict[str, Callable[[], object]], runs: int = 30, warmup: int = 5,
+                      threads: int | None = None) -> dict[str, Latency]:
     """:func:`measure_latency` for several functions with their runs interleaved (A, B, A, B, ...).
 
     On a shared machine the load changes from second to second; interleaving makes every
