@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import ArchitectureMismatchError, ConfigError, InputError, UnsafeCheckpointError
+from .errors import ArchitectureMismatchError, ConfigError, InputError, UnsafeCheckpointError, UnsupportedError
 from .files import atomic_output, require_file, sha256_file
 from .model import TinyBeauty, TinyBeautyConfig, config_from_state_dict, looks_like_tinybeauty
 
@@ -457,6 +457,35 @@ def _parse_arch(arch: str | None, arch_kwargs: str | Mapping[str, Any] | None) -
     return ArchSpec.custom(arch, kwargs)
 
 
+def _select_quantized_engine(path: Path) -> None:
+    """Set the quantized engine an int8 archive was made for, before loading it.
+
+    ``torch.jit.load`` re-packs int8 weights for whatever ``torch.backends.quantized.engine``
+    is current, and the kernels that run later follow that packing.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            name = next((n for n in zf.namelist() if n.endswith(f"/extra/{TORCHSCRIPT_META}")), None)
+            meta = json.loads(zf.read(name)) if name else {}
+    except (zipfile.BadZipFile, OSError, KeyError, json.JSONDecodeError, UnicodeDecodeError):
+        return  # torch.jit.load below says what is wrong with the file
+    engine = meta.get("quantized_engine") if isinstance(meta, dict) else None
+    if not engine:
+        return
+    supported = torch.backends.quantized.supported_engines
+    if engine not in supported:
+        raise UnsupportedError(f"{path} holds int8 weights packed for the {engine} engine, which this PyTorch "
+                               f"build does not have (it has {', '.join(supported)})",
+                               hint="re-run tbopt quantize on this machine")
+    torch.backends.quantized.engine = engine
+    # PyTorch warns once per process that quantized tensors are deprecated. Loading and running
+    # TorchScript prints it from C++ straight to stderr; raised here from Python it becomes a
+    # Python warning, which is ignored, and the once is used up.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.quint8)
+
+
 def load_model(
     path: Path | str,
     *,
@@ -471,8 +500,11 @@ def load_model(
 
     if is_torchscript_archive(path):
         extra = {TORCHSCRIPT_META: ""}
+        _select_quantized_engine(path)
         try:
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "quantized tensors are deprecated" on int8 archives
+                module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         except Exception as exc:  # noqa: BLE001 - any failure means an unusable archive
             raise InputError(f"{path} is a TorchScript archive that cannot be loaded: "
                              f"{_first_line_of_reason(str(exc))}") from None

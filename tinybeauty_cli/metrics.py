@@ -135,3 +135,36 @@ def measure_latency(fn: Callable[[], object], runs: int = 30, warmup: int = 5,
     times.sort()
     p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
     return Latency(statistics.median(times), p90, statistics.fmean(times), times[0], runs, warmup, used)
+
+
+def measure_latencies(fns: dict[str, Callable[[], object]], runs: int = 30, warmup: int = 5,
+                      threads: int | None = None) -> dict[str, Latency]:
+    """:func:`measure_latency` for several functions with their runs interleaved (A, B, A, B, ...).
+
+    On a shared machine the load changes from second to second; interleaving makes every
+    function see the same conditions, so their ratio is fair even when absolute times drift.
+    """
+    if runs < 1 or warmup < 0:
+        raise ValueError("runs must be >= 1 and warmup >= 0")
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(runs):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1000.0)
+        used = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+    result = {}
+    for name, ts in times.items():
+        ts.sort()
+        p90 = ts[min(len(ts) - 1, int(round(0.9 * (len(ts) - 1))))]
+        result[name] = Latency(statistics.median(ts), p90, statistics.fmean(ts), ts[0], runs, warmup, used)
+    return result

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
-from . import apply, bench, compare, info, prune
+from . import apply, bench, compare, info, prune, quantize
 
 app = typer.Typer(
     name="tbopt",
@@ -38,6 +38,7 @@ app.command("apply")(apply.apply)
 app.command("bench")(bench.bench)
 app.command("compare")(compare.compare)
 app.command("prune")(prune.prune)
+app.command("quantize")(quantize.quantize)
 
 
 def main() -> None:

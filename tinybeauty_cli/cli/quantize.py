@@ -1,0 +1,107 @@
+"""tbopt quantize: int8 static quantization into a self-contained TorchScript file."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..paths import demo_checkpoint
+from ..quantize import BACKENDS, SELECTION_RUNS, QuantizeConfig, QuantizeResult, quantize_model
+from . import _output
+from ._errors import handle_errors
+from ._options import (ArchKwargsOpt, ArchOpt, ArtifactArg, ForceOpt, JsonOpt, OutputOpt, QuietOpt, ThreadsOpt,
+                       TrustPickleOpt, model_options)
+
+BACKEND_CHOICES = ("auto", *BACKENDS)
+
+
+@handle_errors
+def quantize(
+    artifact: ArtifactArg = None,
+    calib: Annotated[Optional[Path], typer.Option(
+        "--calib", help="Folder of calibration photos (never the test set). Default: synthetic portraits.",
+        rich_help_panel="Calibration")] = None,
+    calib_count: Annotated[int, typer.Option(
+        "--calib-count", help="Calibration images to use.", rich_help_panel="Calibration")] = 32,
+    backend: Annotated[str, typer.Option(
+        "--backend", help=f"Quantized engine: {', '.join(BACKEND_CHOICES)}. auto times every engine this CPU "
+                          "supports and keeps the fastest that meets --min-psnr.")] = "auto",
+    keep_float: Annotated[str, typer.Option(
+        "--keep-float", help="Layers to keep in float: auto (the fewest most sensitive layers needed to reach "
+                             "--min-psnr), none, or comma-separated layer names (a module name keeps every "
+                             "layer under it).")] = "auto",
+    min_psnr: Annotated[float, typer.Option(
+        "--min-psnr", help="Fidelity target (dB) against the float model.")] = 45.0,
+    output: OutputOpt = None,
+    limit: Annotated[Optional[int], typer.Option(
+        "--limit", help="Score on at most N images of the built-in test set (default: all 100).",
+        rich_help_panel="Data")] = None,
+    threads: ThreadsOpt = None,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+) -> None:
+    """int8 static quantization, calibrated on real images, into a TorchScript file that runs without tbopt."""
+    out = _output.Output(json_mode=json_out, quiet=quiet)
+    source = artifact or demo_checkpoint()
+    cfg = QuantizeConfig(backend=backend, calib=calib, calib_count=calib_count, keep_float=keep_float,
+                         min_psnr_db=min_psnr, threads=threads, eval_limit=limit)
+    target = output or Path(f"{Path(source).stem}_int8.pt")
+    command = "tbopt " + " ".join(sys.argv[1:]) if sys.argv[1:] else "tbopt quantize"
+    result = quantize_model(source, target, cfg, force=force, progress=out, command=command,
+                            **model_options(arch, arch_kwargs, trust_pickle))
+    if json_out:
+        out.json(result.to_dict())
+        return
+    render_quantize(out, result)
+
+
+def render_quantize(out: _output.Output, r: QuantizeResult) -> None:
+    d = r.to_dict()
+    size, quality, lat = d["size"], d["quality"], d["latency"]
+    out.fields(f"tbopt quantize: {r.input} -> {r.output}", {
+        "backend": f"{r.backend} ({r.backend_reason})",
+        "layers": f"{len(r.quantized_layers)} int8, {len(r.float_layers)} float"
+                  + (f" ({', '.join(r.float_layers)})" if r.float_layers else ""),
+        "graph rewrites": "; ".join(r.rewrites.applied) or "none",
+        "calibration": f"{d['calibration']['source']}, {d['timings'].get('calibration_s', 0):.1f} s",
+    })
+    out.table("result", ["", "float", "int8", "int8 / float"], [
+        ("size on disk (KB)", _output.kb(size["float_bytes"]), _output.kb(size["int8_bytes"]), f"{size['ratio']:.3f}"),
+        ("size zipped (KB)", _output.kb(size["float_zipped_bytes"]), _output.kb(size["int8_zipped_bytes"]),
+         f"{size['zipped_ratio']:.3f}"),
+        ("PSNR vs targets (dB)", quality["float_target_psnr_db"], quality["int8_target_psnr_db"],
+         f"{-quality['target_psnr_drop_db']:+.3f} dB"),
+        ("fidelity vs float (dB)", "ref", quality["fidelity_psnr_db"], f"worst image {quality['worst_fidelity_db']:.2f}"),
+        (f"latency p50 (ms, {lat['threads']} thr)", lat["float"]["p50_ms"], lat["int8"]["p50_ms"], f"{lat['ratio']:.3f}"),
+    ], caption=f"{quality['images']}; latency: batch 1, {lat['size']}x{lat['size']}, median of "
+               f"{lat['int8']['runs']} interleaved runs after {lat['int8']['warmup']} warm-up; "
+               f"float = {lat['float_engine']}, int8 = {lat['int8_engine']}",
+              right=("float", "int8", "int8 / float"))
+    if any(layer.alone_fidelity_db is not None for layer in r.layers):
+        out.table("layers (sensitivity: fidelity with only that layer in int8)",
+                  ["layer", "type", "precision", "alone in int8 (dB)", "why"],
+                  [(layer.name, layer.kind, "int8" if layer.quantized else "float", layer.alone_fidelity_db,
+                    layer.reason) for layer in r.layers], right=("alone in int8 (dB)",))
+    else:
+        out.table("layers", ["layer", "type", "precision", "why"],
+                  [(layer.name, layer.kind, "int8" if layer.quantized else "float", layer.reason)
+                   for layer in r.layers])
+    if len(r.backends) > 1:
+        out.table(f"backends (fastest of {SELECTION_RUNS} interleaved runs, {r.ranking['threads']} thread(s); "
+                  f"float model {r.ranking['float_ms']} ms)",
+                  ["backend", "status", "all-int8 (ms)", "final (ms)", "fidelity (dB)", "kept float", "note"],
+                  [(b.backend, b.status, b.all_int8_latency_ms, b.latency_ms, b.fidelity_db,
+                    ", ".join(b.kept_float) or "-", b.note) for b in r.backends],
+                  right=("all-int8 (ms)", "final (ms)", "fidelity (dB)"))
+    t = d["timings"]
+    out.line(f"time: {t['total_s']:.1f} s (calibration {t.get('calibration_s', 0):.1f} s, keep-float "
+             f"{t.get('keep_float_s', 0):.1f} s, evaluation {t.get('evaluation_s', 0):.1f} s)")
+    for n in r.notes:
+        out.warn(n)
