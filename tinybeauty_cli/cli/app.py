@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
-from . import apply, info
+from . import apply, export, info
 
 app = typer.Typer(
     name="tbopt",
@@ -35,6 +35,7 @@ def _root(
 
 app.command("info")(info.info)
 app.command("apply")(apply.apply)
+app.command("export")(export.export)
 
 
 def main() -> None:
