@@ -229,27 +229,23 @@ def load_program(path: Path) -> Any:
 
 
 def _storage_of(op: Any) -> str:
-    kinds = []
-    cur = op
-    while cur is not None and cur.op_type.startswith("constexpr_"):
+    """How a decompressed weight is stored, from the chain of constexpr ops that produce it."""
+    kinds: list[str] = []
+    pending = [op]
+    while pending:
+        cur = pending.pop()
         t = cur.op_type
-        if "lut" in t:
-            lut = cur.inputs.get("lut")
-            n = int(np.log2(lut.shape[-1] if t != "constexpr_lut_to_dense" or lut.rank == 1 else lut.shape[-2]))
-            if lut is not None and lut.rank > 1:
-                n = int(np.log2(lut.shape[-2]))
-            kinds.append(f"palettized {n}-bit")
-        elif "sparse_to_dense" in t:
+        lut = cur.inputs.get("lut")
+        if lut is not None:
+            entries = lut.shape[0] if lut.rank == 1 else lut.shape[-2]
+            kinds.append(f"palettized {int(np.log2(entries))}-bit")
+        elif "affine_dequantize" in t or "shift_scale" in t:
+            kinds.append("int8 linear")
+        if "sparse" in t:
             kinds.append("sparse")
-        elif "affine_dequantize" in t or "blockwise_shift_scale" in t:
-            data = cur.inputs.get("quantized_data", cur.inputs.get("data"))
-            kinds.append(f"{'int8' if data is None else str(data.dtype.__name__)} linear")
-        else:
-            kinds.append(t.removeprefix("constexpr_"))
-        parents = [v.op for v in cur.inputs.values() if v is not None and v.op is not None
-                   and v.op.op_type.startswith("constexpr_")]
-        cur = parents[0] if parents else None
-    return "+".join(dict.fromkeys(kinds))
+        pending.extend(v.op for v in cur.inputs.values()
+                       if v is not None and v.op is not None and v.op.op_type.startswith("constexpr_"))
+    return "+".join(sorted(dict.fromkeys(kinds), key=lambda k: k != "sparse"))
 
 
 def program_weights(path: Path) -> list[FileWeight]:

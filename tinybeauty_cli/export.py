@@ -189,32 +189,49 @@ def requirements(fmt: str, weight_mode: str, sparse: bool) -> list[tuple[str, st
 @dataclass
 class ExportPlan:
     target: str
-    sparse: bool  # weights stored sparse
+    sparse: bool  # some weights are stored sparse
     zero_fraction: float  # share of zeros among conv/linear weights
+    sparse_threshold: float  # a tensor is stored sparse from this share of zeros on
     notes: list[str] = field(default_factory=list)
 
 
-def plan_export(config: ExportConfig, zero_fraction: float) -> ExportPlan:
-    """The target to write and whether to store weights sparse; a clear error if the target is too low."""
+def storage_bits(weight_mode: str) -> int:
+    return {"fp32": 32, "fp16": 16, "int8": 8}.get(weight_mode) or int(weight_mode[3:])
+
+
+def sparse_threshold(weight_mode: str) -> float:
+    """Share of zeros from which sparse storage pays: the mask costs 1 bit per weight."""
+    return max(SPARSE_MIN_ZEROS, 1.0 / storage_bits(weight_mode) + 0.02)
+
+
+def plan_export(config: ExportConfig, tensor_zeros: list[tuple[int, int]]) -> ExportPlan:
+    """The target to write and whether to store weights sparse; a clear error if the target is too low.
+
+    ``tensor_zeros`` is (zeros, size) of every conv/linear weight tensor.
+    """
     notes: list[str] = []
-    pruned = zero_fraction >= SPARSE_MIN_ZEROS
+    total = sum(n for _, n in tensor_zeros)
+    zeros = sum(z for z, _ in tensor_zeros) / total if total else 0.0
+    threshold = sparse_threshold(config.weight_mode)
     sparse = False
-    if config.sparse == "auto" and pruned:
-        if config.format == "mlprogram":
-            sparse = True
+    if config.sparse == "auto" and zeros >= SPARSE_MIN_ZEROS:
+        pays = any(n and z / n >= threshold for z, n in tensor_zeros)
+        if config.format == "neuralnetwork":
+            notes.append(f"{zeros:.0%} of the weights are zero, but the NeuralNetwork format cannot store them "
+                         f"sparse (an .mlpackage for iOS16+ can); stored dense")
+        elif not pays:
+            notes.append(f"{zeros:.0%} of the weights are zero, but no tensor has the {threshold:.0%} zeros from "
+                         f"which sparse storage beats {config.weight_mode}; stored dense")
         else:
-            notes.append(f"{zero_fraction:.0%} of the weights are zero, but the NeuralNetwork format cannot "
-                         f"store them sparse (an .mlpackage for iOS16+ can); stored dense")
+            sparse = True
     needs = requirements(config.format, config.weight_mode, sparse)
     target, why = max(needs, key=lambda n: _target_index(n[0]))
     if config.target is not None:
         if _target_index(config.target) < _target_index(target):
-            hint = None
-            if sparse:
-                hint = "pass --sparse off to store the pruned weights dense"
+            hint = "pass --sparse off to store the pruned weights dense" if sparse else None
             raise UsageError(f"--target {config.target} is too low: {why} requires {target} or later", hint=hint)
         target = config.target
-    return ExportPlan(target, sparse, zero_fraction, notes)
+    return ExportPlan(target, sparse, zeros, threshold, notes)
 
 
 # --- the PyTorch module that is traced ----------------------------------------------------------------
@@ -251,18 +268,19 @@ class CoreMLLayerNorm(nn.Module):
 
 
 def _norm_shapes(model: nn.Module, size: int, channels: int) -> dict[str, tuple[int, int, int]]:
+    """Input shape of every TinyBeauty LayerNorm at ``size`` (a shape-only pass on the meta device)."""
+    if not any(isinstance(m, LayerNorm) for m in model.modules()):
+        return {}
     shapes: dict[str, tuple[int, int, int]] = {}
-    hooks = []
-    for name, mod in model.named_modules():
+    probe = copy.deepcopy(model).to("meta")
+    for name, mod in probe.named_modules():
         if isinstance(mod, LayerNorm):
-            hooks.append(mod.register_forward_hook(
-                lambda m, inp, out, name=name: shapes.__setitem__(name, tuple(inp[0].shape[1:]))))
+            mod.register_forward_hook(lambda m, inp, out, name=name: shapes.__setitem__(name, tuple(inp[0].shape[1:])))
     try:
         with torch.no_grad():
-            model(torch.zeros(1, channels, size, size))
-    finally:
-        for h in hooks:
-            h.remove()
+            probe(torch.zeros(1, channels, size, size, device="meta"))
+    except Exception as exc:  # noqa: BLE001 - e.g. a size the network cannot take
+        raise ExportError(f"the model cannot run at {size}x{size}: {type(exc).__name__}: {exc}") from exc
     return shapes
 
 
@@ -336,10 +354,9 @@ def _compressible(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def zero_fraction(model: nn.Module) -> float:
-    weights = list(_compressible(model).values())
-    total = sum(w.numel() for w in weights)
-    return 0.0 if total == 0 else sum(int((w == 0).sum()) for w in weights) / total
+def tensor_zeros(model: nn.Module) -> list[tuple[int, int]]:
+    """(zeros, size) of every conv/linear weight."""
+    return [(int((w == 0).sum()), w.numel()) for w in _compressible(model).values()]
 
 
 # --- k-means palettes -----------------------------------------------------------------------------------
@@ -374,10 +391,19 @@ def kmeans_lut(values: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
 # --- conversion ----------------------------------------------------------------------------------------------
 
 
-def _image_types(ct: Any, config: ExportConfig, prep: Preprocessing, size: int, channels: int) -> tuple[list, list]:
+def tensor_dtype(config: ExportConfig, target: str) -> str:
+    """Multiarray I/O type: fp16 where an ML Program computes in fp16 and iOS16+ allows fp16 I/O (no casts)."""
+    fp16_io = config.format == "mlprogram" and config.precision == "fp16" and _target_index(target) >= 3
+    return "float16" if fp16_io else "float32"
+
+
+def _io_types(ct: Any, config: ExportConfig, plan: ExportPlan, prep: Preprocessing, size: int,
+              channels: int) -> tuple[list, list]:
     shape = (1, channels, size, size)
     if config.io == "tensor":
-        return [ct.TensorType(name=TENSOR_IN, shape=shape)], [ct.TensorType(name=TENSOR_OUT)]
+        dtype = np.float16 if tensor_dtype(config, plan.target) == "float16" else np.float32
+        return ([ct.TensorType(name=TENSOR_IN, shape=shape, dtype=dtype)],
+                [ct.TensorType(name=TENSOR_OUT, dtype=dtype)])
     if channels != 3:
         raise UnsupportedError(f"--io image needs a 3-channel (RGB) network; this one takes {channels} channels",
                                hint="use --io tensor")
@@ -391,7 +417,7 @@ def _image_types(ct: Any, config: ExportConfig, prep: Preprocessing, size: int, 
 def _convert(traced: torch.jit.ScriptModule, config: ExportConfig, plan: ExportPlan, prep: Preprocessing,
              size: int, channels: int) -> Any:
     ct = coremltools()
-    inputs, outputs = _image_types(ct, config, prep, size, channels)
+    inputs, outputs = _io_types(ct, config, plan, prep, size, channels)
     kwargs: dict[str, Any] = dict(inputs=inputs, outputs=outputs,
                                   minimum_deployment_target=getattr(ct.target, plan.target),
                                   skip_model_load=True)
@@ -416,9 +442,7 @@ def _compress_program(mlmodel: Any, config: ExportConfig, plan: ExportPlan) -> A
         if plan.sparse:
             # Exact zeros only (threshold far below fp16 resolution); a tensor is stored sparse
             # only where the mask (1 bit per weight) costs less than the zeros it drops.
-            bits = 16 if mode in ("fp16", "fp32") else (8 if mode == "int8" else config.palette_bits)
-            min_sparsity = max(SPARSE_MIN_ZEROS, 1.0 / (bits or 16) + 0.02)
-            pruner = opt.OpThresholdPrunerConfig(threshold=1e-12, minimum_sparsity_percentile=min_sparsity,
+            pruner = opt.OpThresholdPrunerConfig(threshold=1e-12, minimum_sparsity_percentile=plan.sparse_threshold,
                                                  weight_threshold=0)
             mlmodel = opt.prune_weights(mlmodel, opt.OptimizationConfig(
                 op_type_configs={t: pruner for t in _WEIGHT_OPS}))
@@ -548,6 +572,7 @@ class ExportResult:
     casts: int
     parameters: int
     zero_fraction: float
+    sparse_tensors: int  # weight tensors stored sparse
     validation: dict[str, Any]
     seconds: float
     notes: list[str]
@@ -577,13 +602,14 @@ def _feature(desc: Any) -> dict[str, Any]:
     return {"name": desc.name, "type": kind}
 
 
-def _expected_features(config: ExportConfig, size: int, channels: int) -> tuple[list[dict], list[dict]]:
+def _expected_features(config: ExportConfig, target: str, size: int, channels: int) -> tuple[list[dict], list[dict]]:
     if config.io == "image":
         return ([{"name": IMAGE_IN, "type": "image", "color": "RGB", "shape": [size, size]}],
                 [{"name": IMAGE_OUT, "type": "image", "color": "RGB", "shape": [size, size]}])
     shape = [1, channels, size, size]
-    return ([{"name": TENSOR_IN, "type": "multiarray", "dtype": "float32", "shape": shape}],
-            [{"name": TENSOR_OUT, "type": "multiarray", "dtype": "float32", "shape": shape}])
+    dtype = tensor_dtype(config, target)
+    return ([{"name": TENSOR_IN, "type": "multiarray", "dtype": dtype, "shape": shape}],
+            [{"name": TENSOR_OUT, "type": "multiarray", "dtype": dtype, "shape": shape}])
 
 
 def read_weights(path: Path) -> list[FileWeight]:
@@ -627,6 +653,10 @@ def match_weights(module: nn.Module, weights: list[FileWeight]) -> WeightMatch:
         scored = sorted(((float(np.linalg.norm(w.value.reshape(target.shape) - target)) / scale, i, w)
                          for i, w in enumerate(by_size.get(target.size, []))), key=lambda s: s[:2])
         if not scored or scored[0][0] > 0.75:
+            if np.all(target == 0) or np.all(target == 1):
+                # adding zeros / multiplying by ones is dropped by the converter: exact as it is
+                values[name], errors[name], storage[name] = p.float().clone(), 0.0, "folded away (no-op)"
+                continue
             missing.append(name)
             continue
         best_err, _, best = scored[0]
@@ -708,7 +738,7 @@ def _fidelity(reference: nn.Module, candidate: nn.Module, size: int, prep: Prepr
             "worst_fidelity_db": round(float(np.min(capped)), 2)}
 
 
-def _validate(path: Path, config: ExportConfig, size: int, channels: int, module: nn.Module,
+def _validate(path: Path, config: ExportConfig, target: str, size: int, channels: int, module: nn.Module,
               reference: nn.Module, prep: Preprocessing) -> tuple[dict[str, Any], list[dict], list[dict], WeightMatch]:
     ct = coremltools()
     try:
@@ -718,7 +748,7 @@ def _validate(path: Path, config: ExportConfig, size: int, channels: int, module
         raise ExportError(f"the written file does not load as a Core ML model: {exc}") from exc
     inputs = [_feature(f) for f in spec.description.input]
     outputs = [_feature(f) for f in spec.description.output]
-    want_in, want_out = _expected_features(config, size, channels)
+    want_in, want_out = _expected_features(config, target, size, channels)
     if inputs != want_in or outputs != want_out:
         raise ExportError(f"the written model's interface is {inputs} -> {outputs}, expected {want_in} -> {want_out}")
     if config.format == "mlprogram":
@@ -735,6 +765,7 @@ def _validate(path: Path, config: ExportConfig, size: int, channels: int, module
         "spec_loads": True,
         "interface": "as promised",
         "weights_decompressed": len(match.values),
+        "weight_storage": dict(Counter(match.storage.values()).most_common()),
         "max_weight_error": round(worst[1], 5),
         "max_weight_error_tensor": worst[0],
         **fid,
@@ -777,8 +808,7 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
     size = config.size or prep.size
     model = loaded.module.eval()
     channels = _input_channels(model)
-    zeros = zero_fraction(model)
-    plan = plan_export(config, zeros)
+    plan = plan_export(config, tensor_zeros(model))
 
     with progress.task("exporting", total=4) as advance:
         module = coreml_ready_module(model, size, config.format, channels)
@@ -810,6 +840,10 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
             compact_program(spec)
         else:
             compact_neural_network(spec)
+            if config.io == "tensor":  # the converter leaves the output shape open; it is fixed
+                out_type = spec.description.output[0].type.multiArrayType
+                del out_type.shape[:]
+                out_type.shape.extend([1, channels, size, size])  # a residual: the input's shape
         step = HistoryStep.now("export", "tbopt export", config.to_dict(),
                                {"target": plan.target, "sparse": plan.sparse})
         _describe(spec, loaded, artifact, config, plan, size, [*artifact.history, step])
@@ -817,7 +851,7 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
             with quiet():
                 weights_dir = mlmodel.weights_dir if config.format == "mlprogram" else None
                 ct.models.MLModel(spec, weights_dir=weights_dir, skip_model_load=True).save(str(tmp))
-            validation, inputs, outputs, _ = _validate(tmp, config, size, channels, module, model, prep)
+            validation, inputs, outputs, _ = _validate(tmp, config, plan.target, size, channels, module, model, prep)
             sizes = _sizes(tmp, config.format)
             ops = _graph_ops(tmp, config.format)
         advance(1)
@@ -826,7 +860,7 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
         path=str(output), format=config.format, target=plan.target, precision=config.precision,
         weights=_compression_label(config, plan.sparse), sparse=plan.sparse, io=config.io, size=size,
         inputs=inputs, outputs=outputs, **sizes, ops=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
-        casts=ops.get("cast", 0), parameters=params, zero_fraction=round(zeros, 4), validation=validation,
+        casts=ops.get("cast", 0), parameters=params, zero_fraction=round(plan.zero_fraction, 4), sparse_tensors=ops.get("constexpr_sparse_to_dense", 0), validation=validation,
         seconds=round(time.perf_counter() - started, 2), notes=plan.notes, config=config.to_dict(),
         source=str(loaded.path), source_sha256=loaded.sha256)
 
