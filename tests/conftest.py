@@ -9,7 +9,8 @@ import torch
 from tinybeauty_cli.checkpoint import Artifact, HistoryStep, save_artifact
 from tinybeauty_cli.model import TinyBeauty, TinyBeautyConfig
 
-REALDATA = Path(__file__).resolve().parent.parent.parent / "shared" / "realdata"
+# A git worktree sits one level deeper than the main checkout: TBOPT_REALDATA points there.
+REALDATA = Path(os.environ.get("TBOPT_REALDATA") or Path(__file__).resolve().parent.parent.parent / "shared" / "realdata")
 REAL_CKPT = REALDATA / "tinybeauty_style1.pt"
 REAL_FACE = REALDATA / "face_01.png"
 
