@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -16,7 +17,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-stdout = Console(soft_wrap=False)
+# Piped output is read by people and tools alike: do not squeeze wide tables into 80 columns.
+stdout = Console(soft_wrap=False, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
 stderr = Console(stderr=True, soft_wrap=True)
 
 

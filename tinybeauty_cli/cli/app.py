@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
-from . import apply, export, info
+from . import apply, bench, compare, export, info
 
 app = typer.Typer(
     name="tbopt",
@@ -35,6 +35,8 @@ def _root(
 
 app.command("info")(info.info)
 app.command("apply")(apply.apply)
+app.command("bench")(bench.bench)
+app.command("compare")(compare.compare)
 app.command("export")(export.export)
 
 

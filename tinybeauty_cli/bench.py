@@ -1,0 +1,244 @@
+"""``tbopt bench``: size, quality and speed of any mix of artifacts, on the same images."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .describe import describe
+from .errors import ConfigError
+from .evaluate import Evaluation, evaluate, fidelity_psnr_db, worst_fidelity_db
+from .images import ImageSet, load_images, model_to_uint8, uint8_to_model
+from .metrics import Latency, measure_latency, ssim
+from .progress import Progress, SilentProgress
+from .runners import Runner, open_runner
+
+BENCH_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    data: Path | None = None
+    limit: int | None = None
+    runs: int = 30
+    warmup: int = 5
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.runs < 1:
+            raise ConfigError(f"--runs must be >= 1, got {self.runs}")
+        if self.warmup < 0:
+            raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be >= 1, got {self.limit}")
+
+    @property
+    def effective_threads(self) -> int:
+        return self.threads or torch.get_num_threads()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["data"] = str(self.data) if self.data else None
+        d["threads"] = self.effective_threads
+        d["version"] = BENCH_VERSION
+        return d
+
+
+@dataclass
+class BenchRow:
+    name: str
+    path: str
+    kind: str
+    engine: str
+    size_bytes: int
+    zipped_bytes: int
+    parameters: int | None
+    nonzero_parameters: int | None
+    macs: int | None
+    images: int
+    target_psnr_db: float | None
+    fidelity_psnr_db: float | None
+    worst_fidelity_db: float | None
+    ssim: float | None
+    latency: Latency | None
+    is_reference: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "latency"}
+        for k in ("target_psnr_db", "fidelity_psnr_db", "worst_fidelity_db", "ssim"):
+            if d[k] is not None:
+                d[k] = round(float(d[k]), 4 if k == "ssim" else 3)
+        lat = self.latency
+        d.update({
+            "size_kb": round(self.size_bytes / 1000, 2),
+            "zipped_kb": round(self.zipped_bytes / 1000, 2),
+            "latency_p50_ms": None if lat is None else round(lat.p50_ms, 3),
+            "latency_p90_ms": None if lat is None else round(lat.p90_ms, 3),
+            "images_per_second": None if lat is None else round(lat.images_per_second, 2),
+            "threads": None if lat is None else lat.threads,
+            "timing_runs": None if lat is None else lat.runs,
+        })
+        return d
+
+
+@dataclass
+class BenchResult:
+    rows: list[BenchRow]
+    data_source: str
+    reference: str
+    config: BenchConfig
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"data": self.data_source, "reference": self.reference, "config": self.config.to_dict(),
+                "rows": [r.to_dict() for r in self.rows], "notes": list(self.notes)}
+
+
+class _ImageCache:
+    """One image set per model size (artifacts exported at another size get their own)."""
+
+    def __init__(self, cfg: BenchConfig):
+        self.cfg = cfg
+        self.sets: dict[int, ImageSet] = {}
+
+    def get(self, size: int) -> ImageSet:
+        if size not in self.sets:
+            self.sets[size] = load_images(self.cfg.data, size, self.cfg.limit)
+        return self.sets[size]
+
+
+def time_runner(runner: Runner, image: np.ndarray, cfg: BenchConfig, progress: Progress,
+                label: str = "timing") -> Latency:
+    """Batch-1 latency of ``runner.predict`` on one image: warm-up, then the median of ``runs``."""
+    x = uint8_to_model(image[None])
+    with progress.task(label, total=cfg.runs) as advance:
+        return measure_latency(lambda: runner.predict(x), runs=cfg.runs, warmup=cfg.warmup,
+                               threads=cfg.effective_threads, on_run=advance)
+
+
+def bench(paths: list[Path], cfg: BenchConfig, *, ref: Path | None = None, time_models: bool = True,
+          progress: Progress | None = None, **open_options: Any) -> BenchResult:
+    """Score and time every artifact in ``paths`` on the same images."""
+    progress = progress or SilentProgress()
+    if not paths:
+        raise ConfigError("no artifacts to benchmark")
+    images = _ImageCache(cfg)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.effective_threads)
+    try:
+        runners = [open_runner(p, **open_options) for p in paths]  # every file opens before any work
+        ref_path = ref or paths[0]
+        ref_runner = None
+        if ref is not None and all(Path(ref).resolve() != Path(p).resolve() for p in paths):
+            ref_runner = open_runner(ref, **open_options)
+        notes: list[str] = []
+        evaluations: dict[int, Evaluation] = {}
+        for i, (path, runner) in enumerate(zip(paths, runners)):
+            evaluations[i] = evaluate(runner, images.get(runner.size), progress=progress,
+                                      description=f"scoring {Path(path).name}")
+        if ref_runner is not None:
+            ref_eval = evaluate(ref_runner, images.get(ref_runner.size), progress=progress,
+                                description=f"scoring {Path(ref).name} (reference)")
+            ref_outputs, ref_size = ref_eval.outputs, ref_runner.size
+        else:
+            idx = next(i for i, p in enumerate(paths) if Path(p).resolve() == Path(ref_path).resolve())
+            ref_outputs, ref_size = evaluations[idx].outputs, runners[idx].size
+        ref_u8 = model_to_uint8(ref_outputs)
+
+        rows = []
+        for i, (path, runner) in enumerate(zip(paths, runners)):
+            ev = evaluations[i]
+            fid = worst = ss = None
+            is_ref = ref_runner is None and Path(path).resolve() == Path(ref_path).resolve()
+            if runner.size == ref_size and not is_ref:
+                fid = fidelity_psnr_db(ev.outputs, ref_outputs)
+                worst = worst_fidelity_db(ev.outputs, ref_outputs)
+                ss = float(np.mean(ssim(model_to_uint8(ev.outputs), ref_u8)))
+            elif runner.size != ref_size:
+                notes.append(f"{Path(path).name} runs at {runner.size}px, the reference at {ref_size}px: no fidelity")
+            latency = None
+            if time_models:
+                latency = time_runner(runner, images.get(runner.size).inputs[0], cfg, progress,
+                                      f"timing {Path(path).name}")
+            info = describe(path, runner=runner)
+            rows.append(BenchRow(
+                name=Path(path).name, path=str(path), kind=runner.kind, engine=runner.engine,
+                size_bytes=info["size_bytes"], zipped_bytes=info["zipped_bytes"],
+                parameters=info.get("parameters"), nonzero_parameters=info.get("nonzero_parameters"),
+                macs=info.get("macs"), images=len(ev.outputs), target_psnr_db=ev.target_psnr_db,
+                fidelity_psnr_db=fid, worst_fidelity_db=worst, ssim=ss, latency=latency,
+                is_reference=is_ref,
+            ))
+        if any("not device" in r.engine for r in rows):
+            notes.append("Core ML times measured with tbopt's reference executor on this CPU are not "
+                         "device latency; Core ML latency needs Apple hardware (run bench on a Mac).")
+        data_source = images.get(runners[0].size).source
+        return BenchResult(rows, data_source, str(ref_path), cfg, notes)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def to_csv(result: BenchResult) -> str:
+    import csv
+    import io
+
+    rows = [r.to_dict() for r in result.rows]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+MARKDOWN_COLUMNS = [
+    ("artifact", "name"), ("engine", "engine"), ("size (KB)", "size_kb"), ("zipped (KB)", "zipped_kb"),
+    ("params", "parameters"), ("non-zero", "nonzero_parameters"), ("GMACs", "macs"),
+    ("PSNR vs targets (dB)", "target_psnr_db"), ("fidelity (dB)", "fidelity_psnr_db"), ("SSIM", "ssim"),
+    ("p50 (ms)", "latency_p50_ms"), ("p90 (ms)", "latency_p90_ms"), ("img/s", "images_per_second"),
+]
+
+
+def format_value(key: str, v: Any) -> str:
+    if v is None:
+        return "-"
+    if key == "macs":
+        return f"{v / 1e9:.3f}"
+    if key in ("parameters", "nonzero_parameters"):
+        return f"{v:,}"
+    if key == "ssim":
+        return f"{v:.4f}"
+    if isinstance(v, float):
+        return "inf" if v == float("inf") else f"{v:.2f}"
+    return str(v)
+
+
+def row_cells(row: BenchRow) -> list[str]:
+    """A row as the table shows it: the reference is marked, its fidelity is 'ref'."""
+    d = row.to_dict()
+    keys = [k for _, k in MARKDOWN_COLUMNS]
+    cells = [format_value(k, d[k]) for k in keys]
+    if row.is_reference:
+        cells[keys.index("name")] += " (ref)"
+        cells[keys.index("fidelity_psnr_db")] = cells[keys.index("ssim")] = "ref"
+    return cells
+
+
+def to_markdown(result: BenchResult) -> str:
+    lines = ["| " + " | ".join(c for c, _ in MARKDOWN_COLUMNS) + " |",
+             "|" + "|".join("---" for _ in MARKDOWN_COLUMNS) + "|"]
+    for r in result.rows:
+        lines.append("| " + " | ".join(row_cells(r)) + " |")
+    threads = result.config.effective_threads
+    lines.append("")
+    lines.append(f"Data: {result.data_source}. Fidelity and SSIM against {Path(result.reference).name}. "
+                 f"Latency: batch 1, {threads} thread(s), median of {result.config.runs} runs after "
+                 f"{result.config.warmup} warm-up runs, on {os.cpu_count()} CPU cores.")
+    lines.extend(result.notes)
+    return "\n".join(lines) + "\n"

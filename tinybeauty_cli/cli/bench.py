@@ -1,0 +1,73 @@
+"""tbopt bench: the table users came for -- size, PSNR and latency per artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from ..bench import MARKDOWN_COLUMNS, BenchConfig, bench as run_bench, row_cells, to_csv, to_markdown
+from ..files import atomic_output, check_output
+from ..paths import demo_checkpoint
+from . import _output
+from ._errors import handle_errors
+from ._options import (ArchKwargsOpt, ArchOpt, DataOpt, ForceOpt, JsonOpt, LimitOpt, QuietOpt, ThreadsOpt,
+                       TrustPickleOpt, model_options)
+
+
+@handle_errors
+def bench(
+    artifacts: Annotated[Optional[List[Path]], typer.Argument(
+        help="Any mix of checkpoints, tbopt artifacts, int8 TorchScript, .mlmodel and .mlpackage files. "
+             "Default: the demo checkpoint.", show_default=False)] = None,
+    data: DataOpt = None,
+    limit: LimitOpt = None,
+    ref: Annotated[Optional[Path], typer.Option("--ref", help="Reference for fidelity PSNR and SSIM "
+                                                "(default: the first artifact).")] = None,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per artifact (batch 1).",
+                                      rich_help_panel="Timing")] = 30,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed warm-up runs before timing.",
+                                        rich_help_panel="Timing")] = 5,
+    threads: ThreadsOpt = None,
+    no_timing: Annotated[bool, typer.Option("--no-timing", help="Skip latency measurement.",
+                                            rich_help_panel="Timing")] = False,
+    json_out: JsonOpt = False,
+    csv_file: Annotated[Optional[Path], typer.Option("--csv", help="Also write the rows as CSV to this file.")] = None,
+    markdown_file: Annotated[Optional[Path], typer.Option("--markdown", help="Also write the table as Markdown "
+                                                         "to this file.")] = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+) -> None:
+    """Size (KB, on disk and zipped), PSNR, fidelity, SSIM and latency of each artifact on the same images."""
+    out = _output.Output(json_mode=json_out, quiet=quiet)
+    for f in (csv_file, markdown_file):
+        if f is not None:
+            check_output(f, force)
+    cfg = BenchConfig(data=data, limit=limit, runs=runs, warmup=warmup, threads=threads)
+    paths = list(artifacts) if artifacts else [demo_checkpoint()]
+    result = run_bench(paths, cfg, ref=ref, time_models=not no_timing, progress=out,
+                       **model_options(arch, arch_kwargs, trust_pickle))
+    if csv_file is not None:
+        with atomic_output(csv_file, force=force) as tmp:
+            tmp.write_text(to_csv(result))
+    if markdown_file is not None:
+        with atomic_output(markdown_file, force=force) as tmp:
+            tmp.write_text(to_markdown(result))
+    if json_out:
+        out.json(result.to_dict())
+        return
+    render_bench(out, result)
+
+
+def render_bench(out: _output.Output, result) -> None:
+    heads = [c for c, _ in MARKDOWN_COLUMNS]
+    cfg = result.config
+    caption = (f"{result.data_source}; fidelity/SSIM vs {Path(result.reference).name}; latency: batch 1, "
+               f"{cfg.effective_threads} thread(s), median of {cfg.runs} runs after {cfg.warmup} warm-up")
+    out.table("tbopt bench", heads, [row_cells(r) for r in result.rows], caption=caption, right=heads[2:])
+    for n in result.notes:
+        out.line(n)
