@@ -148,6 +148,9 @@ def test_neuralnetwork_fp16_export_for_ios13(tmp_path, small_artifact):
     scaler = spec.neuralNetwork.preprocessing[0].scaler
     assert scaler.channelScale == pytest.approx(1 / 127.5) and scaler.redBias == -1  # the network sees [-1, 1]
     assert r.size_bytes == out.stat().st_size == r.graph_bytes + r.weight_bytes
+    layers = spec.neuralNetwork.layers
+    assert max(len(name) for layer in layers for name in [layer.name, *layer.output] if name != "made_up") <= 2
+    assert [layer.WhichOneof("layer") for layer in layers].count("reduceMean") == 0  # lean LayerNorm
     assert 0 < r.zipped_bytes and r.casts == 0
     assert sum(r.validation["weight_storage"].values()) == len(load_model(small_artifact).artifact.state_dict)
     assert r.validation["fidelity_psnr_db"] > 60
