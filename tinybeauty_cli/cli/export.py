@@ -109,6 +109,8 @@ def _feature(f: dict) -> str:
 def render_export(out: _output.Output, r: ExportResult) -> None:
     v = r.validation
     kb = _output.kb
+    for note in r.notes:
+        out.note(f"Note: {note}")
     compute_ops = {k: n for k, n in r.ops.items() if not k.startswith("constexpr_")}
     weight_ops = sum(n for k, n in r.ops.items() if k.startswith("constexpr_"))
     out.fields(f"exported {r.path}", {
@@ -130,5 +132,3 @@ def render_export(out: _output.Output, r: ExportResult) -> None:
                              f"{v['images']} images: PyTorch with the file's decompressed weights vs the float model"),
         "time": f"{r.seconds:.1f} s",
     })
-    for note in r.notes:
-        out.note(f"Note: {note}")
