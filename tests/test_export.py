@@ -300,6 +300,12 @@ def test_int8_torchscript_is_refused_with_what_to_do(tmp_path):
     assert not (tmp_path / "x.mlmodel").exists()
 
 
+def test_a_core_ml_file_is_not_an_input(tmp_path, small_artifact):
+    first = tmp_path / "m.mlpackage"
+    export(small_artifact, first)
+    assert_one_line_error(run("export", first, "-o", tmp_path / "again.mlmodel"), "already a Core ML model")
+
+
 def test_existing_outputs_are_kept_without_force(tmp_path, small_artifact):
     out = tmp_path / "m.mlpackage"
     out.mkdir()

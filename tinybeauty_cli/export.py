@@ -894,8 +894,11 @@ def export_model(path: Path | str, output: Path | str, config: ExportConfig, *, 
                  progress: Progress | None = None, arch: str | None = None,
                  arch_kwargs: str | Mapping[str, Any] | None = None, trust_pickle: bool = False) -> ExportResult:
     """Open a model file and export it (see :func:`export_loaded`); checks the output path first."""
-    output = Path(output)
+    output, path = Path(output), Path(path)
     format_for_path(output)
-    check_output(output, force, inputs=(Path(path),))
+    if path.suffix.lower() in FORMAT_BY_SUFFIX:
+        raise InputError(f"{path} is already a Core ML model; tbopt export converts float PyTorch models",
+                         hint="give the checkpoint or tbopt artifact it was exported from")
+    check_output(output, force, inputs=(path,))
     loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
     return export_loaded(loaded, output, config, force=force, progress=progress)
