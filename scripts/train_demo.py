@@ -4,10 +4,11 @@
 
 Trains a TinyBeauty in the released layout (width 24, 2+2 residual blocks) on
 synthetic (bare, made-up) portrait pairs drawn with seed ``TRAIN_SEED`` -- never the
-built-in test set's seed -- first on random 128x128 crops (cheap), then on whole
-256x256 portraits so that the norms see whole-image statistics. Prints the PSNR on
+built-in test set's seed -- on random 128x128 crops of the 256x256 portraits (about 8x
+cheaper per image than whole portraits, and it generalises to them; an optional
+second phase trains on whole portraits). Prints the PSNR on
 the built-in 100-pair test set and the do-nothing baseline, and records both in the
-artifact's history. About 45 minutes on 2 CPU cores.
+artifact's history. About 12 minutes on 2 idle CPU cores.
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("assets/tinybeauty_demo.pt"))
     ap.add_argument("--work-dir", type=Path, default=Path(".train_demo"))
     ap.add_argument("--pairs", type=int, default=1200)
-    ap.add_argument("--crop-steps", type=int, default=4000)
-    ap.add_argument("--full-steps", type=int, default=600)
+    ap.add_argument("--crop-steps", type=int, default=1500)
+    ap.add_argument("--full-steps", type=int, default=0,
+                    help="optional second phase on whole 256x256 portraits (crop training alone "
+                         "already generalises to whole images)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--package-only", action="store_true",
@@ -80,16 +83,18 @@ def main() -> int:
             def on_step(step: int, loss: float) -> None:
                 if step % 100 == 0:
                     print(f"[{phase}] step {step:5d} loss {loss:.5f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+                if step % 250 == 249:  # a snapshot to inspect while a long run goes on
+                    torch.save(model.state_dict(), args.work_dir / f"snapshot_{phase.split()[0]}.pt")
             return on_step
 
         torch.manual_seed(args.seed)
         model = TinyBeauty(TinyBeautyConfig.uniform(24, 2))
         fit(model, make_batch_fn(bare, made, 16, 128),
             FitConfig(steps=args.crop_steps, lr=2e-3, lr_min=1e-4, seed=args.seed), on_step=log("crops 128"))
-        torch.save(model.state_dict(), args.work_dir / "crops_state_dict.pt")
-        fit(model, make_batch_fn(bare, made, 4, None),
-            FitConfig(steps=args.full_steps, lr=3e-4, lr_min=1e-6, warmup=20, seed=args.seed + 1),
-            on_step=log("full 256"))
+        if args.full_steps > 0:
+            fit(model, make_batch_fn(bare, made, 4, None),
+                FitConfig(steps=args.full_steps, lr=3e-4, lr_min=1e-6, warmup=20, seed=args.seed + 1),
+                on_step=log("full 256"))
         torch.save(model.state_dict(), weights)
     else:
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
