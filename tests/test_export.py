@@ -218,6 +218,8 @@ def test_mlprogram_graph_is_compact(tmp_path, small_artifact):
     values = [op.attributes["val"].SerializeToString(deterministic=True) + op.outputs[0].type.SerializeToString()
               for op in consts]
     assert len(set(values)) == len(values)  # identical constants are shared
+    blobs = [op.type for op in ops for v in op.attributes.values() if v.WhichOneof("value") == "blobFileValue"]
+    assert blobs == ["constexpr_lut_to_dense"] * 10  # only the conv weights' indices: small tensors are inline
     types = [op.type for op in ops]
     assert types.count("layer_norm") == 2 and "reduce_mean" not in types and "sqrt" not in types  # lean LayerNorm
     assert types.count("cast") == 2  # image in (fp32 -> fp16), image out: nothing else
