@@ -216,9 +216,15 @@ def finetune(model: TinyBeauty, steps: int, pairs: int = 600) -> float:
         return make
 
     t = time.perf_counter()
+
+    def log(step: int, loss: float) -> None:
+        if step % 100 == 0:
+            print(f"    fine-tuning step {step}: L1 {loss:.4f} ({time.perf_counter() - t:.0f} s)", file=sys.stderr,
+                  flush=True)
+
     model.train()
-    fit(model, batches(8, 128), FitConfig(steps=crop_steps, lr=5e-4, lr_min=1e-5, warmup=20, seed=1))
-    fit(model, batches(4, None), FitConfig(steps=full_steps, lr=1e-4, lr_min=1e-6, warmup=10, seed=2))
+    fit(model, batches(8, 128), FitConfig(steps=crop_steps, lr=5e-4, lr_min=1e-5, warmup=20, seed=1), on_step=log)
+    fit(model, batches(4, None), FitConfig(steps=full_steps, lr=1e-4, lr_min=1e-6, warmup=10, seed=2), on_step=log)
     model.eval()
     return time.perf_counter() - t
 
