@@ -18,11 +18,12 @@ from tinybeauty_cli.export import (
     ExportConfig,
     decompressed_model,
     export_model,
-    kmeans_lut,
     plan_export,
     read_weights,
 )
 from tinybeauty_cli.model import TinyBeauty, TinyBeautyConfig
+from tinybeauty_cli.palettes import fit_palettes, kmeans_lut
+from tinybeauty_cli.training import FitConfig
 
 from .conftest import REAL_CKPT, small_tinybeauty
 from .test_cli import assert_one_line_error
@@ -132,6 +133,34 @@ def test_kmeans_palette():
     few = np.array([0.5, -0.25, 0.5, 0.0], np.float32)  # no more values than entries: exact
     lut, idx = kmeans_lut(few, 2)
     np.testing.assert_array_equal(lut[idx], few)
+
+
+def test_fit_palettes_leaves_weights_the_export_stores_exactly(tmp_path, small_artifact):
+    loaded = load_model(small_artifact)
+    model = loaded.artifact.build_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gen_x = torch.rand(8, 3, SIZE, SIZE) * 2 - 1
+
+    def batch_fn(step, gen):
+        x = gen_x[torch.randint(0, 8, (2,), generator=gen)]
+        return x, torch.clamp(x + 0.1, -1, 1)
+
+    fit = fit_palettes(model, 3, batch_fn, FitConfig(steps=5, lr=1e-3, warmup=1))
+    assert fit.layers == 10 and len(fit.losses) == 5 and fit.losses[-1] < fit.losses[0]
+    sd = model.state_dict()
+    assert set(sd) == set(before)  # plain weights again, no parametrization left
+    for k, w in sd.items():
+        if w.dim() == 4:
+            assert len(torch.unique(w.half())) <= 8
+    art = Artifact.for_tinybeauty(model.config, sd)
+    save_artifact(art, tmp_path / "fitted.pt")
+    out = tmp_path / "fitted.mlpackage"
+    r = export(tmp_path / "fitted.pt", out, weights="pal3")
+    assert r.validation["weight_storage"]["palettized 3-bit"] == 10
+    exact = decompressed_model(out, load_model(tmp_path / "fitted.pt")).state_dict()
+    for k, w in sd.items():
+        if w.dim() == 4:  # the palette is the fitted values, rounded to fp16: nothing re-clustered
+            assert torch.equal(exact[k], w.half().float())
 
 
 # --- exports ---------------------------------------------------------------------------------------------
