@@ -12,9 +12,15 @@ from ..export import ExportConfig, ExportResult, export_model
 from ..paths import demo_checkpoint
 from . import _output
 from ._errors import handle_errors
-from ._options import ArchKwargsOpt, ArchOpt, ArtifactArg, ForceOpt, JsonOpt, QuietOpt, TrustPickleOpt, model_options
+from ._options import ArchKwargsOpt, ArchOpt, ForceOpt, JsonOpt, QuietOpt, TrustPickleOpt, model_options
 
 PANEL = "Core ML"
+
+SourceArg = Annotated[
+    Optional[Path],
+    typer.Argument(help="Float model to export: a checkpoint (.pt) or a tbopt artifact (e.g. from tbopt prune). "
+                        "Default: the bundled demo checkpoint.", show_default=False),
+]
 
 
 class WeightsChoice(str, Enum):
@@ -48,7 +54,7 @@ class IOChoice(str, Enum):
 
 @handle_errors
 def export(
-    artifact: ArtifactArg = None,
+    artifact: SourceArg = None,
     output: Annotated[Path, typer.Option(
         "--output", "-o", help="Core ML file to write; the extension picks the format: .mlmodel (NeuralNetwork, "
                                "iOS 13+) or .mlpackage (ML Program, iOS 15+).")] = Path("TinyBeauty.mlmodel"),
