@@ -12,8 +12,9 @@ protobuf specification and the weight file of a ``.mlmodel`` (NeuralNetwork) or 
   inside the graph description instead of as blobs: each blob in ``weight.bin`` carries a
   64-byte header and 64-byte alignment plus a file reference in the graph, which costs
   more than a 24-element fp16 vector itself.
-* :func:`file_weights` returns every weight tensor a file holds, decompressed (palettes
-  looked up, int8 scaled, sparse tensors expanded) exactly as Core ML will see them.
+* :func:`program_weights` / :func:`neural_network_weights` return every weight tensor a file
+  holds, decompressed (palettes looked up, int8 scaled, sparse tensors expanded) exactly as
+  Core ML will see them.
 """
 
 from __future__ import annotations
