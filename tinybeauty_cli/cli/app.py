@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
-from . import apply, bench, compare, info, prune, quantize
+from . import apply, bench, compare, export, info, prune, quantize
 
 app = typer.Typer(
     name="tbopt",
@@ -39,6 +39,7 @@ app.command("bench")(bench.bench)
 app.command("compare")(compare.compare)
 app.command("prune")(prune.prune)
 app.command("quantize")(quantize.quantize)
+app.command("export")(export.export)
 
 
 def main() -> None:

@@ -1,0 +1,140 @@
+"""tbopt export: write a Core ML model (.mlmodel or .mlpackage) for iOS."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..export import ExportConfig, ExportResult, export_model
+from ..paths import demo_checkpoint
+from . import _output
+from ._errors import handle_errors
+from ._options import ArchKwargsOpt, ArchOpt, ForceOpt, JsonOpt, QuietOpt, TrustPickleOpt, model_options
+
+PANEL = "Core ML"
+
+SourceArg = Annotated[
+    Optional[Path],
+    typer.Argument(help="Float model to export: a checkpoint (.pt) or a tbopt artifact (e.g. from tbopt prune). "
+                        "Default: the bundled demo checkpoint.", show_default=False),
+]
+
+
+class WeightsChoice(str, Enum):
+    fp16 = "fp16"
+    int8 = "int8"
+    pal8 = "pal8"
+    pal6 = "pal6"
+    pal4 = "pal4"
+    pal3 = "pal3"
+    pal2 = "pal2"
+
+
+class SparseChoice(str, Enum):
+    auto = "auto"
+    off = "off"
+
+
+class TargetChoice(str, Enum):
+    iOS13 = "iOS13"
+    iOS14 = "iOS14"
+    iOS15 = "iOS15"
+    iOS16 = "iOS16"
+    iOS17 = "iOS17"
+    iOS18 = "iOS18"
+
+
+class IOChoice(str, Enum):
+    image = "image"
+    tensor = "tensor"
+
+
+@handle_errors
+def export(
+    artifact: SourceArg = None,
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="Core ML file to write; the extension picks the format: .mlmodel (NeuralNetwork, "
+                               "iOS 13+) or .mlpackage (ML Program, iOS 15+).")] = Path("TinyBeauty.mlmodel"),
+    fp16: Annotated[bool, typer.Option(
+        "--fp16/--fp32", help="Precision: fp16 weights (and fp16 compute in an ML Program), or fp32.",
+        rich_help_panel=PANEL)] = True,
+    weights: Annotated[Optional[WeightsChoice], typer.Option(
+        "--weights", help="Store conv weights as fp16, int8 (linear, per output channel) or palettized to "
+                          "N bits (palN: k-means look-up table per tensor). Default: the --fp16/--fp32 precision.",
+        rich_help_panel=PANEL, show_default=False)] = None,
+    sparse: Annotated[SparseChoice, typer.Option(
+        "--sparse", help="auto: a pruned checkpoint (>= 10% zero weights) is stored sparse in an ML Program "
+                         "(iOS16+; with int8 or palettes iOS18+). off: always dense.",
+        rich_help_panel=PANEL)] = SparseChoice.auto,
+    target: Annotated[Optional[TargetChoice], typer.Option(
+        "--target", case_sensitive=False, help="Minimum iOS version. Default: the lowest the format and the "
+                                               "compression allow.", rich_help_panel=PANEL, show_default=False)] = None,
+    io: Annotated[IOChoice, typer.Option(
+        "--io", help="image: RGB image in, made-up RGB image out. tensor: float array in [-1, 1] in, residual out.",
+        rich_help_panel=PANEL)] = IOChoice.image,
+    size: Annotated[Optional[int], typer.Option(
+        "--size", min=8, help="Input size N (N x N). Default: the model's own (256).", rich_help_panel=PANEL,
+        show_default=False)] = None,
+    author: Annotated[Optional[str], typer.Option("--author", help="Author in the model's metadata.",
+                                                  rich_help_panel="Metadata", show_default=False)] = None,
+    license_: Annotated[Optional[str], typer.Option("--license", help="Licence in the model's metadata.",
+                                                    rich_help_panel="Metadata", show_default=False)] = None,
+    model_version: Annotated[str, typer.Option("--model-version", help="Version string in the model's metadata.",
+                                               rich_help_panel="Metadata")] = "1.0",
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+) -> None:
+    """Export to Core ML for iOS (.mlmodel for iOS 13+, .mlpackage for iOS 15+), compressed, validated."""
+    out = _output.Output(json_mode=json_out, quiet=quiet)
+    path = artifact or demo_checkpoint()
+    config = ExportConfig.for_output(
+        output, precision="fp16" if fp16 else "fp32", weights=weights.value if weights else None,
+        sparse=sparse.value, target=target.value if target else None, io=io.value, size=size,
+        author=author, license=license_, model_version=model_version)
+    result = export_model(path, output, config, force=force, progress=out,
+                          **model_options(arch, arch_kwargs, trust_pickle))
+    if json_out:
+        out.json(result)
+        return
+    render_export(out, result)
+
+
+def _feature(f: dict) -> str:
+    if f["type"] == "image":
+        return f"{f['name']}: {f['color']} image {f['shape'][1]}x{f['shape'][0]}"
+    return f"{f['name']}: {f.get('dtype', '')} array {tuple(f.get('shape', ()))}"
+
+
+def render_export(out: _output.Output, r: ExportResult) -> None:
+    v = r.validation
+    kb = _output.kb
+    for note in r.notes:
+        out.note(f"Note: {note}")
+    compute_ops = {k: n for k, n in r.ops.items() if not k.startswith("constexpr_")}
+    weight_ops = sum(n for k, n in r.ops.items() if k.startswith("constexpr_"))
+    out.fields(f"exported {r.path}", {
+        "format": {"neuralnetwork": "NeuralNetwork (.mlmodel)", "mlprogram": "ML Program (.mlpackage)"}[r.format],
+        "target": f"{r.target} or later",
+        "precision": r.precision,
+        "weights": r.weights + (f" ({r.zero_fraction:.0%} zeros in the checkpoint)" if r.zero_fraction else ""),
+        "input": _feature(r.inputs[0]),
+        "output": _feature(r.outputs[0]),
+        "size on disk": f"{kb(r.size_bytes)} KB ({r.size_bytes:,} B)",
+        "size zipped": f"{kb(r.zipped_bytes)} KB ({r.zipped_bytes:,} B)",
+        "graph description": f"{kb(r.graph_bytes)} KB ({r.graph_bytes:,} B)",
+        "weights stored": f"{kb(r.weight_bytes)} KB ({r.weight_bytes:,} B)",
+        "graph": f"{sum(compute_ops.values())} {'layers' if r.format == 'neuralnetwork' else 'ops'}"
+                 + (f" + {weight_ops} weight decompressions" if weight_ops else "") + f", {r.casts} casts",
+        "validation": (f"passed: spec loads, interface {v['interface']}, {v['weights_decompressed']} weight tensors "
+                       f"read back (largest error {v['max_weight_error']:.2%} in {v['max_weight_error_tensor']})"),
+        "weights fidelity": (f"{v['fidelity_psnr_db']:.1f} dB (worst {v['worst_fidelity_db']:.1f} dB) on "
+                             f"{v['images']} images: PyTorch with the file's decompressed weights vs the float model"),
+        "time": f"{r.seconds:.1f} s",
+    })
