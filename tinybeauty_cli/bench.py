@@ -95,6 +95,9 @@ class BenchResult:
     reference: str
     config: BenchConfig
     notes: list[str] = field(default_factory=list)
+    #: With ``bench(..., keep_examples=K)``: the first K images (uint8 NHWC) -- "inputs", "targets"
+    #: (None without targets) and one "outputs" array per row. Not part of ``to_dict``.
+    examples: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"data": self.data_source, "reference": self.reference, "config": self.config.to_dict(),
@@ -124,8 +127,12 @@ def time_runner(runner: Runner, image: np.ndarray, cfg: BenchConfig, progress: P
 
 
 def bench(paths: list[Path], cfg: BenchConfig, *, ref: Path | None = None, time_models: bool = True,
-          progress: Progress | None = None, **open_options: Any) -> BenchResult:
-    """Score and time every artifact in ``paths`` on the same images."""
+          progress: Progress | None = None, keep_examples: int = 0, **open_options: Any) -> BenchResult:
+    """Score and time every artifact in ``paths`` on the same images.
+
+    ``keep_examples=K`` keeps K images spread over the set and every artifact's outputs on them
+    (:attr:`BenchResult.examples`), e.g. for a picture of the results.
+    """
     progress = progress or SilentProgress()
     if not paths:
         raise ConfigError("no artifacts to benchmark")
@@ -179,8 +186,14 @@ def bench(paths: list[Path], cfg: BenchConfig, *, ref: Path | None = None, time_
         if any("not device" in r.engine for r in rows):
             notes.append("Core ML times measured with tbopt's reference executor on this CPU are not "
                          "device latency; Core ML latency needs Apple hardware (run bench on a Mac).")
-        data_source = images.get(runners[0].size).source
-        return BenchResult(rows, data_source, str(ref_path), cfg, notes)
+        first = images.get(runners[0].size)
+        examples: dict[str, Any] = {}
+        if keep_examples > 0:  # spread over the set: neighbours in a folder tend to look alike
+            k = np.unique(np.linspace(0, len(first) - 1, min(keep_examples, len(first))).round().astype(int))
+            examples = {"names": [first.names[i] for i in k], "inputs": first.inputs[k],
+                        "targets": None if first.targets is None else first.targets[k],
+                        "outputs": [model_to_uint8(evaluations[i].outputs[k]) for i in range(len(paths))]}
+        return BenchResult(rows, first.source, str(ref_path), cfg, notes, examples)
     finally:
         torch.set_num_threads(old_threads)
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
-from . import apply, bench, compare, export, info, prune, quantize
+from . import apply, bench, compare, export, info, prune, quantize, run
 
 app = typer.Typer(
     name="tbopt",
@@ -33,14 +33,15 @@ def _root(
     """Shrink the TinyBeauty facial-makeup network and ship it to iPhones as Core ML."""
 
 
-app.command("info")(info.info)
-app.command("apply")(apply.apply)
-app.command("bench")(bench.bench)
-app.command("compare")(compare.compare)
+# In the order a user meets them: the whole chain, its stages, then the tools to look at results.
+app.command("run")(run.run)
 app.command("prune")(prune.prune)
 app.command("quantize")(quantize.quantize)
 app.command("export")(export.export)
-
+app.command("bench")(bench.bench)
+app.command("compare")(compare.compare)
+app.command("info")(info.info)
+app.command("apply")(apply.apply)
 
 def main() -> None:
     app()

@@ -1,0 +1,97 @@
+"""Measure the figures the bench/compare/run issue asks for.
+
+    python benchmarks/run_figures.py [--checkpoint assets/tinybeauty_demo.pt] [--skip-realdata]
+
+1. ``tbopt run`` on the demo checkpoint, as a user runs it (default options): the whole run's wall
+   time (<= 3 minutes on 2 cores) and where it goes, the size of ``TinyBeauty.mlmodel`` (< 100 KB),
+   and every stage's PSNR against the targets of the built-in test set (within 0.3 dB of the
+   original's).
+2. ``tbopt bench`` of one float artifact on the 100 built-in images, scoring and timing: <= 30 s.
+3. ``tbopt run`` on the released checkpoint with a folder holding face_01.png (no targets: fidelity).
+
+Each is the real command run in a subprocess, so the times include start-up and imports. The machine
+is shared: the load average is printed at the start and the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REALDATA = ROOT.parent / "shared" / "realdata"
+if not REALDATA.is_dir():
+    REALDATA = Path("/work/shared/realdata")
+
+
+def tbopt(*args: str) -> tuple[float, subprocess.CompletedProcess]:
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "tinybeauty_cli", *args], capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if res.returncode != 0:
+        sys.exit(f"tbopt {' '.join(args)} failed ({res.returncode}):\n{res.stderr}")
+    return seconds, res
+
+
+def ok(flag: bool) -> str:
+    return "ok" if flag else "MISSED"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", type=Path, default=ROOT / "assets" / "tinybeauty_demo.pt")
+    ap.add_argument("--skip-realdata", action="store_true")
+    args = ap.parse_args()
+    print(f"load average at start: {os.getloadavg()}; cores: {os.cpu_count()}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        out = tmp / "optimized_model"
+        wall, res = tbopt("run", str(args.checkpoint), "--out", str(out))
+        print(res.stdout)
+        d = json.loads((out / "results.json").read_text())
+        secs = d["seconds"]
+        print(f"1. tbopt run on {args.checkpoint.name}: wall {wall:.1f} s (<= 180 s: {ok(wall <= 180)}); "
+              f"inside: " + ", ".join(f"{k} {v:.1f} s" for k, v in secs.items()))
+        print(f"   prune's own parts: {d['prune']['seconds']}")
+        print(f"   quantize's own parts: {d['quantize']['timings']}")
+        mlmodel = d["checks"]["mlmodel_bytes"]
+        print(f"   TinyBeauty.mlmodel {mlmodel:,} B (< 100 KB: {ok(mlmodel < 100_000)})")
+        drops = d["checks"].get("psnr_drop_db", {})
+        worst = max(drops.values()) if drops else float("nan")
+        print(f"   PSNR drop per stage vs the original {d['table'][0]['target_psnr_db']:.3f} dB: {drops} "
+              f"(all <= 0.3 dB: {ok(worst <= 0.3)})")
+
+        wall, res = tbopt("bench", str(args.checkpoint), "--json")
+        row = json.loads(res.stdout)["rows"][0]
+        print(f"2. tbopt bench {args.checkpoint.name} on {row['images']} images (scoring + {row['timing_runs']} "
+              f"timed runs): wall {wall:.1f} s (<= 30 s: {ok(wall <= 30)}); PSNR {row['target_psnr_db']} dB, "
+              f"p50 {row['latency_p50_ms']} ms at {row['threads']} threads")
+
+        face = REALDATA / "face_01.png"
+        ckpt = REALDATA / "tinybeauty_style1.pt"
+        if args.skip_realdata or not (face.is_file() and ckpt.is_file()):
+            print("3. skipped (no ../shared/realdata)")
+        else:
+            photos = tmp / "photos"
+            photos.mkdir()
+            os.symlink(face, photos / face.name)
+            out = tmp / "real"
+            wall, res = tbopt("run", str(ckpt), "--out", str(out), "--data", str(photos))
+            print(res.stdout)
+            d = json.loads((out / "results.json").read_text())
+            fid = {row["stage"]: row["fidelity_psnr_db"] for row in d["table"][1:]}
+            print(f"3. tbopt run on the released checkpoint, face_01.png: wall {wall:.1f} s; fidelity to the "
+                  f"original (dB): {fid}; TinyBeauty.mlmodel {d['checks']['mlmodel_bytes']:,} B")
+    print(f"load average at end: {os.getloadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

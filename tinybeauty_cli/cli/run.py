@@ -1,0 +1,118 @@
+"""tbopt run: original -> pruned -> int8 -> Core ML into one folder, with the measured table and picture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..export import WEIGHT_MODES
+from ..paths import demo_checkpoint
+from ..pipeline import OUTPUT_FILES, RunConfig, RunResult, caption, run_pipeline
+from ..prune import PruneMethod
+from . import _output
+from ._errors import handle_errors
+from ._options import DataOpt, ForceOpt, JsonOpt, LimitOpt, QuietOpt, ThreadsOpt
+
+
+@handle_errors
+def run(
+    checkpoint: Annotated[Optional[Path], typer.Argument(
+        help="Float checkpoint or tbopt artifact to optimize. Default: the bundled demo checkpoint.",
+        show_default=False)] = None,
+    out: Annotated[Path, typer.Option("--out", help="Folder for every output (made if missing).")] = Path(
+        "optimized_model"),
+    rate: Annotated[float, typer.Option("--rate", "-r", help="Pruning rate, in [0, 1).")] = 0.3,
+    method: Annotated[PruneMethod, typer.Option(
+        "--method", "-m", help="Pruning method: magnitude (the original plan's per-layer rule) or global zero "
+                               "weights (smaller zipped); channel removes channels (smaller and faster, fine-tunes "
+                               "longer).")] = PruneMethod.magnitude,
+    finetune_steps: Annotated[Optional[int], typer.Option(
+        "--finetune-steps", min=0, show_default=False,
+        help="Distillation steps after pruning (default: the method's, see tbopt prune --help).")] = None,
+    weights: Annotated[str, typer.Option(
+        "--weights",
+        help=f"Weight storage in TinyBeauty.mlmodel: {'|'.join(WEIGHT_MODES)}.")] = "int8",
+    package_weights: Annotated[Optional[str], typer.Option(
+        "--package-weights", show_default=False,
+        help="Weight storage in TinyBeauty.mlpackage (default: as --weights).")] = None,
+    data: DataOpt = None,
+    calib: Annotated[Optional[Path], typer.Option(
+        "--calib", help="Folder of unlabeled images for channel ranking, distillation and int8 calibration. "
+                        "Default: synthetic portraits, never the test set.", rich_help_panel="Data")] = None,
+    limit: LimitOpt = None,
+    calib_count: Annotated[int, typer.Option("--calib-count", min=1, help="int8 calibration images.",
+                                             rich_help_panel="Data")] = 32,
+    backend: Annotated[str, typer.Option("--backend", help="int8 engine: auto|x86|qnnpack|onednn|fbgemm "
+                                         "(auto: the fastest that keeps fidelity).")] = "auto",
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per artifact (batch 1).",
+                                      rich_help_panel="Timing")] = 30,
+    threads: ThreadsOpt = None,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Prune, quantize to int8 and export to Core ML, then measure every stage on the same images.
+
+    Writes tinybeauty_pruned.pt, tinybeauty_optimized.pt (int8), TinyBeauty.mlmodel (iOS 13+), TinyBeauty.mlpackage, optimization_results.png, results.json and results.md into --out.
+    """
+    ui = _output.Output(json_mode=json_out, quiet=quiet)
+    cfg = RunConfig(rate=rate, method=method.value, finetune_steps=finetune_steps, weights=weights,
+                    package_weights=package_weights, data=data, calib=calib, limit=limit, runs=runs,
+                    threads=threads, calib_count=calib_count, backend=backend)
+    path = checkpoint or demo_checkpoint()
+
+    def on_stage(number: int, total: int, name: str) -> None:
+        ui.note(f"[{number}/{total}] {STAGE_TEXT[name]}")
+
+    result = run_pipeline(path, out, cfg, force=force, progress=ui, on_stage=on_stage)
+    if json_out:
+        ui.json(result.to_dict())
+        return
+    render_run(ui, result)
+
+
+STAGE_TEXT = {
+    "prune": "pruning the original -> " + OUTPUT_FILES["pruned"],
+    "quantize": "quantizing the pruned model to int8 -> " + OUTPUT_FILES["quantized"],
+    "export": f"exporting the pruned model to Core ML -> {OUTPUT_FILES['mlmodel']}, {OUTPUT_FILES['mlpackage']}",
+    "measure": "measuring every stage on the same images (size, PSNR, latency)",
+    "report": f"writing {OUTPUT_FILES['json']}, {OUTPUT_FILES['markdown']}, {OUTPUT_FILES['figure']}",
+}
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _db(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return "ref" if v == float("inf") else f"{v:.2f}"
+
+
+def render_run(ui: _output.Output, r: RunResult) -> None:
+    rows = [(s.stage, s.artifact, _output.kb(s.size_bytes), _output.kb(s.zipped_bytes), _db(s.target_psnr_db),
+             _db(s.fidelity_psnr_db), _ms(s.latency_ms), s.engine) for s in r.stages]
+    heads = ["Stage", "Artifact", "Size (KB)", "Zipped (KB)", "PSNR (dB)", "Fidelity (dB)", "Inference time (ms)",
+             "Engine"]
+    ui.table(f"tbopt run: {Path(r.checkpoint).name} -> {r.out}/", heads, rows, caption=caption(r),
+             right=heads[2:7])
+    checks = r.checks()
+    lines = [f"TinyBeauty.mlmodel: {checks['mlmodel_bytes']:,} bytes "
+             f"({'under' if checks['mlmodel_under_100kb'] else 'NOT under'} 100 KB)"]
+    if "psnr_drop_db" in checks:
+        drops = ", ".join(f"{k} {v:+.2f}" for k, v in checks["psnr_drop_db"].items())
+        lines.append(f"PSNR drop vs the original (dB): {drops} "
+                     f"({'all within' if checks['psnr_within_0p3_db'] else 'NOT all within'} 0.3 dB)")
+    else:
+        lines.append("the images have no targets: quality is fidelity to the original model only")
+    s = r.seconds
+    lines.append("time: " + ", ".join(f"{k} {s[k]:.1f} s" for k in ("prune", "quantize", "export", "measure",
+                                                                       "report", "total") if k in s))
+    lines.append(f"wrote {r.out}/: " + ", ".join(Path(p).name for p in r.files.values()))
+    for line in lines:
+        ui.line(line)
+    for n in r.notes:
+        ui.note(n)
