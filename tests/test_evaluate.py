@@ -35,3 +35,31 @@ def test_unpaired_images_have_no_target_score():
     ev = evaluate(TorchRunner(small_tinybeauty()), images)
     assert ev.target_psnr_db is None and ev.fidelity_psnr_db is None
     assert ev.outputs.shape == (1, 3, 32, 32)
+
+
+def test_ssim_matches_the_plain_float64_definition():
+    """The fast SSIM (separable window, float32 on centred data) equals the textbook 2-D float64 one."""
+    import torch
+
+    from tinybeauty_cli.metrics import ssim
+
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 256, (3, 40, 40, 3)).astype(np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-20, 21, a.shape), 0, 255).astype(np.uint8)
+    ta = torch.as_tensor(a, dtype=torch.float64).permute(0, 3, 1, 2)
+    tb = torch.as_tensor(b, dtype=torch.float64).permute(0, 3, 1, 2)
+    g = torch.exp(-0.5 * ((torch.arange(11, dtype=torch.float64) - 5) / 1.5) ** 2)
+    g = g / g.sum()
+    win = (g[:, None] * g[None, :]).expand(3, 1, 11, 11).contiguous()
+
+    def f(t):
+        return torch.nn.functional.conv2d(t, win, groups=3)
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    ma, mb = f(ta), f(tb)
+    saa, sbb, sab = f(ta * ta) - ma ** 2, f(tb * tb) - mb ** 2, f(ta * tb) - ma * mb
+    want = (((2 * ma * mb + c1) * (2 * sab + c2)) / ((ma ** 2 + mb ** 2 + c1) * (saa + sbb + c2))).mean(dim=(1, 2, 3))
+    got = ssim(a, b)
+    assert np.allclose(got, want.numpy(), atol=1e-5)
+    assert got.max() < 0.99
+    assert np.allclose(ssim(a, a), 1.0, atol=1e-6)

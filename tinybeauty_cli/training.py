@@ -21,6 +21,10 @@ class FitConfig:
     warmup: int = 50
     seed: int = 0
     weight_decay: float = 0.0
+    #: Strength of an L1 penalty ``l1 * sum(|w|)`` on the ``penalized`` parameters of :func:`fit`:
+    #: it drives weights that matter little towards zero, so that magnitude pruning later removes
+    #: little of what the network computes.
+    l1: float = 0.0
 
 
 @dataclass
@@ -41,12 +45,17 @@ def fit(
     after_step: Callable[[nn.Module], None] | None = None,
     on_step: Callable[[int, float], None] | None = None,
     params: Iterable[nn.Parameter] | None = None,
+    penalized: Iterable[nn.Parameter] = (),
 ) -> FitResult:
     """Adam with linear warm-up and cosine decay; L1 between made-up images and targets.
 
     ``after_step`` runs after every optimizer step (e.g. to re-apply a pruning mask,
-    so that zeros stay zero).
+    so that zeros stay zero). With ``cfg.l1 > 0`` the ``penalized`` parameters carry an L1
+    penalty; the losses reported are the image loss alone.
     """
+    penalized = list(penalized)
+    if cfg.l1 > 0 and not penalized:
+        raise ValueError("FitConfig.l1 > 0 needs the parameters to penalize")
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     opt = torch.optim.Adam(params if params is not None else model.parameters(), lr=cfg.lr,
@@ -65,8 +74,9 @@ def fit(
             g["lr"] = lr_at(step)
         x, target = batch_fn(step, gen)
         loss = (made_up(model, x) - target).abs().mean()
+        total = loss + cfg.l1 * sum(p.abs().sum() for p in penalized) if cfg.l1 > 0 else loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         opt.step()
         if after_step is not None:
             with torch.no_grad():
