@@ -324,7 +324,8 @@ def preset(ckpt: Path, work: Path, pruned_path: Path | None, ratio: float, steps
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=None, help="demo checkpoint (default: assets/)")
-    ap.add_argument("--released", type=Path, default=ROOT.parent.parent / "shared" / "realdata" / "tinybeauty_style1.pt")
+    ap.add_argument("--released", type=Path, default=ROOT.parent / "shared" / "realdata" / "tinybeauty_style1.pt",
+                    help="the released checkpoint (default: ../shared/realdata beside the checkout)")
     ap.add_argument("--pruned", type=Path, default=None, help="a channel-pruned artifact of the checkpoint")
     ap.add_argument("--ratio", type=float, default=0.25, help="torch-pruning channel ratio")
     ap.add_argument("--finetune-steps", type=int, default=600)

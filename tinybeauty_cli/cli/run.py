@@ -46,6 +46,10 @@ def run(
                                              rich_help_panel="Data")] = 32,
     backend: Annotated[str, typer.Option("--backend", help="int8 engine: auto|x86|qnnpack|onednn|fbgemm "
                                          "(auto: the fastest that keeps fidelity).")] = "auto",
+    min_psnr: Annotated[float, typer.Option(
+        "--min-psnr", help="int8 fidelity to reach against the pruned float model, in dB (layers stay float "
+                           "until it is met). Higher than tbopt quantize's 45: int8 noise adds to the model's own "
+                           "error.")] = 50.0,
     runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per artifact (batch 1).",
                                       rich_help_panel="Timing")] = 30,
     threads: ThreadsOpt = None,
@@ -60,7 +64,7 @@ def run(
     ui = _output.Output(json_mode=json_out, quiet=quiet)
     cfg = RunConfig(rate=rate, method=method.value, finetune_steps=finetune_steps, weights=weights,
                     package_weights=package_weights, data=data, calib=calib, limit=limit, runs=runs,
-                    threads=threads, calib_count=calib_count, backend=backend)
+                    threads=threads, calib_count=calib_count, backend=backend, min_psnr_db=min_psnr)
     path = checkpoint or demo_checkpoint()
 
     def on_stage(number: int, total: int, name: str) -> None:
