@@ -46,6 +46,7 @@ from tinybeauty_cli.images import builtin_test_set  # noqa: E402
 from tinybeauty_cli.model import LayerNorm, TinyBeauty, config_from_state_dict  # noqa: E402
 from tinybeauty_cli.palettes import fit_palettes  # noqa: E402
 from tinybeauty_cli.paths import demo_checkpoint  # noqa: E402
+from tinybeauty_cli.prune import _layer_norm_pruner  # noqa: E402  (torch-pruning rule for the LayerNorm)
 from tinybeauty_cli.runners import TorchRunner  # noqa: E402
 from tinybeauty_cli.training import FitConfig, fit  # noqa: E402
 
@@ -171,29 +172,12 @@ def channel_prune(model: TinyBeauty, ratio: float) -> TinyBeauty:
         warnings.simplefilter("ignore")
         import torch_pruning as tp
 
-    class LayerNormPruner(tp.pruner.BasePruningFunc):
-        TARGET_MODULES = (LayerNorm,)
-
-        def prune_out_channels(self, layer, idxs):
-            keep = sorted(set(range(layer.num_features)) - set(idxs))
-            layer.gamma = self._prune_parameter_and_grad(layer.gamma, keep, 0)
-            layer.beta = self._prune_parameter_and_grad(layer.beta, keep, 0)
-            layer.num_features = len(keep)
-            return layer
-
-        prune_in_channels = prune_out_channels
-
-        def get_out_channels(self, layer):
-            return layer.num_features
-
-        get_in_channels = get_out_channels
-
     example = torch.zeros(1, 3, 64, 64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
                                            pruning_ratio=ratio, ignored_layers=[model.out.conv],
-                                           customized_pruners={LayerNorm: LayerNormPruner()})
+                                           customized_pruners={LayerNorm: _layer_norm_pruner()})
         pruner.step()
     sd = model.state_dict()
     pruned = TinyBeauty(config_from_state_dict(sd))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -116,6 +117,18 @@ class Latency:
         return d
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """PyTorch's CPU threads set to ``threads`` (None: unchanged) inside the block, restored after."""
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def measure_latency(fn: Callable[[], object], runs: int = 30, warmup: int = 5,
                     threads: int | None = None, on_run: Callable[[], None] | None = None) -> Latency:
     """Call ``fn`` ``warmup`` times, then time ``runs`` calls; median and 90th percentile.
@@ -124,10 +137,7 @@ def measure_latency(fn: Callable[[], object], runs: int = 30, warmup: int = 5,
     """
     if runs < 1 or warmup < 0:
         raise ValueError("runs must be >= 1 and warmup >= 0")
-    old = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for _ in range(warmup):
             fn()
         times = []
@@ -138,11 +148,13 @@ def measure_latency(fn: Callable[[], object], runs: int = 30, warmup: int = 5,
             if on_run is not None:
                 on_run()
         used = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(old)
-    times.sort()
-    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
-    return Latency(statistics.median(times), p90, statistics.fmean(times), times[0], runs, warmup, used)
+    return _latency(times, warmup, used)
+
+
+def _latency(times_ms: list[float], warmup: int, threads: int) -> Latency:
+    ts = sorted(times_ms)
+    p90 = ts[min(len(ts) - 1, int(round(0.9 * (len(ts) - 1))))]
+    return Latency(statistics.median(ts), p90, statistics.fmean(ts), ts[0], len(ts), warmup, threads)
 
 
 def measure_latencies(fns: dict[str, Callable[[], object]], runs: int = 30, warmup: int = 5,
@@ -154,10 +166,7 @@ def measure_latencies(fns: dict[str, Callable[[], object]], runs: int = 30, warm
     """
     if runs < 1 or warmup < 0:
         raise ValueError("runs must be >= 1 and warmup >= 0")
-    old = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for fn in fns.values():
             for _ in range(warmup):
                 fn()
@@ -168,11 +177,4 @@ def measure_latencies(fns: dict[str, Callable[[], object]], runs: int = 30, warm
                 fn()
                 times[name].append((time.perf_counter() - t0) * 1000.0)
         used = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(old)
-    result = {}
-    for name, ts in times.items():
-        ts.sort()
-        p90 = ts[min(len(ts) - 1, int(round(0.9 * (len(ts) - 1))))]
-        result[name] = Latency(statistics.median(ts), p90, statistics.fmean(ts), ts[0], runs, warmup, used)
-    return result
+    return {name: _latency(ts, warmup, used) for name, ts in times.items()}

@@ -30,6 +30,7 @@ from .checkpoint import load_model
 from .errors import InputError, OutputExistsError, TbOptError, UsageError
 from .export import ExportConfig, ExportResult, export_model
 from .files import atomic_output
+from .metrics import torch_threads
 from .progress import Progress, SilentProgress
 from .prune import PruneConfig, PruneReport, prune
 from .quantize import QuantizeConfig, QuantizeResult, quantize_model
@@ -268,9 +269,6 @@ def run_pipeline(checkpoint: Path | str, out: Path | str, config: RunConfig | No
     names = ["prune", "quantize", "export", "measure", "report"]
     seconds: dict[str, float] = {}
     kept: list[str] = []
-    old_threads = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
 
     def stage(number: int, fn: Callable[[], T]) -> T:
         name = names[number - 1]
@@ -291,7 +289,7 @@ def run_pipeline(checkpoint: Path | str, out: Path | str, config: RunConfig | No
         return result
 
     t_start = time.perf_counter()
-    try:
+    with torch_threads(cfg.threads):
         out.mkdir(parents=True, exist_ok=True)
         pruned = stage(1, lambda: write("pruned", prune(
             checkpoint, cfg.prune_config(), output=paths["pruned"], force=force, data=cfg.calib,
@@ -322,8 +320,6 @@ def run_pipeline(checkpoint: Path | str, out: Path | str, config: RunConfig | No
         seconds["total"] = time.perf_counter() - t_start
         _write_json(result, paths["json"])  # last, so that it holds every stage's time
         return result
-    finally:
-        torch.set_num_threads(old_threads)
 
 
 def _write_json(result: RunResult, path: Path) -> None:

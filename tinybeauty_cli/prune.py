@@ -47,7 +47,7 @@ from .errors import ConfigError, InputError, UnsupportedError, UsageError
 from .evaluate import Evaluation, evaluate
 from .files import check_output, size_on_disk, zipped_size
 from .images import ImageSet, builtin_test_set, load_folder, synthetic_unlabeled, uint8_to_model
-from .metrics import count_macs, count_parameters
+from .metrics import count_macs, count_parameters, torch_threads
 from .model import LayerNorm, TinyBeauty, config_from_state_dict
 from .progress import Progress, SilentProgress
 from .runners import TorchRunner
@@ -955,13 +955,8 @@ def prune(path: Path | str, cfg: PruneConfig, *, output: Path | str | None = Non
 def _torch_threads(threads: int | None) -> Iterator[None]:
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be >= 1, got {threads}")
-    old = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _prune_file(path: Path, cfg: PruneConfig, output: Path | str | None, force: bool, data: Path | None,
