@@ -128,12 +128,12 @@ class RunConfig:
             parts.append(f"--package-weights {self.package_weights}")
         if self.finetune_steps is not None:
             parts.append(f"--finetune-steps {self.finetune_steps}")
-        for opt, v in (("--data", self.data), ("--calib", self.calib), ("--limit", self.limit),
-                       ("--threads", self.threads), ("--calib-count", self.calib_count), ("--backend", self.backend),
-                       ("--min-psnr", self.min_psnr_db), ("--runs", self.runs)):
-            field_name = {"--min-psnr": "min_psnr_db"}.get(opt, opt[2:].replace("-", "_"))
-            if v is not None and v != getattr(RunConfig, field_name, None):
-                parts.append(f"{opt} {v}")
+        for opt, name in (("--data", "data"), ("--calib", "calib"), ("--limit", "limit"), ("--threads", "threads"),
+                          ("--calib-count", "calib_count"), ("--backend", "backend"), ("--min-psnr", "min_psnr_db"),
+                          ("--runs", "runs")):
+            value = getattr(self, name)
+            if value != getattr(RunConfig, name):  # only what differs from the defaults
+                parts.append(f"{opt} {value}")
         return " ".join(parts)
 
 

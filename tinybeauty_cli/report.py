@@ -39,11 +39,12 @@ def results_markdown(stages: Sequence[StageFigures], caption: str) -> str:
     for s in stages:
         lines.append(
             f"| {s.stage} | `{s.artifact}` | {s.size_bytes / 1000:.1f} | {s.zipped_bytes / 1000:.1f} | "
-            f"{_f(s.target_psnr_db)} | {_f(s.fidelity_psnr_db)} | {_f(s.latency_ms)} | {s.engine} |")
+            f"{format_figure(s.target_psnr_db)} | {format_figure(s.fidelity_psnr_db)} | {format_figure(s.latency_ms)} | {s.engine} |")
     return "\n".join(lines) + "\n\n" + caption.strip() + "\n"
 
 
-def _f(v: float | None) -> str:
+def format_figure(v: float | None) -> str:
+    """A dB or ms figure for a table: two decimals, '-' when absent, 'ref' for the reference's inf."""
     if v is None:
         return "-"
     return "ref" if v == float("inf") else f"{v:.2f}"

@@ -11,6 +11,7 @@ from ..export import WEIGHT_MODES
 from ..paths import demo_checkpoint
 from ..pipeline import OUTPUT_FILES, RunConfig, RunResult, caption, run_pipeline
 from ..prune import PruneMethod
+from ..report import format_figure
 from . import _output
 from ._errors import handle_errors
 from ._options import DataOpt, ForceOpt, JsonOpt, LimitOpt, QuietOpt, ThreadsOpt
@@ -86,19 +87,10 @@ STAGE_TEXT = {
 }
 
 
-def _ms(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}"
-
-
-def _db(v: float | None) -> str:
-    if v is None:
-        return "-"
-    return "ref" if v == float("inf") else f"{v:.2f}"
-
-
 def render_run(ui: _output.Output, r: RunResult) -> None:
-    rows = [(s.stage, s.artifact, _output.kb(s.size_bytes), _output.kb(s.zipped_bytes), _db(s.target_psnr_db),
-             _db(s.fidelity_psnr_db), _ms(s.latency_ms), s.engine) for s in r.stages]
+    rows = [(s.stage, s.artifact, _output.kb(s.size_bytes), _output.kb(s.zipped_bytes),
+             *(format_figure(v) for v in (s.target_psnr_db, s.fidelity_psnr_db, s.latency_ms)), s.engine)
+            for s in r.stages]
     heads = ["Stage", "Artifact", "Size (KB)", "Zipped (KB)", "PSNR (dB)", "Fidelity (dB)", "Inference time (ms)",
              "Engine"]
     ui.table(f"tbopt run: {Path(r.checkpoint).name} -> {r.out}/", heads, rows, caption=caption(r),

@@ -346,6 +346,11 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
+def _conv_params(c, nd: int) -> tuple[list[int], list[int], int]:
+    """strides, dilations and groups of a conv or conv_transpose (MIL's defaults: 1)."""
+    return c.ints("strides", [1] * nd), c.ints("dilations", [1] * nd), int(c.param("groups", 1))
+
+
 @_op("conv")
 def _conv(op, c):
     w = c.tensor("weight")
@@ -353,9 +358,7 @@ def _conv(op, c):
     nd = w.dim() - 2
     if nd not in _CONV:
         raise UnsupportedError(f"conv {op.name!r}: {nd}-d convolution is not supported")
-    strides = c.ints("strides", [1] * nd)
-    dil = c.ints("dilations", [1] * nd)
-    groups = int(c.param("groups", 1))
+    strides, dil, groups = _conv_params(c, nd)
     pads = _pads(op, c, w.shape[2:], strides, dil)
     conv = _CONV[nd]
     if all(a == e for a, e in pads):
@@ -372,9 +375,7 @@ def _conv_transpose(op, c):
     nd = w.dim() - 2
     if nd not in _CONV_T:
         raise UnsupportedError(f"conv_transpose {op.name!r}: {nd}-d is not supported")
-    strides = c.ints("strides", [1] * nd)
-    dil = c.ints("dilations", [1] * nd)
-    groups = int(c.param("groups", 1))
+    strides, dil, groups = _conv_params(c, nd)
     pad_type = c.param("pad_type", "valid")
     if pad_type == "valid":
         pads = [(0, 0)] * nd
