@@ -1,6 +1,6 @@
 """Figures for `tbopt export` (issue 5), all measured in one run.
 
-    python benchmarks/export_figures.py [--checkpoint assets/tinybeauty_demo.pt]
+    python benchmarks/export_figures.py [--checkpoint tinybeauty_cli/core/assets/tinybeauty_demo.pt]
         [--released ../shared/realdata/tinybeauty_style1.pt] [--pruned ARTIFACT]
         [--ratio 0.25] [--finetune-steps 600] [--palette-steps 300] [--work-dir DIR]
 
@@ -36,19 +36,19 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tinybeauty_cli import synthetic  # noqa: E402
-from tinybeauty_cli.checkpoint import Artifact, HistoryStep, load_model, save_artifact  # noqa: E402
-from tinybeauty_cli.coreml_file import coremltools, package_parts, quiet  # noqa: E402
-from tinybeauty_cli.evaluate import evaluate  # noqa: E402
+from tinybeauty_cli.core import synthetic  # noqa: E402
+from tinybeauty_cli.core.checkpoint import Artifact, HistoryStep, load_model, save_artifact  # noqa: E402
+from tinybeauty_cli.coreml.spec import coremltools, package_parts, quiet  # noqa: E402
+from tinybeauty_cli.measure.evaluate import evaluate  # noqa: E402
 from tinybeauty_cli.export import ExportConfig, decompressed_model, export_model  # noqa: E402
-from tinybeauty_cli.files import size_on_disk, zipped_size  # noqa: E402
-from tinybeauty_cli.images import builtin_test_set  # noqa: E402
-from tinybeauty_cli.model import LayerNorm, TinyBeauty, config_from_state_dict  # noqa: E402
-from tinybeauty_cli.palettes import fit_palettes  # noqa: E402
-from tinybeauty_cli.paths import demo_checkpoint  # noqa: E402
+from tinybeauty_cli.core.files import size_on_disk, zipped_size  # noqa: E402
+from tinybeauty_cli.core.images import builtin_test_set  # noqa: E402
+from tinybeauty_cli.core.model import LayerNorm, TinyBeauty, config_from_state_dict  # noqa: E402
+from tinybeauty_cli.export.palettes import fit_palettes  # noqa: E402
+from tinybeauty_cli.core.paths import demo_checkpoint  # noqa: E402
 from tinybeauty_cli.prune import _layer_norm_pruner  # noqa: E402  (torch-pruning rule for the LayerNorm)
-from tinybeauty_cli.runners import TorchRunner  # noqa: E402
-from tinybeauty_cli.training import FitConfig, fit  # noqa: E402
+from tinybeauty_cli.runtime.runners import TorchRunner  # noqa: E402
+from tinybeauty_cli.core.training import FitConfig, fit  # noqa: E402
 
 WEIGHTS = (None, "int8", "pal8", "pal6", "pal4", "pal3", "pal2")
 

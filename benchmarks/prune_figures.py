@@ -1,6 +1,6 @@
 """Measure the figures the prune issue asks for, as ratios measured in one run.
 
-    python benchmarks/prune_figures.py [--checkpoint assets/tinybeauty_demo.pt] [--steps 150]
+    python benchmarks/prune_figures.py [--checkpoint tinybeauty_cli/core/assets/tinybeauty_demo.pt] [--steps 150]
 
 1. ``magnitude --rate 0.3`` on the demo checkpoint: per-layer sparsity (30% +-1%), zipped size
    (<= 80% of the original's), PSNR against the targets of the built-in test set (drop <= 0.2 dB).
@@ -28,9 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tinybeauty_cli.checkpoint import load_model  # noqa: E402
-from tinybeauty_cli.metrics import measure_latency  # noqa: E402
-from tinybeauty_cli.paths import demo_checkpoint  # noqa: E402
+from tinybeauty_cli.core.checkpoint import load_model  # noqa: E402
+from tinybeauty_cli.measure.metrics import measure_latency  # noqa: E402
+from tinybeauty_cli.core.paths import demo_checkpoint  # noqa: E402
 from tinybeauty_cli.prune import PruneConfig, prune  # noqa: E402
 
 REALDATA = ROOT.parent / "shared" / "realdata"

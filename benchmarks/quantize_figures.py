@@ -1,6 +1,6 @@
 """Measure the figures the quantize issue asks for, as ratios measured in one run.
 
-    python benchmarks/quantize_figures.py [--checkpoint assets/tinybeauty_demo.pt] [--threads 2] [--runs 40]
+    python benchmarks/quantize_figures.py [--checkpoint tinybeauty_cli/core/assets/tinybeauty_demo.pt] [--threads 2] [--runs 40]
 
 1. ``tbopt quantize`` with its defaults (auto backend, auto keep-float, 32 synthetic calibration
    images) on the checkpoint, timed end to end.
@@ -35,13 +35,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tinybeauty_cli.checkpoint import load_model  # noqa: E402
-from tinybeauty_cli.evaluate import evaluate  # noqa: E402
-from tinybeauty_cli.images import builtin_test_set, uint8_to_model  # noqa: E402
-from tinybeauty_cli.metrics import measure_latencies  # noqa: E402
-from tinybeauty_cli.paths import demo_checkpoint  # noqa: E402
+from tinybeauty_cli.core.checkpoint import load_model  # noqa: E402
+from tinybeauty_cli.measure.evaluate import evaluate  # noqa: E402
+from tinybeauty_cli.core.images import builtin_test_set, uint8_to_model  # noqa: E402
+from tinybeauty_cli.measure.metrics import measure_latencies  # noqa: E402
+from tinybeauty_cli.core.paths import demo_checkpoint  # noqa: E402
 from tinybeauty_cli.quantize import QuantizeConfig, quantize_model, quantized_engine  # noqa: E402
-from tinybeauty_cli.runners import TorchRunner  # noqa: E402
+from tinybeauty_cli.runtime.runners import TorchRunner  # noqa: E402
 
 
 def load() -> str:

@@ -1,6 +1,6 @@
 """Measure the figures the bench/compare/run issue asks for.
 
-    python benchmarks/run_figures.py [--checkpoint assets/tinybeauty_demo.pt] [--skip-realdata]
+    python benchmarks/run_figures.py [--checkpoint tinybeauty_cli/core/assets/tinybeauty_demo.pt] [--skip-realdata]
 
 1. ``tbopt run`` on the demo checkpoint, as a user runs it (default options): the whole run's wall
    time (<= 3 minutes on 2 cores) and where it goes, the size of ``TinyBeauty.mlmodel`` (< 100 KB),

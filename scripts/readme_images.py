@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tinybeauty_cli.images import builtin_test_set  # noqa: E402
+from tinybeauty_cli.core.images import builtin_test_set  # noqa: E402
 
 
 def labelled(img: np.ndarray, text: str) -> Image.Image:

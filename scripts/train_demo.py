@@ -1,6 +1,6 @@
 """Train the demo checkpoint shipped in assets/ (reproducible: fixed seeds).
 
-    python scripts/train_demo.py --out assets/tinybeauty_demo.pt
+    python scripts/train_demo.py --out tinybeauty_cli/core/assets/tinybeauty_demo.pt
 
 Trains a TinyBeauty in the released layout (width 24, 2+2 residual blocks) on
 synthetic (bare, made-up) portrait pairs drawn with seed ``TRAIN_SEED`` -- never the
@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinybeauty_cli import synthetic
-from tinybeauty_cli.evaluate import evaluate
-from tinybeauty_cli.images import builtin_test_set
-from tinybeauty_cli.runners import TorchRunner
-from tinybeauty_cli.model import TinyBeauty, TinyBeautyConfig
-from tinybeauty_cli.training import FitConfig, fit
+from tinybeauty_cli.core import synthetic
+from tinybeauty_cli.measure.evaluate import evaluate
+from tinybeauty_cli.core.images import builtin_test_set
+from tinybeauty_cli.runtime.runners import TorchRunner
+from tinybeauty_cli.core.model import TinyBeauty, TinyBeautyConfig
+from tinybeauty_cli.core.training import FitConfig, fit
 
 
 def to_tensor(u8: np.ndarray) -> torch.Tensor:
@@ -55,7 +55,7 @@ def make_batch_fn(bare: torch.Tensor, made: torch.Tensor, batch: int, crop: int 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("assets/tinybeauty_demo.pt"))
+    ap.add_argument("--out", type=Path, default=Path("tinybeauty_cli/core/assets/tinybeauty_demo.pt"))
     ap.add_argument("--work-dir", type=Path, default=Path(".train_demo"))
     ap.add_argument("--pairs", type=int, default=1200)
     ap.add_argument("--crop-steps", type=int, default=1500)
@@ -118,7 +118,7 @@ def main() -> int:
     print(f"  PSNR against targets: {psnr:.2f} dB")
     print(f"  do-nothing baseline:  {baseline:.2f} dB  (margin {psnr - baseline:+.2f} dB)")
 
-    from tinybeauty_cli.checkpoint import Artifact, HistoryStep, save_artifact
+    from tinybeauty_cli.core.checkpoint import Artifact, HistoryStep, save_artifact
 
     step = HistoryStep.now(
         "train-demo",

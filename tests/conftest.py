@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinybeauty_cli.checkpoint import Artifact, HistoryStep, save_artifact
-from tinybeauty_cli.model import TinyBeauty, TinyBeautyConfig
+from tinybeauty_cli.core.checkpoint import Artifact, HistoryStep, save_artifact
+from tinybeauty_cli.core.model import TinyBeauty, TinyBeautyConfig
 
 # A git worktree sits one level deeper than the main checkout: TBOPT_REALDATA points there.
 REALDATA = Path(os.environ.get("TBOPT_REALDATA") or Path(__file__).resolve().parent.parent.parent / "shared" / "realdata")
@@ -65,7 +65,7 @@ REAL_COREML_SIZE = 64  # the released network is resolution-agnostic
 @pytest.fixture(scope="session")
 def inputs():
     """Three synthetic faces at COREML_SIZE, model space (on the 8-bit grid, as photos are)."""
-    from tinybeauty_cli.images import builtin_test_set, uint8_to_model
+    from tinybeauty_cli.core.images import builtin_test_set, uint8_to_model
 
     return uint8_to_model(builtin_test_set(COREML_SIZE, limit=3).inputs)
 
@@ -84,7 +84,7 @@ def real_zoo(tmp_path_factory):
     """Core ML files of the authors' released checkpoint, at REAL_COREML_SIZE."""
     if not REAL_CKPT.is_file():
         pytest.skip("../shared/realdata is absent")
-    from tinybeauty_cli.checkpoint import load_model
+    from tinybeauty_cli.core.checkpoint import load_model
 
     from .coreml_models import CoreMLZoo
 
@@ -99,7 +99,7 @@ def real_inputs():
     import numpy as np
     from PIL import Image
 
-    from tinybeauty_cli.images import builtin_test_set, to_model_size, uint8_to_model
+    from tinybeauty_cli.core.images import builtin_test_set, to_model_size, uint8_to_model
 
     face = to_model_size(Image.open(REAL_FACE).convert("RGB"), REAL_COREML_SIZE)[None]
     return uint8_to_model(np.concatenate([face, builtin_test_set(REAL_COREML_SIZE, limit=1).inputs]))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tinybeauty_cli.coreml_runtime import import_coremltools
+from tinybeauty_cli.coreml.runner import import_coremltools
 
 
 class ImageOut(nn.Module):

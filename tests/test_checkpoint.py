@@ -4,11 +4,11 @@ import pickle
 import pytest
 import torch
 
-from tinybeauty_cli.checkpoint import (Artifact, ArchSpec, HistoryStep, load_model, pickled_globals,
+from tinybeauty_cli.core.checkpoint import (Artifact, ArchSpec, HistoryStep, load_model, pickled_globals,
                                        save_artifact)
-from tinybeauty_cli.errors import (ArchitectureMismatchError, ConfigError, InputError, OutputExistsError,
+from tinybeauty_cli.core.errors import (ArchitectureMismatchError, ConfigError, InputError, OutputExistsError,
                                    UnsafeCheckpointError)
-from tinybeauty_cli.model import TinyBeauty
+from tinybeauty_cli.core.model import TinyBeauty
 
 from .archs import TinyUNet
 from .conftest import REAL_CKPT, small_tinybeauty
@@ -48,7 +48,7 @@ def test_released_checkpoint_loads_strictly(realdata):
 
 
 def test_artifact_round_trip_keeps_config_preprocessing_and_history(tmp_path):
-    from tinybeauty_cli.model import TinyBeautyConfig
+    from tinybeauty_cli.core.model import TinyBeautyConfig
 
     cfg = TinyBeautyConfig(n_res=1, first=6, down1=5, stream=7, res_hidden=(3, 4), up1=5, up2=6)
     model = TinyBeauty(cfg)

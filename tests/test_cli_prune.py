@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from tinybeauty_cli.checkpoint import load_model
+from tinybeauty_cli.core.checkpoint import load_model
 from tinybeauty_cli.cli.app import app
 
 from .archs import NoConv, TinyUNet

@@ -14,12 +14,12 @@ from tests.archs import TinyUNet
 from tests.conftest import COREML_SIZE as SIZE
 from tests.conftest import small_tinybeauty
 from tests.coreml_models import MLPROGRAM_VARIANTS, NEURALNETWORK_VARIANTS, CoreMLZoo, OpZoo, convert, fold_batchnorm
-from tinybeauty_cli import coreml_runtime as cr
-from tinybeauty_cli.coreml_exec import mlprogram, neuralnetwork
-from tinybeauty_cli.errors import InputError, TbOptError, UnsupportedError
-from tinybeauty_cli.evaluate import fidelity_psnr_db
-from tinybeauty_cli.images import model_to_uint8
-from tinybeauty_cli.runners import open_runner
+from tinybeauty_cli.coreml import runner as cr
+from tinybeauty_cli.coreml.exec import mlprogram, neuralnetwork
+from tinybeauty_cli.core.errors import InputError, TbOptError, UnsupportedError
+from tinybeauty_cli.measure.evaluate import fidelity_psnr_db
+from tinybeauty_cli.core.images import model_to_uint8
+from tinybeauty_cli.runtime.runners import open_runner
 
 #: The issue's bars: fp32 export vs PyTorch; fp16 export vs PyTorch; compressed vs its PyTorch twin.
 FP32_DB, FP16_DB, COMPRESSED_DB = 90.0, 60.0, 60.0

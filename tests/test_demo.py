@@ -2,12 +2,12 @@
 
 import pytest
 
-from tinybeauty_cli.checkpoint import load_model
-from tinybeauty_cli.evaluate import evaluate
-from tinybeauty_cli.images import builtin_test_set
-from tinybeauty_cli.metrics import count_parameters
-from tinybeauty_cli.paths import demo_checkpoint
-from tinybeauty_cli.runners import runner_for
+from tinybeauty_cli.core.checkpoint import load_model
+from tinybeauty_cli.measure.evaluate import evaluate
+from tinybeauty_cli.core.images import builtin_test_set
+from tinybeauty_cli.measure.metrics import count_parameters
+from tinybeauty_cli.core.paths import demo_checkpoint
+from tinybeauty_cli.runtime.runners import runner_for
 
 
 def test_demo_checkpoint_scores_at_least_33_db_and_5_db_over_doing_nothing():

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from tinybeauty_cli.evaluate import evaluate, fidelity_psnr_db, target_psnr_db
-from tinybeauty_cli.images import ImageSet, builtin_test_set, uint8_to_model
-from tinybeauty_cli.runners import Runner, TorchRunner
+from tinybeauty_cli.measure.evaluate import evaluate, fidelity_psnr_db, target_psnr_db
+from tinybeauty_cli.core.images import ImageSet, builtin_test_set, uint8_to_model
+from tinybeauty_cli.runtime.runners import Runner, TorchRunner
 
 from .conftest import small_tinybeauty
 
@@ -41,7 +41,7 @@ def test_ssim_matches_the_plain_float64_definition():
     """The fast SSIM (separable window, float32 on centred data) equals the textbook 2-D float64 one."""
     import torch
 
-    from tinybeauty_cli.metrics import ssim
+    from tinybeauty_cli.measure.metrics import ssim
 
     rng = np.random.default_rng(3)
     a = rng.integers(0, 256, (3, 40, 40, 3)).astype(np.uint8)

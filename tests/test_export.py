@@ -10,10 +10,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tinybeauty_cli.checkpoint import Artifact, HistoryStep, load_model, save_artifact
+from tinybeauty_cli.core.checkpoint import Artifact, HistoryStep, load_model, save_artifact
 from tinybeauty_cli.cli.app import app
-from tinybeauty_cli.coreml_file import compact_program, coremltools, load_program, quiet
-from tinybeauty_cli.errors import OutputExistsError, UnsupportedError, UsageError
+from tinybeauty_cli.coreml.spec import compact_program, coremltools, load_program, quiet
+from tinybeauty_cli.core.errors import OutputExistsError, UnsupportedError, UsageError
 from tinybeauty_cli.export import (
     ExportConfig,
     decompressed_model,
@@ -21,9 +21,9 @@ from tinybeauty_cli.export import (
     plan_export,
     read_weights,
 )
-from tinybeauty_cli.model import TinyBeauty, TinyBeautyConfig
-from tinybeauty_cli.palettes import fit_palettes, kmeans_lut
-from tinybeauty_cli.training import FitConfig
+from tinybeauty_cli.core.model import TinyBeauty, TinyBeautyConfig
+from tinybeauty_cli.export.palettes import fit_palettes, kmeans_lut
+from tinybeauty_cli.core.training import FitConfig
 
 from .conftest import REAL_CKPT, small_tinybeauty
 from .test_cli import assert_one_line_error

@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinybeauty_cli.graph_rewrites import (ChannelInstanceNorm, FastLayerNorm, FloatBoundary, SubPixelConv2d,
+from tinybeauty_cli.quantize.graph_rewrites import (ChannelInstanceNorm, FastLayerNorm, FloatBoundary, SubPixelConv2d,
                                            fidelity_db, isolate_list_inputs, optimize_graph, quantizable_layers,
                                            trace)
-from tinybeauty_cli.model import LayerNorm, TinyBeauty, TinyBeautyConfig
+from tinybeauty_cli.core.model import LayerNorm, TinyBeauty, TinyBeautyConfig
 
 from .archs import TinyUNet
 from .conftest import small_tinybeauty

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tinybeauty_cli import synthetic
-from tinybeauty_cli.errors import ImageError
-from tinybeauty_cli.images import builtin_test_set, load_folder, load_images, read_image, to_model_size
-from tinybeauty_cli.metrics import mean_psnr_db
+from tinybeauty_cli.core import synthetic
+from tinybeauty_cli.core.errors import ImageError
+from tinybeauty_cli.core.images import builtin_test_set, load_folder, load_images, read_image, to_model_size
+from tinybeauty_cli.measure.metrics import mean_psnr_db
 
 
 def _save(path, array, mode=None):
@@ -79,7 +79,7 @@ def test_corrupt_and_non_images_are_named(tmp_path):
 
 
 def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
-    import tinybeauty_cli.images as images
+    import tinybeauty_cli.core.images as images
 
     _save(tmp_path / "big.png", np.zeros((64, 64, 3), np.uint8))
     monkeypatch.setattr(images, "MAX_PIXELS", 1000)

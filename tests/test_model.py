@@ -3,9 +3,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tinybeauty_cli.errors import ArchitectureMismatchError, ConfigError
-from tinybeauty_cli.metrics import count_macs, count_parameters, psnr_db
-from tinybeauty_cli.model import TinyBeauty, TinyBeautyConfig, config_from_state_dict
+from tinybeauty_cli.core.errors import ArchitectureMismatchError, ConfigError
+from tinybeauty_cli.measure.metrics import count_macs, count_parameters, psnr_db
+from tinybeauty_cli.core.model import TinyBeauty, TinyBeautyConfig, config_from_state_dict
 
 from .conftest import REAL_CKPT, REAL_FACE
 
@@ -50,7 +50,7 @@ def test_state_dict_without_tinybeauty_keys_is_a_mismatch():
 
 
 def test_layernorm_is_munit_style_unbiased_std_over_chw():
-    from tinybeauty_cli.model import LayerNorm
+    from tinybeauty_cli.core.model import LayerNorm
 
     ln = LayerNorm(4)
     with torch.no_grad():

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from tinybeauty_cli import prune as P
-from tinybeauty_cli.checkpoint import Artifact, ArchSpec, HistoryStep, load_model, save_artifact
-from tinybeauty_cli.errors import ConfigError, InputError, OutputExistsError, UsageError
-from tinybeauty_cli.images import ImageSet, builtin_test_set
-from tinybeauty_cli.model import TinyBeauty, TinyBeautyConfig, config_from_state_dict
+from tinybeauty_cli.core.checkpoint import Artifact, ArchSpec, HistoryStep, load_model, save_artifact
+from tinybeauty_cli.core.errors import ConfigError, InputError, OutputExistsError, UsageError
+from tinybeauty_cli.core.images import ImageSet, builtin_test_set
+from tinybeauty_cli.core.model import TinyBeauty, TinyBeautyConfig, config_from_state_dict
 
 from .archs import NoConv, TinyUNet
 from .conftest import small_tinybeauty

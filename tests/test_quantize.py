@@ -11,13 +11,13 @@ import torch
 from PIL import Image
 
 from tinybeauty_cli import quantize as qz
-from tinybeauty_cli.checkpoint import Artifact, ArchSpec, HistoryStep, Preprocessing, load_model, save_artifact
-from tinybeauty_cli.describe import describe
-from tinybeauty_cli.errors import ConfigError, ImageError, InputError, UnsupportedError
-from tinybeauty_cli.model import TinyBeauty, TinyBeautyConfig
-from tinybeauty_cli.progress import SilentProgress
+from tinybeauty_cli.core.checkpoint import Artifact, ArchSpec, HistoryStep, Preprocessing, load_model, save_artifact
+from tinybeauty_cli.measure.describe import describe
+from tinybeauty_cli.core.errors import ConfigError, ImageError, InputError, UnsupportedError
+from tinybeauty_cli.core.model import TinyBeauty, TinyBeautyConfig
+from tinybeauty_cli.core.progress import SilentProgress
 from tinybeauty_cli.quantize import QuantizeConfig, quantize_model
-from tinybeauty_cli.runners import open_runner
+from tinybeauty_cli.runtime.runners import open_runner
 
 from .archs import TinyUNet
 from .conftest import small_tinybeauty
@@ -338,7 +338,7 @@ def test_the_released_checkpoint_end_to_end(realdata, tmp_path):
     """Defaults on the authors' checkpoint: meets the fidelity target, and makes up the real photo."""
     from PIL import Image as PILImage
 
-    from tinybeauty_cli.apply import makeup_full_resolution
+    from tinybeauty_cli.flow.apply import makeup_full_resolution
 
     from .conftest import REAL_CKPT, REAL_FACE
     r = quantize_model(REAL_CKPT, tmp_path / "released_int8.pt", QuantizeConfig())
@@ -362,7 +362,7 @@ def test_float_torchscript_and_all_float_requests_are_refused(tmp_path):
 
 
 def test_measure_latencies_interleaves_and_restores_threads():
-    from tinybeauty_cli.metrics import measure_latencies
+    from tinybeauty_cli.measure.metrics import measure_latencies
     calls = []
     before = torch.get_num_threads()
     lat = measure_latencies({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, runs=3, warmup=1,

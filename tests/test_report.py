@@ -1,7 +1,7 @@
 import numpy as np
 from PIL import Image
 
-from tinybeauty_cli.report import StageFigures, results_figure, results_markdown
+from tinybeauty_cli.measure.report import StageFigures, results_figure, results_markdown
 
 
 def _stages(with_targets=True):

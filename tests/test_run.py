@@ -8,11 +8,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from tinybeauty_cli import pipeline
-from tinybeauty_cli.checkpoint import load_model
-from tinybeauty_cli.errors import InputError, UsageError
-from tinybeauty_cli.pipeline import OUTPUT_FILES, RunConfig, StageError, run_pipeline
-from tinybeauty_cli.runners import open_runner
+from tinybeauty_cli.flow import pipeline
+from tinybeauty_cli.core.checkpoint import load_model
+from tinybeauty_cli.core.errors import InputError, UsageError
+from tinybeauty_cli.flow.pipeline import OUTPUT_FILES, RunConfig, StageError, run_pipeline
+from tinybeauty_cli.runtime.runners import open_runner
 
 from .conftest import REAL_FACE
 from .test_cli import assert_one_line_error

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tinybeauty_cli.training import FitConfig, fit
+from tinybeauty_cli.core.training import FitConfig, fit
 
 from .conftest import small_tinybeauty
 

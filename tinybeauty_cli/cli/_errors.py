@@ -9,7 +9,7 @@ from typing import Any, Callable, TypeVar
 
 import typer
 
-from ..errors import TbOptError
+from ..core.errors import TbOptError
 
 F = TypeVar("F", bound=Callable[..., Any])
 

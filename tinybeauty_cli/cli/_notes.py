@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from ..runners import Runner
+from ..runtime.runners import Runner
 from . import _output
 
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..coreml_runtime import ComputeUnits
+from ..coreml.runner import ComputeUnits
 
 ArtifactArg = Annotated[
     Optional[Path],

@@ -7,9 +7,9 @@ from typing import Annotated, List
 
 import typer
 
-from ..apply import apply_makeup
-from ..paths import demo_checkpoint
-from ..runners import open_runner
+from ..flow.apply import apply_makeup
+from ..core.paths import demo_checkpoint
+from ..runtime.runners import open_runner
 from . import _output
 from ._notes import warn_runner_notes
 from ._errors import handle_errors

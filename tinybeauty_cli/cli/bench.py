@@ -7,9 +7,9 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from ..bench import MARKDOWN_COLUMNS, BenchConfig, bench as run_bench, row_cells, to_csv, to_markdown
-from ..files import atomic_output, check_output
-from ..paths import demo_checkpoint
+from ..measure.bench import MARKDOWN_COLUMNS, BenchConfig, bench as run_bench, row_cells, to_csv, to_markdown
+from ..core.files import atomic_output, check_output
+from ..core.paths import demo_checkpoint
 from . import _output
 from ._errors import handle_errors
 from ._options import (ArchKwargsOpt, ArchOpt, ComputeUnitsOpt, DataOpt, Fp16EmulationOpt, ForceOpt, JsonOpt,

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..compare import CompareConfig, compare as run_compare
+from ..measure.compare import CompareConfig, compare as run_compare
 from . import _output
 from ._errors import handle_errors
 from ._options import (ArchKwargsOpt, ArchOpt, ComputeUnitsOpt, DataOpt, Fp16EmulationOpt, ForceOpt, JsonOpt,

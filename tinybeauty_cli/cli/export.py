@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..export import ExportConfig, ExportResult, export_model
-from ..paths import demo_checkpoint
+from ..core.paths import demo_checkpoint
 from . import _output
 from ._errors import handle_errors
 from ._options import ArchKwargsOpt, ArchOpt, ForceOpt, JsonOpt, QuietOpt, TrustPickleOpt, model_options

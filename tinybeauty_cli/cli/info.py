@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..describe import describe
-from ..paths import demo_checkpoint
+from ..measure.describe import describe
+from ..core.paths import demo_checkpoint
 from . import _output
 from ._errors import handle_errors
 from ._options import ArchKwargsOpt, ArchOpt, ArtifactArg, JsonOpt, TrustPickleOpt, model_options

@@ -7,7 +7,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from ..paths import demo_checkpoint
+from ..core.paths import demo_checkpoint
 from ..prune import DEFAULT_CHANNEL_FINETUNE_STEPS, PruneConfig, PruneMethod, PruneReport, prune as prune_model
 from . import _output
 from ._errors import handle_errors

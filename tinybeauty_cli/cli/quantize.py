@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..paths import demo_checkpoint
+from ..core.paths import demo_checkpoint
 from ..quantize import BACKENDS, SELECTION_RUNS, QuantizeConfig, QuantizeResult, quantize_model
 from . import _output
 from ._errors import handle_errors

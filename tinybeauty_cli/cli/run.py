@@ -8,10 +8,10 @@ from typing import Annotated, Optional
 import typer
 
 from ..export import WEIGHT_MODES
-from ..paths import demo_checkpoint
-from ..pipeline import OUTPUT_FILES, RunConfig, RunResult, caption, run_pipeline
+from ..core.paths import demo_checkpoint
+from ..flow.pipeline import OUTPUT_FILES, RunConfig, RunResult, caption, run_pipeline
 from ..prune import PruneMethod
-from ..report import format_figure
+from ..measure.report import format_figure
 from . import _output
 from ._errors import handle_errors
 from ._options import DataOpt, ForceOpt, JsonOpt, LimitOpt, QuietOpt, ThreadsOpt

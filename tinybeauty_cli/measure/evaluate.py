@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .images import ImageSet, model_to_uint8, uint8_to_model
+from ..core.images import ImageSet, model_to_uint8, uint8_to_model
 from .metrics import PSNR_CAP_DB, mean_psnr_db, psnr_db
-from .progress import Progress, SilentProgress
-from .runners import Runner
+from ..core.progress import Progress, SilentProgress
+from ..runtime.runners import Runner
 
 
 def target_psnr_db(outputs: np.ndarray, targets_u8: np.ndarray) -> float:

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__
-from .checkpoint import Artifact, HistoryStep, LoadedModel, Preprocessing, load_model
-from .coreml_file import (
+from .. import __version__
+from ..core.checkpoint import Artifact, HistoryStep, LoadedModel, Preprocessing, load_model
+from ..coreml.spec import (
     FileWeight,
     compact_neural_network,
     compact_program,
@@ -52,13 +52,13 @@ from .coreml_file import (
     program_weights,
     quiet,
 )
-from .errors import ConfigError, InputError, TbOptError, UnsupportedError, UsageError
-from .files import atomic_output, check_output, size_on_disk, zipped_size
-from .images import synthetic_unlabeled, uint8_to_model
-from .metrics import psnr_db
-from .model import LayerNorm
+from ..core.errors import ConfigError, InputError, TbOptError, UnsupportedError, UsageError
+from ..core.files import atomic_output, check_output, size_on_disk, zipped_size
+from ..core.images import synthetic_unlabeled, uint8_to_model
+from ..measure.metrics import psnr_db
+from ..core.model import LayerNorm
 from .palettes import kmeans_lut
-from .progress import Progress, SilentProgress
+from ..core.progress import Progress, SilentProgress
 
 CONFIG_VERSION = 1
 TARGETS = ("iOS13", "iOS14", "iOS15", "iOS16", "iOS17", "iOS18")

@@ -11,12 +11,12 @@ import numpy as np
 import torch
 
 from .describe import describe
-from .errors import ConfigError
+from ..core.errors import ConfigError
 from .evaluate import Evaluation, evaluate, fidelity_psnr_db, worst_fidelity_db
-from .images import ImageSet, load_images, model_to_uint8, uint8_to_model
+from ..core.images import ImageSet, load_images, model_to_uint8, uint8_to_model
 from .metrics import Latency, measure_latency, ssim
-from .progress import Progress, SilentProgress
-from .runners import Runner, open_runner
+from ..core.progress import Progress, SilentProgress
+from ..runtime.runners import Runner, open_runner
 
 BENCH_VERSION = 1
 

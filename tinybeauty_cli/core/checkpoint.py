@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from . import __version__
+from .. import __version__
 from .errors import ArchitectureMismatchError, ConfigError, InputError, UnsafeCheckpointError, UnsupportedError
 from .files import atomic_output, require_file, sha256_file
 from .model import TinyBeauty, TinyBeautyConfig, config_from_state_dict, looks_like_tinybeauty

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import Preprocessing
-from .errors import ConfigError, InputError, UnsupportedError
-from .runners import Runner, register_opener
+from ..core.checkpoint import Preprocessing
+from ..core.errors import ConfigError, InputError, UnsupportedError
+from ..runtime.runners import Runner, register_opener
 
 #: How every figure computed by the reference executor is labelled (it is not device latency).
 REFERENCE_ENGINE = "Core ML reference executor (not device)"
@@ -241,7 +241,7 @@ class ReferenceBackend(_Backend):
         self.model = model
         self.notes = []
         if model.format == "mlprogram":
-            from .coreml_exec.mlprogram import MLProgramExecutor, load_program
+            from .exec.mlprogram import MLProgramExecutor, load_program
 
             self.executor: Any = MLProgramExecutor(load_program(model.path), fp16_emulation=fp16_emulation)
             self.precision = self.executor.compute_precision()
@@ -249,7 +249,7 @@ class ReferenceBackend(_Backend):
             if fp16_emulation and self.precision == "fp32":
                 self.notes.append(f"{model.path.name} computes in fp32: --fp16-emulation changes nothing")
         else:
-            from .coreml_exec.neuralnetwork import NeuralNetworkExecutor, image_scaler
+            from .exec.neuralnetwork import NeuralNetworkExecutor, image_scaler
 
             self.executor = NeuralNetworkExecutor(model.spec, fp16_emulation=fp16_emulation)
             self.precision = "fp16 on GPU / Neural Engine, fp32 on CPU"
@@ -453,7 +453,7 @@ def stored_tensors(model: CoreMLModelFile) -> list[StoredTensor]:
     ``WeightParams`` and ``loadConstantND``), in graph order."""
     out: list[StoredTensor] = []
     if model.format == "mlprogram":
-        from .coreml_exec.mlprogram import load_program, materialize_constants
+        from .exec.mlprogram import load_program, materialize_constants
 
         fn = load_program(model.path).functions["main"]
         consts = materialize_constants(fn)
@@ -472,7 +472,7 @@ def stored_tensors(model: CoreMLModelFile) -> list[StoredTensor]:
                     out.append(StoredTensor(f"{op.name}.{key}", np.asarray(val, np.float32), role,
                                             op.op_type == "conv_transpose"))
         return out
-    from .coreml_exec.neuralnetwork import network_of, weight_array
+    from .exec.neuralnetwork import network_of, weight_array
 
     for layer in network_of(model.spec).layers:
         kind = layer.WhichOneof("layer")

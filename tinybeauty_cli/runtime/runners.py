@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import LoadedModel, Preprocessing, load_model
-from .errors import UnsupportedError
+from ..core.checkpoint import LoadedModel, Preprocessing, load_model
+from ..core.errors import UnsupportedError
 
 
 class Runner:
@@ -77,8 +77,8 @@ class TorchRunner(Runner):
 #: Openers for other artifact kinds, by file suffix (registered by their modules).
 _SUFFIX_OPENERS: dict[str, Callable[..., Runner]] = {}
 #: Modules that register openers, imported on first use (they pull in heavy libraries).
-_LAZY_OPENERS: dict[str, str] = {".mlpackage": "tinybeauty_cli.coreml_runtime",
-                                 ".mlmodel": "tinybeauty_cli.coreml_runtime"}
+_LAZY_OPENERS: dict[str, str] = {".mlpackage": "tinybeauty_cli.coreml.runner",
+                                 ".mlmodel": "tinybeauty_cli.coreml.runner"}
 
 
 def register_opener(suffix: str, opener: Callable[..., Runner]) -> None:

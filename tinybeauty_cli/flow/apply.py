@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import InputError
-from .files import atomic_output, check_output
-from .images import model_to_uint8, read_image, to_model_size, uint8_to_model
-from .metrics import psnr_db
-from .progress import Progress, SilentProgress
-from .runners import Runner
+from ..core.errors import InputError
+from ..core.files import atomic_output, check_output
+from ..core.images import model_to_uint8, read_image, to_model_size, uint8_to_model
+from ..measure.metrics import psnr_db
+from ..core.progress import Progress, SilentProgress
+from ..runtime.runners import Runner
 
 
 @dataclass

@@ -24,17 +24,17 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from . import __version__
-from .bench import BenchConfig, BenchResult, BenchRow, bench
-from .checkpoint import load_model
-from .errors import InputError, OutputExistsError, TbOptError, UsageError
-from .export import ExportConfig, ExportResult, export_model
-from .files import atomic_output
-from .metrics import torch_threads
-from .progress import Progress, SilentProgress
-from .prune import PruneConfig, PruneReport, prune
-from .quantize import QuantizeConfig, QuantizeResult, quantize_model
-from .report import StageFigures, results_figure, results_markdown
+from .. import __version__
+from ..measure.bench import BenchConfig, BenchResult, BenchRow, bench
+from ..core.checkpoint import load_model
+from ..core.errors import InputError, OutputExistsError, TbOptError, UsageError
+from ..export import ExportConfig, ExportResult, export_model
+from ..core.files import atomic_output
+from ..measure.metrics import torch_threads
+from ..core.progress import Progress, SilentProgress
+from ..prune import PruneConfig, PruneReport, prune
+from ..quantize import QuantizeConfig, QuantizeResult, quantize_model
+from ..measure.report import StageFigures, results_figure, results_markdown
 
 RUN_VERSION = 1
 

@@ -42,16 +42,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import Artifact, ArchSpec, HistoryStep, LoadedModel, load_model, save_artifact
-from .errors import ConfigError, InputError, UnsupportedError, UsageError
-from .evaluate import Evaluation, evaluate
-from .files import check_output, size_on_disk, zipped_size
-from .images import ImageSet, builtin_test_set, load_folder, synthetic_unlabeled, uint8_to_model
-from .metrics import count_macs, count_parameters, torch_threads
-from .model import LayerNorm, TinyBeauty, config_from_state_dict
-from .progress import Progress, SilentProgress
-from .runners import TorchRunner
-from .training import FitConfig, fit, made_up
+from ..core.checkpoint import Artifact, ArchSpec, HistoryStep, LoadedModel, load_model, save_artifact
+from ..core.errors import ConfigError, InputError, UnsupportedError, UsageError
+from ..measure.evaluate import Evaluation, evaluate
+from ..core.files import check_output, size_on_disk, zipped_size
+from ..core.images import ImageSet, builtin_test_set, load_folder, synthetic_unlabeled, uint8_to_model
+from ..measure.metrics import count_macs, count_parameters, torch_threads
+from ..core.model import LayerNorm, TinyBeauty, config_from_state_dict
+from ..core.progress import Progress, SilentProgress
+from ..runtime.runners import TorchRunner
+from ..core.training import FitConfig, fit, made_up
 
 #: Layers whose weights are pruned (the issue's definition of "conv layers").
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.ConvTranspose2d)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import UnsupportedError
+from ...core.errors import UnsupportedError
 from . import GraphBuilder, OpGraph, as_tensor, round_fp16
 
 LayerBuilder = Callable[[Any, Any], tuple[Callable[..., Any], list[str]]]

@@ -42,18 +42,18 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from . import __version__
-from .checkpoint import (TORCHSCRIPT_META, HistoryStep, LoadedModel, Preprocessing, load_model)
-from .errors import ConfigError, ImageError, InputError, UnsupportedError
-from .evaluate import evaluate, fidelity_psnr_db
-from .files import atomic_output, check_output, size_on_disk, zipped_size
+from .. import __version__
+from ..core.checkpoint import (TORCHSCRIPT_META, HistoryStep, LoadedModel, Preprocessing, load_model)
+from ..core.errors import ConfigError, ImageError, InputError, UnsupportedError
+from ..measure.evaluate import evaluate, fidelity_psnr_db
+from ..core.files import atomic_output, check_output, size_on_disk, zipped_size
 from .graph_rewrites import (LEAF_MODULES, RewriteReport, TraceError, isolate_list_inputs, optimize_graph,
                              quantizable_layers)
-from .images import (PAIR_DIRS, ImageSet, builtin_test_set, list_images, read_image, synthetic_unlabeled,
+from ..core.images import (PAIR_DIRS, ImageSet, builtin_test_set, list_images, read_image, synthetic_unlabeled,
                      to_model_size, uint8_to_model)
-from .metrics import Latency, count_macs, count_parameters, measure_latencies
-from .progress import Progress, SilentProgress
-from .runners import TorchRunner
+from ..measure.metrics import Latency, count_macs, count_parameters, measure_latencies
+from ..core.progress import Progress, SilentProgress
+from ..runtime.runners import TorchRunner
 
 QUANTIZE_VERSION = 1
 TORCHSCRIPT_FORMAT = "tbopt-torchscript"

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .model import LayerNorm as MunitLayerNorm
+from ..core.model import LayerNorm as MunitLayerNorm
 
 #: Fidelity (dB, residual outputs, peak-to-peak 2) a rewrite must keep to count as exact.
 EXACT_PSNR_DB = 100.0

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError, UnsupportedError
+from ...core.errors import InputError, UnsupportedError
 from . import GraphBuilder, OpGraph, as_tensor, round_fp16
 
 Builder = Callable[[Any, "_Ctx"], tuple[Callable[..., Any], list[Any]]]
@@ -659,7 +659,7 @@ def load_program(path: Path) -> Any:
     """The MIL program of an ``.mlpackage``, with its weights, read by coremltools' own loader."""
     from coremltools.converters.mil.frontend.milproto.load import load
 
-    from ..coreml_runtime import import_coremltools
+    from ..runner import import_coremltools
 
     ct = import_coremltools()
     try:

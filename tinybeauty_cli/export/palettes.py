@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .training import BatchFn, FitConfig, fit
+from ..core.training import BatchFn, FitConfig, fit
 
 #: The layers whose weights are palettized (as in ``tbopt export``).
 PALETTIZED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,

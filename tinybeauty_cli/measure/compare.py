@@ -11,13 +11,13 @@ import torch
 
 from .bench import BenchConfig, time_runner
 from .describe import describe
-from .errors import ConfigError
+from ..core.errors import ConfigError
 from .evaluate import evaluate
-from .files import atomic_output, check_output
-from .images import load_images, model_to_uint8
+from ..core.files import atomic_output, check_output
+from ..core.images import load_images, model_to_uint8
 from .metrics import PSNR_CAP_DB, Latency, psnr_db
-from .progress import Progress, SilentProgress
-from .runners import Runner, TorchRunner, open_runner
+from ..core.progress import Progress, SilentProgress
+from ..runtime.runners import Runner, TorchRunner, open_runner
 
 
 @dataclass(frozen=True)

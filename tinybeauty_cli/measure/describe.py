@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import LoadedModel
-from .files import sha256_file, size_on_disk, zipped_size
+from ..core.checkpoint import LoadedModel
+from ..core.files import sha256_file, size_on_disk, zipped_size
 from .metrics import count_macs, count_parameters
-from .runners import Runner, TorchRunner, open_runner
+from ..runtime.runners import Runner, TorchRunner, open_runner
 
 
 def model_figures(loaded: LoadedModel) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..errors import InputError, UnsupportedError
+from ...core.errors import InputError, UnsupportedError
 
 
 def round_fp16(t: torch.Tensor) -> torch.Tensor:
