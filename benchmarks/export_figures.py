@@ -40,13 +40,13 @@ from tinybeauty_cli.core import synthetic  # noqa: E402
 from tinybeauty_cli.core.checkpoint import Artifact, HistoryStep, load_model, save_artifact  # noqa: E402
 from tinybeauty_cli.coreml.spec import coremltools, package_parts, quiet  # noqa: E402
 from tinybeauty_cli.measure.evaluate import evaluate  # noqa: E402
-from tinybeauty_cli.export import ExportConfig, decompressed_model, export_model  # noqa: E402
+from tinybeauty_cli.export._all import ExportConfig, decompressed_model, export_model  # noqa: E402
 from tinybeauty_cli.core.files import size_on_disk, zipped_size  # noqa: E402
 from tinybeauty_cli.core.images import builtin_test_set  # noqa: E402
 from tinybeauty_cli.core.model import LayerNorm, TinyBeauty, config_from_state_dict  # noqa: E402
 from tinybeauty_cli.export.palettes import fit_palettes  # noqa: E402
 from tinybeauty_cli.core.paths import demo_checkpoint  # noqa: E402
-from tinybeauty_cli.prune import _layer_norm_pruner  # noqa: E402  (torch-pruning rule for the LayerNorm)
+from tinybeauty_cli.prune._all import _layer_norm_pruner  # noqa: E402  (torch-pruning rule for the LayerNorm)
 from tinybeauty_cli.runtime.runners import TorchRunner  # noqa: E402
 from tinybeauty_cli.core.training import FitConfig, fit  # noqa: E402
 

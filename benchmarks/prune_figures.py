@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tinybeauty_cli.core.checkpoint import load_model  # noqa: E402
-from tinybeauty_cli.measure.metrics import measure_latency  # noqa: E402
+from tinybeauty_cli.runtime.timing import measure_latency
 from tinybeauty_cli.core.paths import demo_checkpoint  # noqa: E402
-from tinybeauty_cli.prune import PruneConfig, prune  # noqa: E402
+from tinybeauty_cli.prune._all import PruneConfig, prune  # noqa: E402
 
 REALDATA = ROOT.parent / "shared" / "realdata"
 if not REALDATA.is_dir():

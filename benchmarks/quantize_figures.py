@@ -38,9 +38,10 @@ sys.path.insert(0, str(ROOT))
 from tinybeauty_cli.core.checkpoint import load_model  # noqa: E402
 from tinybeauty_cli.measure.evaluate import evaluate  # noqa: E402
 from tinybeauty_cli.core.images import builtin_test_set, uint8_to_model  # noqa: E402
-from tinybeauty_cli.measure.metrics import measure_latencies  # noqa: E402
+from tinybeauty_cli.runtime.timing import measure_latencies
 from tinybeauty_cli.core.paths import demo_checkpoint  # noqa: E402
-from tinybeauty_cli.quantize import QuantizeConfig, quantize_model, quantized_engine  # noqa: E402
+from tinybeauty_cli.quantize._all import QuantizeConfig, quantize_model
+from tinybeauty_cli.runtime.contexts import quantized_engine
 from tinybeauty_cli.runtime.runners import TorchRunner  # noqa: E402
 
 

@@ -17,7 +17,7 @@ from tests.coreml_models import MLPROGRAM_VARIANTS, NEURALNETWORK_VARIANTS, Core
 from tinybeauty_cli.coreml import runner as cr
 from tinybeauty_cli.coreml.exec import mlprogram, neuralnetwork
 from tinybeauty_cli.core.errors import InputError, TbOptError, UnsupportedError
-from tinybeauty_cli.measure.evaluate import fidelity_psnr_db
+from tinybeauty_cli.core.quality import fidelity_psnr_db
 from tinybeauty_cli.core.images import model_to_uint8
 from tinybeauty_cli.runtime.runners import open_runner
 

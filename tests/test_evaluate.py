@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from tinybeauty_cli.measure.evaluate import evaluate, fidelity_psnr_db, target_psnr_db
+from tinybeauty_cli.measure.evaluate import evaluate, target_psnr_db
+from tinybeauty_cli.core.quality import fidelity_psnr_db
 from tinybeauty_cli.core.images import ImageSet, builtin_test_set, uint8_to_model
 from tinybeauty_cli.runtime.runners import Runner, TorchRunner
 

@@ -14,7 +14,7 @@ from tinybeauty_cli.core.checkpoint import Artifact, HistoryStep, load_model, sa
 from tinybeauty_cli.cli.app import app
 from tinybeauty_cli.coreml.spec import compact_program, coremltools, load_program, quiet
 from tinybeauty_cli.core.errors import OutputExistsError, UnsupportedError, UsageError
-from tinybeauty_cli.export import (
+from tinybeauty_cli.export._all import (
     ExportConfig,
     decompressed_model,
     export_model,
@@ -352,7 +352,7 @@ def test_existing_outputs_are_kept_without_force(tmp_path, small_artifact):
 
 
 def test_a_failure_leaves_nothing_behind(tmp_path, small_artifact, monkeypatch):
-    import tinybeauty_cli.export as export_module
+    import tinybeauty_cli.export._all as export_module
 
     def broken(*args, **kwargs):
         raise export_module.ExportError("simulated validation failure")

@@ -5,7 +5,7 @@ from PIL import Image
 from tinybeauty_cli.core import synthetic
 from tinybeauty_cli.core.errors import ImageError
 from tinybeauty_cli.core.images import builtin_test_set, load_folder, load_images, read_image, to_model_size
-from tinybeauty_cli.measure.metrics import mean_psnr_db
+from tinybeauty_cli.core.quality import mean_psnr_db
 
 
 def _save(path, array, mode=None):

@@ -4,7 +4,8 @@ import torch
 from PIL import Image
 
 from tinybeauty_cli.core.errors import ArchitectureMismatchError, ConfigError
-from tinybeauty_cli.measure.metrics import count_macs, count_parameters, psnr_db
+from tinybeauty_cli.core.counts import count_macs, count_parameters
+from tinybeauty_cli.core.quality import psnr_db
 from tinybeauty_cli.core.model import TinyBeauty, TinyBeautyConfig, config_from_state_dict
 
 from .conftest import REAL_CKPT, REAL_FACE

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from tinybeauty_cli import prune as P
+from tinybeauty_cli.prune import _all as P
 from tinybeauty_cli.core.checkpoint import Artifact, ArchSpec, HistoryStep, load_model, save_artifact
 from tinybeauty_cli.core.errors import ConfigError, InputError, OutputExistsError, UsageError
 from tinybeauty_cli.core.images import ImageSet, builtin_test_set

@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from tinybeauty_cli import quantize as qz
+from tinybeauty_cli.quantize import _all as qz
 from tinybeauty_cli.core.checkpoint import Artifact, ArchSpec, HistoryStep, Preprocessing, load_model, save_artifact
 from tinybeauty_cli.measure.describe import describe
 from tinybeauty_cli.core.errors import ConfigError, ImageError, InputError, UnsupportedError
 from tinybeauty_cli.core.model import TinyBeauty, TinyBeautyConfig
 from tinybeauty_cli.core.progress import SilentProgress
-from tinybeauty_cli.quantize import QuantizeConfig, quantize_model
+from tinybeauty_cli.quantize._all import QuantizeConfig, quantize_model
 from tinybeauty_cli.runtime.runners import open_runner
 
 from .archs import TinyUNet
@@ -362,7 +362,7 @@ def test_float_torchscript_and_all_float_requests_are_refused(tmp_path):
 
 
 def test_measure_latencies_interleaves_and_restores_threads():
-    from tinybeauty_cli.measure.metrics import measure_latencies
+    from tinybeauty_cli.runtime.timing import measure_latencies
     calls = []
     before = torch.get_num_threads()
     lat = measure_latencies({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, runs=3, warmup=1,

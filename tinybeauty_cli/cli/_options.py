@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..coreml.runner import ComputeUnits
+from ..coreml.units import ComputeUnits
 
 ArtifactArg = Annotated[
     Optional[Path],

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..export import ExportConfig, ExportResult, export_model
+from ..export._all import ExportConfig, ExportResult, export_model
 from ..core.paths import demo_checkpoint
 from . import _output
 from ._errors import handle_errors

@@ -8,7 +8,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from ..core.paths import demo_checkpoint
-from ..prune import DEFAULT_CHANNEL_FINETUNE_STEPS, PruneConfig, PruneMethod, PruneReport, prune as prune_model
+from ..prune._all import DEFAULT_CHANNEL_FINETUNE_STEPS, PruneConfig, PruneMethod, PruneReport, prune as prune_model
 from . import _output
 from ._errors import handle_errors
 from ._options import (ArchKwargsOpt, ArchOpt, ArtifactArg, ForceOpt, JsonOpt, LimitOpt, OutputOpt, QuietOpt,

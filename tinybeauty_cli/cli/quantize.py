@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..core.paths import demo_checkpoint
-from ..quantize import BACKENDS, SELECTION_RUNS, QuantizeConfig, QuantizeResult, quantize_model
+from ..quantize._all import BACKENDS, SELECTION_RUNS, QuantizeConfig, QuantizeResult, quantize_model
 from . import _output
 from ._errors import handle_errors
 from ._options import (ArchKwargsOpt, ArchOpt, ArtifactArg, ForceOpt, JsonOpt, OutputOpt, QuietOpt, ThreadsOpt,

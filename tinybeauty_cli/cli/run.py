@@ -7,10 +7,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..export import WEIGHT_MODES
+from ..export._all import WEIGHT_MODES
 from ..core.paths import demo_checkpoint
 from ..flow.pipeline import OUTPUT_FILES, RunConfig, RunResult, caption, run_pipeline
-from ..prune import PruneMethod
+from ..prune._all import PruneMethod
 from ..measure.report import format_figure
 from . import _output
 from ._errors import handle_errors

@@ -33,34 +33,11 @@ from torch import nn
 from ..core.checkpoint import Preprocessing
 from ..core.errors import ConfigError, InputError, UnsupportedError
 from ..runtime.runners import Runner, register_opener
+from .units import ComputeUnits, parse_compute_units
 
 #: How every figure computed by the reference executor is labelled (it is not device latency).
 REFERENCE_ENGINE = "Core ML reference executor (not device)"
 SUFFIXES = (".mlpackage", ".mlmodel")
-
-
-class ComputeUnits(str, Enum):
-    """Which processors Core ML may use (chosen when a model is loaded, not stored in the file)."""
-
-    all = "all"
-    cpu = "cpu"
-    cpu_gpu = "cpu-gpu"
-    cpu_ne = "cpu-ne"
-
-    def coreml(self) -> Any:
-        ct = import_coremltools()
-        return {"all": ct.ComputeUnit.ALL, "cpu": ct.ComputeUnit.CPU_ONLY,
-                "cpu-gpu": ct.ComputeUnit.CPU_AND_GPU, "cpu-ne": ct.ComputeUnit.CPU_AND_NE}[self.value]
-
-
-def parse_compute_units(value: str | ComputeUnits | None) -> ComputeUnits | None:
-    if value is None or isinstance(value, ComputeUnits):
-        return value
-    try:
-        return ComputeUnits(str(value).lower())
-    except ValueError:
-        choices = ", ".join(c.value for c in ComputeUnits)
-        raise ConfigError(f"compute units must be one of {choices}, got {value!r}") from None
 
 
 @functools.lru_cache(maxsize=1)

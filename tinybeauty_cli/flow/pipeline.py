@@ -28,12 +28,12 @@ from .. import __version__
 from ..measure.bench import BenchConfig, BenchResult, BenchRow, bench
 from ..core.checkpoint import load_model
 from ..core.errors import InputError, OutputExistsError, TbOptError, UsageError
-from ..export import ExportConfig, ExportResult, export_model
+from ..export._all import ExportConfig, ExportResult, export_model
 from ..core.files import atomic_output
-from ..measure.metrics import torch_threads
+from ..runtime.contexts import torch_threads
 from ..core.progress import Progress, SilentProgress
-from ..prune import PruneConfig, PruneReport, prune
-from ..quantize import QuantizeConfig, QuantizeResult, quantize_model
+from ..prune._all import PruneConfig, PruneReport, prune
+from ..quantize._all import QuantizeConfig, QuantizeResult, quantize_model
 from ..measure.report import StageFigures, results_figure, results_markdown
 
 RUN_VERSION = 1

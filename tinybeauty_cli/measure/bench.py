@@ -12,9 +12,11 @@ import torch
 
 from .describe import describe
 from ..core.errors import ConfigError
-from .evaluate import Evaluation, evaluate, fidelity_psnr_db, worst_fidelity_db
+from .evaluate import Evaluation, evaluate
+from ..core.quality import fidelity_psnr_db, worst_fidelity_db
 from ..core.images import ImageSet, load_images, model_to_uint8, uint8_to_model
-from .metrics import Latency, measure_latency, ssim
+from ..runtime.timing import Latency, measure_latency
+from .metrics import ssim
 from ..core.progress import Progress, SilentProgress
 from ..runtime.runners import Runner, open_runner
 

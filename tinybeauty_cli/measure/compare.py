@@ -15,7 +15,8 @@ from ..core.errors import ConfigError
 from .evaluate import evaluate
 from ..core.files import atomic_output, check_output
 from ..core.images import load_images, model_to_uint8
-from .metrics import PSNR_CAP_DB, Latency, psnr_db
+from ..core.quality import PSNR_CAP_DB, psnr_db
+from ..runtime.timing import Latency
 from ..core.progress import Progress, SilentProgress
 from ..runtime.runners import Runner, TorchRunner, open_runner
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..core.checkpoint import LoadedModel
 from ..core.files import sha256_file, size_on_disk, zipped_size
-from .metrics import count_macs, count_parameters
+from ..core.counts import count_macs, count_parameters
 from ..runtime.runners import Runner, TorchRunner, open_runner
 
 

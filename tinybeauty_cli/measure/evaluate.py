@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.images import ImageSet, model_to_uint8, uint8_to_model
-from .metrics import PSNR_CAP_DB, mean_psnr_db, psnr_db
+from ..core.quality import fidelity_psnr_db, mean_psnr_db, worst_fidelity_db
 from ..core.progress import Progress, SilentProgress
 from ..runtime.runners import Runner
 
@@ -24,15 +24,6 @@ from ..runtime.runners import Runner
 def target_psnr_db(outputs: np.ndarray, targets_u8: np.ndarray) -> float:
     """Mean PSNR of made-up float outputs (N, 3, S, S) in [-1, 1] against uint8 targets (N, S, S, 3)."""
     return mean_psnr_db(model_to_uint8(outputs), targets_u8)
-
-
-def fidelity_psnr_db(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean PSNR between two models' float made-up images in [-1, 1]."""
-    return mean_psnr_db(a, b, data_range=2.0)
-
-
-def worst_fidelity_db(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.min(np.minimum(psnr_db(a, b, 2.0), PSNR_CAP_DB)))
 
 
 @dataclass

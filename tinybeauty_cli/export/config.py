@@ -1,0 +1,180 @@
+"""What ``tbopt export`` can be told and what a file needs: formats, targets, weight modes, and the
+plan (target, sparse storage) for one export. No torch or coremltools here: the CLI imports it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..core.errors import ConfigError, UsageError
+
+CONFIG_VERSION = 1
+TARGETS = ("iOS13", "iOS14", "iOS15", "iOS16", "iOS17", "iOS18")
+WEIGHT_MODES = ("fp16", "int8", "pal8", "pal6", "pal4", "pal3", "pal2")
+FORMAT_BY_SUFFIX = {".mlmodel": "neuralnetwork", ".mlpackage": "mlprogram"}
+FORMAT_NAMES = {"neuralnetwork": "NeuralNetwork (.mlmodel)", "mlprogram": "ML Program (.mlpackage)"}
+#: A checkpoint with at least this share of zero weights counts as pruned (``--sparse auto``).
+SPARSE_MIN_ZEROS = 0.10
+#: Names of the model's inputs and outputs.
+IMAGE_IN, IMAGE_OUT = "image", "made_up"
+TENSOR_IN, TENSOR_OUT = "input", "residual"
+#: Metadata keys (userDefined) tbopt writes.
+META_PREFIX = "tbopt."
+#: Ops whose constant weight input is compressed (biases, norm scales and the like are not).
+_WEIGHT_OPS = ("conv", "conv_transpose", "linear", "matmul")
+
+
+def _target_index(target: str) -> int:
+    return TARGETS.index(target)
+
+
+def normalize_target(target: str | None) -> str | None:
+    if target is None:
+        return None
+    for t in TARGETS:
+        if t.lower() == str(target).strip().lower():
+            return t
+    raise ConfigError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+
+
+def format_for_path(path: Path | str) -> str:
+    """``neuralnetwork`` for ``.mlmodel``, ``mlprogram`` for ``.mlpackage``."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMAT_BY_SUFFIX:
+        raise UsageError(
+            f"cannot tell the Core ML format from {Path(path).name!r}: the output must end in "
+            f".mlmodel (NeuralNetwork, iOS 13+) or .mlpackage (ML Program, iOS 15+)")
+    return FORMAT_BY_SUFFIX[suffix]
+
+
+@dataclass
+class ExportConfig:
+    """What to write. ``weights=None`` stores weights at the compute ``precision``."""
+
+    format: str = "neuralnetwork"  # "neuralnetwork" | "mlprogram"
+    precision: str = "fp16"  # "fp16" | "fp32"
+    weights: str | None = None  # None | one of WEIGHT_MODES
+    sparse: str = "auto"  # "auto" | "off"
+    target: str | None = None  # None: the lowest iOS the format and compression allow
+    io: str = "image"  # "image" | "tensor"
+    size: int | None = None  # None: the model's own input size
+    author: str | None = None
+    license: str | None = None
+    model_version: str = "1.0"
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMAT_NAMES:
+            raise ConfigError(f"format must be 'neuralnetwork' or 'mlprogram', got {self.format!r}")
+        if self.precision not in ("fp16", "fp32"):
+            raise ConfigError(f"precision must be fp16 or fp32, got {self.precision!r}")
+        if self.weights is not None and self.weights not in WEIGHT_MODES:
+            raise ConfigError(f"--weights must be one of {', '.join(WEIGHT_MODES)}, got {self.weights!r}")
+        if self.weights == "fp16" and self.precision == "fp32":
+            raise UsageError("--weights fp16 contradicts --fp32: fp32 weights are what --fp32 stores",
+                             hint="drop --weights for fp32 weights, or use --fp16")
+        if self.sparse not in ("auto", "off"):
+            raise ConfigError(f"--sparse must be auto or off, got {self.sparse!r}")
+        self.target = normalize_target(self.target)
+        if self.io not in ("image", "tensor"):
+            raise ConfigError(f"--io must be image or tensor, got {self.io!r}")
+        if self.size is not None and (self.size < 8 or self.size % 4):
+            raise ConfigError(f"--size must be a multiple of 4 and >= 8, got {self.size}")
+        if self.format == "neuralnetwork" and self.target is not None and _target_index(self.target) > 1:
+            raise UsageError(
+                f"--target {self.target} with a .mlmodel: the NeuralNetwork format is written for iOS13 or "
+                f"iOS14 (it also runs on later iOS)",
+                hint="write an .mlpackage (ML Program) for an iOS15+ target")
+
+    @property
+    def weight_mode(self) -> str:
+        """How conv/linear weights are stored: fp16, fp32, int8 or palN."""
+        return self.weights or self.precision
+
+    @property
+    def palette_bits(self) -> int | None:
+        return int(self.weight_mode[3:]) if self.weight_mode.startswith("pal") else None
+
+    @classmethod
+    def for_output(cls, output: Path | str, **kwargs: Any) -> "ExportConfig":
+        return cls(format=format_for_path(output), **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ExportConfig":
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# --- what the format and the compression need --------------------------------------------------------
+
+
+def requirements(fmt: str, weight_mode: str, sparse: bool) -> list[tuple[str, str]]:
+    """(minimum target, why) for each feature an export uses."""
+    if fmt == "neuralnetwork":
+        return [("iOS13", "the NeuralNetwork format as tbopt writes it")]
+    needs = [("iOS15", "an ML Program")]
+    bits = int(weight_mode[3:]) if weight_mode.startswith("pal") else None
+    if weight_mode == "int8":
+        needs.append(("iOS16", "int8 per-channel weights in an ML Program"))
+    if bits is not None:
+        if bits == 3:
+            needs.append(("iOS18", "3-bit palettes in an ML Program"))
+        else:
+            needs.append(("iOS16", "palettized weights in an ML Program"))
+    if sparse:
+        needs.append(("iOS16", "sparse weights"))
+        if weight_mode in ("int8",) or bits is not None:
+            needs.append(("iOS18", f"sparse weights stored jointly with {weight_mode} compression"))
+    return needs
+
+
+@dataclass
+class ExportPlan:
+    target: str
+    sparse: bool  # some weights are stored sparse
+    zero_fraction: float  # share of zeros among conv/linear weights
+    sparse_threshold: float  # a tensor is stored sparse from this share of zeros on
+    notes: list[str] = field(default_factory=list)
+
+
+def storage_bits(weight_mode: str) -> int:
+    return {"fp32": 32, "fp16": 16, "int8": 8}.get(weight_mode) or int(weight_mode[3:])
+
+
+def sparse_threshold(weight_mode: str) -> float:
+    """Share of zeros from which sparse storage pays: the mask costs 1 bit per weight."""
+    return max(SPARSE_MIN_ZEROS, 1.0 / storage_bits(weight_mode) + 0.02)
+
+
+def plan_export(config: ExportConfig, tensor_zeros: list[tuple[int, int]]) -> ExportPlan:
+    """The target to write and whether to store weights sparse; a clear error if the target is too low.
+
+    ``tensor_zeros`` is (zeros, size) of every conv/linear weight tensor.
+    """
+    notes: list[str] = []
+    total = sum(n for _, n in tensor_zeros)
+    zeros = sum(z for z, _ in tensor_zeros) / total if total else 0.0
+    threshold = sparse_threshold(config.weight_mode)
+    sparse = False
+    if config.sparse == "auto" and zeros >= SPARSE_MIN_ZEROS:
+        pays = any(n and z / n >= threshold for z, n in tensor_zeros)
+        if config.format == "neuralnetwork":
+            notes.append(f"{zeros:.0%} of the weights are zero, but the NeuralNetwork format cannot store them "
+                         f"sparse (an .mlpackage for iOS16+ can); stored dense")
+        elif not pays:
+            notes.append(f"{zeros:.0%} of the weights are zero, but no tensor has the {threshold:.0%} zeros from "
+                         f"which sparse storage beats {config.weight_mode}; stored dense")
+        else:
+            sparse = True
+    needs = requirements(config.format, config.weight_mode, sparse)
+    target, why = max(needs, key=lambda n: _target_index(n[0]))
+    if config.target is not None:
+        if _target_index(config.target) < _target_index(target):
+            hint = "pass --sparse off to store the pruned weights dense" if sparse else None
+            raise UsageError(f"--target {config.target} is too low: {why} requires {target} or later", hint=hint)
+        target = config.target
+    return ExportPlan(target, sparse, zeros, threshold, notes)
