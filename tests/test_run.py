@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from tinybeauty_cli.flow import pipeline
 from tinybeauty_cli.core.checkpoint import load_model
 from tinybeauty_cli.core.errors import InputError, UsageError
-from tinybeauty_cli.flow.pipeline import OUTPUT_FILES, RunConfig, StageError, run_pipeline
+from tinybeauty_cli.flow.run_config import OUTPUT_FILES, RunConfig
+from tinybeauty_cli.flow.pipeline import StageError, run_pipeline
 from tinybeauty_cli.runtime.runners import open_runner
 
 from .conftest import REAL_FACE

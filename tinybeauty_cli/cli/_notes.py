@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from ..runtime.runners import Runner
+from ..core.runner import Runner
 from . import _output
 
 

@@ -9,7 +9,8 @@ import typer
 
 from ..export._all import WEIGHT_MODES
 from ..core.paths import demo_checkpoint
-from ..flow.pipeline import OUTPUT_FILES, RunConfig, RunResult, caption, run_pipeline
+from ..flow.run_config import OUTPUT_FILES, RunConfig
+from ..flow.pipeline import RunResult, caption, run_pipeline
 from ..prune._all import PruneMethod
 from ..measure.report import format_figure
 from . import _output

@@ -1,4 +1,5 @@
-"""How big a module is: parameters (and how many are non-zero) and multiply-accumulates per image."""
+"""How big a module is: parameters (and how many are non-zero), multiply-accumulates per image, and the
+channels it takes."""
 
 from __future__ import annotations
 
@@ -29,3 +30,11 @@ def count_macs(module: nn.Module, size: int, channels: int = 3) -> int:
         module(x)
     module.train(was_training)
     return int(counter.get_total_flops() // 2)
+
+
+def input_channels(model: nn.Module) -> int:
+    """The channels the network takes: its first convolution's input channels (3 when it has none)."""
+    for mod in model.modules():
+        if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d)):
+            return int(mod.in_channels)
+    return 3

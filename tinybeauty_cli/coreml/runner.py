@@ -32,7 +32,7 @@ from torch import nn
 
 from ..core.checkpoint import Preprocessing
 from ..core.errors import ConfigError, InputError, UnsupportedError
-from ..runtime.runners import Runner, register_opener
+from ..core.runner import Runner
 from .units import ComputeUnits, parse_compute_units
 
 #: How every figure computed by the reference executor is labelled (it is not device latency).
@@ -554,8 +554,7 @@ def with_file_weights(module: nn.Module, path: Path | str, size: int, max_relati
     return module
 
 
-for _suffix in SUFFIXES:
-    register_opener(_suffix, open_coreml_runner)
+
 
 __all__: Sequence[str] = (
     "REFERENCE_ENGINE", "ComputeUnits", "CoreMLModelFile", "CoreMLRunner", "ConvWeights", "Feature",

@@ -62,6 +62,7 @@ from .config import (CONFIG_VERSION, FORMAT_BY_SUFFIX, FORMAT_NAMES, IMAGE_IN, I
                      TARGETS, TENSOR_IN, TENSOR_OUT, WEIGHT_MODES, _WEIGHT_OPS, ExportConfig, ExportPlan,
                      _target_index, format_for_path, normalize_target, plan_export, requirements, sparse_threshold,
                      storage_bits)
+from ..core.counts import input_channels
 from ..core.progress import Progress, SilentProgress
 
 class ExportError(TbOptError):
@@ -614,7 +615,7 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
     prep = artifact.preprocessing
     size = config.size or prep.size
     model = loaded.module.eval()
-    channels = _input_channels(model)
+    channels = input_channels(model)
     plan = plan_export(config, tensor_zeros(model))
 
     with progress.task("exporting", total=4) as advance:
@@ -670,13 +671,6 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
         casts=ops.get("cast", 0), parameters=params, zero_fraction=round(plan.zero_fraction, 4), sparse_tensors=ops.get("constexpr_sparse_to_dense", 0), validation=validation,
         seconds=round(time.perf_counter() - started, 2), notes=plan.notes, config=config.to_dict(),
         source=str(loaded.path), source_sha256=loaded.sha256)
-
-
-def _input_channels(model: nn.Module) -> int:
-    for mod in model.modules():
-        if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d)):
-            return int(mod.in_channels)
-    return 3
 
 
 def _sizes(path: Path, fmt: str) -> dict[str, int]:

@@ -18,7 +18,8 @@ from ..core.images import ImageSet, load_images, model_to_uint8, uint8_to_model
 from ..runtime.timing import Latency, measure_latency
 from .metrics import ssim
 from ..core.progress import Progress, SilentProgress
-from ..runtime.runners import Runner, open_runner
+from ..core.runner import Runner
+from ..runtime.runners import open_runner
 
 BENCH_VERSION = 1
 

@@ -18,7 +18,8 @@ from ..core.images import load_images, model_to_uint8
 from ..core.quality import PSNR_CAP_DB, psnr_db
 from ..runtime.timing import Latency
 from ..core.progress import Progress, SilentProgress
-from ..runtime.runners import Runner, TorchRunner, open_runner
+from ..core.runner import Runner
+from ..runtime.runners import TorchRunner, open_runner
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ from typing import Any
 from ..core.checkpoint import LoadedModel
 from ..core.files import sha256_file, size_on_disk, zipped_size
 from ..core.counts import count_macs, count_parameters
-from ..runtime.runners import Runner, TorchRunner, open_runner
+from ..core.runner import Runner
+from ..runtime.runners import TorchRunner, open_runner
 
 
 def model_figures(loaded: LoadedModel) -> dict[str, Any]:

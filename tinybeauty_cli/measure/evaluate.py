@@ -18,7 +18,7 @@ import numpy as np
 from ..core.images import ImageSet, model_to_uint8, uint8_to_model
 from ..core.quality import fidelity_psnr_db, mean_psnr_db, worst_fidelity_db
 from ..core.progress import Progress, SilentProgress
-from ..runtime.runners import Runner
+from ..core.runner import Runner
 
 
 def target_psnr_db(outputs: np.ndarray, targets_u8: np.ndarray) -> float:

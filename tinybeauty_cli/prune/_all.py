@@ -51,6 +51,7 @@ from ..core.images import ImageSet, builtin_test_set, load_folder, synthetic_unl
 from ..core.counts import count_macs, count_parameters
 from ..runtime.contexts import torch_threads
 from ..core.model import LayerNorm, TinyBeauty, config_from_state_dict
+from ..core.counts import input_channels
 from ..core.progress import Progress, SilentProgress
 from ..runtime.runners import TorchRunner
 from ..core.training import FitConfig, fit, made_up
@@ -670,13 +671,6 @@ def _totals(model: nn.Module, size: int, channels: int) -> ModelTotals:
     return ModelTotals(params, nonzero, count_macs(model, size, channels))
 
 
-def _input_channels(model: nn.Module) -> int:
-    first = next(iter(prunable_layers(model).values()))
-    if isinstance(first, nn.ConvTranspose2d):
-        return first.weight.shape[0]
-    return first.weight.shape[1] * first.groups
-
-
 def _sizes_in_artifact_format(artifact: Artifact) -> tuple[int, int]:
     """(bytes, zipped bytes) of ``artifact`` saved as a tbopt artifact, in a temporary folder."""
     with tempfile.TemporaryDirectory(prefix="tbopt-size-") as tmp:
@@ -749,7 +743,7 @@ def prune_loaded(loaded: LoadedModel, cfg: PruneConfig, *, data: Path | None = N
     layers = _require_conv_layers(original)
     excluded = excluded_layers(layers, cfg.exclude)
     size = loaded.preprocessing.size
-    channels = _input_channels(original)
+    channels = input_channels(original)
     eval_images = eval_images or builtin_test_set(size)
     if eval_images.inputs.shape[1] != size:
         raise ConfigError(f"evaluation images are {eval_images.inputs.shape[1]}px but the model takes {size}px")

@@ -1,14 +1,11 @@
-"""Every artifact kind behind one interface: ``predict(batch) -> made-up images``.
+"""PyTorch runners, and the one table that says which opener reads a file.
 
-A batch is float32 (N, 3, S, S) in [-1, 1] at the model's size. ``residual`` is what
-the network adds; ``predict`` is ``clamp(x + residual, -1, 1)``, the made-up face.
-Commands that score, time or apply models (``apply``, ``bench``, ``compare``, ``run``)
-only see this interface, so Core ML files and int8 TorchScript work like checkpoints.
+:func:`open_runner` opens any artifact tbopt knows behind the :class:`~tinybeauty_cli.core.runner.Runner`
+interface: checkpoints, tbopt artifacts and TorchScript here, Core ML files through ``coreml.runner``.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -19,39 +16,7 @@ from torch import nn
 
 from ..core.checkpoint import LoadedModel, Preprocessing, load_model
 from ..core.errors import UnsupportedError
-
-
-class Runner:
-    """Base class: subclasses implement :meth:`residual` (and may override :meth:`predict`)."""
-
-    #: "float" | "int8" | "coreml"
-    kind: str = "float"
-    #: How the numbers are computed, e.g. "PyTorch eager fp32".
-    engine: str = ""
-    preprocessing: Preprocessing = Preprocessing()
-    batch_size: int = 8
-
-    @property
-    def size(self) -> int:
-        return self.preprocessing.size
-
-    def residual(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return np.clip(x + self.residual(x), -1.0, 1.0)
-
-    def predict_all(self, x: np.ndarray, on_batch: Callable[[int], None] | None = None) -> np.ndarray:
-        """``predict`` over a large array in batches of ``batch_size``, reusing the loaded model."""
-        outs = []
-        for i in range(0, len(x), self.batch_size):
-            outs.append(self.predict(x[i:i + self.batch_size]))
-            if on_batch is not None:
-                on_batch(min(self.batch_size, len(x) - i))
-        return np.concatenate(outs) if outs else np.empty_like(x)
-
-    def info(self) -> dict[str, Any]:
-        return {}
+from ..core.runner import Runner
 
 
 @dataclass
@@ -72,17 +37,6 @@ class TorchRunner(Runner):
         if self.preprocessing.output == "image":
             return out - x
         return out
-
-
-#: Openers for other artifact kinds, by file suffix (registered by their modules).
-_SUFFIX_OPENERS: dict[str, Callable[..., Runner]] = {}
-#: Modules that register openers, imported on first use (they pull in heavy libraries).
-_LAZY_OPENERS: dict[str, str] = {".mlpackage": "tinybeauty_cli.coreml.runner",
-                                 ".mlmodel": "tinybeauty_cli.coreml.runner"}
-
-
-def register_opener(suffix: str, opener: Callable[..., Runner]) -> None:
-    _SUFFIX_OPENERS[suffix.lower()] = opener
 
 
 def runner_for(loaded: LoadedModel) -> Runner:
@@ -106,11 +60,22 @@ def open_runner(path: Path | str, **options: Any) -> Runner:
     (``tbopt bench a.pt b.mlpackage --compute-units cpu``).
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in _SUFFIX_OPENERS and suffix in _LAZY_OPENERS:
-        importlib.import_module(_LAZY_OPENERS[suffix])
-    opener = _SUFFIX_OPENERS.get(suffix)
-    if opener is not None:
-        return opener(path, **options)
+    opener = OPENERS.get(path.suffix.lower(), open_checkpoint_runner)
+    return opener(path, **options)
+
+
+def open_checkpoint_runner(path: Path, **options: Any) -> Runner:
+    """A checkpoint, tbopt artifact or TorchScript file, opened by :func:`load_model`."""
     ckpt_opts = {k: options[k] for k in ("arch", "arch_kwargs", "trust_pickle") if k in options}
     return runner_for(load_model(path, **ckpt_opts))
+
+
+def open_coreml(path: Path, **options: Any) -> Runner:
+    """A ``.mlpackage`` / ``.mlmodel``; coremltools is imported only when one is opened."""
+    from ..coreml.runner import open_coreml_runner  # noqa: PLC0415 - heavy, and only for Core ML files
+
+    return open_coreml_runner(path, **options)
+
+
+#: Which opener reads a file, by suffix; anything else is a checkpoint, an artifact or TorchScript.
+OPENERS: dict[str, Callable[..., Runner]] = {".mlpackage": open_coreml, ".mlmodel": open_coreml}
