@@ -194,7 +194,3 @@ def uint8_to_model(batch: np.ndarray) -> np.ndarray:
 def model_to_uint8(batch: np.ndarray) -> np.ndarray:
     """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3), rounded."""
     return np.clip(np.round((np.asarray(batch, np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
-
-
-def save_png(array: np.ndarray, path: Path) -> None:
-    Image.fromarray(array).save(path, format="PNG")

@@ -1,0 +1,2 @@
+"""What a command runs: open each file once, transform in memory, evaluate once, write atomically,
+report. ``pipeline`` chains the stages for ``tbopt run``."""

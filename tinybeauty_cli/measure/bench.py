@@ -12,13 +12,14 @@ import torch
 
 from .describe import describe
 from ..core.errors import ConfigError
-from .evaluate import Evaluation, evaluate
+from .evaluate import Scores, score_outputs
 from ..core.quality import fidelity_psnr_db, worst_fidelity_db
-from ..core.images import ImageSet, load_images, model_to_uint8, uint8_to_model
+from ..core.images import load_images, model_to_uint8, uint8_to_model
 from ..runtime.timing import Latency, measure_latency
 from .metrics import ssim
 from ..core.progress import Progress, SilentProgress
 from ..core.runner import Runner
+from ..runtime.contexts import torch_threads
 from ..runtime.runners import open_runner
 
 BENCH_VERSION = 1
@@ -107,16 +108,20 @@ class BenchResult:
                 "rows": [r.to_dict() for r in self.rows], "notes": list(self.notes)}
 
 
-class _ImageCache:
-    """One image set per model size (artifacts exported at another size get their own)."""
+class _ScoreSets:
+    """One image set, and the scores of the models run on it, per model size (artifacts exported at
+    another size get their own set)."""
 
-    def __init__(self, cfg: BenchConfig):
+    def __init__(self, cfg: BenchConfig, progress: Progress, given: Scores | None = None):
         self.cfg = cfg
-        self.sets: dict[int, ImageSet] = {}
+        self.progress = progress
+        self.sets: dict[int, Scores] = {}
+        if given is not None:
+            self.sets[given.images.inputs.shape[1]] = given
 
-    def get(self, size: int) -> ImageSet:
+    def get(self, size: int) -> Scores:
         if size not in self.sets:
-            self.sets[size] = load_images(self.cfg.data, size, self.cfg.limit)
+            self.sets[size] = Scores(load_images(self.cfg.data, size, self.cfg.limit), self.progress)
         return self.sets[size]
 
 
@@ -129,76 +134,99 @@ def time_runner(runner: Runner, image: np.ndarray, cfg: BenchConfig, progress: P
                                threads=cfg.effective_threads, on_run=advance)
 
 
+@dataclass
+class Entry:
+    """An artifact to measure: its file (sizes, description), how it runs, and the model it runs
+    (the key its scores are kept under; the runner itself when not given)."""
+
+    path: Path
+    runner: Runner
+    key: object = None
+
+    @property
+    def score_key(self) -> object:
+        return self.runner if self.key is None else self.key
+
+
 def bench(paths: list[Path], cfg: BenchConfig, *, ref: Path | None = None, time_models: bool = True,
           progress: Progress | None = None, keep_examples: int = 0, **open_options: Any) -> BenchResult:
-    """Score and time every artifact in ``paths`` on the same images.
+    """Open and measure every artifact in ``paths`` on the same images (see :func:`measure_entries`).
 
-    ``keep_examples=K`` keeps K images spread over the set and every artifact's outputs on them
-    (:attr:`BenchResult.examples`), e.g. for a picture of the results.
+    ``ref`` is the artifact fidelity is measured against (default: the first of ``paths``).
     """
-    progress = progress or SilentProgress()
     if not paths:
         raise ConfigError("no artifacts to benchmark")
-    images = _ImageCache(cfg)
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.effective_threads)
-    try:
-        runners = [open_runner(p, **open_options) for p in paths]  # every file opens before any work
-        ref_path = ref or paths[0]
-        ref_runner = None
-        if ref is not None and all(Path(ref).resolve() != Path(p).resolve() for p in paths):
-            ref_runner = open_runner(ref, **open_options)
-        notes: list[str] = [n for r in runners for n in getattr(r, "notes", ())]
-        evaluations: dict[int, Evaluation] = {}
-        for i, (path, runner) in enumerate(zip(paths, runners)):
-            evaluations[i] = evaluate(runner, images.get(runner.size), progress=progress,
-                                      description=f"scoring {Path(path).name}")
-        if ref_runner is not None:
-            ref_eval = evaluate(ref_runner, images.get(ref_runner.size), progress=progress,
-                                description=f"scoring {Path(ref).name} (reference)")
-            ref_outputs, ref_size = ref_eval.outputs, ref_runner.size
+    with torch_threads(cfg.effective_threads):
+        entries = [Entry(Path(p), open_runner(p, **open_options)) for p in paths]  # every file opens first
+        ref_path = Path(ref or paths[0])
+        reference = None
+        if ref is not None and all(ref_path.resolve() != e.path.resolve() for e in entries):
+            reference = Entry(ref_path, open_runner(ref_path, **open_options))
+        return measure_entries(entries, cfg, reference=reference, ref_path=ref_path, time_models=time_models,
+                               progress=progress, keep_examples=keep_examples)
+
+
+def measure_entries(entries: list[Entry], cfg: BenchConfig, *, ref_path: Path, reference: Entry | None = None,
+                    scores: Scores | None = None, time_models: bool = True, progress: Progress | None = None,
+                    keep_examples: int = 0) -> BenchResult:
+    """Score and time opened artifacts on the same images.
+
+    Fidelity is measured against the entry whose path is ``ref_path``, or against ``reference``
+    when it is not one of ``entries``. ``scores`` holds images (and models already run on them)
+    to reuse. ``keep_examples=K`` keeps K images spread over the set and every artifact's outputs on
+    them (:attr:`BenchResult.examples`), e.g. for a picture of the results.
+    """
+    progress = progress or SilentProgress()
+    sets = _ScoreSets(cfg, progress, scores)
+    with torch_threads(cfg.effective_threads):
+        notes: list[str] = [n for e in entries for n in getattr(e.runner, "notes", ())]
+        outputs = [sets.get(e.runner.size).outputs(e.score_key, e.runner, f"scoring {e.path.name}")
+                   for e in entries]
+        if reference is not None:
+            ref_outputs = sets.get(reference.runner.size).outputs(
+                reference.score_key, reference.runner, f"scoring {reference.path.name} (reference)")
+            ref_size = reference.runner.size
         else:
-            idx = next(i for i, p in enumerate(paths) if Path(p).resolve() == Path(ref_path).resolve())
-            ref_outputs, ref_size = evaluations[idx].outputs, runners[idx].size
+            idx = next(i for i, e in enumerate(entries) if e.path.resolve() == ref_path.resolve())
+            ref_outputs, ref_size = outputs[idx], entries[idx].runner.size
         ref_u8 = model_to_uint8(ref_outputs)
 
         rows = []
-        for i, (path, runner) in enumerate(zip(paths, runners)):
-            ev = evaluations[i]
+        for e, out in zip(entries, outputs):
+            runner = e.runner
+            images = sets.get(runner.size).images
+            ev = score_outputs(out, images)
             fid = worst = ss = None
-            is_ref = ref_runner is None and Path(path).resolve() == Path(ref_path).resolve()
+            is_ref = reference is None and e.path.resolve() == ref_path.resolve()
             if runner.size == ref_size and not is_ref:
-                fid = fidelity_psnr_db(ev.outputs, ref_outputs)
-                worst = worst_fidelity_db(ev.outputs, ref_outputs)
-                ss = float(np.mean(ssim(model_to_uint8(ev.outputs), ref_u8)))
+                fid = fidelity_psnr_db(out, ref_outputs)
+                worst = worst_fidelity_db(out, ref_outputs)
+                ss = float(np.mean(ssim(model_to_uint8(out), ref_u8)))
             elif runner.size != ref_size:
-                notes.append(f"{Path(path).name} runs at {runner.size}px, the reference at {ref_size}px: no fidelity")
+                notes.append(f"{e.path.name} runs at {runner.size}px, the reference at {ref_size}px: no fidelity")
             latency = None
             if time_models:
-                latency = time_runner(runner, images.get(runner.size).inputs[0], cfg, progress,
-                                      f"timing {Path(path).name}")
-            info = describe(path, runner=runner)
+                latency = time_runner(runner, images.inputs[0], cfg, progress, f"timing {e.path.name}")
+            info = describe(e.path, runner=runner)
             rows.append(BenchRow(
-                name=Path(path).name, path=str(path), kind=runner.kind, engine=runner.engine,
+                name=e.path.name, path=str(e.path), kind=runner.kind, engine=runner.engine,
                 size_bytes=info["size_bytes"], zipped_bytes=info["zipped_bytes"],
                 parameters=info.get("parameters"), nonzero_parameters=info.get("nonzero_parameters"),
-                macs=info.get("macs"), images=len(ev.outputs), target_psnr_db=ev.target_psnr_db,
+                macs=info.get("macs"), images=len(out), target_psnr_db=ev.target_psnr_db,
                 fidelity_psnr_db=fid, worst_fidelity_db=worst, ssim=ss, latency=latency,
                 is_reference=is_ref,
             ))
         if any("not device" in r.engine for r in rows):
             notes.append("Core ML times measured with tbopt's reference executor on this CPU are not "
                          "device latency; Core ML latency needs Apple hardware (run bench on a Mac).")
-        first = images.get(runners[0].size)
+        first = sets.get(entries[0].runner.size).images
         examples: dict[str, Any] = {}
         if keep_examples > 0:  # spread over the set: neighbours in a folder tend to look alike
             k = np.unique(np.linspace(0, len(first) - 1, min(keep_examples, len(first))).round().astype(int))
             examples = {"names": [first.names[i] for i in k], "inputs": first.inputs[k],
                         "targets": None if first.targets is None else first.targets[k],
-                        "outputs": [model_to_uint8(evaluations[i].outputs[k]) for i in range(len(paths))]}
+                        "outputs": [model_to_uint8(out[k]) for out in outputs]}
         return BenchResult(rows, first.source, str(ref_path), cfg, notes, examples)
-    finally:
-        torch.set_num_threads(old_threads)
 
 
 def to_csv(result: BenchResult) -> str:

@@ -34,16 +34,17 @@ def describe(path: Path | str, runner: Runner | None = None, **options: Any) -> 
     """Everything ``tbopt info`` shows, as a dict (the same dict ``--json`` prints)."""
     path = Path(path)
     runner = runner or open_runner(path, **options)
+    loaded = runner.loaded if isinstance(runner, TorchRunner) else None
     info: dict[str, Any] = {
         "path": str(path),
         "kind": runner.kind,
         "engine": runner.engine,
         "size_bytes": size_on_disk(path),
         "zipped_bytes": zipped_size(path),
-        "sha256": sha256_file(path),
+        # a file tbopt opened was hashed then: read it again only for what it did not open
+        "sha256": loaded.sha256 if loaded is not None and Path(loaded.path) == path else sha256_file(path),
     }
-    if isinstance(runner, TorchRunner) and runner.loaded is not None:
-        loaded = runner.loaded
+    if loaded is not None:
         info["found"] = loaded.found
         info.update(model_figures(loaded))
         info["preprocessing"] = loaded.preprocessing.to_dict()

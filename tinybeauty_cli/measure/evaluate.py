@@ -47,13 +47,8 @@ def _r(v: float | None) -> float | None:
     return None if v is None else round(float(v), 3)
 
 
-def evaluate(runner: Runner, images: ImageSet, reference: np.ndarray | None = None,
-             progress: Progress | None = None, description: str = "scoring") -> Evaluation:
-    """Run ``runner`` on every image (batched) and score it."""
-    progress = progress or SilentProgress()
-    x = uint8_to_model(images.inputs)
-    with progress.task(description, total=len(x)) as advance:
-        outputs = runner.predict_all(x, on_batch=advance)
+def score_outputs(outputs: np.ndarray, images: ImageSet, reference: np.ndarray | None = None) -> Evaluation:
+    """Score made-up outputs already computed on ``images``: nothing is run again."""
     tgt = dn = fid = worst = None
     if images.targets is not None:
         tgt = target_psnr_db(outputs, images.targets)
@@ -62,3 +57,37 @@ def evaluate(runner: Runner, images: ImageSet, reference: np.ndarray | None = No
         fid = fidelity_psnr_db(outputs, reference)
         worst = worst_fidelity_db(outputs, reference)
     return Evaluation(outputs, tgt, dn, fid, worst)
+
+
+def evaluate(runner: Runner, images: ImageSet, reference: np.ndarray | None = None,
+             progress: Progress | None = None, description: str = "scoring") -> Evaluation:
+    """Run ``runner`` on every image (batched) and score it."""
+    progress = progress or SilentProgress()
+    x = uint8_to_model(images.inputs)
+    with progress.task(description, total=len(x)) as advance:
+        outputs = runner.predict_all(x, on_batch=advance)
+    return score_outputs(outputs, images, reference)
+
+
+class Scores:
+    """Each model run once on one image set; every later score of it is computed from its outputs.
+
+    ``tbopt run`` scores the same models in several stages (a stage's own report, then the final
+    table): keyed by the model object, the second request costs nothing.
+    """
+
+    def __init__(self, images: ImageSet, progress: Progress | None = None):
+        self.images = images
+        self.progress = progress or SilentProgress()
+        self._outputs: dict[int, tuple[object, np.ndarray]] = {}
+
+    def outputs(self, key: object, runner: Runner, description: str) -> np.ndarray:
+        """The made-up images of the model ``key`` (run through ``runner`` the first time only)."""
+        hit = self._outputs.get(id(key))
+        if hit is None:
+            outputs = evaluate(runner, self.images, progress=self.progress, description=description).outputs
+            hit = self._outputs[id(key)] = (key, outputs)  # the key is kept so that its id stays unique
+        return hit[1]
+
+    def score(self, key: object, runner: Runner, description: str, reference: np.ndarray | None = None) -> Evaluation:
+        return score_outputs(self.outputs(key, runner, description), self.images, reference)
