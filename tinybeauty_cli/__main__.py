@@ -1,3 +1,5 @@
+"""``python -m tinybeauty_cli``: the same command as ``tbopt``."""
+
 from .cli.app import main
 
 main()
