@@ -1,4 +1,4 @@
-"""``python -m tinybeauty_cli``: the same CLI as ``tbopt``."""
+"""``python -m tinybeauty_cli``: the same command as ``tbopt``."""
 
 from .cli.app import main
 

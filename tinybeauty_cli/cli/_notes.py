@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-from ..core.runner import Runner
 from . import _output
+
+if TYPE_CHECKING:  # core.runner pulls numpy and torch; the CLI builds its --help without them
+    from ..core.runner import Runner
 
 
 def warn_runner_notes(out: _output.Output, runners: Iterable[Runner], compute_units_given: bool,

@@ -58,6 +58,16 @@ class Output:
         stderr.print(f"Warning: {message}", style="yellow", highlight=False, markup=False)
 
     # -- data ------------------------------------------------------------------------
+    def emit(self, result: Any, render: Callable[["Output", Any], None]) -> None:
+        """A command's result, the one way out: JSON under ``--json``, else ``render(self, result)``.
+
+        ``result`` is an object with ``to_dict()`` or a plain dict; ``render`` draws the human view.
+        """
+        if self.json_mode:
+            self.json(result)
+        else:
+            render(self, result)
+
     def json(self, data: Any) -> None:
         sys.stdout.write(json.dumps(to_jsonable(data), indent=2) + "\n")
         sys.stdout.flush()

@@ -7,6 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
+# Command modules import only typer/rich and torch-free modules (core.errors, core.paths, the config
+# modules, coreml.units); each imports the library inside its function. torch and coremltools take
+# seconds to import, and --help needs neither (tests/test_startup.py keeps it so).
 from . import apply, bench, compare, export, info, prune, quantize, run
 
 app = typer.Typer(
@@ -43,5 +46,7 @@ app.command("compare")(compare.compare)
 app.command("info")(info.info)
 app.command("apply")(apply.apply)
 
+
 def main() -> None:
+    """The ``tbopt`` console script (and ``python -m tinybeauty_cli``)."""
     app()

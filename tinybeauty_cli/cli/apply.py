@@ -7,9 +7,7 @@ from typing import Annotated, List
 
 import typer
 
-from ..flow.apply import apply_makeup
 from ..core.paths import demo_checkpoint
-from ..runtime.runners import open_runner
 from . import _output
 from ._notes import warn_runner_notes
 from ._errors import handle_errors
@@ -35,15 +33,20 @@ def apply(
     fp16_emulation: Fp16EmulationOpt = False,
 ) -> None:
     """Write made-up versions of photos: the residual is added at full resolution, as the authors' demo does."""
+    from ..flow.apply import apply_makeup  # noqa: PLC0415 - torch, only when the command runs
+    from ..runtime.runners import open_runner  # noqa: PLC0415
+
     out = _output.Output(json_mode=json_out, quiet=quiet)
     path = demo_checkpoint() if str(artifact) == "demo" else artifact
     runner = open_runner(path, **model_options(arch, arch_kwargs, trust_pickle),
                          **coreml_options(compute_units, fp16_emulation))
     warn_runner_notes(out, [runner], compute_units is not None, fp16_emulation)
     results = apply_makeup(runner, list(images), out_dir, model_size=model_size, force=force, progress=out)
-    if json_out:
-        out.json({"model": str(path), "engine": runner.engine, "images": results})
-        return
-    out.table(f"made up with {path.name} ({runner.engine})", ["input", "output", "size", "mean |change|", "PSNR vs input (dB)"],
+    out.emit({"model": str(path), "engine": runner.engine, "images": results}, render_apply)
+
+
+def render_apply(out: _output.Output, d: dict) -> None:
+    out.table(f"made up with {Path(d['model']).name} ({d['engine']})",
+              ["input", "output", "size", "mean |change|", "PSNR vs input (dB)"],
               [(r.input, r.output, f"{r.width}x{r.height}", f"{r.mean_abs_change:.2f}", r.psnr_vs_input_db)
-               for r in results], right=("mean |change|", "PSNR vs input (dB)"))
+               for r in d["images"]], right=("mean |change|", "PSNR vs input (dB)"))

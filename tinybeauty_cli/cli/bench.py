@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import TYPE_CHECKING, Annotated, List, Optional
 
 import typer
 
-from ..measure.bench import MARKDOWN_COLUMNS, BenchConfig, bench as run_bench, row_cells, to_csv, to_markdown
-from ..core.files import atomic_output, check_output
 from ..core.paths import demo_checkpoint
 from . import _output
 from ._errors import handle_errors
 from ._options import (ArchKwargsOpt, ArchOpt, ComputeUnitsOpt, DataOpt, Fp16EmulationOpt, ForceOpt, JsonOpt,
                        LimitOpt, QuietOpt, ThreadsOpt, TrustPickleOpt, coreml_options, model_options)
+
+if TYPE_CHECKING:
+    from ..measure.bench import BenchResult
 
 
 @handle_errors
@@ -45,6 +46,9 @@ def bench(
     fp16_emulation: Fp16EmulationOpt = False,
 ) -> None:
     """Size (KB, on disk and zipped), PSNR, fidelity, SSIM and latency of each artifact on the same images."""
+    from ..measure.bench import BenchConfig, bench as run_bench, to_csv, to_markdown  # noqa: PLC0415 - torch
+    from ..core.files import atomic_output, check_output  # noqa: PLC0415
+
     out = _output.Output(json_mode=json_out, quiet=quiet)
     for f in (csv_file, markdown_file):
         if f is not None:
@@ -60,13 +64,12 @@ def bench(
     if markdown_file is not None:
         with atomic_output(markdown_file, force=force) as tmp:
             tmp.write_text(to_markdown(result))
-    if json_out:
-        out.json(result.to_dict())
-        return
-    render_bench(out, result)
+    out.emit(result, render_bench)
 
 
-def render_bench(out: _output.Output, result) -> None:
+def render_bench(out: _output.Output, result: BenchResult) -> None:
+    from ..measure.bench import MARKDOWN_COLUMNS, row_cells  # noqa: PLC0415 - torch
+
     heads = [c for c, _ in MARKDOWN_COLUMNS]
     cfg = result.config
     caption = (f"{result.data_source}; fidelity/SSIM vs {Path(result.reference).name}; latency: batch 1, "

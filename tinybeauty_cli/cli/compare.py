@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ..measure.compare import CompareConfig, compare as run_compare
 from . import _output
 from ._errors import handle_errors
 from ._options import (ArchKwargsOpt, ArchOpt, ComputeUnitsOpt, DataOpt, Fp16EmulationOpt, ForceOpt, JsonOpt,
                        LimitOpt, QuietOpt, ThreadsOpt, TrustPickleOpt, coreml_options, model_options)
+
+if TYPE_CHECKING:
+    from ..measure.compare import CompareResult
 
 
 @handle_errors
@@ -36,14 +38,17 @@ def compare(
     fp16_emulation: Fp16EmulationOpt = False,
 ) -> None:
     """Both artifacts on the same images: output PSNR between them, each vs targets, size and speed ratios, weights."""
+    from ..measure.compare import CompareConfig, compare as run_compare  # noqa: PLC0415 - torch
+
     out = _output.Output(json_mode=json_out, quiet=quiet)
     cfg = CompareConfig(data=data, limit=limit, runs=runs, warmup=warmup, threads=threads, worst=worst)
     result = run_compare(a, b, cfg, out_dir=out_dir, force=force, time_models=not no_timing, progress=out,
                          **model_options(arch, arch_kwargs, trust_pickle),
                          **coreml_options(compute_units, fp16_emulation))
-    if json_out:
-        out.json(result)
-        return
+    out.emit(result, render_compare)
+
+
+def render_compare(out: _output.Output, result: CompareResult) -> None:
     sa, sb = result.a, result.b
 
     def lat(side):

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from ..export._all import ExportConfig, ExportResult, export_model
 from ..core.paths import demo_checkpoint
 from . import _output
 from ._errors import handle_errors
 from ._options import ArchKwargsOpt, ArchOpt, ForceOpt, JsonOpt, QuietOpt, TrustPickleOpt, model_options
+
+if TYPE_CHECKING:
+    from ..export._all import ExportResult
 
 PANEL = "Core ML"
 
@@ -92,6 +94,8 @@ def export(
     trust_pickle: TrustPickleOpt = False,
 ) -> None:
     """Export to Core ML for iOS (.mlmodel for iOS 13+, .mlpackage for iOS 15+), compressed, validated."""
+    from ..export._all import ExportConfig, export_model  # noqa: PLC0415 - torch and coremltools
+
     out = _output.Output(json_mode=json_out, quiet=quiet)
     path = artifact or demo_checkpoint()
     config = ExportConfig.for_output(
@@ -100,10 +104,7 @@ def export(
         author=author, license=license_, model_version=model_version)
     result = export_model(path, output, config, force=force, progress=out,
                           **model_options(arch, arch_kwargs, trust_pickle))
-    if json_out:
-        out.json(result)
-        return
-    render_export(out, result)
+    out.emit(result, render_export)
 
 
 def _feature(f: dict) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ..measure.describe import describe
 from ..core.paths import demo_checkpoint
 from . import _output
 from ._errors import handle_errors
@@ -18,13 +17,11 @@ def info(
     trust_pickle: TrustPickleOpt = False,
 ) -> None:
     """Architecture, parameters, MACs, size on disk and zipped, preprocessing and history of a model."""
+    from ..measure.describe import describe  # noqa: PLC0415 - torch, only when the command runs
+
     path = artifact or demo_checkpoint()
     data = describe(path, **model_options(arch, arch_kwargs, trust_pickle))
-    out = _output.Output(json_mode=json_out)
-    if json_out:
-        out.json(data)
-        return
-    render_info(out, data)
+    _output.Output(json_mode=json_out).emit(data, render_info)
 
 
 def render_info(out: _output.Output, d: dict) -> None:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import TYPE_CHECKING, Annotated, List, Optional
 
 import typer
 
 from ..core.paths import demo_checkpoint
-from ..prune._all import DEFAULT_CHANNEL_FINETUNE_STEPS, PruneConfig, PruneMethod, PruneReport, prune as prune_model
+from ..prune.config import DEFAULT_CHANNEL_FINETUNE_STEPS, PruneConfig, PruneMethod
 from . import _output
 from ._errors import handle_errors
 from ._options import (ArchKwargsOpt, ArchOpt, ArtifactArg, ForceOpt, JsonOpt, LimitOpt, OutputOpt, QuietOpt,
                        ThreadsOpt, TrustPickleOpt, model_options)
+
+if TYPE_CHECKING:
+    from ..prune._all import PruneReport
 
 
 @handle_errors
@@ -52,16 +55,15 @@ def prune(
 
     Writes a tbopt artifact (default ./<name>_pruned-<method>-<percent>.pt) with the step in its history.
     """
+    from ..prune._all import prune as prune_model  # noqa: PLC0415 - torch, only when the command runs
+
     out = _output.Output(json_mode=json_out, quiet=quiet)
     cfg = PruneConfig(rate=rate, method=method.value, finetune_steps=finetune_steps, exclude=tuple(exclude or ()),
                       seed=seed)
     path = artifact or demo_checkpoint()
     report = prune_model(path, cfg, output=output, force=force, data=data, eval_data=eval_data, eval_limit=limit,
                          threads=threads, progress=out, **model_options(arch, arch_kwargs, trust_pickle))
-    if json_out:
-        out.json(report.to_dict())
-        return
-    render_prune(out, report)
+    out.emit(report, render_prune)
 
 
 def render_prune(out: _output.Output, r: PruneReport) -> None:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from ..core.paths import demo_checkpoint
-from ..quantize._all import BACKENDS, SELECTION_RUNS, QuantizeConfig, QuantizeResult, quantize_model
+from ..quantize.config import BACKENDS, SELECTION_RUNS
 from . import _output
 from ._errors import handle_errors
 from ._options import (ArchKwargsOpt, ArchOpt, ArtifactArg, ForceOpt, JsonOpt, OutputOpt, QuietOpt, ThreadsOpt,
                        TrustPickleOpt, model_options)
+
+if TYPE_CHECKING:
+    from ..quantize._all import QuantizeResult
 
 BACKEND_CHOICES = ("auto", *BACKENDS)
 
@@ -48,6 +51,8 @@ def quantize(
     trust_pickle: TrustPickleOpt = False,
 ) -> None:
     """int8 static quantization, calibrated on real images, into a TorchScript file that runs without tbopt."""
+    from ..quantize._all import QuantizeConfig, quantize_model  # noqa: PLC0415 - torch, only when the command runs
+
     out = _output.Output(json_mode=json_out, quiet=quiet)
     source = artifact or demo_checkpoint()
     cfg = QuantizeConfig(backend=backend, calib=calib, calib_count=calib_count, keep_float=keep_float,
@@ -56,10 +61,7 @@ def quantize(
     command = "tbopt " + " ".join(sys.argv[1:]) if sys.argv[1:] else "tbopt quantize"
     result = quantize_model(source, target, cfg, force=force, progress=out, command=command,
                             **model_options(arch, arch_kwargs, trust_pickle))
-    if json_out:
-        out.json(result.to_dict())
-        return
-    render_quantize(out, result)
+    out.emit(result, render_quantize)
 
 
 def render_quantize(out: _output.Output, r: QuantizeResult) -> None:

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from ..export._all import WEIGHT_MODES
+from ..export.config import WEIGHT_MODES
 from ..core.paths import demo_checkpoint
 from ..flow.run_config import OUTPUT_FILES, RunConfig
-from ..flow.pipeline import RunResult, caption, run_pipeline
-from ..prune._all import PruneMethod
-from ..measure.report import format_figure
+from ..prune.config import PruneMethod
 from . import _output
 from ._errors import handle_errors
 from ._options import DataOpt, ForceOpt, JsonOpt, LimitOpt, QuietOpt, ThreadsOpt
+
+if TYPE_CHECKING:
+    from ..flow.pipeline import RunResult
 
 
 @handle_errors
@@ -63,6 +64,8 @@ def run(
 
     Writes tinybeauty_pruned.pt, tinybeauty_optimized.pt (int8), TinyBeauty.mlmodel (iOS 13+), TinyBeauty.mlpackage, optimization_results.png, results.json and results.md into --out.
     """
+    from ..flow.pipeline import run_pipeline  # noqa: PLC0415 - torch and coremltools, only when the command runs
+
     ui = _output.Output(json_mode=json_out, quiet=quiet)
     cfg = RunConfig(rate=rate, method=method.value, finetune_steps=finetune_steps, weights=weights,
                     package_weights=package_weights, data=data, calib=calib, limit=limit, runs=runs,
@@ -73,10 +76,7 @@ def run(
         ui.note(f"[{number}/{total}] {STAGE_TEXT[name]}")
 
     result = run_pipeline(path, out, cfg, force=force, progress=ui, on_stage=on_stage)
-    if json_out:
-        ui.json(result.to_dict())
-        return
-    render_run(ui, result)
+    ui.emit(result, render_run)
 
 
 STAGE_TEXT = {
@@ -89,6 +89,9 @@ STAGE_TEXT = {
 
 
 def render_run(ui: _output.Output, r: RunResult) -> None:
+    from ..flow.pipeline import caption  # noqa: PLC0415 - torch
+    from ..measure.report import format_figure  # noqa: PLC0415 - numpy
+
     rows = [(s.stage, s.artifact, _output.kb(s.size_bytes), _output.kb(s.zipped_bytes),
              *(format_figure(v) for v in (s.target_psnr_db, s.fidelity_psnr_db, s.latency_ms)), s.engine)
             for s in r.stages]
