@@ -8,7 +8,9 @@ from typing import Annotated, List, Optional
 import typer
 
 from ..core.paths import demo_checkpoint
-from ..prune._all import DEFAULT_CHANNEL_FINETUNE_STEPS, PruneConfig, PruneMethod, PruneReport, prune as prune_model
+from ..flow.prune import prune_file
+from ..prune.config import DEFAULT_CHANNEL_FINETUNE_STEPS, PruneConfig, PruneMethod
+from ..prune.report import PruneReport
 from . import _output
 from ._errors import handle_errors
 from ._options import (ArchKwargsOpt, ArchOpt, ArtifactArg, ForceOpt, JsonOpt, LimitOpt, OutputOpt, QuietOpt,
@@ -56,8 +58,8 @@ def prune(
     cfg = PruneConfig(rate=rate, method=method.value, finetune_steps=finetune_steps, exclude=tuple(exclude or ()),
                       seed=seed)
     path = artifact or demo_checkpoint()
-    report = prune_model(path, cfg, output=output, force=force, data=data, eval_data=eval_data, eval_limit=limit,
-                         threads=threads, progress=out, **model_options(arch, arch_kwargs, trust_pickle))
+    report = prune_file(path, cfg, output=output, force=force, data=data, eval_data=eval_data, eval_limit=limit,
+                        threads=threads, progress=out, **model_options(arch, arch_kwargs, trust_pickle))
     if json_out:
         out.json(report.to_dict())
         return

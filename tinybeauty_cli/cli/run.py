@@ -11,7 +11,7 @@ from ..export._all import WEIGHT_MODES
 from ..core.paths import demo_checkpoint
 from ..flow.run_config import OUTPUT_FILES, RunConfig
 from ..flow.pipeline import RunResult, caption, run_pipeline
-from ..prune._all import PruneMethod
+from ..prune.config import PruneMethod
 from ..measure.report import format_figure
 from . import _output
 from ._errors import handle_errors
