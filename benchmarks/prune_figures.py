@@ -1,4 +1,4 @@
-"""Measure the figures the prune issue asks for, as ratios measured in one run.
+"""Measure tbopt prune's figures against its targets, as ratios measured in one run.
 
     python benchmarks/prune_figures.py [--checkpoint tinybeauty_cli/core/assets/tinybeauty_demo.pt] [--steps 150]
 
@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tinybeauty_cli.core.checkpoint import load_model  # noqa: E402
+from tinybeauty_cli.runtime.contexts import torch_threads  # noqa: E402
 from tinybeauty_cli.runtime.timing import measure_latency  # noqa: E402
 from tinybeauty_cli.core.paths import demo_checkpoint  # noqa: E402
 from tinybeauty_cli.flow.prune import prune_file  # noqa: E402
@@ -71,7 +72,11 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="test-set images (default: all 100)")
     ap.add_argument("--skip-real", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    with torch_threads(args.threads):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
     ckpt = args.checkpoint or demo_checkpoint()
     print(f"tbopt prune figures on {ckpt}; {args.threads} threads; {load()}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="prune-figures-"))

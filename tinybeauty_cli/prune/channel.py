@@ -25,6 +25,7 @@ from .report import ChannelGroup
 
 
 def _torch_pruning():
+    """torch-pruning, imported when channel pruning is asked for, its import-time warnings silenced."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import torch_pruning as tp
