@@ -46,7 +46,7 @@ from tinybeauty_cli.core.images import builtin_test_set  # noqa: E402
 from tinybeauty_cli.core.model import LayerNorm, TinyBeauty, config_from_state_dict  # noqa: E402
 from tinybeauty_cli.export.palettes import fit_palettes  # noqa: E402
 from tinybeauty_cli.core.paths import demo_checkpoint  # noqa: E402
-from tinybeauty_cli.prune._all import _layer_norm_pruner  # noqa: E402  (torch-pruning rule for the LayerNorm)
+from tinybeauty_cli.prune.channel import layer_norm_pruner  # noqa: E402  (torch-pruning rule for the LayerNorm)
 from tinybeauty_cli.runtime.runners import TorchRunner  # noqa: E402
 from tinybeauty_cli.core.training import FitConfig, fit  # noqa: E402
 
@@ -177,7 +177,7 @@ def channel_prune(model: TinyBeauty, ratio: float) -> TinyBeauty:
         warnings.simplefilter("ignore")
         pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
                                            pruning_ratio=ratio, ignored_layers=[model.out.conv],
-                                           customized_pruners={LayerNorm: _layer_norm_pruner()})
+                                           customized_pruners={LayerNorm: layer_norm_pruner()})
         pruner.step()
     sd = model.state_dict()
     pruned = TinyBeauty(config_from_state_dict(sd))

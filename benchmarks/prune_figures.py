@@ -1,4 +1,4 @@
-"""Measure the figures the prune issue asks for, as ratios measured in one run.
+"""Measure tbopt prune's figures against its targets, as ratios measured in one run.
 
     python benchmarks/prune_figures.py [--checkpoint tinybeauty_cli/core/assets/tinybeauty_demo.pt] [--steps 150]
 
@@ -29,9 +29,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tinybeauty_cli.core.checkpoint import load_model  # noqa: E402
-from tinybeauty_cli.runtime.timing import measure_latency
+from tinybeauty_cli.runtime.contexts import torch_threads  # noqa: E402
+from tinybeauty_cli.runtime.timing import measure_latency  # noqa: E402
 from tinybeauty_cli.core.paths import demo_checkpoint  # noqa: E402
-from tinybeauty_cli.prune._all import PruneConfig, prune  # noqa: E402
+from tinybeauty_cli.flow.prune import prune_file  # noqa: E402
+from tinybeauty_cli.prune.config import PruneConfig  # noqa: E402
 
 REALDATA = ROOT.parent / "shared" / "realdata"
 if not REALDATA.is_dir():
@@ -70,14 +72,18 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="test-set images (default: all 100)")
     ap.add_argument("--skip-real", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    with torch_threads(args.threads):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
     ckpt = args.checkpoint or demo_checkpoint()
     print(f"tbopt prune figures on {ckpt}; {args.threads} threads; {load()}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="prune-figures-"))
     t_all = time.perf_counter()
 
     # 1. magnitude 0.3
-    r = prune(ckpt, PruneConfig(rate=0.3), output=work / "magnitude.pt", eval_limit=args.limit, threads=args.threads)
+    r = prune_file(ckpt, PruneConfig(rate=0.3), output=work / "magnitude.pt", eval_limit=args.limit, threads=args.threads)
     sp = [layer.sparsity for layer in r.layers]
     q = r.quality
     drop = q["target_psnr_before_db"] - q["target_psnr_after_db"]
@@ -96,7 +102,7 @@ def main() -> int:
 
     # 2. channel 0.3 + fine-tuning
     cfg = PruneConfig(rate=0.3, method="channel", finetune_steps=args.steps)
-    r = prune(ckpt, cfg, output=work / "channel.pt", eval_limit=args.limit, threads=args.threads)
+    r = prune_file(ckpt, cfg, output=work / "channel.pt", eval_limit=args.limit, threads=args.threads)
     q = r.quality
     drop = q["target_psnr_before_db"] - q["target_psnr_after_db"]
     macs = r.ratios()["macs"]
@@ -128,7 +134,7 @@ def main() -> int:
     if not args.skip_real and real.is_file():
         print("\n== channel --rate 0.3 on the released checkpoint, fidelity on face_01.png ==")
         for steps in (0, cfg.steps):
-            r = prune(real, PruneConfig(rate=0.3, method="channel", finetune_steps=steps),
+            r = prune_file(real, PruneConfig(rate=0.3, method="channel", finetune_steps=steps),
                       output=work / f"real_{steps}.pt", eval_data=REALDATA, threads=args.threads)
             print(f"finetune steps {steps}: MACs x{r.ratios()['macs']:.3f}, parameters {r.after.parameters:,}, "
                   f"fidelity on {r.quality['images']}: {r.quality['fidelity_psnr_db']:.2f} dB; time {r.seconds}")

@@ -15,7 +15,7 @@ from ._options import (ArchKwargsOpt, ArchOpt, ArtifactArg, ForceOpt, JsonOpt, L
                        ThreadsOpt, TrustPickleOpt, model_options)
 
 if TYPE_CHECKING:
-    from ..prune._all import PruneReport
+    from ..prune.report import PruneReport
 
 
 @handle_errors
@@ -55,7 +55,7 @@ def prune(
 
     Writes a tbopt artifact (default ./<name>_pruned-<method>-<percent>.pt) with the step in its history.
     """
-    from ..prune._all import prune as prune_model  # noqa: PLC0415 - torch, only when the command runs
+    from ..flow.prune import prune_file as prune_model  # noqa: PLC0415 - torch, only when the command runs
 
     out = _output.Output(json_mode=json_out, quiet=quiet)
     cfg = PruneConfig(rate=rate, method=method.value, finetune_steps=finetune_steps, exclude=tuple(exclude or ()),

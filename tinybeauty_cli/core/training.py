@@ -9,6 +9,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .quality import made_up
+
 #: ``batch_fn(step, generator) -> (inputs, targets)``, both (N, 3, H, W) in [-1, 1].
 BatchFn = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
@@ -30,11 +32,6 @@ class FitConfig:
 @dataclass
 class FitResult:
     losses: list[float] = field(default_factory=list)
-
-
-def made_up(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The made-up image ``clamp(x + residual, -1, 1)``."""
-    return torch.clamp(x + model(x), -1.0, 1.0)
 
 
 def fit(
@@ -73,7 +70,7 @@ def fit(
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         x, target = batch_fn(step, gen)
-        loss = (made_up(model, x) - target).abs().mean()
+        loss = (made_up(x, model(x)) - target).abs().mean()
         total = loss + cfg.l1 * sum(p.abs().sum() for p in penalized) if cfg.l1 > 0 else loss
         opt.zero_grad(set_to_none=True)
         total.backward()

@@ -32,7 +32,8 @@ from ..export._all import ExportConfig, ExportResult, export_model
 from ..core.files import atomic_output
 from ..runtime.contexts import torch_threads
 from ..core.progress import Progress, SilentProgress
-from ..prune._all import PruneConfig, PruneReport, prune
+from ..prune.report import PruneReport
+from .prune import prune_file
 from ..quantize._all import QuantizeConfig, QuantizeResult, quantize_model
 from ..measure.report import StageFigures, results_figure, results_markdown
 from .run_config import OUTPUT_FILES, RUN_VERSION, STAGES, RunConfig
@@ -197,7 +198,7 @@ def run_pipeline(checkpoint: Path | str, out: Path | str, config: RunConfig | No
     t_start = time.perf_counter()
     with torch_threads(cfg.threads):
         out.mkdir(parents=True, exist_ok=True)
-        pruned = stage(1, lambda: write("pruned", prune(
+        pruned = stage(1, lambda: write("pruned", prune_file(
             checkpoint, cfg.prune_config(), output=paths["pruned"], force=force, data=cfg.calib,
             eval_data=cfg.data, eval_limit=cfg.limit, progress=progress)))
 

@@ -1,0 +1,205 @@
+"""``tbopt prune`` on files: load a float checkpoint, prune it in memory, score it, write the new artifact.
+
+The pruning itself is :func:`..prune.transform.prune_module` (module in, module out). Here
+are the parts that touch files and the evaluation images: the unlabeled image pool (a
+folder, or synthetic portraits -- never the evaluation images), scoring the input, the
+pruned-only and the final model, the new artifact (history extended by this step) and the
+check that it rebuilds from its own record, and the sizes on disk.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.checkpoint import Artifact, ArchSpec, HistoryStep, LoadedModel, Preprocessing, load_model, save_artifact
+from ..core.errors import ConfigError, UnsupportedError, UsageError
+from ..core.files import check_output, size_on_disk, zipped_size
+from ..core.images import ImageSet, builtin_test_set, load_folder, synthetic_unlabeled, uint8_to_model
+from ..core.model import config_from_state_dict
+from ..core.progress import Progress, SilentProgress
+from ..measure.evaluate import Evaluation, evaluate
+from ..prune.config import PruneConfig, PruneMethod
+from ..prune.layers import excluded_layers, require_conv_layers
+from ..prune.report import PruneReport
+from ..prune.transform import prune_module
+from ..runtime.contexts import torch_threads
+from ..runtime.runners import TorchRunner
+
+#: ``scorer(module, reference, description)``: the module scored on the evaluation images, its
+#: fidelity measured against ``reference`` (the input model's made-up images) when given.
+Scorer = Callable[[nn.Module, Optional[np.ndarray], str], Evaluation]
+
+
+def default_output_name(source: Path, cfg: PruneConfig) -> Path:
+    """``<stem>_pruned-<method>-<percent>.pt`` in the current folder, e.g. ``tinybeauty_demo_pruned-channel-30.pt``."""
+    percent = f"{cfg.rate * 100:g}".replace(".", "p")
+    return Path(f"{source.stem}_pruned-{cfg.method}-{percent}.pt")
+
+
+def unlabeled_images(data: Path | None, size: int, count: int) -> ImageSet:
+    """Distillation / calibration images: a folder (pairs: inputs only) or synthetic portraits."""
+    if data is None:
+        return synthetic_unlabeled(count, size)
+    images = load_folder(Path(data), size)
+    return ImageSet(images.names, images.inputs, None, images.source)
+
+
+def torch_scorer(preprocessing: Preprocessing, images: ImageSet, progress: Progress | None = None) -> Scorer:
+    """Score a float module with PyTorch on ``images`` (what ``prune_loaded`` does when given no scorer)."""
+    def score(module: nn.Module, reference: np.ndarray | None, description: str) -> Evaluation:
+        module.eval()
+        runner = TorchRunner(module, preprocessing, loaded=None)
+        return evaluate(runner, images, reference=reference, progress=progress, description=description)
+    return score
+
+
+def rebuild_check(artifact: Artifact, pruned: nn.Module, example: torch.Tensor) -> None:
+    """The saved artifact must rebuild, from its architecture record and shapes alone, into ``pruned``."""
+    rebuilt = artifact.build_model()
+    with torch.inference_mode():
+        a, b = rebuilt(example), pruned.eval()(example)
+    if a.shape != b.shape or not torch.allclose(a, b, atol=1e-5, rtol=1e-4):
+        raise UnsupportedError(
+            f"the pruned {artifact.arch.describe()} does not rebuild from its state dict "
+            f"(max difference {float((a - b).abs().max()) if a.shape == b.shape else 'shape'})",
+            hint="its constructor must be able to take the narrower layers; see README 'tbopt prune'")
+
+
+def _arch_for(artifact: Artifact, model: nn.Module) -> ArchSpec:
+    """TinyBeauty's record carries its widths, which channel pruning changed; a user's class rebuilds from shapes."""
+    if artifact.arch.name == "tinybeauty":
+        return ArchSpec.tinybeauty(config_from_state_dict(model.state_dict()))
+    return artifact.arch
+
+
+def _sizes_in_artifact_format(artifact: Artifact) -> tuple[int, int]:
+    """(bytes, zipped bytes) of ``artifact`` saved as a tbopt artifact, in a temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="tbopt-size-") as tmp:
+        path = Path(tmp) / "model.pt"
+        save_artifact(artifact, path)
+        return size_on_disk(path), zipped_size(path)
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(float(v), 3)
+
+
+def prune_loaded(loaded: LoadedModel, cfg: PruneConfig, *, data: Path | None = None,
+                 eval_images: ImageSet | None = None, progress: Progress | None = None,
+                 scorer: Scorer | None = None) -> tuple[Artifact, nn.Module, PruneReport]:
+    """Prune a loaded float model, fine-tune it, score it; nothing is written.
+
+    ``data``: a folder of unlabeled images for channel ranking and distillation (default:
+    synthetic portraits). ``scorer`` scores every model this step scores (default:
+    :func:`torch_scorer` on ``eval_images``, the built-in test set when not given).
+    Returns the new artifact (history extended by this step), the pruned module and
+    the report (sizes not filled in: they need the file).
+    """
+    progress = progress or SilentProgress()
+    t_start = time.perf_counter()
+    if loaded.kind != "float" or loaded.artifact is None:
+        raise UnsupportedError(f"{loaded.path} is a {loaded.kind} model; prune needs a float checkpoint "
+                               f"(prune before quantizing or exporting)")
+    original = loaded.module.eval()
+    excluded_layers(require_conv_layers(original), cfg.exclude)  # refuse a bad --exclude before any work
+    size = loaded.preprocessing.size
+    eval_images = eval_images or builtin_test_set(size)
+    if eval_images.inputs.shape[1] != size:
+        raise ConfigError(f"evaluation images are {eval_images.inputs.shape[1]}px but the model takes {size}px")
+
+    pool: torch.Tensor | None = None
+    pool_source = None
+    if cfg.rate > 0 and (cfg.steps > 0 or cfg.method == PruneMethod.channel.value):
+        count = max(cfg.finetune_images, cfg.calibration_images) if cfg.steps > 0 else cfg.calibration_images
+        images = unlabeled_images(data, size, count)
+        pool = torch.from_numpy(uint8_to_model(images.inputs))
+        pool_source = images.source
+
+    score = scorer or torch_scorer(loaded.preprocessing, eval_images, progress)
+    seconds: dict[str, float] = {}
+
+    def timed_score(module: nn.Module, reference: np.ndarray | None, description: str) -> Evaluation:
+        t0 = time.perf_counter()
+        try:
+            return score(module, reference, description)
+        finally:
+            seconds["evaluate"] = round(seconds.get("evaluate", 0.0) + time.perf_counter() - t0, 2)
+
+    base = timed_score(original, None, "scoring the input model")
+    reference = base.outputs
+    quality: dict[str, Any] = {"images": eval_images.source, "target_psnr_before_db": _r(base.target_psnr_db)}
+
+    def score_pruned_only(model: nn.Module) -> None:
+        raw = timed_score(model, reference, "scoring before fine-tuning")
+        quality["target_psnr_pruned_only_db"] = _r(raw.target_psnr_db)
+        quality["fidelity_pruned_only_db"] = _r(raw.fidelity_psnr_db)
+
+    model, report = prune_module(original, cfg, pool, size=size, before_finetune=score_pruned_only,
+                                 progress=progress)
+    final = timed_score(model, reference, "scoring the pruned model")
+    quality.update({
+        "target_psnr_after_db": _r(final.target_psnr_db),
+        "do_nothing_psnr_db": _r(final.do_nothing_psnr_db),
+        "fidelity_psnr_db": _r(final.fidelity_psnr_db),
+        "worst_fidelity_db": _r(final.worst_fidelity_db),
+    })
+    if base.target_psnr_db is not None and final.target_psnr_db is not None:
+        quality["target_psnr_change_db"] = _r(final.target_psnr_db - base.target_psnr_db)
+    report.input = str(loaded.path)
+    report.quality = quality
+    report.seconds = {**seconds, **report.seconds}  # the input was scored before pruning began
+    if report.finetune["steps"]:
+        report.finetune["images"] = pool_source
+
+    step = HistoryStep.now("prune", cfg.command_line(), cfg.to_dict(), report.figures())
+    artifact = loaded.artifact.with_step(model, step, arch=_arch_for(loaded.artifact, model))
+    rebuild_check(artifact, model, torch.from_numpy(uint8_to_model(eval_images.inputs[:1])))
+    report.architecture = artifact.arch.describe()
+    report.seconds["total"] = round(time.perf_counter() - t_start, 2)
+    return artifact, model, report
+
+
+def prune_file(path: Path | str, cfg: PruneConfig, *, output: Path | str | None = None, force: bool = False,
+               data: Path | None = None, eval_data: Path | None = None, eval_limit: int | None = None,
+               arch: str | None = None, arch_kwargs: str | Mapping[str, Any] | None = None,
+               trust_pickle: bool = False, threads: int | None = None,
+               progress: Progress | None = None) -> PruneReport:
+    """``tbopt prune``: load, prune, fine-tune, score, write a tbopt artifact, measure it.
+
+    ``threads`` sets PyTorch's CPU threads for the whole step (restored afterwards).
+    """
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    with torch_threads(threads):
+        return _prune_file(Path(path), cfg, output, force, data, eval_data, eval_limit,
+                           dict(arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle), progress)
+
+
+def _prune_file(path: Path, cfg: PruneConfig, output: Path | str | None, force: bool, data: Path | None,
+                eval_data: Path | None, eval_limit: int | None, model_options: dict[str, Any],
+                progress: Progress | None) -> PruneReport:
+    out_path = Path(output) if output is not None else default_output_name(path, cfg)
+    check_output(out_path, force, inputs=(path,))
+    if eval_limit is not None and eval_limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {eval_limit}")
+    loaded = load_model(path, **model_options)
+    size = loaded.preprocessing.size
+    eval_images = (builtin_test_set(size, eval_limit) if eval_data is None
+                   else load_folder(Path(eval_data), size, eval_limit))
+    artifact, _model, report = prune_loaded(loaded, cfg, data=data, eval_images=eval_images, progress=progress)
+    t0 = time.perf_counter()
+    save_artifact(artifact, out_path, force=force)
+    base_bytes, base_zipped = _sizes_in_artifact_format(loaded.artifact)
+    report.before.size_bytes, report.before.zipped_bytes = base_bytes, base_zipped
+    report.after.size_bytes, report.after.zipped_bytes = size_on_disk(out_path), zipped_size(out_path)
+    report.output = str(out_path)
+    report.seconds["write"] = round(time.perf_counter() - t0, 2)
+    report.seconds["total"] = round(report.seconds["total"] + report.seconds["write"], 2)
+    return report
