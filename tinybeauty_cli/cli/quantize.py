@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..core.paths import demo_checkpoint
-from ..quantize._all import BACKENDS, SELECTION_RUNS, QuantizeConfig, QuantizeResult, quantize_model
+from ..flow.quantize import QuantizeResult, quantize_file
+from ..quantize.config import BACKENDS, SELECTION_RUNS, QuantizeConfig
 from . import _output
 from ._errors import handle_errors
 from ._options import (ArchKwargsOpt, ArchOpt, ArtifactArg, ForceOpt, JsonOpt, OutputOpt, QuietOpt, ThreadsOpt,
@@ -54,8 +55,8 @@ def quantize(
                          min_psnr_db=min_psnr, threads=threads, eval_limit=limit)
     target = output or Path(f"{Path(source).stem}_int8.pt")
     command = "tbopt " + " ".join(sys.argv[1:]) if sys.argv[1:] else "tbopt quantize"
-    result = quantize_model(source, target, cfg, force=force, progress=out, command=command,
-                            **model_options(arch, arch_kwargs, trust_pickle))
+    result = quantize_file(source, target, cfg, force=force, progress=out, command=command,
+                           **model_options(arch, arch_kwargs, trust_pickle))
     if json_out:
         out.json(result.to_dict())
         return
