@@ -130,6 +130,45 @@ def test_info_and_runner_accept_the_int8_file(quantized):
     assert y.shape == x.shape and np.all(np.abs(y) <= 1)
 
 
+def test_quantize_module_is_module_in_module_out():
+    from tinybeauty_cli.core.images import synthetic_unlabeled, uint8_to_model
+    from tinybeauty_cli.quantize.transform import quantize_module
+    from tinybeauty_cli.runtime.contexts import quantized_engine
+
+    model = small_tinybeauty()
+    calib = torch.from_numpy(uint8_to_model(synthetic_unlabeled(4, SIZE).inputs))
+    script, outcome = quantize_module(model, fast_config(), calib)
+    assert isinstance(script, torch.jit.ScriptModule) and outcome.backend == "x86"
+    assert outcome.engine == "PyTorch int8 x86 (TorchScript)" and len(outcome.quantized_layers) == 10
+    assert outcome.calibration_fidelity_db > 45 and outcome.sensitivity_images == 4
+    with quantized_engine(outcome.backend), torch.no_grad():
+        assert script(calib[:2]).shape == (2, 3, SIZE, SIZE)
+
+
+def test_quantize_loaded_never_reads_the_models_path(tmp_path):
+    """The pipeline's in-memory model: its path does not exist; sizes come from its bytes."""
+    import io
+
+    from tinybeauty_cli.core.checkpoint import LoadedModel
+    from tinybeauty_cli.core.images import builtin_test_set
+    from tinybeauty_cli.flow.quantize import quantize_loaded
+
+    model = small_tinybeauty()
+    art = Artifact.for_tinybeauty(model.config, model.state_dict(), history=[HistoryStep.now("prune")],
+                                  preprocessing=Preprocessing(size=SIZE))
+    buf = io.BytesIO()
+    torch.save(art.to_payload(), buf)
+    loaded = LoadedModel(tmp_path / "not_yet.pt", "float", "pruned in memory", "ab" * 32, artifact=art,
+                         module=art.build_model())
+    images = builtin_test_set(SIZE, 3)
+    r = quantize_loaded(loaded, tmp_path / "q.pt", fast_config(), eval_images=images, source_bytes=buf.getvalue())
+    assert not (tmp_path / "not_yet.pt").exists() and (tmp_path / "q.pt").is_file()
+    assert r.input == str(tmp_path / "not_yet.pt") and r.quality["images"] == images.source
+    assert r.size["float_bytes"] == len(buf.getvalue()) and 0 < r.size["float_zipped_bytes"] < r.size["float_bytes"]
+    meta = load_model(tmp_path / "q.pt").metadata
+    assert meta["source"]["sha256"] == "ab" * 32 and [h["step"] for h in meta["history"]] == ["prune", "quantize"]
+
+
 def test_quantizing_an_int8_file_is_refused_and_writes_nothing(quantized, tmp_path):
     _, out, _, _ = quantized
     with pytest.raises(InputError, match="already an int8 model"):
