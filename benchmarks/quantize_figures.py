@@ -1,4 +1,4 @@
-"""Measure the figures the quantize issue asks for, as ratios measured in one run.
+"""Measure the figures tbopt quantize must reach, as ratios measured in one run.
 
     python benchmarks/quantize_figures.py [--checkpoint tinybeauty_cli/core/assets/tinybeauty_demo.pt] [--threads 2] [--runs 40]
 
