@@ -1,4 +1,4 @@
-"""Measure the figures the quantize issue asks for, as ratios measured in one run.
+"""Measure the figures tbopt quantize must reach, as ratios measured in one run.
 
     python benchmarks/quantize_figures.py [--checkpoint tinybeauty_cli/core/assets/tinybeauty_demo.pt] [--threads 2] [--runs 40]
 
@@ -7,7 +7,7 @@
 2. Latency at batch 1, 256x256, the same threads for every model, all models timed in alternating
    order (A, B, C, A, B, C, ...) so that load changes hit them alike: the float model in eager mode
    (the reference), the int8 file written by step 1, and for context a frozen fp32 TorchScript trace
-   and plain FX int8 (default x86 qconfig mapping, traced and frozen: DESIGN.md §2's baseline).
+   and plain FX int8 (default x86 qconfig mapping, traced and frozen: the baseline that was slower than fp32).
 3. Fidelity against the float model and PSNR against the targets of the built-in test set (100
    images) before and after, size on disk and zipped.
 4. Where the time goes: torch.profiler tables of the int8 model's operators and of plain FX int8's.
@@ -38,10 +38,11 @@ sys.path.insert(0, str(ROOT))
 from tinybeauty_cli.core.checkpoint import load_model  # noqa: E402
 from tinybeauty_cli.measure.evaluate import evaluate  # noqa: E402
 from tinybeauty_cli.core.images import builtin_test_set, uint8_to_model  # noqa: E402
-from tinybeauty_cli.runtime.timing import measure_latencies
+from tinybeauty_cli.runtime.timing import measure_latencies  # noqa: E402
 from tinybeauty_cli.core.paths import demo_checkpoint  # noqa: E402
-from tinybeauty_cli.quantize._all import QuantizeConfig, quantize_model
-from tinybeauty_cli.runtime.contexts import quantized_engine
+from tinybeauty_cli.flow.quantize import quantize_file  # noqa: E402
+from tinybeauty_cli.quantize.config import QuantizeConfig  # noqa: E402
+from tinybeauty_cli.runtime.contexts import quantized_engine  # noqa: E402
 from tinybeauty_cli.runtime.runners import TorchRunner  # noqa: E402
 
 
@@ -55,7 +56,7 @@ def check(ok: bool) -> str:
 
 
 def plain_fx_int8(model: torch.nn.Module, calib: torch.Tensor, x: torch.Tensor) -> torch.jit.ScriptModule:
-    """DESIGN.md §2's baseline: FX with the default x86 mapping, calibrated, traced and frozen."""
+    """The baseline that was slower than fp32: FX with the default x86 mapping, calibrated, traced and frozen."""
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -87,7 +88,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "tinybeauty_int8.pt"
         t0 = time.perf_counter()
-        result = quantize_model(ckpt, out, QuantizeConfig(threads=args.threads), command="benchmark")
+        result = quantize_file(ckpt, out, QuantizeConfig(threads=args.threads), command="benchmark")
         wall = time.perf_counter() - t0
         d = result.to_dict()
         print(f"\n1. tbopt quantize (defaults) took {wall:.1f} s: " +

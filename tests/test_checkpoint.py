@@ -110,6 +110,46 @@ def test_torchscript_archive_loads_with_its_metadata(tmp_path):
     torch.testing.assert_close(loaded.module(x), model(x))
 
 
+class _Int8Conv(torch.nn.Module):
+    """The smallest int8 network: quantize, one int8 conv, dequantize (returns a residual)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.ao.nn.quantized.Conv2d(3, 3, 3, padding=1)
+        w = torch.randn(3, 3, 3, 3) * 0.05
+        self.conv.set_weight_bias(torch.quantize_per_tensor(w, 0.002, 0, torch.qint8), torch.zeros(3))
+
+    def forward(self, x):
+        return self.conv(torch.quantize_per_tensor(x, 1 / 127, 128, torch.quint8)).dequantize()
+
+
+@pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions")
+def test_int8_torchscript_borrows_its_engine_and_leaves_the_global_one(tmp_path):
+    from tinybeauty_cli.runtime.contexts import quantized_engine
+    from tinybeauty_cli.runtime.runners import open_runner
+
+    supported = torch.backends.quantized.supported_engines
+    other = next((e for e in ("qnnpack", "onednn", "fbgemm") if e in supported), None)
+    if "x86" not in supported or other is None:
+        pytest.skip("needs the x86 engine and another one")
+    path = tmp_path / "int8.pt"
+    meta = '{"quantized": true, "quantized_engine": "x86", "engine": "PyTorch int8 x86 (TorchScript)", ' \
+           '"preprocessing": {"size": 16}}'
+    with quantized_engine("x86"):
+        torch.manual_seed(0)
+        torch.jit.save(torch.jit.script(_Int8Conv().eval()), str(path), _extra_files={"tbopt.json": meta})
+    before = torch.backends.quantized.engine
+    with quantized_engine(other):  # the global engine differs from the file's
+        runner = open_runner(path)
+        assert torch.backends.quantized.engine == other  # loading borrowed x86 and gave it back
+        assert runner.kind == "int8" and runner.loaded.quantized_engine == "x86"
+        x = torch.rand(2, 3, 16, 16).numpy() * 2 - 1
+        y = runner.predict(x)
+        assert y.shape == x.shape and abs(y).max() <= 1
+        assert torch.backends.quantized.engine == other  # running borrowed it too
+    assert torch.backends.quantized.engine == before
+
+
 # --- refusals --------------------------------------------------------------------------------------
 
 

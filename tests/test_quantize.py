@@ -10,13 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from tinybeauty_cli.quantize import _all as qz
+from tinybeauty_cli.quantize import engines as qz
 from tinybeauty_cli.core.checkpoint import Artifact, ArchSpec, HistoryStep, Preprocessing, load_model, save_artifact
 from tinybeauty_cli.measure.describe import describe
 from tinybeauty_cli.core.errors import ConfigError, ImageError, InputError, UnsupportedError
 from tinybeauty_cli.core.model import TinyBeauty, TinyBeautyConfig
 from tinybeauty_cli.core.progress import SilentProgress
-from tinybeauty_cli.quantize._all import QuantizeConfig, quantize_model
+from tinybeauty_cli.flow.quantize import calibration_images, quantize_file
+from tinybeauty_cli.quantize.config import QuantizeConfig
 from tinybeauty_cli.runtime.runners import open_runner
 
 from .archs import TinyUNet
@@ -45,7 +46,7 @@ def quantized(tmp_path_factory):
     d = tmp_path_factory.mktemp("quantized")
     src = save_small(d / "small.pt")
     progress = SilentProgress()
-    result = quantize_model(src, d / "small_int8.pt", fast_config(), progress=progress, command="test")
+    result = quantize_file(src, d / "small_int8.pt", fast_config(), progress=progress, command="test")
     return src, d / "small_int8.pt", result, progress
 
 
@@ -129,10 +130,49 @@ def test_info_and_runner_accept_the_int8_file(quantized):
     assert y.shape == x.shape and np.all(np.abs(y) <= 1)
 
 
+def test_quantize_module_is_module_in_module_out():
+    from tinybeauty_cli.core.images import synthetic_unlabeled, uint8_to_model
+    from tinybeauty_cli.quantize.transform import quantize_module
+    from tinybeauty_cli.runtime.contexts import quantized_engine
+
+    model = small_tinybeauty()
+    calib = torch.from_numpy(uint8_to_model(synthetic_unlabeled(4, SIZE).inputs))
+    script, outcome = quantize_module(model, fast_config(), calib)
+    assert isinstance(script, torch.jit.ScriptModule) and outcome.backend == "x86"
+    assert outcome.engine == "PyTorch int8 x86 (TorchScript)" and len(outcome.quantized_layers) == 10
+    assert outcome.calibration_fidelity_db > 45 and outcome.sensitivity_images == 4
+    with quantized_engine(outcome.backend), torch.no_grad():
+        assert script(calib[:2]).shape == (2, 3, SIZE, SIZE)
+
+
+def test_quantize_loaded_never_reads_the_models_path(tmp_path):
+    """The pipeline's in-memory model: its path does not exist; sizes come from its bytes."""
+    import io
+
+    from tinybeauty_cli.core.checkpoint import LoadedModel
+    from tinybeauty_cli.core.images import builtin_test_set
+    from tinybeauty_cli.flow.quantize import quantize_loaded
+
+    model = small_tinybeauty()
+    art = Artifact.for_tinybeauty(model.config, model.state_dict(), history=[HistoryStep.now("prune")],
+                                  preprocessing=Preprocessing(size=SIZE))
+    buf = io.BytesIO()
+    torch.save(art.to_payload(), buf)
+    loaded = LoadedModel(tmp_path / "not_yet.pt", "float", "pruned in memory", "ab" * 32, artifact=art,
+                         module=art.build_model())
+    images = builtin_test_set(SIZE, 3)
+    r = quantize_loaded(loaded, tmp_path / "q.pt", fast_config(), eval_images=images, source_bytes=buf.getvalue())
+    assert not (tmp_path / "not_yet.pt").exists() and (tmp_path / "q.pt").is_file()
+    assert r.input == str(tmp_path / "not_yet.pt") and r.quality["images"] == images.source
+    assert r.size["float_bytes"] == len(buf.getvalue()) and 0 < r.size["float_zipped_bytes"] < r.size["float_bytes"]
+    meta = load_model(tmp_path / "q.pt").metadata
+    assert meta["source"]["sha256"] == "ab" * 32 and [h["step"] for h in meta["history"]] == ["prune", "quantize"]
+
+
 def test_quantizing_an_int8_file_is_refused_and_writes_nothing(quantized, tmp_path):
     _, out, _, _ = quantized
     with pytest.raises(InputError, match="already an int8 model"):
-        quantize_model(out, tmp_path / "again.pt", fast_config())
+        quantize_file(out, tmp_path / "again.pt", fast_config())
     assert not (tmp_path / "again.pt").exists()
 
 
@@ -142,7 +182,7 @@ def test_keep_float_by_name_and_by_module_prefix_calibrated_on_a_folder(tmp_path
     for i in range(3):
         _png(folder / f"{i}.png", i)
     src = save_small(tmp_path / "s.pt")
-    r = quantize_model(src, tmp_path / "q.pt", fast_config(keep_float="upconv2,out.conv", calib=folder))
+    r = quantize_file(src, tmp_path / "q.pt", fast_config(keep_float="upconv2,out.conv", calib=folder))
     assert r.calibration["images"] == 3 and str(folder) in r.calibration["source"]
     assert r.float_layers == ["upconv2.conv", "out.conv"]
     kept = {layer.name: layer.reason for layer in r.layers if not layer.quantized}
@@ -155,14 +195,14 @@ def test_keep_float_by_name_and_by_module_prefix_calibrated_on_a_folder(tmp_path
 def test_unknown_keep_float_layer_is_an_error_before_any_write(tmp_path):
     src = save_small(tmp_path / "s.pt")
     with pytest.raises(ConfigError, match="no quantizable layer named 'upconv9'"):
-        quantize_model(src, tmp_path / "q.pt", fast_config(keep_float="upconv9"))
+        quantize_file(src, tmp_path / "q.pt", fast_config(keep_float="upconv9"))
     assert not (tmp_path / "q.pt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["s.pt"]  # no temporary files left
 
 
 def test_keep_float_auto_keeps_the_most_sensitive_layers_until_the_target(tmp_path):
     src = save_small(tmp_path / "s.pt")
-    r = quantize_model(src, tmp_path / "q.pt", fast_config(min_psnr_db=62.0))
+    r = quantize_file(src, tmp_path / "q.pt", fast_config(min_psnr_db=62.0))
     d = r.to_dict()
     assert d["float_layers"], "a 62 dB target needs some float layers on this model"
     alone = {layer["name"]: layer["alone_fidelity_db"] for layer in d["layers"]}
@@ -186,7 +226,7 @@ def test_unreachable_fidelity_target_is_an_error(tmp_path):
                    preprocessing=Preprocessing(size=32))
     save_artifact(art, tmp_path / "unet.pt")
     with pytest.raises(UnsupportedError, match="fidelity stays below --min-psnr"):
-        quantize_model(tmp_path / "unet.pt", tmp_path / "q.pt", fast_config(min_psnr_db=149.0))
+        quantize_file(tmp_path / "unet.pt", tmp_path / "q.pt", fast_config(min_psnr_db=149.0))
     assert not (tmp_path / "q.pt").exists()
 
 
@@ -221,11 +261,11 @@ def test_calibration_folder_skips_unreadable_files(tmp_path):
     _png(folder / "b.png", 1)
     (folder / "c.jpg").write_bytes(b"not a jpeg")
     progress = SilentProgress()
-    images, skipped = qz.calibration_images(folder, 5, SIZE, progress)
+    images, skipped = calibration_images(folder, 5, SIZE, progress)
     assert len(images) == 2 and images.inputs.shape == (2, SIZE, SIZE, 3) and skipped == ["c.jpg"]
     assert any("skipped 1 unreadable" in n for n in progress.notes)
     assert any("fewer than --calib-count 5" in n for n in progress.notes)
-    images, _ = qz.calibration_images(folder, 1, SIZE, progress)
+    images, _ = calibration_images(folder, 1, SIZE, progress)
     assert len(images) == 1
 
 
@@ -234,7 +274,7 @@ def test_calibration_folder_of_pairs_uses_the_inputs(tmp_path):
     (tmp_path / "target").mkdir()
     _png(tmp_path / "input" / "x.png")
     _png(tmp_path / "target" / "x.png", 1)
-    images, _ = qz.calibration_images(tmp_path, 4, SIZE, SilentProgress())
+    images, _ = calibration_images(tmp_path, 4, SIZE, SilentProgress())
     assert images.names == ["x"]
 
 
@@ -248,7 +288,7 @@ def test_calibration_folder_without_readable_images_is_an_error(tmp_path, conten
         (folder / "notes.txt").write_text("hello")
     src = save_small(tmp_path / "s.pt")
     with pytest.raises(ImageError):
-        quantize_model(src, tmp_path / "q.pt", fast_config(calib=folder))
+        quantize_file(src, tmp_path / "q.pt", fast_config(calib=folder))
     assert not (tmp_path / "q.pt").exists()
 
 
@@ -256,7 +296,7 @@ def test_a_users_network_with_conv_transpose_and_cat(tmp_path):
     torch.manual_seed(0)
     net = TinyUNet(8).eval()
     torch.save(net.state_dict(), tmp_path / "unet.pt")
-    r = quantize_model(tmp_path / "unet.pt", tmp_path / "q.pt", fast_config(keep_float="none"),
+    r = quantize_file(tmp_path / "unet.pt", tmp_path / "q.pt", fast_config(keep_float="none"),
                        arch="tests.archs:TinyUNet")
     kinds = {layer.name: layer.kind for layer in r.layers}
     assert kinds["up"] == "ConvTranspose2d" and all(layer.quantized for layer in r.layers)
@@ -271,7 +311,7 @@ def test_channel_pruned_and_unstructured_pruned_tinybeauty(tmp_path):
     pruned = TinyBeauty(cfg).eval()
     with torch.no_grad():
         pruned.out.conv.weight.mul_(0.1)
-    r = quantize_model(save_small(tmp_path / "p.pt", pruned, size=32), tmp_path / "pq.pt",
+    r = quantize_file(save_small(tmp_path / "p.pt", pruned, size=32), tmp_path / "pq.pt",
                        fast_config(keep_float="none"))
     assert r.quality["fidelity_psnr_db"] > 35
     assert "channel-pruned" in load_model(tmp_path / "pq.pt").metadata["architecture"]
@@ -281,7 +321,7 @@ def test_channel_pruned_and_unstructured_pruned_tinybeauty(tmp_path):
         for p in sparse.parameters():
             if p.dim() == 4:
                 p.mul_((p.abs() > p.abs().flatten().median()).float())
-    r = quantize_model(save_small(tmp_path / "u.pt", sparse, size=32), tmp_path / "uq.pt",
+    r = quantize_file(save_small(tmp_path / "u.pt", sparse, size=32), tmp_path / "uq.pt",
                        fast_config(keep_float="none"))
     meta = load_model(tmp_path / "uq.pt").metadata
     assert meta["nonzero_parameters"] < 0.6 * meta["parameters"]
@@ -293,7 +333,7 @@ def test_auto_backend_excludes_engines_that_warn_and_times_the_rest(tmp_path, mo
     monkeypatch.setattr(qz, "accuracy_warning",
                         lambda b: "may have accuracy issues on CPU without VNNI" if b == "onednn" else real(b))
     src = save_small(tmp_path / "s.pt")
-    r = quantize_model(src, tmp_path / "q.pt", fast_config(backend="auto", keep_float="none"))
+    r = quantize_file(src, tmp_path / "q.pt", fast_config(backend="auto", keep_float="none"))
     trials = {t.backend: t for t in r.backends}
     if "onednn" in torch.backends.quantized.supported_engines:
         assert trials["onednn"].status == "excluded" and "VNNI" in trials["onednn"].note
@@ -329,7 +369,7 @@ def test_backend_missing_from_this_build(monkeypatch):
 def test_a_network_without_quantizable_layers(tmp_path):
     torch.save({"scale": torch.zeros(1)}, tmp_path / "noconv.pt")
     with pytest.raises(UnsupportedError, match="no convolution or linear layer"):
-        quantize_model(tmp_path / "noconv.pt", tmp_path / "q.pt", fast_config(), arch="tests.archs:NoConv")
+        quantize_file(tmp_path / "noconv.pt", tmp_path / "q.pt", fast_config(), arch="tests.archs:NoConv")
 
 
 @pytest.mark.slow
@@ -341,7 +381,7 @@ def test_the_released_checkpoint_end_to_end(realdata, tmp_path):
     from tinybeauty_cli.flow.apply import makeup_full_resolution
 
     from .conftest import REAL_CKPT, REAL_FACE
-    r = quantize_model(REAL_CKPT, tmp_path / "released_int8.pt", QuantizeConfig())
+    r = quantize_file(REAL_CKPT, tmp_path / "released_int8.pt", QuantizeConfig())
     assert r.quality["fidelity_psnr_db"] >= 45 and r.size["ratio"] < 0.2  # the release also stores optimizer state
     int8, ref = open_runner(tmp_path / "released_int8.pt"), open_runner(REAL_CKPT)
     photo = np.asarray(PILImage.open(REAL_FACE).convert("RGB"))
@@ -354,10 +394,10 @@ def test_float_torchscript_and_all_float_requests_are_refused(tmp_path):
     model = small_tinybeauty()
     torch.jit.save(torch.jit.trace(model, torch.rand(1, 3, 32, 32)), str(tmp_path / "ts.pt"))
     with pytest.raises(UnsupportedError, match="TorchScript archive; tbopt quantize needs the float weights"):
-        quantize_model(tmp_path / "ts.pt", tmp_path / "q.pt", fast_config())
+        quantize_file(tmp_path / "ts.pt", tmp_path / "q.pt", fast_config())
     src = save_small(tmp_path / "s.pt", size=32)
     with pytest.raises(ConfigError, match="keeps every layer in float"):
-        quantize_model(src, tmp_path / "q.pt", fast_config(keep_float="content_encoder,res,upconv1,upconv2,out"))
+        quantize_file(src, tmp_path / "q.pt", fast_config(keep_float="content_encoder,res,upconv1,upconv2,out"))
     assert not (tmp_path / "q.pt").exists()
 
 

@@ -126,7 +126,7 @@ def test_a_failing_stage_is_named_and_earlier_outputs_stay(tmp_path, monkeypatch
 def test_interrupted_stage_leaves_no_partial_file(tmp_path, monkeypatch):
     src = save_small(tmp_path / "small.pt")
     out = tmp_path / "o"
-    import tinybeauty_cli.quantize._all as quantize
+    import tinybeauty_cli.flow.quantize as quantize
 
     real_write = quantize.write_torchscript
 

@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from ..core.paths import demo_checkpoint
-from ..quantize.config import BACKENDS, SELECTION_RUNS
+from ..quantize.config import BACKENDS, SELECTION_RUNS, QuantizeConfig
 from . import _output
 from ._errors import handle_errors
 from ._options import (ArchKwargsOpt, ArchOpt, ArtifactArg, ForceOpt, JsonOpt, OutputOpt, QuietOpt, ThreadsOpt,
                        TrustPickleOpt, model_options)
 
 if TYPE_CHECKING:
-    from ..quantize._all import QuantizeResult
+    from ..flow.quantize import QuantizeResult
 
 BACKEND_CHOICES = ("auto", *BACKENDS)
 
@@ -51,7 +51,7 @@ def quantize(
     trust_pickle: TrustPickleOpt = False,
 ) -> None:
     """int8 static quantization, calibrated on real images, into a TorchScript file that runs without tbopt."""
-    from ..quantize._all import QuantizeConfig, quantize_model  # noqa: PLC0415 - torch, only when the command runs
+    from ..flow.quantize import quantize_file as quantize_model  # noqa: PLC0415 - torch, only when the command runs
 
     out = _output.Output(json_mode=json_out, quiet=quiet)
     source = artifact or demo_checkpoint()

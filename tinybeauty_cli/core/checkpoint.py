@@ -224,6 +224,9 @@ class LoadedModel:
     artifact: Artifact | None = None  # float models
     module: nn.Module | None = None  # the runnable model (built nn.Module, or ScriptModule)
     metadata: dict[str, Any] = field(default_factory=dict)  # TorchScript: embedded tbopt metadata
+    #: int8 TorchScript: the quantized engine its weights were packed for at load time (run it with
+    #: that engine borrowed); None for float models.
+    quantized_engine: str | None = None
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -457,33 +460,52 @@ def _parse_arch(arch: str | None, arch_kwargs: str | Mapping[str, Any] | None) -
     return ArchSpec.custom(arch, kwargs)
 
 
-def _select_quantized_engine(path: Path) -> None:
-    """Set the quantized engine an int8 archive was made for, before loading it.
+def _quantized_engine_of(path: Path) -> str | None:
+    """The quantized engine an int8 archive was made for (from its metadata), or None.
 
     ``torch.jit.load`` re-packs int8 weights for whatever ``torch.backends.quantized.engine``
-    is current, and the kernels that run later follow that packing.
+    is current, and the kernels that run later follow that packing: the archive must be
+    loaded with this engine set.
     """
     try:
         with zipfile.ZipFile(path) as zf:
             name = next((n for n in zf.namelist() if n.endswith(f"/extra/{TORCHSCRIPT_META}")), None)
             meta = json.loads(zf.read(name)) if name else {}
     except (zipfile.BadZipFile, OSError, KeyError, json.JSONDecodeError, UnicodeDecodeError):
-        return  # torch.jit.load below says what is wrong with the file
+        return None  # torch.jit.load says what is wrong with the file
     engine = meta.get("quantized_engine") if isinstance(meta, dict) else None
     if not engine:
-        return
+        return None
     supported = torch.backends.quantized.supported_engines
     if engine not in supported:
         raise UnsupportedError(f"{path} holds int8 weights packed for the {engine} engine, which this PyTorch "
                                f"build does not have (it has {', '.join(supported)})",
                                hint="re-run tbopt quantize on this machine")
-    torch.backends.quantized.engine = engine
-    # PyTorch warns once per process that quantized tensors are deprecated. Loading and running
-    # TorchScript prints it from C++ straight to stderr; raised here from Python it becomes a
-    # Python warning, which is ignored, and the once is used up.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.quint8)
+    return str(engine)
+
+
+def _load_torchscript(path: Path, extra: dict[str, str], engine: str | None) -> torch.jit.ScriptModule:
+    """``torch.jit.load`` with ``torch.backends.quantized.engine`` borrowed for ``engine`` (if any).
+
+    The global engine is restored afterwards; the runner that runs the module borrows it
+    again (``runtime.runners.TorchRunner``). This is the same borrow as
+    ``runtime.contexts.quantized_engine``, written out because ``core`` imports nothing above it.
+    """
+    previous = torch.backends.quantized.engine
+    try:
+        if engine:
+            torch.backends.quantized.engine = engine
+            # PyTorch warns once per process that quantized tensors are deprecated. Loading and
+            # running TorchScript prints it from C++ straight to stderr; raised here from Python it
+            # becomes a Python warning, which is ignored, and the once is used up.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.quint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "quantized tensors are deprecated" on int8 archives
+            return torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    finally:
+        torch.backends.quantized.engine = previous
 
 
 def load_model(
@@ -500,11 +522,9 @@ def load_model(
 
     if is_torchscript_archive(path):
         extra = {TORCHSCRIPT_META: ""}
-        _select_quantized_engine(path)
+        engine = _quantized_engine_of(path)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "quantized tensors are deprecated" on int8 archives
-                module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            module = _load_torchscript(path, extra, engine)
         except Exception as exc:  # noqa: BLE001 - any failure means an unusable archive
             raise InputError(f"{path} is a TorchScript archive that cannot be loaded: "
                              f"{_first_line_of_reason(str(exc))}") from None
@@ -517,7 +537,7 @@ def load_model(
         what = meta.get("kind_description") or "a TorchScript archive"
         module.eval()
         return LoadedModel(path, "torchscript", f"{what}{' with tbopt metadata' if meta else ''}",
-                           digest, module=module, metadata=meta)
+                           digest, module=module, metadata=meta, quantized_engine=engine)
 
     obj = _torch_load(path, trust_pickle)
     if isinstance(obj, Mapping) and obj.get("format") == ARTIFACT_FORMAT:

@@ -34,7 +34,7 @@ from ..runtime.contexts import torch_threads
 from ..core.progress import Progress, SilentProgress
 from ..prune.report import PruneReport
 from .prune import prune_file
-from ..quantize._all import QuantizeConfig, QuantizeResult, quantize_model
+from .quantize import QuantizeResult, quantize_file
 from ..measure.report import StageFigures, results_figure, results_markdown
 from .run_config import OUTPUT_FILES, RUN_VERSION, STAGES, RunConfig
 
@@ -202,7 +202,7 @@ def run_pipeline(checkpoint: Path | str, out: Path | str, config: RunConfig | No
             checkpoint, cfg.prune_config(), output=paths["pruned"], force=force, data=cfg.calib,
             eval_data=cfg.data, eval_limit=cfg.limit, progress=progress)))
 
-        quantized = stage(2, lambda: write("quantized", quantize_model(
+        quantized = stage(2, lambda: write("quantized", quantize_file(
             paths["pruned"], paths["quantized"], cfg.quantize_config(), force=force, progress=progress,
             command=command)))
 

@@ -1,6 +1,6 @@
 """Exact rewrites of a float network's graph that make its CPU int8 version fast.
 
-Plain FX int8 of TinyBeauty was slower than fp32 (DESIGN.md §2): the convolutions are
+Plain FX int8 of TinyBeauty was slower than fp32: the convolutions are
 a small part of the time; the norms, nearest upsampling and padding at 256x256 are the
 rest. These rewrites change how the network is computed, not what it computes (each is
 exact up to float rounding, and :func:`optimize_graph` checks that on real inputs):
@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..core.model import LayerNorm as MunitLayerNorm
+from ..core.quality import psnr_db
+from .fx_passes import FloatBoundary
 
 #: Fidelity (dB, residual outputs, peak-to-peak 2) a rewrite must keep to count as exact.
 EXACT_PSNR_DB = 100.0
@@ -153,23 +155,9 @@ class SubPixelConv2d(nn.Module):
         return self.interleave(self.conv(F.pad(x, (1, 1, 1, 1), mode=self.pad_mode)))
 
 
-class FloatBoundary(nn.Module):
-    """Identity that quantization leaves in float: its input is dequantized before it.
-
-    torch 2.13's FX ``convert_fx`` passes the int8 outputs of two convolutions straight to a
-    ``torch.cat`` that is meant to stay float, and ``torch.cat`` of quantized tensors with
-    different scales silently mixes them up. A boundary on each input keeps the cat float.
-    Freezing the TorchScript model removes the call.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
 #: Modules FX must not trace into: replaced as a whole, or (PixelInterleave) not traceable.
 LEAF_MODULES: tuple[type[nn.Module], ...] = (MunitLayerNorm, ChannelInstanceNorm, FastLayerNorm, PixelInterleave,
                                              FloatBoundary)
-_LIST_OPS = (torch.cat, torch.concat, torch.concatenate, torch.stack)
 #: Layers int8 quantization can replace.
 QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
                                                   nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
@@ -323,9 +311,11 @@ def _rewrite_subpixel(gm: fx.GraphModule, report: RewriteReport) -> None:
 
 
 def fidelity_db(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR between two outputs in [-1, 1] (peak-to-peak 2), over the whole batch."""
-    mse = float(torch.mean((a.double() - b.double()) ** 2))
-    return math.inf if mse == 0 else 10.0 * math.log10(4.0 / mse)
+    """PSNR between two outputs in [-1, 1] (peak-to-peak 2), over the whole batch as one image
+    (inf where identical): a rewrite must be exact on every value, not on average per image."""
+    def flat(t: torch.Tensor):
+        return t.detach().double().reshape(1, -1).numpy()
+    return float(psnr_db(flat(a), flat(b), data_range=2.0)[0])
 
 
 def optimize_graph(model: nn.Module, example: torch.Tensor,
@@ -363,31 +353,6 @@ def optimize_graph(model: nn.Module, example: torch.Tensor,
         report.applied, report.subpixel_layers, report.equalized = [], {}, {}
         return gm, report
     return rewritten, report
-
-
-def isolate_list_inputs(gm: fx.GraphModule) -> int:
-    """Put a :class:`FloatBoundary` on every tensor input of cat / stack; returns how many."""
-    count = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _LIST_OPS or not node.args:
-            continue
-        tensors = node.args[0]
-        if not isinstance(tensors, (list, tuple)):
-            continue
-        wrapped = []
-        for t in tensors:
-            if isinstance(t, fx.Node):
-                name = f"float_boundary_{count}"
-                gm.add_submodule(name, FloatBoundary())
-                with gm.graph.inserting_before(node):
-                    t = gm.graph.call_module(name, (t,))
-                count += 1
-            wrapped.append(t)
-        node.args = (type(tensors)(wrapped), *node.args[1:])
-    if count:
-        gm.graph.lint()
-        gm.recompile()
-    return count
 
 
 @dataclass
@@ -497,7 +462,7 @@ def quantizable_layers(model: nn.Module) -> list[str]:
     return [name for name, mod in model.named_modules() if name and isinstance(mod, QUANTIZABLE_TYPES)]
 
 
-__all__ = ["ChannelInstanceNorm", "FastLayerNorm", "FloatBoundary", "PixelInterleave", "SubPixelConv2d", "LEAF_MODULES",
-           "isolate_list_inputs", "Equalization", "equalize_channel_ranges",
+__all__ = ["ChannelInstanceNorm", "FastLayerNorm", "PixelInterleave", "SubPixelConv2d", "LEAF_MODULES",
+           "Equalization", "equalize_channel_ranges",
            "QUANTIZABLE_TYPES", "RewriteReport", "TraceError", "optimize_graph", "quantizable_layers", "trace",
            "fidelity_db"]

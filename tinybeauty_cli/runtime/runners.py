@@ -6,6 +6,7 @@ interface: checkpoints, tbopt artifacts and TorchScript here, Core ML files thro
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -17,11 +18,16 @@ from torch import nn
 from ..core.checkpoint import LoadedModel, Preprocessing, load_model
 from ..core.errors import UnsupportedError
 from ..core.runner import Runner
+from . import contexts
 
 
 @dataclass
 class TorchRunner(Runner):
-    """A PyTorch module returning a residual (float checkpoints, or TorchScript)."""
+    """A PyTorch module returning a residual (float checkpoints, or TorchScript).
+
+    An int8 module runs with ``torch.backends.quantized.engine`` borrowed for the engine its
+    weights were packed for (``quantized_engine``), and the global setting restored after.
+    """
 
     module: nn.Module
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
@@ -29,9 +35,12 @@ class TorchRunner(Runner):
     engine: str = "PyTorch eager fp32"
     batch_size: int = 8
     loaded: LoadedModel | None = None
+    quantized_engine: str | None = None  # e.g. "x86"; None for float modules
 
     def residual(self, x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
+        borrow = (contexts.quantized_engine(self.quantized_engine) if self.quantized_engine
+                  else contextlib.nullcontext())
+        with borrow, torch.inference_mode():
             out = self.module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
         out = out.float().numpy()
         if self.preprocessing.output == "image":
@@ -47,7 +56,8 @@ def runner_for(loaded: LoadedModel) -> Runner:
         meta = loaded.metadata
         kind = "int8" if meta.get("quantized") else "float"
         engine = meta.get("engine") or ("PyTorch TorchScript")
-        return TorchRunner(loaded.module, loaded.preprocessing, kind=kind, engine=engine, loaded=loaded)
+        return TorchRunner(loaded.module, loaded.preprocessing, kind=kind, engine=engine, loaded=loaded,
+                           quantized_engine=loaded.quantized_engine)
     raise UnsupportedError(f"no runner for a {loaded.kind} model")  # pragma: no cover
 
 

@@ -1,0 +1,300 @@
+"""``tbopt quantize`` around the transform: calibration images from files, the int8 TorchScript
+file written atomically with its metadata, and the written model scored and timed against the
+float one.
+
+:func:`quantize_file` reads a checkpoint; :func:`quantize_loaded` starts from a model already in
+memory (the pipeline's pruned model) and never re-reads its path. The quantization itself is
+:func:`~tinybeauty_cli.quantize.transform.quantize_module`.
+"""
+
+from __future__ import annotations
+
+import io
+import platform
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..core.checkpoint import HistoryStep, LoadedModel, load_model
+from ..core.counts import count_macs, count_parameters
+from ..core.errors import ImageError, InputError, UnsupportedError
+from ..core.files import atomic_output, check_output, size_on_disk, zipped_size
+from ..core.images import (PAIR_DIRS, ImageSet, builtin_test_set, list_images, read_image, synthetic_unlabeled,
+                           to_model_size, uint8_to_model)
+from ..core.progress import Progress, SilentProgress
+from ..measure.evaluate import evaluate
+from ..quantize.config import CALIB_BATCH, TORCHSCRIPT_FORMAT, TORCHSCRIPT_FORMAT_VERSION, QuantizeConfig
+from ..quantize.engines import OBSERVERS
+from ..quantize.graph_rewrites import RewriteReport
+from ..quantize.lowering import quiet, write_torchscript
+from ..quantize.results import BackendTrial, LayerDecision, rounded
+from ..quantize.transform import quantize_module
+from ..runtime.contexts import quantized_engine
+from ..runtime.runners import TorchRunner
+from ..runtime.timing import measure_latencies
+
+
+@dataclass
+class QuantizeResult:
+    """What ``tbopt quantize`` did and measured; :meth:`to_dict` is its JSON output."""
+
+    input: str
+    output: str
+    config: QuantizeConfig
+    backend: str
+    backend_reason: str
+    engine: str
+    backends: list[BackendTrial]
+    rewrites: RewriteReport
+    calibration: dict[str, Any]
+    layers: list[LayerDecision]
+    keep_float_steps: list[dict[str, Any]]
+    size: dict[str, Any]
+    quality: dict[str, Any]
+    latency: dict[str, Any]
+    timings: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+    ranking: dict[str, Any] = field(default_factory=dict)  # how engines were compared: threads, runs, float ms
+
+    @property
+    def quantized_layers(self) -> list[str]:
+        return [layer.name for layer in self.layers if layer.quantized]
+
+    @property
+    def float_layers(self) -> list[str]:
+        return [layer.name for layer in self.layers if not layer.quantized]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input": self.input, "output": self.output, "config": self.config.to_dict(),
+            "backend": self.backend, "backend_reason": self.backend_reason, "engine": self.engine,
+            "backends": [b.to_dict() for b in self.backends], "ranking": dict(self.ranking),
+            "rewrites": self.rewrites.to_dict(), "calibration": dict(self.calibration),
+            "quantized_layers": self.quantized_layers, "float_layers": self.float_layers,
+            "layers": [layer.to_dict() for layer in self.layers], "keep_float_steps": list(self.keep_float_steps),
+            "size": dict(self.size), "quality": dict(self.quality), "latency": dict(self.latency),
+            "timings": {k: round(v, 2) for k, v in self.timings.items()}, "notes": list(self.notes),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def refuse_unquantizable(loaded: LoadedModel) -> None:
+    """Only float models with weights can be quantized."""
+    if loaded.kind == "torchscript":
+        if loaded.metadata.get("quantized"):
+            raise InputError(f"{loaded.path} is already an int8 model ({loaded.metadata.get('engine', 'int8')}); "
+                             f"quantizing it again would only lose quality",
+                             hint="quantize the float checkpoint it was made from")
+        raise UnsupportedError(f"{loaded.path} is a TorchScript archive; tbopt quantize needs the float weights",
+                               hint="give the checkpoint or tbopt artifact the TorchScript was made from")
+    if loaded.artifact is not None and any(getattr(v, "is_quantized", False) for v in loaded.artifact.state_dict.values()):
+        raise InputError(f"{loaded.path} already holds quantized tensors", hint="quantize a float checkpoint")
+
+
+def calibration_images(calib: Path | None, count: int, size: int, progress: Progress) -> tuple[ImageSet, list[str]]:
+    """``count`` calibration images: from a folder (unreadable files skipped), or synthetic portraits.
+
+    Returns the images and the names of skipped files. A folder of pairs
+    (``input``/``target``) is calibrated on its inputs.
+    """
+    if calib is None:
+        return synthetic_unlabeled(count, size), []
+    folder = Path(calib)
+    if folder.is_dir():
+        for a, _b in PAIR_DIRS:
+            if (folder / a).is_dir() and not list_images(folder):
+                folder = folder / a
+                break
+    files = list_images(folder)  # raises ImageError for a missing folder or a file
+    arrays, names, skipped = [], [], []
+    for path in files:
+        if len(arrays) >= count:
+            break
+        try:
+            arrays.append(to_model_size(read_image(path), size))
+            names.append(path.stem)
+        except ImageError:
+            skipped.append(path.name)
+    if not arrays:
+        what = f"{len(files)} image file(s), none readable" if files else "no image files"
+        raise ImageError(f"calibration folder {calib} has no readable images ({what})",
+                         hint="give --calib a folder of face photos (png, jpg, ...) or leave it out "
+                              "to calibrate on synthetic portraits")
+    if skipped:
+        progress.note(f"calibration: skipped {len(skipped)} unreadable file(s): {', '.join(skipped[:3])}"
+                      f"{' ...' if len(skipped) > 3 else ''}")
+    if len(arrays) < count:
+        progress.note(f"calibration: {calib} has {len(arrays)} readable image(s), fewer than --calib-count {count}")
+    return ImageSet(names, np.stack(arrays), None, f"{calib} ({len(arrays)} images)"), skipped
+
+
+def _zipped_size_of(data: bytes, name: str) -> int:
+    """:func:`~tinybeauty_cli.core.files.zipped_size` of a file not on disk, from its bytes."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        zf.writestr(name, data)
+    return buf.getbuffer().nbytes
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def quantize_file(source: Path | str, output: Path | str, config: QuantizeConfig | None = None, *,
+                  force: bool = False, progress: Progress | None = None, command: str = "",
+                  arch: str | None = None, arch_kwargs: str | Mapping[str, Any] | None = None,
+                  trust_pickle: bool = False) -> QuantizeResult:
+    """Quantize the float model in ``source`` to an int8 TorchScript file at ``output``."""
+    t_start = time.perf_counter()
+    source, output = Path(source), Path(output)
+    check_output(output, force, inputs=(source,))
+    loaded = load_model(source, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+    return _quantize(loaded, output, config or QuantizeConfig(), force=force, progress=progress, command=command,
+                     eval_images=None, source_bytes=None, t_start=t_start)
+
+
+def quantize_loaded(loaded: LoadedModel, output: Path | str, config: QuantizeConfig | None = None, *,
+                    force: bool = False, progress: Progress | None = None, command: str = "",
+                    eval_images: ImageSet | None = None, source_bytes: bytes | None = None) -> QuantizeResult:
+    """Quantize a float model already in memory to an int8 TorchScript file at ``output``.
+
+    ``loaded.path`` is only named (in the result and the file's metadata), never read:
+    ``loaded.sha256`` is used as given, and the float model's sizes come from ``source_bytes``
+    (its file's content) when given, else from ``loaded.path``. ``eval_images`` are scored for
+    the report (default: the built-in test set, at most ``config.eval_limit`` images).
+    """
+    return _quantize(loaded, Path(output), config or QuantizeConfig(), force=force, progress=progress,
+                     command=command, eval_images=eval_images, source_bytes=source_bytes,
+                     t_start=time.perf_counter())
+
+
+def _quantize(loaded: LoadedModel, output: Path, cfg: QuantizeConfig, *, force: bool, progress: Progress | None,
+              command: str, eval_images: ImageSet | None, source_bytes: bytes | None,
+              t_start: float) -> QuantizeResult:
+    progress = progress or SilentProgress()
+    source = Path(loaded.path)
+    timings: dict[str, float] = {}
+
+    check_output(output, force, inputs=(source,))
+    refuse_unquantizable(loaded)
+    model = loaded.module.eval()
+    prep = loaded.preprocessing
+
+    t0 = time.perf_counter()
+    calib_set, skipped = calibration_images(cfg.calib, cfg.calib_count, prep.size, progress)
+    calib = torch.from_numpy(uint8_to_model(calib_set.inputs))
+    timings["calibration_images_s"] = time.perf_counter() - t0
+
+    script, outcome = quantize_module(model, cfg, calib, output=prep.output, progress=progress)
+    timings.update(outcome.timings)
+    notes = list(outcome.notes)
+    threads = cfg.effective_threads
+
+    # ---- write, reload, measure ---------------------------------------------------------------
+    t0 = time.perf_counter()
+    params, nonzero = count_parameters(model)
+    with quantized_engine(outcome.backend):
+        with atomic_output(output, force=force) as tmp:
+            plain = tmp.parent / "plain.pt"
+            torch.jit.save(script, str(plain))
+            stripped = tmp.parent / "stripped.pt"
+            write_torchscript(plain, stripped, {})
+            with quiet():
+                reloaded = torch.jit.load(str(stripped), map_location="cpu").eval()
+            test = eval_images if eval_images is not None else builtin_test_set(prep.size, cfg.eval_limit)
+            float_runner = TorchRunner(model, prep, loaded=loaded)
+            int8_runner = TorchRunner(reloaded, prep, kind="int8", engine=outcome.engine,
+                                      quantized_engine=outcome.backend)
+            before = evaluate(float_runner, test, progress=progress, description="scoring float model")
+            after = evaluate(int8_runner, test, reference=before.outputs, progress=progress,
+                             description="scoring int8 model")
+            x1 = uint8_to_model(test.inputs[:1])
+            with progress.task("timing float vs int8", total=None):
+                lat = measure_latencies({"float": lambda: float_runner.predict(x1),
+                                         "int8": lambda: int8_runner.predict(x1)},
+                                        runs=cfg.runs, warmup=cfg.warmup, threads=threads)
+            timings["evaluation_s"] = time.perf_counter() - t0
+            decisions = outcome.layers
+            quality = {
+                "images": test.source,
+                "float_target_psnr_db": rounded(before.target_psnr_db),
+                "int8_target_psnr_db": rounded(after.target_psnr_db),
+                "target_psnr_drop_db": rounded(before.target_psnr_db - after.target_psnr_db),
+                "fidelity_psnr_db": rounded(after.fidelity_psnr_db),
+                "worst_fidelity_db": rounded(after.worst_fidelity_db),
+                "calibration_fidelity_db": rounded(outcome.calibration_fidelity_db),
+            }
+            latency = {
+                "float": lat["float"].to_dict(), "int8": lat["int8"].to_dict(),
+                "float_engine": float_runner.engine, "int8_engine": int8_runner.engine,
+                "ratio": rounded(lat["int8"].p50_ms / lat["float"].p50_ms),
+                "threads": lat["int8"].threads, "batch": 1, "size": prep.size,
+            }
+            calibration = {"source": calib_set.source, "images": len(calib_set), "skipped": skipped,
+                           "batch": CALIB_BATCH, "sensitivity_images": outcome.sensitivity_images,
+                           "observers": OBSERVERS}
+            figures = {
+                "backend": outcome.backend, "quantized_layers": len(outcome.quantized_layers),
+                "float_layers": [d.name for d in decisions if not d.quantized],
+                "fidelity_psnr_db": quality["fidelity_psnr_db"],
+                "float_target_psnr_db": quality["float_target_psnr_db"],
+                "int8_target_psnr_db": quality["int8_target_psnr_db"],
+                "float_latency_ms": rounded(lat["float"].p50_ms), "int8_latency_ms": rounded(lat["int8"].p50_ms),
+                "threads": threads,
+            }
+            step = HistoryStep.now("quantize", command, cfg.to_dict(), figures)
+            meta = {
+                "format": TORCHSCRIPT_FORMAT, "format_version": TORCHSCRIPT_FORMAT_VERSION, "tbopt_version": __version__,
+                "kind_description": f"an int8 TorchScript model ({outcome.backend})",
+                "quantized": True, "engine": outcome.engine, "quantized_engine": outcome.backend,
+                "preprocessing": prep.to_dict(),
+                "history": [h.to_dict() for h in loaded.history] + [step.to_dict()],
+                "architecture": loaded.artifact.arch.describe() + ", int8",
+                "arch": loaded.artifact.arch.to_dict(),
+                "parameters": params, "nonzero_parameters": nonzero,
+                "macs": outcome.macs, "float_macs": count_macs(model, prep.size),
+                "stored_weights": outcome.stored_weights,
+                "configuration": cfg.to_dict(),
+                "calibration": calibration,
+                "layers": [d.to_dict() for d in decisions],
+                "rewrites": outcome.rewrites.to_dict(),
+                "source": {"path": str(source), "sha256": loaded.sha256, "found": loaded.found},
+                "requires": {"torch": torch.__version__.split("+")[0],
+                             "load": f"torch.backends.quantized.engine = '{outcome.backend}' before torch.jit.load",
+                             "input": f"float32 (N, 3, {prep.size}, {prep.size}) in [-1, 1]; " + (
+                                 "returns the residual r; the image is clamp(x + r, -1, 1)"
+                                 if prep.output == "residual" else "returns the made-up image")},
+                "measured_on": {"cpu": platform.processor() or platform.machine(),
+                                "vnni": bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)())},
+            }
+            write_torchscript(plain, tmp, meta)
+    if source_bytes is not None:
+        float_bytes, float_zipped = len(source_bytes), _zipped_size_of(source_bytes, source.name)
+    else:
+        float_bytes, float_zipped = size_on_disk(source), zipped_size(source)
+    size = {
+        "float_bytes": float_bytes, "float_zipped_bytes": float_zipped,
+        "int8_bytes": size_on_disk(output), "int8_zipped_bytes": zipped_size(output),
+    }
+    size["ratio"] = rounded(size["int8_bytes"] / size["float_bytes"])
+    size["zipped_ratio"] = rounded(size["int8_zipped_bytes"] / size["float_zipped_bytes"])
+    timings["total_s"] = time.perf_counter() - t_start
+    if after.fidelity_psnr_db is not None and after.fidelity_psnr_db < cfg.min_psnr_db:
+        notes.append(f"fidelity on the test set ({after.fidelity_psnr_db:.2f} dB) is below --min-psnr "
+                     f"{cfg.min_psnr_db:g} dB although the calibration images reached "
+                     f"{outcome.calibration_fidelity_db:.2f} dB; calibrate on images closer to the test set (--calib)")
+    if lat["int8"].p50_ms >= lat["float"].p50_ms:
+        notes.append("the int8 model measured no faster than the float model in this run; the machine may be "
+                     "loaded (check uptime and re-run tbopt bench)")
+    return QuantizeResult(str(source), str(output), cfg, outcome.backend, outcome.backend_reason, outcome.engine,
+                          outcome.backends, outcome.rewrites, calibration, decisions, outcome.keep_float_steps, size,
+                          quality, latency, timings, notes, outcome.ranking)

@@ -1,0 +1,89 @@
+"""Lowering an int8 FX graph to TorchScript, and the archive format tbopt writes it in.
+
+The lowered model is scripted (traced if scripting fails) and frozen, so the quantized
+weights become packed constants. :func:`write_torchscript` rewrites a saved archive
+compactly and reproducibly (fixed record times) with ``tbopt.json`` metadata embedded;
+the file loads with ``torch.jit.load`` alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ..core.checkpoint import TORCHSCRIPT_META
+from .config import _ZIP_TIME, ARCHIVE_FOLDER
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence torch.ao.quantization's warnings for a block.
+
+    It and quantized tensors warn that they are deprecated in favour of torchao; the user
+    can do nothing about it, and the accuracy warnings are read separately.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def engine_label(backend: str) -> str:
+    """How an int8 TorchScript model made for ``backend`` is computed, as reports name it."""
+    return f"PyTorch int8 {backend} (TorchScript)"
+
+
+class _ChannelsLast(nn.Module):
+    """Channels-last inside (what the int8 kernels use), plain NCHW at the boundary."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
+def lower_to_torchscript(converted: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """Script (trace if scripting fails) and freeze; quantized weights become packed constants.
+
+    Call it with ``torch.backends.quantized.engine`` borrowed for the backend the model was
+    converted for: freezing packs the weights for the current engine.
+    """
+    wrapped = _ChannelsLast(converted).eval()
+    with quiet(), torch.no_grad():
+        try:
+            scripted = torch.jit.script(wrapped)
+        except Exception:  # noqa: BLE001 - a user's network may use Python that only tracing understands
+            scripted = torch.jit.trace(wrapped, example, check_trace=False)
+        return torch.jit.freeze(scripted.eval())
+
+
+def write_torchscript(script_path: Path, out_path: Path, metadata: Mapping[str, Any]) -> None:
+    """Rewrite a saved TorchScript archive compactly, with ``tbopt.json`` embedded.
+
+    * The ``*.debug_pkl`` records are dropped: they only map graph nodes back to Python
+      source lines for error messages, and were a quarter of the file.
+    * Every record is DEFLATE-compressed (``torch.jit.save`` compresses only code and
+      pickles); ``torch.jit.load`` inflates them as it reads, so the file on disk is about
+      as small as its zipped size.
+    * The records live under a short folder name; every record repeats it twice.
+    * Every record has the same fixed time, so that the same model gives the same bytes.
+    """
+    def put(dst: zipfile.ZipFile, record: str, data: bytes | str) -> None:
+        info = zipfile.ZipInfo(f"{ARCHIVE_FOLDER}/{record}", date_time=_ZIP_TIME)
+        dst.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
+
+    with zipfile.ZipFile(script_path) as src, zipfile.ZipFile(out_path, "w") as dst:
+        for info in src.infolist():
+            record = info.filename.split("/", 1)[1]
+            if record.endswith(".debug_pkl") or record == f"extra/{TORCHSCRIPT_META}":
+                continue
+            put(dst, record, src.read(info))
+        put(dst, f"extra/{TORCHSCRIPT_META}", json.dumps(metadata, separators=(",", ":")))
