@@ -544,7 +544,7 @@ def load_model(
         artifact = Artifact.from_payload(obj)
         if spec is not None:
             artifact.arch = spec
-        found = f"a tbopt artifact (format v{obj.get('format_version')}, {len(artifact.history)} history steps)"
+        found = artifact_found(obj.get("format_version"), artifact)
     else:
         sd, where = _find_state_dict(obj)
         sd, prefix = _strip_prefixes(sd)
@@ -568,6 +568,11 @@ def load_model(
     if not artifact.source:
         artifact.source = {"path": str(path), "sha256": digest, "found": found}
     return LoadedModel(path, "float", found, digest, artifact=artifact, module=module)
+
+
+def artifact_found(version: Any, artifact: Artifact) -> str:
+    """What :func:`load_model` says it found in a tbopt artifact file."""
+    return f"a tbopt artifact (format v{version}, {len(artifact.history)} history steps)"
 
 
 def save_artifact(artifact: Artifact, path: Path | str, *, force: bool = False) -> Path:

@@ -95,6 +95,14 @@ def zipped_size(path: Path) -> int:
     return buf.getbuffer().nbytes
 
 
+def zipped_size_of_bytes(data: bytes, name: str) -> int:
+    """:func:`zipped_size` of a file's content held in memory."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        zf.writestr(name, data)
+    return buf.getbuffer().nbytes
+
+
 def require_file(path: Path, what: str = "file") -> Path:
     """A readable, non-empty regular file, or a clear error naming it."""
     path = Path(path)

@@ -6,35 +6,44 @@ This is the original plan's ``python model_optimization.py``, done with tbopt's 
 2. quantize  (:mod:`.quantize`)  -> ``tinybeauty_optimized.pt`` (int8 TorchScript, from the pruned model)
 3. export    (:mod:`.export`)    -> ``TinyBeauty.mlmodel`` (NeuralNetwork, iOS 13+) and
                                     ``TinyBeauty.mlpackage`` (ML Program), both from the pruned model
-4. measure   (:mod:`.bench`)     every artifact on the same images: size, PSNR, fidelity, latency
+4. measure   (``measure.bench``) every artifact on the same images: size, PSNR, fidelity, latency
 5. report    -> ``results.json``, ``results.md``, ``optimization_results.png``
 
-Every file is written atomically, so an interrupted run leaves no half-written file; a
-stage that fails says which it was and leaves what the earlier stages wrote in place.
+The models pass from stage to stage in memory: the checkpoint is read once, the outputs are
+checked once before any work, and each model runs once on the evaluation images (the scores a
+stage's report needs are the ones the final table shows). Every file is written atomically, so
+an interrupted run leaves no half-written file; a stage that fails says which it was and leaves
+what the earlier stages wrote in place.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+import numpy as np
 import torch
+from torch import nn
 
 from .. import __version__
-from ..measure.bench import BenchResult, BenchRow, bench
-from ..core.checkpoint import load_model
+from ..core.checkpoint import ARTIFACT_VERSION, LoadedModel, artifact_found, load_model
+from ..core.images import load_images
+from ..measure.bench import BenchResult, BenchRow, Entry, measure_entries
+from ..measure.evaluate import Evaluation, Scores
+from ..runtime.runners import TorchRunner, open_runner, runner_for
 from ..core.errors import InputError, OutputExistsError, TbOptError, UsageError
-from ..export._all import ExportConfig, ExportResult, export_model
+from ..export._all import ExportResult, export_loaded
 from ..core.files import atomic_output
 from ..runtime.contexts import torch_threads
 from ..core.progress import Progress, SilentProgress
 from ..prune.report import PruneReport
-from .prune import prune_file
-from .quantize import QuantizeResult, quantize_file
+from .prune import prune_loaded, write_pruned
+from .quantize import QuantizeResult, quantize_loaded
 from ..measure.report import StageFigures, results_figure, results_markdown
 from .run_config import OUTPUT_FILES, RUN_VERSION, STAGES, RunConfig
 
@@ -196,33 +205,53 @@ def run_pipeline(checkpoint: Path | str, out: Path | str, config: RunConfig | No
         return result
 
     t_start = time.perf_counter()
+    prep = loaded.preprocessing
     with torch_threads(cfg.threads):
-        out.mkdir(parents=True, exist_ok=True)
-        pruned = stage(1, lambda: write("pruned", prune_file(
-            checkpoint, cfg.prune_config(), output=paths["pruned"], force=force, data=cfg.calib,
-            eval_data=cfg.data, eval_limit=cfg.limit, progress=progress)))
+        # The evaluation images, loaded once; every model is run on them once (see Scores).
+        scores = Scores(load_images(cfg.data, prep.size, cfg.limit), progress)
 
-        quantized = stage(2, lambda: write("quantized", quantize_file(
-            paths["pruned"], paths["quantized"], cfg.quantize_config(), force=force, progress=progress,
-            command=command)))
+        def score_module(module: nn.Module, reference: np.ndarray | None, description: str) -> Evaluation:
+            return scores.score(module, TorchRunner(module.eval(), prep), description, reference)
+
+        out.mkdir(parents=True, exist_ok=True)
+
+        def prune_stage() -> tuple[PruneReport, LoadedModel, bytes]:
+            artifact, module, report = prune_loaded(loaded, cfg.prune_config(), data=cfg.calib,
+                                                    eval_images=scores.images, progress=progress,
+                                                    scorer=score_module)
+            written = write("pruned", write_pruned(artifact, loaded, report, paths["pruned"], force=force))
+            pruned = LoadedModel(paths["pruned"], "float", artifact_found(ARTIFACT_VERSION, artifact),
+                                 hashlib.sha256(written).hexdigest(),
+                                 artifact=artifact, module=module)
+            return report, pruned, written
+
+        pruned_report, pruned, pruned_bytes = stage(1, prune_stage)
+
+        quantized = stage(2, lambda: write("quantized", quantize_loaded(
+            pruned, paths["quantized"], cfg.quantize_config(), force=force, progress=progress, command=command,
+            source_bytes=pruned_bytes, scores=scores)))
 
         def export_both() -> dict[str, ExportResult]:
-            results = {}
-            for role in ("mlmodel", "mlpackage"):
-                results[role] = write(role, export_model(paths["pruned"], paths[role], cfg.export_config(role),
-                                                         force=force, progress=progress))
-            return results
+            return {role: write(role, export_loaded(pruned, paths[role], cfg.export_config(role), force=force,
+                                                    progress=progress))
+                    for role in ("mlmodel", "mlpackage")}
 
         exports = stage(3, export_both)
 
-        measured = stage(4, lambda: bench(
-            [checkpoint] + [paths[role] for _, role in STAGES[1:]], cfg.bench_config(), ref=checkpoint,
-            progress=progress, keep_examples=EXAMPLES))
+        def measure() -> BenchResult:
+            int8 = quantized.written
+            entries = [Entry(checkpoint, runner_for(loaded)), Entry(paths["pruned"], runner_for(pruned)),
+                       Entry(paths["quantized"], runner_for(int8))]
+            entries += [Entry(paths[role], open_runner(paths[role])) for role in ("mlmodel", "mlpackage")]
+            return measure_entries(entries, cfg.bench_config(), ref_path=checkpoint, scores=scores,
+                                   progress=progress, keep_examples=EXAMPLES)
+
+        measured = stage(4, measure)
 
         stages = [_row_figures(label, row) for (label, _), row in zip(STAGES, measured.rows)]
         files = {role: str(p) for role, p in paths.items()}
-        result = RunResult(str(checkpoint), str(out), cfg, stages, measured, pruned, quantized, exports, seconds,
-                           files, notes=list(measured.notes), command=command)
+        result = RunResult(str(checkpoint), str(out), cfg, stages, measured, pruned_report, quantized, exports,
+                           seconds, files, notes=list(measured.notes), command=command)
         stage(5, lambda: _write_reports(result, paths, force))
         seconds["total"] = time.perf_counter() - t_start
         _write_json(result, paths["json"])  # last, so that it holds every stage's time

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..core.checkpoint import Artifact, ArchSpec, HistoryStep, LoadedModel, Preprocessing, load_model, save_artifact
 from ..core.errors import ConfigError, UnsupportedError, UsageError
-from ..core.files import check_output, size_on_disk, zipped_size
+from ..core.files import check_output, size_on_disk, zipped_size, zipped_size_of_bytes
 from ..core.images import ImageSet, builtin_test_set, load_folder, synthetic_unlabeled, uint8_to_model
 from ..core.model import config_from_state_dict
 from ..core.progress import Progress, SilentProgress
@@ -194,12 +194,21 @@ def _prune_file(path: Path, cfg: PruneConfig, output: Path | str | None, force: 
     eval_images = (builtin_test_set(size, eval_limit) if eval_data is None
                    else load_folder(Path(eval_data), size, eval_limit))
     artifact, _model, report = prune_loaded(loaded, cfg, data=data, eval_images=eval_images, progress=progress)
+    write_pruned(artifact, loaded, report, out_path, force=force)
+    return report
+
+
+def write_pruned(artifact: Artifact, source: LoadedModel, report: PruneReport, out_path: Path, *,
+                 force: bool = False) -> bytes:
+    """Write the pruned ``artifact`` atomically, fill the report's sizes and return the file's bytes
+    (read back once, so that later stages need not open the file)."""
     t0 = time.perf_counter()
     save_artifact(artifact, out_path, force=force)
-    base_bytes, base_zipped = _sizes_in_artifact_format(loaded.artifact)
+    written = out_path.read_bytes()
+    base_bytes, base_zipped = _sizes_in_artifact_format(source.artifact)
     report.before.size_bytes, report.before.zipped_bytes = base_bytes, base_zipped
-    report.after.size_bytes, report.after.zipped_bytes = size_on_disk(out_path), zipped_size(out_path)
+    report.after.size_bytes, report.after.zipped_bytes = len(written), zipped_size_of_bytes(written, out_path.name)
     report.output = str(out_path)
     report.seconds["write"] = round(time.perf_counter() - t0, 2)
     report.seconds["total"] = round(report.seconds["total"] + report.seconds["write"], 2)
-    return report
+    return written

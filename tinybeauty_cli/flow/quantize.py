@@ -9,10 +9,8 @@ memory (the pipeline's pruned model) and never re-reads its path. The quantizati
 
 from __future__ import annotations
 
-import io
 import platform
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,11 +22,11 @@ from .. import __version__
 from ..core.checkpoint import HistoryStep, LoadedModel, load_model
 from ..core.counts import count_macs, count_parameters
 from ..core.errors import ImageError, InputError, UnsupportedError
-from ..core.files import atomic_output, check_output, size_on_disk, zipped_size
+from ..core.files import atomic_output, check_output, sha256_file, size_on_disk, zipped_size, zipped_size_of_bytes
 from ..core.images import (PAIR_DIRS, ImageSet, builtin_test_set, list_images, read_image, synthetic_unlabeled,
                            to_model_size, uint8_to_model)
 from ..core.progress import Progress, SilentProgress
-from ..measure.evaluate import evaluate
+from ..measure.evaluate import Scores
 from ..quantize.config import CALIB_BATCH, TORCHSCRIPT_FORMAT, TORCHSCRIPT_FORMAT_VERSION, QuantizeConfig
 from ..quantize.engines import OBSERVERS
 from ..quantize.graph_rewrites import RewriteReport
@@ -61,6 +59,8 @@ class QuantizeResult:
     timings: dict[str, float]
     notes: list[str] = field(default_factory=list)
     ranking: dict[str, Any] = field(default_factory=dict)  # how engines were compared: threads, runs, float ms
+    #: The written file as opened (the reloaded module, its metadata and hash); not part of ``to_dict``.
+    written: LoadedModel | None = field(default=None, repr=False)
 
     @property
     def quantized_layers(self) -> list[str]:
@@ -137,14 +137,6 @@ def calibration_images(calib: Path | None, count: int, size: int, progress: Prog
     return ImageSet(names, np.stack(arrays), None, f"{calib} ({len(arrays)} images)"), skipped
 
 
-def _zipped_size_of(data: bytes, name: str) -> int:
-    """:func:`~tinybeauty_cli.core.files.zipped_size` of a file not on disk, from its bytes."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
-        zf.writestr(name, data)
-    return buf.getbuffer().nbytes
-
-
 # ---------------------------------------------------------------------------------------------
 # the command
 
@@ -159,32 +151,36 @@ def quantize_file(source: Path | str, output: Path | str, config: QuantizeConfig
     check_output(output, force, inputs=(source,))
     loaded = load_model(source, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
     return _quantize(loaded, output, config or QuantizeConfig(), force=force, progress=progress, command=command,
-                     eval_images=None, source_bytes=None, t_start=t_start)
+                     eval_images=None, source_bytes=None, scores=None, t_start=t_start)
 
 
 def quantize_loaded(loaded: LoadedModel, output: Path | str, config: QuantizeConfig | None = None, *,
                     force: bool = False, progress: Progress | None = None, command: str = "",
-                    eval_images: ImageSet | None = None, source_bytes: bytes | None = None) -> QuantizeResult:
-    """Quantize a float model already in memory to an int8 TorchScript file at ``output``.
+                    eval_images: ImageSet | None = None, source_bytes: bytes | None = None,
+                    scores: Scores | None = None) -> QuantizeResult:
+    """Quantize a float model already in memory to an int8 TorchScript file at ``output``
+    (which the caller has checked: an existing file is replaced only with ``force``).
 
     ``loaded.path`` is only named (in the result and the file's metadata), never read:
     ``loaded.sha256`` is used as given, and the float model's sizes come from ``source_bytes``
     (its file's content) when given, else from ``loaded.path``. ``eval_images`` are scored for
-    the report (default: the built-in test set, at most ``config.eval_limit`` images).
+    the report (default: the built-in test set, at most ``config.eval_limit`` images); with
+    ``scores``, its images are scored instead and models it already ran are not run again.
+    The result's ``written`` is the int8 file as :func:`load_model` would open it, so a flow can
+    measure it without reading it back.
     """
     return _quantize(loaded, Path(output), config or QuantizeConfig(), force=force, progress=progress,
-                     command=command, eval_images=eval_images, source_bytes=source_bytes,
+                     command=command, eval_images=eval_images, source_bytes=source_bytes, scores=scores,
                      t_start=time.perf_counter())
 
 
 def _quantize(loaded: LoadedModel, output: Path, cfg: QuantizeConfig, *, force: bool, progress: Progress | None,
               command: str, eval_images: ImageSet | None, source_bytes: bytes | None,
-              t_start: float) -> QuantizeResult:
+              scores: Scores | None, t_start: float) -> QuantizeResult:
     progress = progress or SilentProgress()
     source = Path(loaded.path)
     timings: dict[str, float] = {}
 
-    check_output(output, force, inputs=(source,))
     refuse_unquantizable(loaded)
     model = loaded.module.eval()
     prep = loaded.preprocessing
@@ -210,13 +206,15 @@ def _quantize(loaded: LoadedModel, output: Path, cfg: QuantizeConfig, *, force: 
             write_torchscript(plain, stripped, {})
             with quiet():
                 reloaded = torch.jit.load(str(stripped), map_location="cpu").eval()
-            test = eval_images if eval_images is not None else builtin_test_set(prep.size, cfg.eval_limit)
+            if scores is None:
+                test = eval_images if eval_images is not None else builtin_test_set(prep.size, cfg.eval_limit)
+                scores = Scores(test, progress)
+            test = scores.images
             float_runner = TorchRunner(model, prep, loaded=loaded)
             int8_runner = TorchRunner(reloaded, prep, kind="int8", engine=outcome.engine,
                                       quantized_engine=outcome.backend)
-            before = evaluate(float_runner, test, progress=progress, description="scoring float model")
-            after = evaluate(int8_runner, test, reference=before.outputs, progress=progress,
-                             description="scoring int8 model")
+            before = scores.score(model, float_runner, "scoring float model")
+            after = scores.score(reloaded, int8_runner, "scoring int8 model", reference=before.outputs)
             x1 = uint8_to_model(test.inputs[:1])
             with progress.task("timing float vs int8", total=None):
                 lat = measure_latencies({"float": lambda: float_runner.predict(x1),
@@ -277,8 +275,11 @@ def _quantize(loaded: LoadedModel, output: Path, cfg: QuantizeConfig, *, force: 
                                 "vnni": bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)())},
             }
             write_torchscript(plain, tmp, meta)
+        written = LoadedModel(output, "torchscript", f"{meta['kind_description']} with tbopt metadata",
+                              sha256_file(output), module=reloaded, metadata=meta,
+                              quantized_engine=outcome.backend)
     if source_bytes is not None:
-        float_bytes, float_zipped = len(source_bytes), _zipped_size_of(source_bytes, source.name)
+        float_bytes, float_zipped = len(source_bytes), zipped_size_of_bytes(source_bytes, source.name)
     else:
         float_bytes, float_zipped = size_on_disk(source), zipped_size(source)
     size = {
@@ -297,4 +298,4 @@ def _quantize(loaded: LoadedModel, output: Path, cfg: QuantizeConfig, *, force: 
                      "loaded (check uptime and re-run tbopt bench)")
     return QuantizeResult(str(source), str(output), cfg, outcome.backend, outcome.backend_reason, outcome.engine,
                           outcome.backends, outcome.rewrites, calibration, decisions, outcome.keep_float_steps, size,
-                          quality, latency, timings, notes, outcome.ranking)
+                          quality, latency, timings, notes, outcome.ranking, written=written)
