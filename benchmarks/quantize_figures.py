@@ -42,7 +42,7 @@ from tinybeauty_cli.runtime.timing import measure_latencies  # noqa: E402
 from tinybeauty_cli.core.paths import demo_checkpoint  # noqa: E402
 from tinybeauty_cli.flow.quantize import quantize_file  # noqa: E402
 from tinybeauty_cli.quantize.config import QuantizeConfig  # noqa: E402
-from tinybeauty_cli.runtime.contexts import quantized_engine  # noqa: E402
+from tinybeauty_cli.core.contexts import quantized_engine
 from tinybeauty_cli.runtime.runners import TorchRunner  # noqa: E402
 
 

@@ -125,7 +125,7 @@ class _Int8Conv(torch.nn.Module):
 
 @pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions")
 def test_int8_torchscript_borrows_its_engine_and_leaves_the_global_one(tmp_path):
-    from tinybeauty_cli.runtime.contexts import quantized_engine
+    from tinybeauty_cli.core.contexts import quantized_engine
     from tinybeauty_cli.runtime.runners import open_runner
 
     supported = torch.backends.quantized.supported_engines

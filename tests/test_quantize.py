@@ -133,7 +133,7 @@ def test_info_and_runner_accept_the_int8_file(quantized):
 def test_quantize_module_is_module_in_module_out():
     from tinybeauty_cli.core.images import synthetic_unlabeled, uint8_to_model
     from tinybeauty_cli.quantize.transform import quantize_module
-    from tinybeauty_cli.runtime.contexts import quantized_engine
+    from tinybeauty_cli.core.contexts import quantized_engine
 
     model = small_tinybeauty()
     calib = torch.from_numpy(uint8_to_model(synthetic_unlabeled(4, SIZE).inputs))

@@ -14,6 +14,8 @@ with an explanation, unless the caller passes ``trust_pickle=True``
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib
 import io
 import json
@@ -30,8 +32,9 @@ import torch
 from torch import nn
 
 from .. import __version__
+from .contexts import quantized_engine
 from .errors import ArchitectureMismatchError, ConfigError, InputError, UnsafeCheckpointError, UnsupportedError
-from .files import atomic_output, require_file, sha256_file
+from .files import atomic_output, require_file
 from .model import TinyBeauty, TinyBeautyConfig, config_from_state_dict, looks_like_tinybeauty
 
 ARTIFACT_FORMAT = "tbopt-artifact"
@@ -227,6 +230,8 @@ class LoadedModel:
     #: int8 TorchScript: the quantized engine its weights were packed for at load time (run it with
     #: that engine borrowed); None for float models.
     quantized_engine: str | None = None
+    #: The file's bytes as read (once) by :func:`load_model`; empty for a model built in memory.
+    content: bytes = field(default=b"", repr=False)
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -258,9 +263,10 @@ def _is_state_dict(obj: Any) -> bool:
             and all(isinstance(v, torch.Tensor) for v in obj.values()))
 
 
-def is_torchscript_archive(path: Path) -> bool:
+def is_torchscript_archive(data: bytes) -> bool:
+    """True for a TorchScript archive (code and constants records), from the file's content."""
     try:
-        with zipfile.ZipFile(path) as zf:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
             names = zf.namelist()
     except (zipfile.BadZipFile, OSError):
         return False
@@ -268,18 +274,19 @@ def is_torchscript_archive(path: Path) -> bool:
         n.endswith("constants.pkl") for n in names)
 
 
-def _torch_load(path: Path, trust_pickle: bool) -> Any:
+def _torch_load(path: Path, data: bytes, trust_pickle: bool) -> Any:
+    """``torch.load`` of a file's content (``path`` names it in messages), tensors only unless trusted."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # protocol notes etc.: the outcome is reported below
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        names = pickled_globals(path)
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        names = pickled_globals(data)
         if names is None:
             raise InputError(f"{path} is not a readable PyTorch checkpoint: its data is not a valid "
                              f"pickle stream (random bytes, or a corrupt file)") from None
         if trust_pickle:
-            return _trusted_load(path)
+            return _trusted_load(path, data)
         shown = ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
         raise UnsafeCheckpointError(
             f"{path} holds pickled Python objects ({shown or 'custom classes'}), not just tensors; "
@@ -296,21 +303,22 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         ) from None
 
 
-def pickled_globals(path: Path) -> list[str] | None:
+def pickled_globals(source: Path | bytes) -> list[str] | None:
     """Names of the Python globals a checkpoint's pickle would import, without unpickling it.
 
     ``None`` if the data is not a valid pickle stream at all (random bytes, truncation).
     The pickle is only disassembled with :mod:`pickletools`, which runs nothing.
     """
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
+        content = source if isinstance(source, bytes) else Path(source).read_bytes()
+        if zipfile.is_zipfile(io.BytesIO(content)):
+            with zipfile.ZipFile(io.BytesIO(content)) as zf:
                 pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]
                 if not pkl:
                     return None
                 data = zf.read(pkl[0])
         else:
-            data = Path(path).read_bytes()
+            data = content
         names: list[str] = []
         strings: list[str] = []
         for op, arg, _pos in pickletools.genops(io.BytesIO(data)):
@@ -327,10 +335,10 @@ def pickled_globals(path: Path) -> list[str] | None:
     return unsafe if unsafe else [n for n in dict.fromkeys(names)]
 
 
-def _trusted_load(path: Path) -> Any:
+def _trusted_load(path: Path, data: bytes) -> Any:
     # Only reached with an explicit --trust-pickle: the user vouches for this file.
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)  # noqa: S614
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)  # noqa: S614
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"{path} could not be unpickled even with --trust-pickle: {exc}") from None
 
@@ -460,7 +468,7 @@ def _parse_arch(arch: str | None, arch_kwargs: str | Mapping[str, Any] | None) -
     return ArchSpec.custom(arch, kwargs)
 
 
-def _quantized_engine_of(path: Path) -> str | None:
+def _quantized_engine_of(path: Path, data: bytes) -> str | None:
     """The quantized engine an int8 archive was made for (from its metadata), or None.
 
     ``torch.jit.load`` re-packs int8 weights for whatever ``torch.backends.quantized.engine``
@@ -468,7 +476,7 @@ def _quantized_engine_of(path: Path) -> str | None:
     loaded with this engine set.
     """
     try:
-        with zipfile.ZipFile(path) as zf:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
             name = next((n for n in zf.namelist() if n.endswith(f"/extra/{TORCHSCRIPT_META}")), None)
             meta = json.loads(zf.read(name)) if name else {}
     except (zipfile.BadZipFile, OSError, KeyError, json.JSONDecodeError, UnicodeDecodeError):
@@ -484,17 +492,11 @@ def _quantized_engine_of(path: Path) -> str | None:
     return str(engine)
 
 
-def _load_torchscript(path: Path, extra: dict[str, str], engine: str | None) -> torch.jit.ScriptModule:
-    """``torch.jit.load`` with ``torch.backends.quantized.engine`` borrowed for ``engine`` (if any).
-
-    The global engine is restored afterwards; the runner that runs the module borrows it
-    again (``runtime.runners.TorchRunner``). This is the same borrow as
-    ``runtime.contexts.quantized_engine``, written out because ``core`` imports nothing above it.
-    """
-    previous = torch.backends.quantized.engine
-    try:
+def _load_torchscript(data: bytes, extra: dict[str, str], engine: str | None) -> torch.jit.ScriptModule:
+    """``torch.jit.load`` with ``torch.backends.quantized.engine`` borrowed for ``engine`` (if any);
+    the runner that runs the module borrows it again (``runtime.runners.TorchRunner``)."""
+    with quantized_engine(engine) if engine else contextlib.nullcontext():
         if engine:
-            torch.backends.quantized.engine = engine
             # PyTorch warns once per process that quantized tensors are deprecated. Loading and
             # running TorchScript prints it from C++ straight to stderr; raised here from Python it
             # becomes a Python warning, which is ignored, and the once is used up.
@@ -503,9 +505,7 @@ def _load_torchscript(path: Path, extra: dict[str, str], engine: str | None) -> 
                 torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.quint8)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "quantized tensors are deprecated" on int8 archives
-            return torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    finally:
-        torch.backends.quantized.engine = previous
+            return torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra)
 
 
 def load_model(
@@ -517,14 +517,15 @@ def load_model(
 ) -> LoadedModel:
     """Open any supported model file, build the network and say what was found."""
     path = require_file(Path(path), "checkpoint")
-    digest = sha256_file(path)
+    data = path.read_bytes()  # the one read of the file: hash, format and weights all come from these bytes
+    digest = hashlib.sha256(data).hexdigest()
     spec = _parse_arch(arch, arch_kwargs)
 
-    if is_torchscript_archive(path):
+    if is_torchscript_archive(data):
         extra = {TORCHSCRIPT_META: ""}
-        engine = _quantized_engine_of(path)
+        engine = _quantized_engine_of(path, data)
         try:
-            module = _load_torchscript(path, extra, engine)
+            module = _load_torchscript(data, extra, engine)
         except Exception as exc:  # noqa: BLE001 - any failure means an unusable archive
             raise InputError(f"{path} is a TorchScript archive that cannot be loaded: "
                              f"{_first_line_of_reason(str(exc))}") from None
@@ -537,9 +538,9 @@ def load_model(
         what = meta.get("kind_description") or "a TorchScript archive"
         module.eval()
         return LoadedModel(path, "torchscript", f"{what}{' with tbopt metadata' if meta else ''}",
-                           digest, module=module, metadata=meta, quantized_engine=engine)
+                           digest, module=module, metadata=meta, quantized_engine=engine, content=data)
 
-    obj = _torch_load(path, trust_pickle)
+    obj = _torch_load(path, data, trust_pickle)
     if isinstance(obj, Mapping) and obj.get("format") == ARTIFACT_FORMAT:
         artifact = Artifact.from_payload(obj)
         if spec is not None:
@@ -567,7 +568,7 @@ def load_model(
     module.eval()
     if not artifact.source:
         artifact.source = {"path": str(path), "sha256": digest, "found": found}
-    return LoadedModel(path, "float", found, digest, artifact=artifact, module=module)
+    return LoadedModel(path, "float", found, digest, artifact=artifact, module=module, content=data)
 
 
 def artifact_found(version: Any, artifact: Artifact) -> str:

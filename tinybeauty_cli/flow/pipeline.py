@@ -39,7 +39,7 @@ from ..runtime.runners import TorchRunner, open_runner, runner_for
 from ..core.errors import InputError, OutputExistsError, TbOptError, UsageError
 from ..export._all import ExportResult, export_loaded
 from ..core.files import atomic_output
-from ..runtime.contexts import torch_threads
+from ..core.contexts import torch_threads
 from ..core.progress import Progress, SilentProgress
 from ..prune.report import PruneReport
 from .prune import prune_loaded, write_pruned
@@ -221,8 +221,8 @@ def run_pipeline(checkpoint: Path | str, out: Path | str, config: RunConfig | No
                                                     scorer=score_module)
             written = write("pruned", write_pruned(artifact, loaded, report, paths["pruned"], force=force))
             pruned = LoadedModel(paths["pruned"], "float", artifact_found(ARTIFACT_VERSION, artifact),
-                                 hashlib.sha256(written).hexdigest(),
-                                 artifact=artifact, module=module)
+                                 hashlib.sha256(written).hexdigest(), artifact=artifact, module=module,
+                                 content=written)
             return report, pruned, written
 
         pruned_report, pruned, pruned_bytes = stage(1, prune_stage)

@@ -29,7 +29,7 @@ from ..prune.config import PruneConfig, PruneMethod
 from ..prune.layers import excluded_layers, require_conv_layers
 from ..prune.report import PruneReport
 from ..prune.transform import prune_module
-from ..runtime.contexts import torch_threads
+from ..core.contexts import torch_threads
 from ..runtime.runners import TorchRunner
 
 #: ``scorer(module, reference, description)``: the module scored on the evaluation images, its

@@ -33,7 +33,7 @@ from ..quantize.graph_rewrites import RewriteReport
 from ..quantize.lowering import quiet, write_torchscript
 from ..quantize.results import BackendTrial, LayerDecision, rounded
 from ..quantize.transform import quantize_module
-from ..runtime.contexts import quantized_engine
+from ..core.contexts import quantized_engine
 from ..runtime.runners import TorchRunner
 from ..runtime.timing import measure_latencies
 

@@ -19,7 +19,7 @@ from ..runtime.timing import Latency, measure_latency
 from .metrics import ssim
 from ..core.progress import Progress, SilentProgress
 from ..core.runner import Runner
-from ..runtime.contexts import torch_threads
+from ..core.contexts import torch_threads
 from ..runtime.runners import open_runner
 
 BENCH_VERSION = 1

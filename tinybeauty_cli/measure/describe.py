@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.checkpoint import LoadedModel
-from ..core.files import sha256_file, size_on_disk, zipped_size
+from ..core.files import sha256_file, size_on_disk, zipped_size, zipped_size_of_bytes
 from ..core.counts import count_macs, count_parameters
 from ..core.runner import Runner
 from ..runtime.runners import TorchRunner, open_runner
@@ -35,15 +35,14 @@ def describe(path: Path | str, runner: Runner | None = None, **options: Any) -> 
     path = Path(path)
     runner = runner or open_runner(path, **options)
     loaded = runner.loaded if isinstance(runner, TorchRunner) else None
-    info: dict[str, Any] = {
-        "path": str(path),
-        "kind": runner.kind,
-        "engine": runner.engine,
-        "size_bytes": size_on_disk(path),
-        "zipped_bytes": zipped_size(path),
-        # a file tbopt opened was hashed then: read it again only for what it did not open
-        "sha256": loaded.sha256 if loaded is not None and Path(loaded.path) == path else sha256_file(path),
-    }
+    info: dict[str, Any] = {"path": str(path), "kind": runner.kind, "engine": runner.engine}
+    if loaded is not None and loaded.content and Path(loaded.path) == path:
+        # the file was read (and hashed) when it was opened: its bytes are not read again
+        info.update(size_bytes=len(loaded.content), zipped_bytes=zipped_size_of_bytes(loaded.content, path.name),
+                    sha256=loaded.sha256)
+    else:
+        info.update(size_bytes=size_on_disk(path), zipped_bytes=zipped_size(path),
+                    sha256=loaded.sha256 if loaded is not None and Path(loaded.path) == path else sha256_file(path))
     if loaded is not None:
         info["found"] = loaded.found
         info.update(model_figures(loaded))

@@ -43,7 +43,7 @@ def quantize_module(model: nn.Module, config: QuantizeConfig, calib: torch.Tenso
     [-1, 1]. ``output`` says what the network returns: ``"residual"`` (the image is
     ``clamp(x + r)``) or ``"image"``. ``model`` is put in eval mode and otherwise left as it is.
     The returned module's weights are packed for ``outcome.backend``: save or reload it with
-    that quantized engine borrowed (``runtime.contexts.quantized_engine``).
+    that quantized engine borrowed (``core.contexts.quantized_engine``).
     """
     cfg = config
     progress = progress or SilentProgress()

@@ -18,7 +18,7 @@ from torch import nn
 from ..core.checkpoint import LoadedModel, Preprocessing, load_model
 from ..core.errors import UnsupportedError
 from ..core.runner import Runner
-from . import contexts
+from ..core import contexts
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .contexts import torch_threads
+from ..core.contexts import torch_threads
 
 
 @dataclass

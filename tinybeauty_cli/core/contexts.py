@@ -1,4 +1,6 @@
-"""Global PyTorch state borrowed for a block and restored after: CPU threads, the int8 engine."""
+"""Global PyTorch state borrowed for a block and restored after: CPU threads, the int8 engine.
+
+In core because loading an int8 checkpoint borrows the engine too, and core imports nothing above it."""
 
 from __future__ import annotations
 
