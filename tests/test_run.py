@@ -109,7 +109,7 @@ def test_a_failing_stage_is_named_and_earlier_outputs_stay(tmp_path, monkeypatch
     def broken_export(*args, **kwargs):
         raise InputError("the exporter broke")
 
-    monkeypatch.setattr(pipeline, "export_model", broken_export)
+    monkeypatch.setattr(pipeline, "export_file", broken_export)
     with pytest.raises(StageError) as err:
         run_pipeline(src, out, fast_config())
     msg = str(err.value)
@@ -118,7 +118,7 @@ def test_a_failing_stage_is_named_and_earlier_outputs_stay(tmp_path, monkeypatch
     assert sorted(p.name for p in out.iterdir()) == ["tinybeauty_optimized.pt", "tinybeauty_pruned.pt"]
     # a bug (not a tbopt error) is reported with its stage too
     monkeypatch.setattr(pipeline, "bench", lambda *a, **k: 1 / 0)
-    monkeypatch.setattr(pipeline, "export_model", lambda *a, **k: None)
+    monkeypatch.setattr(pipeline, "export_file", lambda *a, **k: None)
     with pytest.raises(StageError, match=r"stage 4/5 \(measure\) failed: internal error: ZeroDivisionError"):
         run_pipeline(src, out, fast_config(), force=True)
 

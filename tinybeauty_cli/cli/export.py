@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..export._all import ExportConfig, ExportResult, export_model
+from ..export.config import ExportConfig
+from ..flow.export import ExportResult, export_file
 from ..core.paths import demo_checkpoint
 from . import _output
 from ._errors import handle_errors
@@ -98,7 +99,7 @@ def export(
         output, precision="fp16" if fp16 else "fp32", weights=weights.value if weights else None,
         sparse=sparse.value, target=target.value if target else None, io=io.value, size=size,
         author=author, license=license_, model_version=model_version)
-    result = export_model(path, output, config, force=force, progress=out,
+    result = export_file(path, output, config, force=force, progress=out,
                           **model_options(arch, arch_kwargs, trust_pickle))
     if json_out:
         out.json(result)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..export._all import WEIGHT_MODES
+from ..export.config import WEIGHT_MODES
 from ..core.paths import demo_checkpoint
 from ..flow.run_config import OUTPUT_FILES, RunConfig
 from ..flow.pipeline import RunResult, caption, run_pipeline

@@ -28,7 +28,7 @@ from .. import __version__
 from ..measure.bench import BenchResult, BenchRow, bench
 from ..core.checkpoint import load_model
 from ..core.errors import InputError, OutputExistsError, TbOptError, UsageError
-from ..export._all import ExportConfig, ExportResult, export_model
+from .export import ExportResult, export_file
 from ..core.files import atomic_output
 from ..runtime.contexts import torch_threads
 from ..core.progress import Progress, SilentProgress
@@ -208,7 +208,7 @@ def run_pipeline(checkpoint: Path | str, out: Path | str, config: RunConfig | No
         def export_both() -> dict[str, ExportResult]:
             results = {}
             for role in ("mlmodel", "mlpackage"):
-                results[role] = write(role, export_model(paths["pruned"], paths[role], cfg.export_config(role),
+                results[role] = write(role, export_file(paths["pruned"], paths[role], cfg.export_config(role),
                                                          force=force, progress=progress))
             return results
 
