@@ -36,14 +36,15 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.coreml_helpers import with_file_weights  # noqa: E402
 from tests.coreml_models import MLPROGRAM_VARIANTS, NEURALNETWORK_VARIANTS, CoreMLZoo  # noqa: E402
 from tinybeauty_cli.coreml import runner as cr  # noqa: E402
 from tinybeauty_cli.core.checkpoint import load_model  # noqa: E402
 from tinybeauty_cli.core.errors import InputError  # noqa: E402
-from tinybeauty_cli.core.quality import fidelity_psnr_db
+from tinybeauty_cli.core.quality import fidelity_psnr_db  # noqa: E402
 from tinybeauty_cli.core.files import size_on_disk  # noqa: E402
 from tinybeauty_cli.core.images import builtin_test_set, to_model_size, uint8_to_model  # noqa: E402
-from tinybeauty_cli.runtime.timing import measure_latency
+from tinybeauty_cli.runtime.timing import measure_latency  # noqa: E402
 from tinybeauty_cli.core.model import TinyBeauty  # noqa: E402
 from tinybeauty_cli.core.paths import demo_checkpoint  # noqa: E402
 from tinybeauty_cli.runtime.runners import TorchRunner  # noqa: E402
@@ -96,7 +97,7 @@ def fidelity_rows(zoo: CoreMLZoo, x: np.ndarray, original_out: np.ndarray) -> It
         if weights in ("fp32", "fp16"):
             ref_out, bar, against = original_out, (FP32_DB if weights == "fp32" else FP16_DB), "PyTorch model"
         else:
-            twin = cr.with_file_weights(copy.deepcopy(zoo.model), path, zoo.size)
+            twin = with_file_weights(copy.deepcopy(zoo.model), path, zoo.size)
             ref_out, bar, against = torch_predict(twin, x), COMPRESSED_DB, "PyTorch twin (file's weights)"
         runner = cr.open_coreml_runner(path, use_device=False, round_image_output=False)
         db = fidelity_psnr_db(runner.predict(x), ref_out)

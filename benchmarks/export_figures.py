@@ -14,7 +14,7 @@
    an .mlpackage (<= 50 KB asked), scored against the targets of the built-in test set with
    the exact decompressed weights (within 0.3 dB of the float original asked) -- palettized
    straight from the pruned weights, and after fine-tuning onto the palettes
-   (`tinybeauty_cli.palettes.fit_palettes`), which the export then stores exactly.
+   (`tests/coreml_helpers.fit_palettes`), which the export then stores exactly.
 
 Export must be quick (it runs inside `tbopt run`): every export's time is printed.
 """
@@ -36,15 +36,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.coreml_helpers import decompressed_model, fit_palettes  # noqa: E402
 from tinybeauty_cli.core import synthetic  # noqa: E402
 from tinybeauty_cli.core.checkpoint import Artifact, HistoryStep, load_model, save_artifact  # noqa: E402
 from tinybeauty_cli.coreml.spec import coremltools, package_parts, quiet  # noqa: E402
 from tinybeauty_cli.measure.evaluate import evaluate  # noqa: E402
-from tinybeauty_cli.export._all import ExportConfig, decompressed_model, export_model  # noqa: E402
+from tinybeauty_cli.export.config import ExportConfig  # noqa: E402
+from tinybeauty_cli.flow.export import export_file  # noqa: E402
 from tinybeauty_cli.core.files import size_on_disk, zipped_size  # noqa: E402
 from tinybeauty_cli.core.images import builtin_test_set  # noqa: E402
 from tinybeauty_cli.core.model import LayerNorm, TinyBeauty, config_from_state_dict  # noqa: E402
-from tinybeauty_cli.export.palettes import fit_palettes  # noqa: E402
 from tinybeauty_cli.core.paths import demo_checkpoint  # noqa: E402
 from tinybeauty_cli.prune.channel import layer_norm_pruner  # noqa: E402  (torch-pruning rule for the LayerNorm)
 from tinybeauty_cli.runtime.runners import TorchRunner  # noqa: E402
@@ -125,7 +126,7 @@ def released_table(ckpt: Path, work: Path) -> None:
     for suffix in (".mlmodel", ".mlpackage"):
         for weights in WEIGHTS:
             name = f"released_{weights or 'fp16'}{suffix}"
-            r = export_model(ckpt, work / name, ExportConfig.for_output(name, weights=weights), force=True)
+            r = export_file(ckpt, work / name, ExportConfig.for_output(name, weights=weights), force=True)
             key = f"{suffix[1:]} {weights or 'fp16'}"
             ratio = f"x{r.size_bytes / defaults[key]['size']:.3f}" if key in defaults else ""
             print(f"  {name:30s} {r.target:6s} {kb(r.size_bytes)} {kb(r.zipped_bytes)} {kb(r.graph_bytes)} "
@@ -281,7 +282,7 @@ def preset(ckpt: Path, work: Path, pruned_path: Path | None, ratio: float, steps
         candidates.append((f"pruned, fitted {bits}-bit, pal{bits}", fitted, f"pal{bits}"))
     for name, src, weights in candidates:
         out = work / f"{Path(src).stem}_{weights}.mlpackage"
-        r = export_model(src, out, ExportConfig.for_output(out, weights=weights), force=True)
+        r = export_file(src, out, ExportConfig.for_output(out, weights=weights), force=True)
         exact = decompressed_model(out, load_model(src))
         ev = evaluate(TorchRunner(exact), test, reference=ref.outputs)
         rows.append((name, r, ev.target_psnr_db, ev.fidelity_psnr_db))

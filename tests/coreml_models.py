@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tinybeauty_cli.coreml.runner import import_coremltools
+from tinybeauty_cli.coreml.spec import coremltools
 
 
 class ImageOut(nn.Module):
@@ -50,7 +50,7 @@ def convert(model: nn.Module, size: int, *, program: bool = True, precision: str
             image_io: bool = False, target: str = "iOS16", bgr: bool = False,
             bias: tuple[float, float, float] = (-1.0, -1.0, -1.0)) -> object:
     """Trace ``model`` at ``size`` and convert it (ML Program or NeuralNetwork)."""
-    ct = import_coremltools()
+    ct = coremltools()
     net = ImageOut(model) if image_io else model
     x = torch.rand(1, 3, size, size) * 2 - 1
     with torch.no_grad(), warnings.catch_warnings():

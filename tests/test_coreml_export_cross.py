@@ -23,6 +23,7 @@ from tinybeauty_cli.core.quality import fidelity_psnr_db
 
 from .conftest import COREML_SIZE as SIZE
 from .conftest import small_tinybeauty
+from .coreml_helpers import with_file_weights
 
 if not any(c.name == "export" for c in app.registered_commands):
     pytest.skip("tbopt export is not on this branch yet", allow_module_level=True)
@@ -70,7 +71,7 @@ def test_exported_files_run_in_the_reference_executor(models, inputs, name, opti
     runner = cr.open_coreml_runner(path, use_device=False, round_image_output=False)
     reference = modules[source]
     if bar == "compressed":
-        reference = cr.with_file_weights(copy.deepcopy(reference), path, SIZE)
+        reference = with_file_weights(copy.deepcopy(reference), path, SIZE)
     with torch.inference_mode():
         want = np.clip(inputs + np.concatenate([reference(torch.from_numpy(inputs[i:i + 1])).numpy()
                                                 for i in range(len(inputs))]), -1, 1)

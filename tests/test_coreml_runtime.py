@@ -13,9 +13,11 @@ from PIL import Image
 from tests.archs import TinyUNet
 from tests.conftest import COREML_SIZE as SIZE
 from tests.conftest import small_tinybeauty
+from tests.coreml_helpers import conv_weights, with_file_weights
 from tests.coreml_models import MLPROGRAM_VARIANTS, NEURALNETWORK_VARIANTS, CoreMLZoo, OpZoo, convert, fold_batchnorm
 from tinybeauty_cli.coreml import runner as cr
 from tinybeauty_cli.coreml.exec import mlprogram, neuralnetwork
+from tinybeauty_cli.coreml.spec import coremltools, read_coreml
 from tinybeauty_cli.core.errors import InputError, TbOptError, UnsupportedError
 from tinybeauty_cli.core.quality import fidelity_psnr_db
 from tinybeauty_cli.core.images import model_to_uint8
@@ -51,7 +53,7 @@ def reference_for(zoo: CoreMLZoo, name: str, path: Path) -> tuple[torch.nn.Modul
         return zoo.model, FP32_DB
     if weights == "fp16":
         return zoo.model, FP16_DB
-    twin = cr.with_file_weights(copy.deepcopy(zoo.model), path, zoo.size)
+    twin = with_file_weights(copy.deepcopy(zoo.model), path, zoo.size)
     return twin, COMPRESSED_DB
 
 
@@ -96,10 +98,10 @@ def test_compressed_weights_are_really_compressed(tb_zoo):
     """The twins are not the original model: the decompressed weights differ from it."""
     original = [m.weight.detach().numpy() for m in tb_zoo.model.modules() if isinstance(m, torch.nn.Conv2d)]
     for name, distinct in (("mlprogram/tensor/pal2", 4), ("neuralnetwork/tensor/lut4", 16)):
-        weights = cr.conv_weights(tb_zoo.path(name))
+        weights = conv_weights(tb_zoo.path(name))
         assert len(weights) == len(original)
         assert all(len(np.unique(w.weight)) <= distinct for w in weights)
-    sparse = cr.conv_weights(tb_zoo.path("mlprogram/tensor/sparse"))
+    sparse = conv_weights(tb_zoo.path("mlprogram/tensor/sparse"))
     assert np.mean([np.mean(w.weight == 0) for w in sparse]) == pytest.approx(0.5, abs=0.05)
 
 
@@ -218,7 +220,7 @@ def test_a_wrong_executor_fails_the_comparison(tb_zoo, inputs, monkeypatch, fmt,
 def _save_program(tmp_path: Path, body) -> Path:
     from coremltools.converters.mil import Builder as mb
 
-    ct = cr.import_coremltools()
+    ct = coremltools()
 
     @mb.program(input_specs=[mb.TensorSpec(shape=(1, 3, SIZE, SIZE))], opset_version=ct.target.iOS16)
     def prog(x):
@@ -238,7 +240,7 @@ def test_an_unknown_mil_op_is_named(tmp_path):
 
 
 def test_an_unknown_neuralnetwork_layer_is_named(tmp_path):
-    ct = cr.import_coremltools()
+    ct = coremltools()
     from coremltools.models import datatypes
     from coremltools.models.neural_network import NeuralNetworkBuilder
 
@@ -255,7 +257,7 @@ def test_an_unknown_neuralnetwork_layer_is_named(tmp_path):
 def test_neuralnetwork_layers_written_by_hand(tmp_path, inputs):
     """Layers coremltools' converter does not emit but a compact exporter may: a rank-preserving
     reshape (0 = keep the axis, -1 = infer) around an instance norm, and an inference batchnorm."""
-    ct = cr.import_coremltools()
+    ct = coremltools()
     from coremltools.models import datatypes
     from coremltools.models.neural_network import NeuralNetworkBuilder
 
@@ -398,7 +400,7 @@ class FakeMLModel:
 
     def __init__(self, path: Path, compute_units: cr.ComputeUnits):
         self.compute_units = compute_units
-        self.reference = cr.ReferenceBackend(cr.read_coreml(path))
+        self.reference = cr.ReferenceBackend(read_coreml(path))
         FakeMLModel.loaded.append(self)
 
     def predict(self, data: dict) -> dict:

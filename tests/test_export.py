@@ -12,20 +12,18 @@ from typer.testing import CliRunner
 
 from tinybeauty_cli.core.checkpoint import Artifact, HistoryStep, load_model, save_artifact
 from tinybeauty_cli.cli.app import app
-from tinybeauty_cli.coreml.spec import compact_program, coremltools, load_program, quiet
+from tinybeauty_cli.coreml.compact import compact_program
+from tinybeauty_cli.coreml.spec import coremltools, load_program, quiet
+from tinybeauty_cli.coreml.weights import stored_weights
 from tinybeauty_cli.core.errors import OutputExistsError, UnsupportedError, UsageError
-from tinybeauty_cli.export._all import (
-    ExportConfig,
-    decompressed_model,
-    export_model,
-    plan_export,
-    read_weights,
-)
+from tinybeauty_cli.export.config import ExportConfig, ExportError, plan_export
+from tinybeauty_cli.flow.export import export_file
 from tinybeauty_cli.core.model import TinyBeauty, TinyBeautyConfig
-from tinybeauty_cli.export.palettes import fit_palettes, kmeans_lut
+from tinybeauty_cli.export.palettes import kmeans_lut
 from tinybeauty_cli.core.training import FitConfig
 
 from .conftest import REAL_CKPT, small_tinybeauty
+from .coreml_helpers import decompressed_model, fit_palettes
 from .test_cli import assert_one_line_error
 
 runner = CliRunner()
@@ -43,7 +41,7 @@ def spec_of(path):
 
 
 def export(src, out, force=False, **kw):
-    return export_model(src, out, ExportConfig.for_output(out, size=SIZE, **kw), force=force)
+    return export_file(src, out, ExportConfig.for_output(out, size=SIZE, **kw), force=force)
 
 
 @pytest.fixture
@@ -223,7 +221,7 @@ def test_compressed_weights_are_what_the_file_holds(tmp_path, small_artifact, ou
     if weights == "int8":
         for k in convs:  # per output channel: at most 256 levels
             assert all(len(torch.unique(channel)) <= 256 for channel in sd[k])
-    held_values = [w.value for w in read_weights(out)]
+    held_values = [w.value for w in stored_weights(out)]
     for k in convs:  # exactly a tensor of the file
         assert any(v.size == sd[k].numel() and np.array_equal(v.reshape(sd[k].shape), sd[k].numpy())
                    for v in held_values)
@@ -305,7 +303,7 @@ def test_a_users_own_network_with_conv_transpose(tmp_path):
     src = tmp_path / "unet.pt"
     torch.save(model.state_dict(), src)
     for out, weights in (("u.mlmodel", "int8"), ("u.mlpackage", "pal6")):
-        r = export_model(src, tmp_path / out, ExportConfig.for_output(out, weights=weights, size=SIZE),
+        r = export_file(src, tmp_path / out, ExportConfig.for_output(out, weights=weights, size=SIZE),
                          arch="tests.archs:TinyUNet")
         assert r.validation["fidelity_psnr_db"] > 35, r.validation
         assert "TinyUNet" in spec_of(tmp_path / out).description.metadata.userDefined["tbopt.arch"]
@@ -352,14 +350,14 @@ def test_existing_outputs_are_kept_without_force(tmp_path, small_artifact):
 
 
 def test_a_failure_leaves_nothing_behind(tmp_path, small_artifact, monkeypatch):
-    import tinybeauty_cli.export._all as export_module
+    import tinybeauty_cli.flow.export as export_flow
 
     def broken(*args, **kwargs):
-        raise export_module.ExportError("simulated validation failure")
+        raise ExportError("simulated validation failure")
 
-    monkeypatch.setattr(export_module, "_validate", broken)
+    monkeypatch.setattr(export_flow, "validate_export", broken)
     for name in ("m.mlpackage", "m.mlmodel"):
-        with pytest.raises(export_module.ExportError):
+        with pytest.raises(ExportError):
             export(small_artifact, tmp_path / name)
         assert not (tmp_path / name).exists()
     assert _leftovers(tmp_path) == []
@@ -418,7 +416,7 @@ def test_default_output_is_tinybeauty_mlmodel(tmp_path, small_artifact):
 @pytest.mark.parametrize("weights", [None, "int8", "pal8", "pal6", "pal4", "pal3", "pal2"])
 def test_released_checkpoint_in_every_format_and_compression(tmp_path, realdata, out_name, weights):
     out = tmp_path / out_name
-    r = export_model(REAL_CKPT, out, ExportConfig.for_output(out, weights=weights))
+    r = export_file(REAL_CKPT, out, ExportConfig.for_output(out, weights=weights))
     assert r.parameters == 85_227 and r.size == 256
     floor = {None: 80, "int8": 50, "pal8": 50, "pal6": 40, "pal4": 35, "pal3": 30, "pal2": 25}[weights]
     assert r.validation["fidelity_psnr_db"] > floor, r.validation

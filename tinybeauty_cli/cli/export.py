@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from ..core.paths import demo_checkpoint
+from ..export.config import ExportConfig
 from . import _output
 from ._errors import handle_errors
 from ._options import ArchKwargsOpt, ArchOpt, ForceOpt, JsonOpt, QuietOpt, TrustPickleOpt, model_options
 
 if TYPE_CHECKING:
-    from ..export._all import ExportResult
+    from ..flow.export import ExportResult
 
 PANEL = "Core ML"
 
@@ -94,7 +95,7 @@ def export(
     trust_pickle: TrustPickleOpt = False,
 ) -> None:
     """Export to Core ML for iOS (.mlmodel for iOS 13+, .mlpackage for iOS 15+), compressed, validated."""
-    from ..export._all import ExportConfig, export_model  # noqa: PLC0415 - torch and coremltools
+    from ..flow.export import export_file  # noqa: PLC0415 - torch and coremltools
 
     out = _output.Output(json_mode=json_out, quiet=quiet)
     path = artifact or demo_checkpoint()
@@ -102,7 +103,7 @@ def export(
         output, precision="fp16" if fp16 else "fp32", weights=weights.value if weights else None,
         sparse=sparse.value, target=target.value if target else None, io=io.value, size=size,
         author=author, license=license_, model_version=model_version)
-    result = export_model(path, output, config, force=force, progress=out,
+    result = export_file(path, output, config, force=force, progress=out,
                           **model_options(arch, arch_kwargs, trust_pickle))
     out.emit(result, render_export)
 

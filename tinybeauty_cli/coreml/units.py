@@ -17,9 +17,9 @@ class ComputeUnits(str, Enum):
     cpu_ne = "cpu-ne"
 
     def coreml(self) -> Any:
-        from .runner import import_coremltools  # noqa: PLC0415 - coremltools only when Core ML runs
+        from .spec import coremltools  # noqa: PLC0415 - coremltools only when Core ML runs
 
-        ct = import_coremltools()
+        ct = coremltools()
         return {"all": ct.ComputeUnit.ALL, "cpu": ct.ComputeUnit.CPU_ONLY,
                 "cpu-gpu": ct.ComputeUnit.CPU_AND_GPU, "cpu-ne": ct.ComputeUnit.CPU_AND_NE}[self.value]
 

@@ -1,5 +1,6 @@
-"""What ``tbopt export`` can be told and what a file needs: formats, targets, weight modes, and the
-plan (target, sparse storage) for one export. No torch or coremltools here: the CLI imports it."""
+"""What ``tbopt export`` can be told and what a file needs: formats, targets, weight modes, the
+plan (target, sparse storage) for one export, and the error an export raises. No torch or
+coremltools here: the CLI imports it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..core.errors import ConfigError, UsageError
+from ..core.errors import ConfigError, TbOptError, UsageError
 
 CONFIG_VERSION = 1
 TARGETS = ("iOS13", "iOS14", "iOS15", "iOS16", "iOS17", "iOS18")
@@ -23,6 +24,10 @@ TENSOR_IN, TENSOR_OUT = "input", "residual"
 META_PREFIX = "tbopt."
 #: Ops whose constant weight input is compressed (biases, norm scales and the like are not).
 _WEIGHT_OPS = ("conv", "conv_transpose", "linear", "matmul")
+
+
+class ExportError(TbOptError):
+    """coremltools could not convert or compress the model, or the written file is not what was asked."""
 
 
 def _target_index(target: str) -> int:
@@ -139,6 +144,12 @@ class ExportPlan:
     zero_fraction: float  # share of zeros among conv/linear weights
     sparse_threshold: float  # a tensor is stored sparse from this share of zeros on
     notes: list[str] = field(default_factory=list)
+
+
+def tensor_dtype(config: ExportConfig, target: str) -> str:
+    """Multiarray I/O type: fp16 where an ML Program computes in fp16 and iOS16+ allows fp16 I/O (no casts)."""
+    fp16_io = config.format == "mlprogram" and config.precision == "fp16" and _target_index(target) >= 3
+    return "float16" if fp16_io else "float32"
 
 
 def storage_bits(weight_mode: str) -> int:

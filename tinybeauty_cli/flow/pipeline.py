@@ -37,7 +37,7 @@ from ..measure.bench import BenchResult, BenchRow, Entry, measure_entries
 from ..measure.evaluate import Evaluation, Scores
 from ..runtime.runners import TorchRunner, open_runner, runner_for
 from ..core.errors import InputError, OutputExistsError, TbOptError, UsageError
-from ..export._all import ExportResult, export_loaded
+from .export import ExportResult, export_loaded
 from ..core.files import atomic_output
 from ..core.contexts import torch_threads
 from ..core.progress import Progress, SilentProgress

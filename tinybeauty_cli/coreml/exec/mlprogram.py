@@ -1,7 +1,7 @@
 """Reference executor for ML Programs (``.mlpackage``): the MIL program, evaluated with PyTorch.
 
-The program is read back with coremltools' own MIL loader; every ``const`` becomes a
-tensor and every ``constexpr_*`` op (affine / blockwise dequantization, palettization,
+The program is read back with coremltools' own MIL loader (:func:`..spec.load_program`);
+every ``const`` becomes a tensor and every ``constexpr_*`` op (affine / blockwise dequantization, palettization,
 sparsity, and their joint forms) is decompressed by coremltools' own
 ``materialized_val_inference``, so weights are exactly what the file holds. Each
 compute op is then compiled once into a PyTorch call with its constant operands
@@ -18,7 +18,6 @@ arithmetic inside one op still runs in fp32.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ...core.errors import InputError, UnsupportedError
-from . import GraphBuilder, OpGraph, as_tensor, round_fp16
+from .graph import GraphBuilder, OpGraph, as_tensor, round_fp16
 
 Builder = Callable[[Any, "_Ctx"], tuple[Callable[..., Any], list[Any]]]
 _OPS: dict[str, Builder] = {}
@@ -41,11 +40,6 @@ def _op(*names: str) -> Callable[[Builder], Builder]:
             _OPS[n] = fn
         return fn
     return register
-
-
-def supported_ops() -> list[str]:
-    """Every MIL op type the executor evaluates (``const`` and ``constexpr_*`` aside)."""
-    return sorted(_OPS)
 
 
 def dtype_name(var: Any) -> str:
@@ -654,25 +648,6 @@ def _pixel_unshuffle(op, c):
 
 
 # ---------------------------------------------------------------- the compiler
-
-def load_program(path: Path) -> Any:
-    """The MIL program of an ``.mlpackage``, with its weights, read by coremltools' own loader."""
-    from coremltools.converters.mil.frontend.milproto.load import load
-
-    from ..runner import import_coremltools
-
-    ct = import_coremltools()
-    try:
-        model = ct.models.MLModel(str(path), skip_model_load=True)
-        spec = model.get_spec()
-        if spec.WhichOneof("Type") != "mlProgram":
-            raise InputError(f"{path} is not an ML Program (it holds a {spec.WhichOneof('Type')} model)")
-        return load(spec, spec.specificationVersion, file_weights_dir=model.weights_dir)
-    except InputError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - coremltools raises many kinds on a corrupt package
-        raise InputError(f"cannot read the ML Program {path}: {exc}") from exc
-
 
 def materialize_constants(function: Any) -> dict[str, Any]:
     """Every constant of a MIL function by variable name: ``const`` values and decompressed

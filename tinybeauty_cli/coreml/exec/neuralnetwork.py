@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ...core.errors import UnsupportedError
-from . import GraphBuilder, OpGraph, as_tensor, round_fp16
+from .graph import GraphBuilder, OpGraph, as_tensor, round_fp16
 
 LayerBuilder = Callable[[Any, Any], tuple[Callable[..., Any], list[str]]]
 _LAYERS: dict[str, LayerBuilder] = {}
@@ -37,10 +37,6 @@ def _layer(*names: str) -> Callable[[LayerBuilder], LayerBuilder]:
             _LAYERS[n] = fn
         return fn
     return register
-
-
-def supported_layers() -> list[str]:
-    return sorted(_LAYERS) + ["loadConstantND"]
 
 
 def _refuse(layer: Any, what: str) -> UnsupportedError:

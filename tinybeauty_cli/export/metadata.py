@@ -1,0 +1,62 @@
+"""What a Core ML file says about itself: its description (author, licence, version, what goes in and
+comes out) and tbopt's own ``tbopt.*`` metadata (source, architecture, preprocessing, history, the
+export's configuration), which ``tbopt info`` and the runners read back."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .. import __version__
+from ..core.checkpoint import ArchSpec, HistoryStep, Preprocessing
+from .config import META_PREFIX, ExportConfig, ExportPlan
+
+
+def compression_label(config: ExportConfig, sparse: bool) -> str:
+    """How conv/linear weights are stored, in words (e.g. "4-bit palettized (k-means LUT per tensor), sparse")."""
+    mode = config.weight_mode
+    label = {"fp16": "fp16", "fp32": "fp32", "int8": "int8 per-channel (linear)"}.get(
+        mode, f"{config.palette_bits}-bit palettized (k-means LUT per tensor)")
+    return label + (", sparse" if sparse else "")
+
+
+def describe(spec: Any, config: ExportConfig, plan: ExportPlan, size: int, prep: Preprocessing,
+             history: list[HistoryStep], *, arch: ArchSpec | None = None, source_sha256: str | None = None) -> None:
+    """Write the description and tbopt's metadata into ``spec`` (in place)."""
+    is_tinybeauty = arch is not None and arch.name == "tinybeauty"
+    if is_tinybeauty:
+        net = "TinyBeauty facial makeup"
+    else:
+        net = f"{arch.target} image-to-image network" if arch is not None else "image-to-image network"
+    md = spec.description.metadata
+    md.author = config.author or ("TinyBeauty (ECCV 2024) architecture; Core ML export by tbopt"
+                                  if is_tinybeauty else f"exported by tbopt {__version__}")
+    md.license = config.license or "not specified by the checkpoint"
+    md.versionString = config.model_version
+    lo, hi = prep.value_range
+    if config.io == "image":
+        md.shortDescription = (f"{net}: a {size}x{size} RGB face crop in, the made-up face out "
+                               f"({config.precision} compute, {compression_label(config, plan.sparse)} weights).")
+        in_desc = f"RGB face crop, {size}x{size}; Core ML scales it so the network sees [{lo:g}, {hi:g}]"
+        out_desc = (f"made-up face, {size}x{size} RGB, computed in the graph as "
+                    f"(clamp(x + r, {lo:g}, {hi:g}) - {lo:g}) * {255 / (hi - lo):g}")
+    else:
+        md.shortDescription = (f"{net}: a (1, 3, {size}, {size}) float array in [{lo:g}, {hi:g}] in, "
+                               f"the {'image' if prep.output == 'image' else 'residual'} out "
+                               f"({config.precision} compute, {compression_label(config, plan.sparse)} weights).")
+        in_desc = f"float32 (1, 3, {size}, {size}), RGB scaled to [{lo:g}, {hi:g}]"
+        out_desc = ("made-up image in the input's range" if prep.output == "image" else
+                    f"residual r in ({lo:g}, {hi:g}); the made-up face is clamp(input + r, {lo:g}, {hi:g})")
+    spec.description.input[0].shortDescription = in_desc
+    spec.description.output[0].shortDescription = out_desc
+    user = md.userDefined
+    compact = dict(separators=(",", ":"), default=str)
+    user[META_PREFIX + "version"] = __version__
+    if source_sha256 is not None:
+        user[META_PREFIX + "source_sha256"] = source_sha256
+    if arch is not None:
+        user[META_PREFIX + "architecture"] = arch.describe()
+        user[META_PREFIX + "arch"] = json.dumps(arch.to_dict(), **compact)
+    user[META_PREFIX + "preprocessing"] = json.dumps({**prep.to_dict(), "size": size}, **compact)
+    user[META_PREFIX + "history"] = json.dumps([h.to_dict() for h in history], **compact)
+    user[META_PREFIX + "export"] = json.dumps(config.to_dict(), **compact)

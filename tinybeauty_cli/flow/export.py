@@ -1,0 +1,138 @@
+"""tbopt export as a command: open a float model, make the Core ML model (:mod:`..export.convert`),
+write it atomically, check the written file (:mod:`..export.validate`) before it lands, and report
+its sizes and graph.
+
+The output's extension picks the format: ``.mlmodel`` (NeuralNetwork, iOS 13+) or ``.mlpackage``
+(ML Program, iOS 15+). With ``io="image"`` the model takes an RGB image (Core ML scales it so the
+network sees [-1, 1]) and returns the made-up RGB image, computed inside the graph; with
+``io="tensor"`` a float multiarray goes in and the residual comes out.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..core.checkpoint import LoadedModel, load_model
+from ..core.errors import InputError, UnsupportedError, UsageError
+from ..core.files import atomic_output, check_output, size_on_disk, zipped_size
+from ..core.progress import Progress, SilentProgress
+from ..coreml.spec import graph_op_counts, load_spec, neural_network_weight_bytes, package_parts
+from ..export.config import FORMAT_BY_SUFFIX, FORMAT_NAMES, ExportConfig, format_for_path
+from ..export.convert import export_module, plan_for
+from ..export.metadata import compression_label
+from ..export.validate import validate_export
+
+
+@dataclass
+class ExportResult:
+    path: str
+    format: str
+    target: str
+    precision: str
+    weights: str  # how conv/linear weights are stored
+    sparse: bool
+    io: str
+    size: int
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    size_bytes: int
+    zipped_bytes: int
+    graph_bytes: int  # graph description (model.mlmodel in a package; the non-weight part of a .mlmodel)
+    weight_bytes: int
+    ops: dict[str, int]  # op (ML Program) or layer (NeuralNetwork) types and counts
+    casts: int
+    parameters: int
+    zero_fraction: float
+    sparse_tensors: int  # weight tensors stored sparse
+    validation: dict[str, Any]
+    seconds: float
+    notes: list[str]
+    config: dict[str, Any]
+    source: str
+    source_sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _refuse_torchscript(loaded: LoadedModel) -> None:
+    if loaded.kind != "torchscript":
+        return
+    if loaded.metadata.get("quantized"):
+        raise UnsupportedError(
+            f"{loaded.path} is an int8 TorchScript model (from tbopt quantize); its PyTorch int8 weights "
+            f"cannot be carried into Core ML",
+            hint="export the float checkpoint it was made from with --weights int8 "
+                 "(int8 per-channel weights in the Core ML file)")
+    raise UnsupportedError(f"{loaded.path} is a TorchScript archive; tbopt exports float checkpoints and "
+                           f"tbopt artifacts", hint="export the float checkpoint it was made from")
+
+
+def file_sizes(path: Path, fmt: str) -> dict[str, int]:
+    """Bytes on disk and zipped, and how they split into graph description and weights."""
+    total = size_on_disk(path)
+    if fmt == "mlprogram":
+        graph, weights = package_parts(path)
+        graph_bytes = graph.stat().st_size
+        weight_bytes = weights.stat().st_size if weights is not None else 0
+    else:
+        weight_bytes = neural_network_weight_bytes(load_spec(path))
+        graph_bytes = total - weight_bytes
+    return {"size_bytes": total, "zipped_bytes": zipped_size(path), "graph_bytes": graph_bytes,
+            "weight_bytes": weight_bytes}
+
+
+def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig, *, force: bool = False,
+                  progress: Progress | None = None) -> ExportResult:
+    """Export an opened float model to ``output`` (written atomically, validated before it lands).
+
+    ``loaded`` may be built in memory: its path is only a label and its ``sha256`` is taken as given.
+    """
+    started = time.perf_counter()
+    progress = progress or SilentProgress()
+    output = Path(output)
+    if format_for_path(output) != config.format:
+        raise UsageError(f"{output.name} is a {FORMAT_NAMES[format_for_path(output)]} file but the configuration "
+                         f"asks for {FORMAT_NAMES[config.format]}")
+    _refuse_torchscript(loaded)
+    check_output(output, force, inputs=(loaded.path,))
+    artifact = loaded.artifact
+    assert artifact is not None and loaded.module is not None
+    model = loaded.module.eval()
+    plan = plan_for(model, config)  # a target too low is refused before any work
+
+    with progress.task("exporting", total=4) as advance:
+        exported = export_module(model, config, preprocessing=artifact.preprocessing, history=artifact.history,
+                                 arch=artifact.arch, source_sha256=loaded.sha256, plan=plan, advance=advance)
+        with atomic_output(output, force=force, directory=config.format == "mlprogram") as tmp:
+            exported.save(tmp)
+            validation, inputs, outputs = validate_export(tmp, exported, model)
+            sizes = file_sizes(tmp, config.format)
+            ops = graph_op_counts(load_spec(tmp))
+        advance(1)
+    params = sum(p.numel() for p in model.parameters())
+    return ExportResult(
+        path=str(output), format=config.format, target=plan.target, precision=config.precision,
+        weights=compression_label(config, plan.sparse), sparse=plan.sparse, io=config.io, size=exported.size,
+        inputs=inputs, outputs=outputs, **sizes, ops=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        casts=ops.get("cast", 0), parameters=params, zero_fraction=round(plan.zero_fraction, 4),
+        sparse_tensors=ops.get("constexpr_sparse_to_dense", 0), validation=validation,
+        seconds=round(time.perf_counter() - started, 2), notes=plan.notes, config=config.to_dict(),
+        source=str(loaded.path), source_sha256=loaded.sha256)
+
+
+def export_file(path: Path | str, output: Path | str, config: ExportConfig, *, force: bool = False,
+                progress: Progress | None = None, arch: str | None = None,
+                arch_kwargs: str | Mapping[str, Any] | None = None, trust_pickle: bool = False) -> ExportResult:
+    """Open a model file and export it (see :func:`export_loaded`); checks the output path first."""
+    output, path = Path(output), Path(path)
+    format_for_path(output)
+    if path.suffix.lower() in FORMAT_BY_SUFFIX:
+        raise InputError(f"{path} is already a Core ML model; tbopt export converts float PyTorch models",
+                         hint="give the checkpoint or tbopt artifact it was exported from")
+    check_output(output, force, inputs=(path,))
+    loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+    return export_loaded(loaded, output, config, force=force, progress=progress)
