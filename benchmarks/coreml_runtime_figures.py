@@ -38,16 +38,16 @@ sys.path.insert(0, str(ROOT))
 
 from tests.coreml_helpers import with_file_weights  # noqa: E402
 from tests.coreml_models import MLPROGRAM_VARIANTS, NEURALNETWORK_VARIANTS, CoreMLZoo  # noqa: E402
-from tinybeauty_cli.coreml import runner as cr  # noqa: E402
 from tinybeauty_cli.core.checkpoint import load_model  # noqa: E402
 from tinybeauty_cli.core.errors import InputError  # noqa: E402
-from tinybeauty_cli.core.quality import fidelity_psnr_db  # noqa: E402
 from tinybeauty_cli.core.files import size_on_disk  # noqa: E402
 from tinybeauty_cli.core.images import builtin_test_set, to_model_size, uint8_to_model  # noqa: E402
-from tinybeauty_cli.runtime.timing import measure_latency  # noqa: E402
 from tinybeauty_cli.core.model import TinyBeauty  # noqa: E402
 from tinybeauty_cli.core.paths import demo_checkpoint  # noqa: E402
+from tinybeauty_cli.core.quality import fidelity_psnr_db  # noqa: E402
+from tinybeauty_cli.coreml import runner as cr  # noqa: E402
 from tinybeauty_cli.runtime.runners import TorchRunner  # noqa: E402
+from tinybeauty_cli.runtime.timing import measure_latency  # noqa: E402
 
 FP32_DB, FP16_DB, COMPRESSED_DB = 90.0, 60.0, 60.0
 

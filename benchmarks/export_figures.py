@@ -39,17 +39,17 @@ sys.path.insert(0, str(ROOT))
 from tests.coreml_helpers import decompressed_model, fit_palettes  # noqa: E402
 from tinybeauty_cli.core import synthetic  # noqa: E402
 from tinybeauty_cli.core.checkpoint import Artifact, HistoryStep, load_model, save_artifact  # noqa: E402
-from tinybeauty_cli.coreml.spec import coremltools, package_parts, quiet  # noqa: E402
-from tinybeauty_cli.measure.evaluate import evaluate  # noqa: E402
-from tinybeauty_cli.export.config import ExportConfig  # noqa: E402
-from tinybeauty_cli.flow.export import export_file  # noqa: E402
 from tinybeauty_cli.core.files import size_on_disk, zipped_size  # noqa: E402
 from tinybeauty_cli.core.images import builtin_test_set  # noqa: E402
 from tinybeauty_cli.core.model import LayerNorm, TinyBeauty, config_from_state_dict  # noqa: E402
 from tinybeauty_cli.core.paths import demo_checkpoint  # noqa: E402
+from tinybeauty_cli.core.training import FitConfig, fit  # noqa: E402
+from tinybeauty_cli.coreml.spec import coremltools, package_parts, quiet  # noqa: E402
+from tinybeauty_cli.export.config import ExportConfig  # noqa: E402
+from tinybeauty_cli.flow.export import export_file  # noqa: E402
+from tinybeauty_cli.measure.evaluate import evaluate  # noqa: E402
 from tinybeauty_cli.prune.channel import layer_norm_pruner  # noqa: E402  (torch-pruning rule for the LayerNorm)
 from tinybeauty_cli.runtime.runners import TorchRunner  # noqa: E402
-from tinybeauty_cli.core.training import FitConfig, fit  # noqa: E402
 
 WEIGHTS = (None, "int8", "pal8", "pal6", "pal4", "pal3", "pal2")
 

@@ -30,10 +30,10 @@ sys.path.insert(0, str(ROOT))
 
 from tinybeauty_cli.core.checkpoint import load_model  # noqa: E402
 from tinybeauty_cli.core.contexts import torch_threads
-from tinybeauty_cli.runtime.timing import measure_latency  # noqa: E402
 from tinybeauty_cli.core.paths import demo_checkpoint  # noqa: E402
 from tinybeauty_cli.flow.prune import prune_file  # noqa: E402
 from tinybeauty_cli.prune.config import PruneConfig  # noqa: E402
+from tinybeauty_cli.runtime.timing import measure_latency  # noqa: E402
 
 REALDATA = ROOT.parent / "shared" / "realdata"
 if not REALDATA.is_dir():

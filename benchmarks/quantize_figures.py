@@ -36,14 +36,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tinybeauty_cli.core.checkpoint import load_model  # noqa: E402
-from tinybeauty_cli.measure.evaluate import evaluate  # noqa: E402
+from tinybeauty_cli.core.contexts import quantized_engine
 from tinybeauty_cli.core.images import builtin_test_set, uint8_to_model  # noqa: E402
-from tinybeauty_cli.runtime.timing import measure_latencies  # noqa: E402
 from tinybeauty_cli.core.paths import demo_checkpoint  # noqa: E402
 from tinybeauty_cli.flow.quantize import quantize_file  # noqa: E402
+from tinybeauty_cli.measure.evaluate import evaluate  # noqa: E402
 from tinybeauty_cli.quantize.config import QuantizeConfig  # noqa: E402
-from tinybeauty_cli.core.contexts import quantized_engine
 from tinybeauty_cli.runtime.runners import TorchRunner  # noqa: E402
+from tinybeauty_cli.runtime.timing import measure_latencies  # noqa: E402
 
 
 def load() -> str:

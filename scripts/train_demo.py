@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from tinybeauty_cli.core import synthetic
-from tinybeauty_cli.measure.evaluate import evaluate
 from tinybeauty_cli.core.images import builtin_test_set
-from tinybeauty_cli.runtime.runners import TorchRunner
 from tinybeauty_cli.core.model import TinyBeauty, TinyBeautyConfig
 from tinybeauty_cli.core.training import FitConfig, fit
+from tinybeauty_cli.measure.evaluate import evaluate
+from tinybeauty_cli.runtime.runners import TorchRunner
 
 
 def to_tensor(u8: np.ndarray) -> torch.Tensor:

@@ -114,10 +114,10 @@ def _kmeans_lut(nbits: int, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 def compress_network(mlmodel: object, kind: str) -> object:
     """``neural_network.quantization_utils.quantize_weights``: fp16, int8 linear, k-means / linear LUTs."""
-    from coremltools.models.neural_network import quantization_utils as qu
-
     import contextlib
     import io
+
+    from coremltools.models.neural_network import quantization_utils as qu
 
     with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per layer
         if kind == "fp16":

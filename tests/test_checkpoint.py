@@ -4,10 +4,14 @@ import pickle
 import pytest
 import torch
 
-from tinybeauty_cli.core.checkpoint import (Artifact, ArchSpec, HistoryStep, load_model, pickled_globals,
-                                       save_artifact)
-from tinybeauty_cli.core.errors import (ArchitectureMismatchError, ConfigError, InputError, OutputExistsError,
-                                   UnsafeCheckpointError)
+from tinybeauty_cli.core.checkpoint import ArchSpec, Artifact, HistoryStep, load_model, pickled_globals, save_artifact
+from tinybeauty_cli.core.errors import (
+    ArchitectureMismatchError,
+    ConfigError,
+    InputError,
+    OutputExistsError,
+    UnsafeCheckpointError,
+)
 from tinybeauty_cli.core.model import TinyBeauty
 
 from .archs import TinyUNet

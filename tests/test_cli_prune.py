@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from tinybeauty_cli.core.checkpoint import load_model
 from tinybeauty_cli.cli.app import app
+from tinybeauty_cli.core.checkpoint import load_model
 
 from .archs import NoConv, TinyUNet
 from .conftest import REAL_CKPT, REALDATA

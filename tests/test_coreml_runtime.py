@@ -15,12 +15,12 @@ from tests.conftest import COREML_SIZE as SIZE
 from tests.conftest import small_tinybeauty
 from tests.coreml_helpers import conv_weights, with_file_weights
 from tests.coreml_models import MLPROGRAM_VARIANTS, NEURALNETWORK_VARIANTS, CoreMLZoo, OpZoo, convert, fold_batchnorm
+from tinybeauty_cli.core.errors import InputError, TbOptError, UnsupportedError
+from tinybeauty_cli.core.images import model_to_uint8
+from tinybeauty_cli.core.quality import fidelity_psnr_db
 from tinybeauty_cli.coreml import runner as cr
 from tinybeauty_cli.coreml.exec import mlprogram, neuralnetwork
 from tinybeauty_cli.coreml.spec import coremltools, read_coreml
-from tinybeauty_cli.core.errors import InputError, TbOptError, UnsupportedError
-from tinybeauty_cli.core.quality import fidelity_psnr_db
-from tinybeauty_cli.core.images import model_to_uint8
 from tinybeauty_cli.runtime.runners import open_runner
 
 #: The issue's bars: fp32 export vs PyTorch; fp16 export vs PyTorch; compressed vs its PyTorch twin.
@@ -320,8 +320,10 @@ def test_mil_ops_without_a_torch_frontend_path(tmp_path, inputs):
 
 
 def test_unpack_bits_matches_coremltools():
-    from coremltools.models.neural_network.quantization_utils import (_convert_array_to_nbit_quantized_bytes,
-                                                                      _unpack_to_bytes)
+    from coremltools.models.neural_network.quantization_utils import (
+        _convert_array_to_nbit_quantized_bytes,
+        _unpack_to_bytes,
+    )
     rng = np.random.default_rng(2)
     for nbits in (1, 2, 3, 4, 6, 7, 8):
         values = rng.integers(0, 1 << nbits, size=101).astype(np.uint8)

@@ -3,10 +3,10 @@
 import pytest
 
 from tinybeauty_cli.core.checkpoint import load_model
-from tinybeauty_cli.measure.evaluate import evaluate
-from tinybeauty_cli.core.images import builtin_test_set
 from tinybeauty_cli.core.counts import count_parameters
+from tinybeauty_cli.core.images import builtin_test_set
 from tinybeauty_cli.core.paths import demo_checkpoint
+from tinybeauty_cli.measure.evaluate import evaluate
 from tinybeauty_cli.runtime.runners import runner_for
 
 

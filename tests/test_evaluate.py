@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from tinybeauty_cli.measure.evaluate import evaluate, target_psnr_db
-from tinybeauty_cli.core.quality import fidelity_psnr_db
 from tinybeauty_cli.core.images import ImageSet, builtin_test_set, uint8_to_model
+from tinybeauty_cli.core.quality import fidelity_psnr_db
 from tinybeauty_cli.core.runner import Runner
+from tinybeauty_cli.measure.evaluate import evaluate, target_psnr_db
 from tinybeauty_cli.runtime.runners import TorchRunner
 
 from .conftest import small_tinybeauty

@@ -10,17 +10,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tinybeauty_cli.core.checkpoint import Artifact, HistoryStep, load_model, save_artifact
 from tinybeauty_cli.cli.app import app
+from tinybeauty_cli.core.checkpoint import Artifact, HistoryStep, load_model, save_artifact
+from tinybeauty_cli.core.errors import OutputExistsError, UnsupportedError, UsageError
+from tinybeauty_cli.core.model import TinyBeauty, TinyBeautyConfig
+from tinybeauty_cli.core.training import FitConfig
 from tinybeauty_cli.coreml.compact import compact_program
 from tinybeauty_cli.coreml.spec import coremltools, load_program, quiet
 from tinybeauty_cli.coreml.weights import stored_weights
-from tinybeauty_cli.core.errors import OutputExistsError, UnsupportedError, UsageError
 from tinybeauty_cli.export.config import ExportConfig, ExportError, plan_export
-from tinybeauty_cli.flow.export import export_file
-from tinybeauty_cli.core.model import TinyBeauty, TinyBeautyConfig
 from tinybeauty_cli.export.palettes import kmeans_lut
-from tinybeauty_cli.core.training import FitConfig
+from tinybeauty_cli.flow.export import export_file
 
 from .conftest import REAL_CKPT, small_tinybeauty
 from .coreml_helpers import decompressed_model, fit_palettes

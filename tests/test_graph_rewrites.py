@@ -5,10 +5,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinybeauty_cli.quantize.fx_passes import FloatBoundary, isolate_list_inputs
-from tinybeauty_cli.quantize.graph_rewrites import (ChannelInstanceNorm, FastLayerNorm, SubPixelConv2d, fidelity_db,
-                                                    optimize_graph, quantizable_layers, trace)
 from tinybeauty_cli.core.model import LayerNorm, TinyBeauty, TinyBeautyConfig
+from tinybeauty_cli.quantize.fx_passes import FloatBoundary, isolate_list_inputs
+from tinybeauty_cli.quantize.graph_rewrites import (
+    ChannelInstanceNorm,
+    FastLayerNorm,
+    SubPixelConv2d,
+    fidelity_db,
+    optimize_graph,
+    quantizable_layers,
+    trace,
+)
 
 from .archs import TinyUNet
 from .conftest import small_tinybeauty

@@ -3,10 +3,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tinybeauty_cli.core.errors import ArchitectureMismatchError, ConfigError
 from tinybeauty_cli.core.counts import count_macs, count_parameters
-from tinybeauty_cli.core.quality import psnr_db
+from tinybeauty_cli.core.errors import ArchitectureMismatchError, ConfigError
 from tinybeauty_cli.core.model import TinyBeauty, TinyBeautyConfig, config_from_state_dict
+from tinybeauty_cli.core.quality import psnr_db
 
 from .conftest import REAL_CKPT, REAL_FACE
 

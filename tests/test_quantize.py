@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from tinybeauty_cli.quantize import engines as qz
-from tinybeauty_cli.core.checkpoint import Artifact, ArchSpec, HistoryStep, Preprocessing, load_model, save_artifact
-from tinybeauty_cli.measure.describe import describe
+from tinybeauty_cli.core.checkpoint import ArchSpec, Artifact, HistoryStep, Preprocessing, load_model, save_artifact
 from tinybeauty_cli.core.errors import ConfigError, ImageError, InputError, UnsupportedError
 from tinybeauty_cli.core.model import TinyBeauty, TinyBeautyConfig
 from tinybeauty_cli.core.progress import SilentProgress
 from tinybeauty_cli.flow.quantize import calibration_images, quantize_file
+from tinybeauty_cli.measure.describe import describe
+from tinybeauty_cli.quantize import engines as qz
 from tinybeauty_cli.quantize.config import QuantizeConfig
 from tinybeauty_cli.runtime.runners import open_runner
 
@@ -131,9 +131,9 @@ def test_info_and_runner_accept_the_int8_file(quantized):
 
 
 def test_quantize_module_is_module_in_module_out():
+    from tinybeauty_cli.core.contexts import quantized_engine
     from tinybeauty_cli.core.images import synthetic_unlabeled, uint8_to_model
     from tinybeauty_cli.quantize.transform import quantize_module
-    from tinybeauty_cli.core.contexts import quantized_engine
 
     model = small_tinybeauty()
     calib = torch.from_numpy(uint8_to_model(synthetic_unlabeled(4, SIZE).inputs))

@@ -3,16 +3,15 @@
 import json
 import os
 
-import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from tinybeauty_cli.flow import pipeline
 from tinybeauty_cli.core.checkpoint import load_model
 from tinybeauty_cli.core.errors import InputError, UsageError
-from tinybeauty_cli.flow.run_config import OUTPUT_FILES, RunConfig
+from tinybeauty_cli.flow import pipeline
 from tinybeauty_cli.flow.pipeline import StageError, run_pipeline
+from tinybeauty_cli.flow.run_config import OUTPUT_FILES, RunConfig
 from tinybeauty_cli.runtime.runners import open_runner
 
 from .conftest import REAL_FACE

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
+
 # Command modules import only typer/rich and torch-free modules (core.errors, core.paths, the config
 # modules, coreml.units); each imports the library inside its function. torch and coremltools take
 # seconds to import, and --help needs neither (tests/test_startup.py keeps it so).

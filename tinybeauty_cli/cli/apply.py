@@ -9,10 +9,20 @@ import typer
 
 from ..core.paths import demo_checkpoint
 from . import _output
-from ._notes import warn_runner_notes
 from ._errors import handle_errors
-from ._options import (ArchKwargsOpt, ArchOpt, ComputeUnitsOpt, Fp16EmulationOpt, ForceOpt, JsonOpt, QuietOpt,
-                       TrustPickleOpt, coreml_options, model_options)
+from ._notes import warn_runner_notes
+from ._options import (
+    ArchKwargsOpt,
+    ArchOpt,
+    ComputeUnitsOpt,
+    ForceOpt,
+    Fp16EmulationOpt,
+    JsonOpt,
+    QuietOpt,
+    TrustPickleOpt,
+    coreml_options,
+    model_options,
+)
 
 
 @handle_errors

@@ -10,8 +10,21 @@ import typer
 from ..core.paths import demo_checkpoint
 from . import _output
 from ._errors import handle_errors
-from ._options import (ArchKwargsOpt, ArchOpt, ComputeUnitsOpt, DataOpt, Fp16EmulationOpt, ForceOpt, JsonOpt,
-                       LimitOpt, QuietOpt, ThreadsOpt, TrustPickleOpt, coreml_options, model_options)
+from ._options import (
+    ArchKwargsOpt,
+    ArchOpt,
+    ComputeUnitsOpt,
+    DataOpt,
+    ForceOpt,
+    Fp16EmulationOpt,
+    JsonOpt,
+    LimitOpt,
+    QuietOpt,
+    ThreadsOpt,
+    TrustPickleOpt,
+    coreml_options,
+    model_options,
+)
 
 if TYPE_CHECKING:
     from ..measure.bench import BenchResult
@@ -46,8 +59,9 @@ def bench(
     fp16_emulation: Fp16EmulationOpt = False,
 ) -> None:
     """Size (KB, on disk and zipped), PSNR, fidelity, SSIM and latency of each artifact on the same images."""
-    from ..measure.bench import BenchConfig, bench as run_bench, to_csv, to_markdown  # noqa: PLC0415 - torch
     from ..core.files import atomic_output, check_output  # noqa: PLC0415
+    from ..measure.bench import BenchConfig, to_csv, to_markdown  # noqa: PLC0415 - torch
+    from ..measure.bench import bench as run_bench
 
     out = _output.Output(json_mode=json_out, quiet=quiet)
     for f in (csv_file, markdown_file):

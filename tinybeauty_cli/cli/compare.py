@@ -9,8 +9,21 @@ import typer
 
 from . import _output
 from ._errors import handle_errors
-from ._options import (ArchKwargsOpt, ArchOpt, ComputeUnitsOpt, DataOpt, Fp16EmulationOpt, ForceOpt, JsonOpt,
-                       LimitOpt, QuietOpt, ThreadsOpt, TrustPickleOpt, coreml_options, model_options)
+from ._options import (
+    ArchKwargsOpt,
+    ArchOpt,
+    ComputeUnitsOpt,
+    DataOpt,
+    ForceOpt,
+    Fp16EmulationOpt,
+    JsonOpt,
+    LimitOpt,
+    QuietOpt,
+    ThreadsOpt,
+    TrustPickleOpt,
+    coreml_options,
+    model_options,
+)
 
 if TYPE_CHECKING:
     from ..measure.compare import CompareResult
@@ -38,7 +51,8 @@ def compare(
     fp16_emulation: Fp16EmulationOpt = False,
 ) -> None:
     """Both artifacts on the same images: output PSNR between them, each vs targets, size and speed ratios, weights."""
-    from ..measure.compare import CompareConfig, compare as run_compare  # noqa: PLC0415 - torch
+    from ..measure.compare import CompareConfig  # noqa: PLC0415 - torch
+    from ..measure.compare import compare as run_compare
 
     out = _output.Output(json_mode=json_out, quiet=quiet)
     cfg = CompareConfig(data=data, limit=limit, runs=runs, warmup=warmup, threads=threads, worst=worst)

@@ -11,8 +11,19 @@ from ..core.paths import demo_checkpoint
 from ..prune.config import DEFAULT_CHANNEL_FINETUNE_STEPS, PruneConfig, PruneMethod
 from . import _output
 from ._errors import handle_errors
-from ._options import (ArchKwargsOpt, ArchOpt, ArtifactArg, ForceOpt, JsonOpt, LimitOpt, OutputOpt, QuietOpt,
-                       ThreadsOpt, TrustPickleOpt, model_options)
+from ._options import (
+    ArchKwargsOpt,
+    ArchOpt,
+    ArtifactArg,
+    ForceOpt,
+    JsonOpt,
+    LimitOpt,
+    OutputOpt,
+    QuietOpt,
+    ThreadsOpt,
+    TrustPickleOpt,
+    model_options,
+)
 
 if TYPE_CHECKING:
     from ..prune.report import PruneReport

@@ -12,8 +12,18 @@ from ..core.paths import demo_checkpoint
 from ..quantize.config import BACKENDS, SELECTION_RUNS, QuantizeConfig
 from . import _output
 from ._errors import handle_errors
-from ._options import (ArchKwargsOpt, ArchOpt, ArtifactArg, ForceOpt, JsonOpt, OutputOpt, QuietOpt, ThreadsOpt,
-                       TrustPickleOpt, model_options)
+from ._options import (
+    ArchKwargsOpt,
+    ArchOpt,
+    ArtifactArg,
+    ForceOpt,
+    JsonOpt,
+    OutputOpt,
+    QuietOpt,
+    ThreadsOpt,
+    TrustPickleOpt,
+    model_options,
+)
 
 if TYPE_CHECKING:
     from ..flow.quantize import QuantizeResult

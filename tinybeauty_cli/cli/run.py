@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from ..export.config import WEIGHT_MODES
 from ..core.paths import demo_checkpoint
+from ..export.config import WEIGHT_MODES
 from ..flow.run_config import OUTPUT_FILES, RunConfig
 from ..prune.config import PruneMethod
 from . import _output

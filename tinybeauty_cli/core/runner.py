@@ -29,6 +29,12 @@ class Runner:
     batch_size: int = 8
 
     @property
+    def off_device(self) -> bool:
+        """True when a model that ships to a device is computed here by a stand-in (a Core ML file on
+        tbopt's reference executor): its times are this CPU's arithmetic, not device latency."""
+        return False
+
+    @property
     def size(self) -> int:
         return self.preprocessing.size
 

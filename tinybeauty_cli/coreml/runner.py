@@ -168,6 +168,10 @@ class CoreMLRunner(Runner):
         are this CPU's arithmetic, not device latency."""
         return self.backend.on_device
 
+    @property
+    def off_device(self) -> bool:
+        return not self.on_device
+
     def _one(self, x: np.ndarray) -> np.ndarray:
         """(1, 3, S, S) model-space input -> residual."""
         lo, hi = self.preprocessing.value_range

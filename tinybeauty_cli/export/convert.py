@@ -24,8 +24,18 @@ from ..core.counts import input_channels
 from ..core.errors import TbOptError, UnsupportedError
 from ..coreml.compact import compact_neural_network, compact_program, inline_small_weights
 from ..coreml.spec import coremltools, quiet
-from .config import (IMAGE_IN, IMAGE_OUT, TENSOR_IN, TENSOR_OUT, _WEIGHT_OPS, ExportConfig, ExportError, ExportPlan,
-                     plan_export, tensor_dtype)
+from .config import (
+    _WEIGHT_OPS,
+    IMAGE_IN,
+    IMAGE_OUT,
+    TENSOR_IN,
+    TENSOR_OUT,
+    ExportConfig,
+    ExportError,
+    ExportPlan,
+    plan_export,
+    tensor_dtype,
+)
 from .metadata import describe
 from .palettes import kmeans_lut
 from .prepare import CoreMLIO, coreml_ready_module, tensor_zeros

@@ -17,8 +17,8 @@ from PIL import Image
 from ..core.errors import InputError
 from ..core.files import atomic_output, check_output
 from ..core.images import model_to_uint8, read_image, to_model_size, uint8_to_model
-from ..core.quality import psnr_db
 from ..core.progress import Progress, SilentProgress
+from ..core.quality import psnr_db
 from ..core.runner import Runner
 
 

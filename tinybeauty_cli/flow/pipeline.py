@@ -32,19 +32,19 @@ from torch import nn
 
 from .. import __version__
 from ..core.checkpoint import ARTIFACT_VERSION, LoadedModel, artifact_found, load_model
+from ..core.contexts import torch_threads
+from ..core.errors import InputError, OutputExistsError, TbOptError, UsageError
+from ..core.files import atomic_output
 from ..core.images import load_images
+from ..core.progress import Progress, SilentProgress
 from ..measure.bench import BenchResult, BenchRow, Entry, measure_entries
 from ..measure.evaluate import Evaluation, Scores
-from ..runtime.runners import TorchRunner, open_runner, runner_for
-from ..core.errors import InputError, OutputExistsError, TbOptError, UsageError
-from .export import ExportResult, export_loaded
-from ..core.files import atomic_output
-from ..core.contexts import torch_threads
-from ..core.progress import Progress, SilentProgress
+from ..measure.report import StageFigures, results_figure, results_markdown
 from ..prune.report import PruneReport
+from ..runtime.runners import TorchRunner, open_runner, runner_for
+from .export import ExportResult, export_loaded
 from .prune import prune_loaded, write_pruned
 from .quantize import QuantizeResult, quantize_loaded
-from ..measure.report import StageFigures, results_figure, results_markdown
 from .run_config import OUTPUT_FILES, RUN_VERSION, STAGES, RunConfig
 
 #: How many example faces the picture shows.

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.checkpoint import Artifact, ArchSpec, HistoryStep, LoadedModel, Preprocessing, load_model, save_artifact
+from ..core.checkpoint import ArchSpec, Artifact, HistoryStep, LoadedModel, Preprocessing, load_model, save_artifact
+from ..core.contexts import torch_threads
 from ..core.errors import ConfigError, UnsupportedError, UsageError
 from ..core.files import check_output, size_on_disk, zipped_size, zipped_size_of_bytes
 from ..core.images import ImageSet, builtin_test_set, load_folder, synthetic_unlabeled, uint8_to_model
@@ -29,7 +30,6 @@ from ..prune.config import PruneConfig, PruneMethod
 from ..prune.layers import excluded_layers, require_conv_layers
 from ..prune.report import PruneReport
 from ..prune.transform import prune_module
-from ..core.contexts import torch_threads
 from ..runtime.runners import TorchRunner
 
 #: ``scorer(module, reference, description)``: the module scored on the evaluation images, its

@@ -20,11 +20,20 @@ import torch
 
 from .. import __version__
 from ..core.checkpoint import HistoryStep, LoadedModel, load_model
+from ..core.contexts import quantized_engine
 from ..core.counts import count_macs, count_parameters
 from ..core.errors import ImageError, InputError, UnsupportedError
 from ..core.files import atomic_output, check_output, sha256_file, size_on_disk, zipped_size, zipped_size_of_bytes
-from ..core.images import (PAIR_DIRS, ImageSet, builtin_test_set, list_images, read_image, synthetic_unlabeled,
-                           to_model_size, uint8_to_model)
+from ..core.images import (
+    PAIR_DIRS,
+    ImageSet,
+    builtin_test_set,
+    list_images,
+    read_image,
+    synthetic_unlabeled,
+    to_model_size,
+    uint8_to_model,
+)
 from ..core.progress import Progress, SilentProgress
 from ..measure.evaluate import Scores
 from ..quantize.config import CALIB_BATCH, TORCHSCRIPT_FORMAT, TORCHSCRIPT_FORMAT_VERSION, QuantizeConfig
@@ -33,7 +42,6 @@ from ..quantize.graph_rewrites import RewriteReport
 from ..quantize.lowering import quiet, write_torchscript
 from ..quantize.results import BackendTrial, LayerDecision, rounded
 from ..quantize.transform import quantize_module
-from ..core.contexts import quantized_engine
 from ..runtime.runners import TorchRunner
 from ..runtime.timing import measure_latencies
 

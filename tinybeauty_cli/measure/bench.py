@@ -10,17 +10,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from .describe import describe
-from ..core.errors import ConfigError
-from .evaluate import Scores, score_outputs
-from ..core.quality import fidelity_psnr_db, worst_fidelity_db
-from ..core.images import load_images, model_to_uint8, uint8_to_model
-from ..runtime.timing import Latency, measure_latency
-from .metrics import ssim
-from ..core.progress import Progress, SilentProgress
-from ..core.runner import Runner
 from ..core.contexts import torch_threads
+from ..core.errors import ConfigError
+from ..core.images import load_images, model_to_uint8, uint8_to_model
+from ..core.progress import Progress, SilentProgress
+from ..core.quality import fidelity_psnr_db, worst_fidelity_db
+from ..core.runner import Runner
 from ..runtime.runners import open_runner
+from ..runtime.timing import Latency, measure_latency
+from .describe import describe
+from .evaluate import Scores, score_outputs
+from .metrics import ssim
 
 BENCH_VERSION = 1
 
@@ -216,7 +216,7 @@ def measure_entries(entries: list[Entry], cfg: BenchConfig, *, ref_path: Path, r
                 fidelity_psnr_db=fid, worst_fidelity_db=worst, ssim=ss, latency=latency,
                 is_reference=is_ref,
             ))
-        if any("not device" in r.engine for r in rows):
+        if any(e.runner.off_device for e in entries):
             notes.append("Core ML times measured with tbopt's reference executor on this CPU are not "
                          "device latency; Core ML latency needs Apple hardware (run bench on a Mac).")
         first = sets.get(entries[0].runner.size).images

@@ -7,19 +7,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from .bench import BenchConfig, time_runner
-from .describe import describe
+from ..core.contexts import torch_threads
 from ..core.errors import ConfigError
-from .evaluate import evaluate
 from ..core.files import atomic_output, check_output
 from ..core.images import load_images, model_to_uint8
-from ..core.quality import PSNR_CAP_DB, psnr_db
-from ..runtime.timing import Latency
 from ..core.progress import Progress, SilentProgress
+from ..core.quality import fidelity_per_image_db
 from ..core.runner import Runner
 from ..runtime.runners import TorchRunner, open_runner
+from ..runtime.timing import Latency
+from .bench import BenchConfig, time_runner
+from .describe import describe
+from .evaluate import evaluate
 
 
 @dataclass(frozen=True)
@@ -138,10 +138,8 @@ def compare(path_a: Path, path_b: Path, cfg: CompareConfig, *, out_dir: Path | N
     if ra.size != rb.size:
         raise ConfigError(f"{Path(path_a).name} runs at {ra.size}px and {Path(path_b).name} at {rb.size}px: "
                           f"their outputs cannot be compared pixel for pixel")
-    old = torch.get_num_threads()
     bcfg = cfg.bench_config()
-    torch.set_num_threads(bcfg.effective_threads)
-    try:
+    with torch_threads(bcfg.effective_threads):
         images = load_images(cfg.data, ra.size, cfg.limit)
         ea = evaluate(ra, images, progress=progress, description=f"scoring {Path(path_a).name}")
         eb = evaluate(rb, images, progress=progress, description=f"scoring {Path(path_b).name}")
@@ -149,9 +147,7 @@ def compare(path_a: Path, path_b: Path, cfg: CompareConfig, *, out_dir: Path | N
         if time_models:
             la = time_runner(ra, images.inputs[0], bcfg, progress, f"timing {Path(path_a).name}")
             lb = time_runner(rb, images.inputs[0], bcfg, progress, f"timing {Path(path_b).name}")
-    finally:
-        torch.set_num_threads(old)
-    per_image = np.minimum(psnr_db(ea.outputs, eb.outputs, 2.0), PSNR_CAP_DB)
+    per_image = fidelity_per_image_db(ea.outputs, eb.outputs)
     order = np.argsort(per_image, kind="stable")
     worst = order[: min(cfg.worst, len(order))]
     max_abs = float(np.abs(ea.outputs.astype(np.float64) - eb.outputs).max() * 127.5)
@@ -159,7 +155,7 @@ def compare(path_a: Path, path_b: Path, cfg: CompareConfig, *, out_dir: Path | N
     sides = [Side(str(p), r.kind, r.engine, i["size_bytes"], i["zipped_bytes"], e.target_psnr_db, l)
              for p, r, i, e, l in ((path_a, ra, ia, ea, la), (path_b, rb, ib, eb, lb))]
     notes = [n for r in (ra, rb) for n in getattr(r, "notes", ())]
-    if any("not device" in r.engine for r in (ra, rb)):
+    if any(r.off_device for r in (ra, rb)):
         notes.append("a Core ML time here comes from tbopt's reference executor on this CPU, not from a device")
     if figure_path is not None:
         with atomic_output(figure_path, force=force) as tmp:

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core.checkpoint import LoadedModel
-from ..core.files import sha256_file, size_on_disk, zipped_size, zipped_size_of_bytes
 from ..core.counts import count_macs, count_parameters
+from ..core.files import sha256_file, size_on_disk, zipped_size, zipped_size_of_bytes
 from ..core.runner import Runner
 from ..runtime.runners import TorchRunner, open_runner
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.images import ImageSet, model_to_uint8, uint8_to_model
-from ..core.quality import fidelity_psnr_db, mean_psnr_db, worst_fidelity_db
 from ..core.progress import Progress, SilentProgress
+from ..core.quality import fidelity_psnr_db, mean_psnr_db, worst_fidelity_db
 from ..core.runner import Runner
 
 

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from ..core.contexts import quantized_engine
 from ..core.errors import ConfigError, UnsupportedError
 from ..core.progress import Progress, SilentProgress
 from ..core.quality import fidelity_psnr_db, made_up
-from ..core.contexts import quantized_engine
 from ..runtime.timing import measure_latencies
 from .config import BACKENDS, CALIB_BATCH, SELECTION_RUNS, QuantizeConfig
 from .fx_passes import fold_relu_into_quantize, inline_quantization_params, isolate_list_inputs

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core import contexts
 from ..core.checkpoint import LoadedModel, Preprocessing, load_model
 from ..core.errors import UnsupportedError
 from ..core.runner import Runner
-from ..core import contexts
 
 
 @dataclass
