@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 from tests.coreml_helpers import decompressed_model, fit_palettes  # noqa: E402
 from tinybeauty_cli.core import synthetic  # noqa: E402
-from tinybeauty_cli.core.checkpoint import Artifact, HistoryStep, load_model, save_artifact  # noqa: E402
+from tinybeauty_cli.core.artifact import Artifact, HistoryStep, save_artifact
+from tinybeauty_cli.core.checkpoint import load_model
 from tinybeauty_cli.core.files import size_on_disk, zipped_size  # noqa: E402
 from tinybeauty_cli.core.images import builtin_test_set  # noqa: E402
 from tinybeauty_cli.core.model import LayerNorm, TinyBeauty, config_from_state_dict  # noqa: E402

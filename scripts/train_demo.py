@@ -118,7 +118,7 @@ def main() -> int:
     print(f"  PSNR against targets: {psnr:.2f} dB")
     print(f"  do-nothing baseline:  {baseline:.2f} dB  (margin {psnr - baseline:+.2f} dB)")
 
-    from tinybeauty_cli.core.checkpoint import Artifact, HistoryStep, save_artifact
+    from tinybeauty_cli.core.artifact import Artifact, HistoryStep, save_artifact
 
     step = HistoryStep.now(
         "train-demo",

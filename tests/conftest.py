@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinybeauty_cli.core.checkpoint import Artifact, HistoryStep, save_artifact
+from tinybeauty_cli.core.artifact import Artifact, HistoryStep, save_artifact
 from tinybeauty_cli.core.model import TinyBeauty, TinyBeautyConfig
 
 # A git worktree sits one level deeper than the main checkout: TBOPT_REALDATA points there.

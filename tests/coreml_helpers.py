@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from tinybeauty_cli.core.checkpoint import Artifact, LoadedModel
+from tinybeauty_cli.core.artifact import Artifact
+from tinybeauty_cli.core.checkpoint import LoadedModel
 from tinybeauty_cli.core.errors import UnsupportedError
 from tinybeauty_cli.core.training import BatchFn, FitConfig, fit
 from tinybeauty_cli.coreml.spec import read_coreml

@@ -7,7 +7,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tinybeauty_cli.cli.app import app
-from tinybeauty_cli.core.checkpoint import Artifact, save_artifact
+from tinybeauty_cli.core.artifact import Artifact, save_artifact
 from tinybeauty_cli.core.errors import ConfigError
 from tinybeauty_cli.measure.bench import BenchConfig, bench
 from tinybeauty_cli.measure.compare import CompareConfig, compare

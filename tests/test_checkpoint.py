@@ -4,7 +4,8 @@ import pickle
 import pytest
 import torch
 
-from tinybeauty_cli.core.checkpoint import ArchSpec, Artifact, HistoryStep, load_model, pickled_globals, save_artifact
+from tinybeauty_cli.core.artifact import ArchSpec, Artifact, HistoryStep, save_artifact
+from tinybeauty_cli.core.checkpoint import load_model, pickled_globals
 from tinybeauty_cli.core.errors import (
     ArchitectureMismatchError,
     ConfigError,

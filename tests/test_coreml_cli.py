@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tinybeauty_cli.cli.app import app
-from tinybeauty_cli.core.checkpoint import Artifact, Preprocessing, save_artifact
+from tinybeauty_cli.core.artifact import Artifact, Preprocessing, save_artifact
 from tinybeauty_cli.core.images import builtin_test_set
 from tinybeauty_cli.coreml import runner as cr
 

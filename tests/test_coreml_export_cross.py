@@ -17,7 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 from tinybeauty_cli.cli.app import app
-from tinybeauty_cli.core.checkpoint import Artifact, Preprocessing, save_artifact
+from tinybeauty_cli.core.artifact import Artifact, Preprocessing, save_artifact
 from tinybeauty_cli.core.quality import fidelity_psnr_db
 from tinybeauty_cli.coreml import runner as cr
 

@@ -11,7 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from tinybeauty_cli.cli.app import app
-from tinybeauty_cli.core.checkpoint import Artifact, HistoryStep, load_model, save_artifact
+from tinybeauty_cli.core.artifact import Artifact, HistoryStep, save_artifact
+from tinybeauty_cli.core.checkpoint import load_model
 from tinybeauty_cli.core.errors import OutputExistsError, UnsupportedError, UsageError
 from tinybeauty_cli.core.model import TinyBeauty, TinyBeautyConfig
 from tinybeauty_cli.core.training import FitConfig

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tinybeauty_cli.core.checkpoint import ArchSpec, load_model
+from tinybeauty_cli.core.artifact import ArchSpec
+from tinybeauty_cli.core.checkpoint import load_model
 from tinybeauty_cli.core.errors import ConfigError, InputError, OutputExistsError, UsageError
 from tinybeauty_cli.core.images import builtin_test_set
 from tinybeauty_cli.core.model import TinyBeauty, TinyBeautyConfig, config_from_state_dict

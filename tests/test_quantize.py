@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tinybeauty_cli.core.checkpoint import ArchSpec, Artifact, HistoryStep, Preprocessing, load_model, save_artifact
+from tinybeauty_cli.core.artifact import ArchSpec, Artifact, HistoryStep, Preprocessing, save_artifact
+from tinybeauty_cli.core.checkpoint import load_model
 from tinybeauty_cli.core.errors import ConfigError, ImageError, InputError, UnsupportedError
 from tinybeauty_cli.core.model import TinyBeauty, TinyBeautyConfig
 from tinybeauty_cli.core.progress import SilentProgress

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .checkpoint import Preprocessing
+from .artifact import Preprocessing
 from .quality import made_up
 
 

@@ -39,8 +39,8 @@ def coreml_available() -> bool:
     if sys.platform != "darwin":
         return False
     try:
-        coremltools()
-        import coremltools.libcoremlpython  # noqa: F401
+        coremltools()  # the one quiet import first
+        from coremltools import libcoremlpython  # noqa: F401 - present only where Core ML can predict
     except ImportError:
         return False
     return True

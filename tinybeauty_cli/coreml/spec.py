@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..core.checkpoint import Preprocessing
+from ..core.artifact import Preprocessing
 from ..core.errors import ConfigError, InputError, UnsupportedError
 
 #: Where an ML Program package keeps its graph description and weights.

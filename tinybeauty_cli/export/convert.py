@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.checkpoint import ArchSpec, HistoryStep, Preprocessing
+from ..core.artifact import ArchSpec, HistoryStep, Preprocessing
 from ..core.counts import input_channels
 from ..core.errors import TbOptError, UnsupportedError
 from ..coreml.compact import compact_neural_network, compact_program, inline_small_weights

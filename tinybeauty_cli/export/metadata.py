@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from .. import __version__
-from ..core.checkpoint import ArchSpec, HistoryStep, Preprocessing
+from ..core.artifact import ArchSpec, HistoryStep, Preprocessing
 from .config import META_PREFIX, ExportConfig, ExportPlan
 
 

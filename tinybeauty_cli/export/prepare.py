@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.checkpoint import Preprocessing
+from ..core.artifact import Preprocessing
 from ..core.model import LayerNorm
 from .config import ExportError
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.checkpoint import Preprocessing
+from ..core.artifact import Preprocessing
 from ..core.errors import InputError
 from ..core.images import synthetic_unlabeled, uint8_to_model
 from ..core.quality import PSNR_CAP_DB, psnr_db

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..core.checkpoint import ARTIFACT_VERSION, LoadedModel, artifact_found, load_model
+from ..core.artifact import ARTIFACT_VERSION, artifact_found
+from ..core.checkpoint import LoadedModel, load_model
 from ..core.contexts import torch_threads
 from ..core.errors import InputError, OutputExistsError, TbOptError, UsageError
 from ..core.files import atomic_output

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.checkpoint import ArchSpec, Artifact, HistoryStep, LoadedModel, Preprocessing, load_model, save_artifact
+from ..core.artifact import ArchSpec, Artifact, HistoryStep, Preprocessing, save_artifact
+from ..core.checkpoint import LoadedModel, load_model
 from ..core.contexts import torch_threads
 from ..core.errors import ConfigError, UnsupportedError, UsageError
 from ..core.files import check_output, size_on_disk, zipped_size, zipped_size_of_bytes

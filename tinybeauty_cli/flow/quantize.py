@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..core.checkpoint import HistoryStep, LoadedModel, load_model
+from ..core.artifact import HistoryStep
+from ..core.checkpoint import LoadedModel, load_model
 from ..core.contexts import quantized_engine
 from ..core.counts import count_macs, count_parameters
 from ..core.errors import ImageError, InputError, UnsupportedError

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.checkpoint import Preprocessing
+from ..core.artifact import Preprocessing
 from ..core.counts import count_macs, count_parameters, input_channels
 from ..core.errors import ConfigError
 from ..core.progress import Progress, SilentProgress

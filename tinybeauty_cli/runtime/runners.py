@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..core import contexts
-from ..core.checkpoint import LoadedModel, Preprocessing, load_model
+from ..core.artifact import Preprocessing
+from ..core.checkpoint import LoadedModel, load_model
 from ..core.errors import UnsupportedError
 from ..core.runner import Runner
 
