@@ -19,7 +19,7 @@ from tinybeauty_cli.core.errors import InputError, TbOptError, UnsupportedError
 from tinybeauty_cli.core.images import model_to_uint8
 from tinybeauty_cli.core.quality import fidelity_psnr_db
 from tinybeauty_cli.coreml import runner as cr
-from tinybeauty_cli.coreml.exec import mlprogram, neuralnetwork
+from tinybeauty_cli.coreml.exec import mil_ops, nn_layers
 from tinybeauty_cli.coreml.spec import coremltools, read_coreml
 from tinybeauty_cli.runtime.runners import open_runner
 
@@ -196,21 +196,21 @@ def test_a_wrong_executor_fails_the_comparison(tb_zoo, inputs, monkeypatch, fmt,
     good, bar = fidelity(tb_zoo, name, inputs)
     assert good >= bar
     if fmt == "mlprogram":
-        real_conv = mlprogram._OPS["conv"]
+        real_conv = mil_ops.OPS["conv"]
         if mistake == "swapped concat order":
-            monkeypatch.setitem(mlprogram._OPS, "concat", _swapped_concat)
+            monkeypatch.setitem(mil_ops.OPS, "concat", _swapped_concat)
         else:
             def conv_without_bias(op, c):
                 real = c.tensor
                 c.tensor = lambda n: None if n == "bias" else real(n)
                 return real_conv(op, c)
-            monkeypatch.setitem(mlprogram._OPS, "conv", conv_without_bias)
+            monkeypatch.setitem(mil_ops.OPS, "conv", conv_without_bias)
     else:
         if mistake == "swapped concat order":
-            monkeypatch.setitem(neuralnetwork._LAYERS, "concat", _nn_swapped_concat)
+            monkeypatch.setitem(nn_layers.LAYERS, "concat", _nn_swapped_concat)
         else:
-            _nn_conv_without_bias.real = neuralnetwork._LAYERS["convolution"]
-            monkeypatch.setitem(neuralnetwork._LAYERS, "convolution", _nn_conv_without_bias)
+            _nn_conv_without_bias.real = nn_layers.LAYERS["convolution"]
+            monkeypatch.setitem(nn_layers.LAYERS, "convolution", _nn_conv_without_bias)
     bad, _ = fidelity(tb_zoo, name, inputs)
     assert bad < FP16_DB < bar <= good, f"{mistake}: {bad:.1f} dB"
 
@@ -328,7 +328,7 @@ def test_unpack_bits_matches_coremltools():
     for nbits in (1, 2, 3, 4, 6, 7, 8):
         values = rng.integers(0, 1 << nbits, size=101).astype(np.uint8)
         packed = values.tobytes() if nbits == 8 else _convert_array_to_nbit_quantized_bytes(values, nbits).tobytes()
-        ours = neuralnetwork.unpack_bits(packed, values.size, nbits)
+        ours = nn_layers.unpack_bits(packed, values.size, nbits)
         assert np.array_equal(ours, values)
         if nbits < 8:
             assert np.array_equal(ours, _unpack_to_bytes(np.frombuffer(packed, np.uint8), values.size, nbits))
