@@ -25,7 +25,6 @@ from ...core.errors import InputError, UnsupportedError
 from .graph import GraphBuilder, OpGraph, as_tensor, round_fp16
 from .mil_ops import CONST_OPS, OPS, Ctx, dtype_name
 
-
 # ---------------------------------------------------------------- the compiler
 
 def materialize_constants(function: Any) -> dict[str, Any]:

@@ -26,7 +26,6 @@ from ...core.errors import UnsupportedError
 from .graph import GraphBuilder, OpGraph, as_tensor, round_fp16
 from .nn_layers import LAYERS, weight_array
 
-
 # ---------------------------------------------------------------- the compiler
 
 #: Layers whose meaning depends on the true rank of a tensor (refused under the old rank-5 mapping).
