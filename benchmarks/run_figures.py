@@ -9,6 +9,10 @@
 2. ``tbopt bench`` of one float artifact on the 100 built-in images, scoring and timing: <= 30 s.
 3. ``tbopt run`` on the released checkpoint with a folder holding face_01.png (no targets: fidelity).
 
+With ``--baseline TREE`` (a checkout of another version, e.g. ``git worktree add ../before <commit>``),
+it first times ``tbopt run`` on the demo from that tree and from this one, alternately for
+``--rounds`` rounds, and prints each one's median wall time and their ratio: one run, the same load.
+
 Each is the real command run in a subprocess, so the times include start-up and imports. The machine
 is shared: the load average is printed at the start and the end.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,13 +35,42 @@ if not REALDATA.is_dir():
     REALDATA = Path("/work/shared/realdata")
 
 
-def tbopt(*args: str) -> tuple[float, subprocess.CompletedProcess]:
+def tbopt(*args: str, tree: Path = ROOT) -> tuple[float, subprocess.CompletedProcess]:
+    """Run ``tbopt ARGS`` from the source tree ``tree`` (this checkout by default) in a subprocess."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "tinybeauty_cli", *args], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "tinybeauty_cli", *args], capture_output=True, text=True, env=env,
+                         cwd=tree)
     seconds = time.perf_counter() - t0
     if res.returncode != 0:
         sys.exit(f"tbopt {' '.join(args)} failed ({res.returncode}):\n{res.stderr}")
     return seconds, res
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def compare_with(baseline: Path, checkpoint: Path, rounds: int) -> None:
+    """``tbopt run`` on the demo from ``baseline`` and from this tree, alternately; medians and ratio."""
+    walls: dict[str, list[float]] = {"baseline": [], "this tree": []}
+    tables: dict[str, str] = {}
+    for r in range(rounds):
+        for name, tree in (("baseline", baseline), ("this tree", ROOT)):
+            with tempfile.TemporaryDirectory() as tmp:
+                wall, res = tbopt("run", str(checkpoint), "--out", str(Path(tmp) / "o"), tree=tree)
+            walls[name].append(wall)
+            tables[name] = res.stdout
+            print(f"   round {r + 1}: {name} ({tree}) tbopt run {wall:.1f} s", flush=True)
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    for name, table in tables.items():
+        print(f"--- last table, {name}:\n{table}")
+    print(f"0. tbopt run on {checkpoint.name}, {rounds} alternating rounds: baseline median {med['baseline']:.1f} s, "
+          f"this tree {med['this tree']:.1f} s, ratio {med['this tree'] / med['baseline']:.2f} "
+          f"(<= 0.6: {ok(med['this tree'] / med['baseline'] <= 0.6)}); load average {os.getloadavg()}")
 
 
 def ok(flag: bool) -> str:
@@ -45,10 +79,15 @@ def ok(flag: bool) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=Path, default=ROOT / "assets" / "tinybeauty_demo.pt")
+    ap.add_argument("--checkpoint", type=Path, default=ROOT / "tinybeauty_cli" / "core" / "assets" / "tinybeauty_demo.pt")
     ap.add_argument("--skip-realdata", action="store_true")
+    ap.add_argument("--baseline", type=Path, help="another source tree to time tbopt run against, alternately")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds with --baseline")
     args = ap.parse_args()
-    print(f"load average at start: {os.getloadavg()}; cores: {os.cpu_count()}")
+    args.checkpoint = args.checkpoint.resolve()
+    print(f"load average at start: {os.getloadavg()}; cores: {os.cpu_count()}; CPU: {cpu_name()}")
+    if args.baseline is not None:
+        compare_with(args.baseline.resolve(), args.checkpoint, args.rounds)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -44,7 +44,7 @@ def main() -> int:
     before = np.asarray(Image.open(ROOT / "assets" / "demo_portrait.png").convert("RGB"))
     assert np.array_equal(before, pair.inputs[0]), "assets/demo_portrait.png is no longer test pair 0"
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "tinybeauty_cli", "apply", str(ROOT / "assets" / "tinybeauty_demo.pt"),
+        subprocess.run([sys.executable, "-m", "tinybeauty_cli", "apply", str(ROOT / "tinybeauty_cli" / "core" / "assets" / "tinybeauty_demo.pt"),
                         str(ROOT / "assets" / "demo_portrait.png"), "-o", tmp, "--quiet"], check=True)
         after = np.asarray(Image.open(Path(tmp) / "demo_portrait.png").convert("RGB"))
     tiles = [labelled(before, "before (input)"), labelled(after, "after: tbopt apply (demo checkpoint)"),
