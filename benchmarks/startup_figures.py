@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+#: The source tree whose CLI is timed (``--tree``; this checkout by default).
+TREE = ROOT
 
 HEAVY = ("torch", "coremltools", "numpy", "PIL", "matplotlib", "sklearn", "torch_pruning")
 
@@ -48,16 +49,16 @@ def command_names() -> list[str]:
 
 def _env() -> dict[str, str]:
     env = dict(os.environ, NO_COLOR="1", COLUMNS="200")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TREE), env.get("PYTHONPATH")) if p)
     return env
 
 
 def wall_times(cmd: list[str], runs: int) -> list[float]:
-    subprocess.run(cmd, capture_output=True, env=_env(), check=True)  # warm-up
+    subprocess.run(cmd, capture_output=True, env=_env(), check=True, cwd=TREE)  # warm-up
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        subprocess.run(cmd, capture_output=True, env=_env(), check=True)
+        subprocess.run(cmd, capture_output=True, env=_env(), check=True, cwd=TREE)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -65,7 +66,7 @@ def wall_times(cmd: list[str], runs: int) -> list[float]:
 def heavy_imports(args: list[str]) -> list[str]:
     """Top-level heavy packages ``python -X importtime -m tinybeauty_cli ARGS`` imports."""
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "tinybeauty_cli", *args],
-                          capture_output=True, text=True, env=_env(), check=True)
+                          capture_output=True, text=True, env=_env(), check=True, cwd=TREE)
     roots = {line.rsplit("|", 1)[-1].strip().split(".")[0]
              for line in proc.stderr.splitlines() if line.startswith("import time:")}
     return [m for m in HEAVY if m in roots]
@@ -75,12 +76,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=5, help="timed runs per command (after 1 warm-up)")
     ap.add_argument("--tbopt", help="time this installed tbopt executable instead of python -m tinybeauty_cli")
+    ap.add_argument("--tree", type=Path, default=ROOT, help="the source tree to time, e.g. an older checkout")
     args = ap.parse_args()
+    global TREE
+    TREE = args.tree.resolve()
+    sys.path.insert(0, str(TREE))
     base = [args.tbopt] if args.tbopt else [sys.executable, "-m", "tinybeauty_cli"]
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores)")
-    print(f"Python {platform.python_version()}; timed: {' '.join(base)}; median and min of {args.runs} runs "
+    print(f"Python {platform.python_version()}; tree {TREE}; timed: {' '.join(base)}; median and min of {args.runs} runs "
           f"after 1 warm-up" + (f"; load average before {load[0]:.2f}" if load else ""))
     rows = []
     for name in [None, *command_names()]:
