@@ -1,4 +1,4 @@
-"""Figures for the Core ML reference executor (issue 6), measured in one run.
+"""Figures for the Core ML reference executor, measured in one run.
 
 For a demo-like TinyBeauty (the bundled demo checkpoint when present, else a released-layout
 TinyBeauty with seeded random weights) and for the authors' released checkpoint, every Core ML
@@ -9,7 +9,7 @@ executor on real and synthetic faces:
   the PyTorch model: fp32 exports >= 90 dB, fp16 >= 60 dB; compressed exports against the PyTorch
   model carrying the file's decompressed weights >= 60 dB; plus the same with --fp16-emulation;
 * latency of the executor on the fp32 ML Program against PyTorch eager on the same model: batch 1,
-  same threads, measured alternately in the same run; the issue's bar is a ratio <= 1.5.
+  same threads, measured alternately in the same run; the bar is a ratio <= 1.5.
 
 Every time here is "Core ML reference executor (not device)": the model's arithmetic on this CPU.
 

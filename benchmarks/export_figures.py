@@ -1,4 +1,4 @@
-"""Figures for `tbopt export` (issue 5), all measured in one run.
+"""Figures for `tbopt export`, all measured in one run.
 
     python benchmarks/export_figures.py [--checkpoint tinybeauty_cli/core/assets/tinybeauty_demo.pt]
         [--released ../shared/realdata/tinybeauty_style1.pt] [--pruned ARTIFACT]

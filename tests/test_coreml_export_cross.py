@@ -1,9 +1,8 @@
 """``tbopt export`` -> the reference executor: every kind of file the exporter writes runs and matches.
 
-The exporter lives on its own branch (issue 5); this module skips until ``tbopt export`` is
-registered, then checks its files the same way test_coreml_runtime.py checks coremltools'
-own conversions (fp32 >= 90 dB, fp16 >= 60 dB against the PyTorch model; compressed >= 60 dB
-against the PyTorch model carrying the file's decompressed weights).
+Its files are checked the same way test_coreml_runtime.py checks coremltools' own conversions
+(fp32 >= 90 dB, fp16 >= 60 dB against the PyTorch model; compressed >= 60 dB against the
+PyTorch model carrying the file's decompressed weights).
 """
 
 from __future__ import annotations
@@ -24,10 +23,6 @@ from tinybeauty_cli.coreml import runner as cr
 from .conftest import COREML_SIZE as SIZE
 from .conftest import small_tinybeauty
 from .coreml_helpers import with_file_weights
-
-if not any(c.name == "export" for c in app.registered_commands):
-    pytest.skip("tbopt export is not on this branch yet", allow_module_level=True)
-
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):

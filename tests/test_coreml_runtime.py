@@ -23,7 +23,7 @@ from tinybeauty_cli.coreml.exec import mil_ops, nn_layers
 from tinybeauty_cli.coreml.spec import coremltools, read_coreml
 from tinybeauty_cli.runtime.runners import open_runner
 
-#: The issue's bars: fp32 export vs PyTorch; fp16 export vs PyTorch; compressed vs its PyTorch twin.
+#: The fidelity bars: fp32 export vs PyTorch; fp16 export vs PyTorch; compressed vs its PyTorch twin.
 FP32_DB, FP16_DB, COMPRESSED_DB = 90.0, 60.0, 60.0
 
 
@@ -64,7 +64,7 @@ def fidelity(zoo: CoreMLZoo, name: str, x: np.ndarray, **options) -> tuple[float
     return fidelity_psnr_db(runner.predict(x), torch_predict(ref, x)), bar
 
 
-# ---------------------------------------------------------------- the fidelity bars
+# ---------------------------------------------------------------- the fidelity bars
 
 #: Variants checked in the default run (every decompression op, both formats and I/O modes);
 #: the rest of the matrix runs with ``-m slow``.
