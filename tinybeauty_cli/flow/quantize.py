@@ -41,14 +41,14 @@ from ..quantize.config import CALIB_BATCH, TORCHSCRIPT_FORMAT, TORCHSCRIPT_FORMA
 from ..quantize.engines import OBSERVERS
 from ..quantize.graph_rewrites import RewriteReport
 from ..quantize.lowering import quiet, write_torchscript
-from ..quantize.results import BackendTrial, LayerDecision, rounded
+from ..quantize.results import BackendTrial, LayerDecision, LayerSplit, rounded
 from ..quantize.transform import quantize_module
 from ..runtime.runners import TorchRunner
 from ..runtime.timing import measure_latencies
 
 
 @dataclass
-class QuantizeResult:
+class QuantizeResult(LayerSplit):
     """What ``tbopt quantize`` did and measured; :meth:`to_dict` is its JSON output."""
 
     input: str
@@ -70,14 +70,6 @@ class QuantizeResult:
     ranking: dict[str, Any] = field(default_factory=dict)  # how engines were compared: threads, runs, float ms
     #: The written file as opened (the reloaded module, its metadata and hash); not part of ``to_dict``.
     written: LoadedModel | None = field(default=None, repr=False)
-
-    @property
-    def quantized_layers(self) -> list[str]:
-        return [layer.name for layer in self.layers if layer.quantized]
-
-    @property
-    def float_layers(self) -> list[str]:
-        return [layer.name for layer in self.layers if not layer.quantized]
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -49,8 +49,22 @@ class BackendTrial:
         return d
 
 
+class LayerSplit:
+    """``quantized_layers`` / ``float_layers`` of anything holding per-layer ``layers`` decisions."""
+
+    layers: list[LayerDecision]
+
+    @property
+    def quantized_layers(self) -> list[str]:
+        return [layer.name for layer in self.layers if layer.quantized]
+
+    @property
+    def float_layers(self) -> list[str]:
+        return [layer.name for layer in self.layers if not layer.quantized]
+
+
 @dataclass
-class QuantizeOutcome:
+class QuantizeOutcome(LayerSplit):
     """What :func:`~tinybeauty_cli.quantize.transform.quantize_module` decided and measured on the
     calibration images (nothing here comes from the evaluation images)."""
 
@@ -68,11 +82,3 @@ class QuantizeOutcome:
     timings: dict[str, float] = field(default_factory=dict)  # calibration_s, keep_float_s, backend_selection_s
     notes: list[str] = field(default_factory=list)
     ranking: dict[str, Any] = field(default_factory=dict)  # how engines were compared: threads, runs, float ms
-
-    @property
-    def quantized_layers(self) -> list[str]:
-        return [layer.name for layer in self.layers if layer.quantized]
-
-    @property
-    def float_layers(self) -> list[str]:
-        return [layer.name for layer in self.layers if not layer.quantized]
