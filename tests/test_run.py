@@ -122,6 +122,26 @@ def test_a_failing_stage_is_named_and_earlier_outputs_stay(tmp_path, monkeypatch
         run_pipeline(src, out, fast_config(), force=True)
 
 
+def test_each_model_runs_once_on_the_evaluation_images(tmp_path, monkeypatch):
+    """The run shares its scores: original, pruned, int8 and the two Core ML files, one pass each."""
+    from tinybeauty_cli.measure import evaluate as evaluate_module
+
+    passes = []
+    real = evaluate_module.evaluate
+
+    def counted(runner, images, *args, **kwargs):
+        passes.append((runner.kind, len(images)))
+        return real(runner, images, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "evaluate", counted)
+    result = run_pipeline(save_small(tmp_path / "small.pt"), tmp_path / "o", fast_config())
+    assert sorted(kind for kind, _ in passes) == ["coreml", "coreml", "float", "float", "int8"]
+    assert all(n == 3 for _, n in passes)
+    table = {s.stage: s for s in result.stages}
+    assert table["Pruned"].target_psnr_db == pytest.approx(result.prune.quality["target_psnr_after_db"], abs=1e-3)
+    assert table["Quantized"].fidelity_psnr_db is not None
+
+
 def test_interrupted_stage_leaves_no_partial_file(tmp_path, monkeypatch):
     src = save_small(tmp_path / "small.pt")
     out = tmp_path / "o"

@@ -241,8 +241,10 @@ def run_pipeline(checkpoint: Path | str, out: Path | str, config: RunConfig | No
 
         def measure() -> BenchResult:
             int8 = quantized.written
-            entries = [Entry(checkpoint, runner_for(loaded)), Entry(paths["pruned"], runner_for(pruned)),
-                       Entry(paths["quantized"], runner_for(int8))]
+            # keyed by module: the scores prune and quantize took of these models are reused, not re-run
+            entries = [Entry(checkpoint, runner_for(loaded), key=loaded.module),
+                       Entry(paths["pruned"], runner_for(pruned), key=pruned.module),
+                       Entry(paths["quantized"], runner_for(int8), key=int8.module)]
             entries += [Entry(paths[role], open_runner(paths[role])) for role in ("mlmodel", "mlpackage")]
             return measure_entries(entries, cfg.bench_config(), ref_path=checkpoint, scores=scores,
                                    progress=progress, keep_examples=EXAMPLES)
