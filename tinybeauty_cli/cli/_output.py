@@ -28,10 +28,41 @@ class Output:
     def __init__(self, json_mode: bool = False, quiet: bool = False):
         self.json_mode = json_mode
         self.quiet = quiet
+        self._live = False  # a live table is drawn: progress bars would fight it for the terminal
 
     @property
     def show_progress(self) -> bool:
-        return not (self.json_mode or self.quiet) and sys.stdout.isatty()
+        return not (self.json_mode or self.quiet or self._live) and sys.stdout.isatty()
+
+    @contextlib.contextmanager
+    def live_table(self, title: str, columns: Sequence[str],
+                   right: Sequence[str] = ()) -> Iterator[Callable[[Sequence[Any]], None]]:
+        """A table on stderr that grows as rows come (``add(row)``): redrawn in place on a terminal, one
+        plain line per row otherwise, nothing under ``--json``/``--quiet``. Progress bars rest meanwhile."""
+        if self.json_mode or self.quiet:
+            yield lambda row: None
+            return
+        if not stderr.is_terminal:
+            def add_line(row: Sequence[Any]) -> None:
+                stderr.print("  ".join(f"{c}={cell(v)}" for c, v in zip(columns, row)), highlight=False, markup=False)
+
+            yield add_line
+            return
+        from rich.live import Live  # noqa: PLC0415 - only for a terminal
+
+        t = Table(title=title, title_justify="left")
+        for c in columns:
+            t.add_column(c, justify="right" if c in right else "left", overflow="fold")
+        self._live = True
+        try:
+            with Live(t, console=stderr, auto_refresh=False, vertical_overflow="visible") as live:
+                def add(row: Sequence[Any]) -> None:
+                    t.add_row(*[cell(v) for v in row])
+                    live.refresh()
+
+                yield add
+        finally:
+            self._live = False
 
     # -- progress (implements tinybeauty_cli.progress.Progress) -------------------
     @contextlib.contextmanager

@@ -11,7 +11,7 @@ from .. import __version__
 # Command modules import only typer/rich and torch-free modules (core.errors, core.paths, the config
 # modules, coreml.units); each imports the library inside its function. torch and coremltools take
 # seconds to import, and --help needs neither (tests/test_startup.py keeps it so).
-from . import apply, bench, compare, export, info, prune, quantize, run
+from . import apply, bench, compare, export, info, optimize, prune, quantize, run
 
 app = typer.Typer(
     name="tbopt",
@@ -39,6 +39,7 @@ def _root(
 
 # In the order a user meets them: the whole chain, its stages, then the tools to look at results.
 app.command("run")(run.run)
+app.command("optimize")(optimize.optimize)
 app.command("prune")(prune.prune)
 app.command("quantize")(quantize.quantize)
 app.command("export")(export.export)

@@ -1,0 +1,187 @@
+"""Measure the figures the ``tbopt optimize`` issue asks for.
+
+    python benchmarks/optimize_figures.py [--work DIR] [--skip-realdata] [--runs 50]
+
+1. ``tbopt optimize --max-drop 0.3`` on the demo checkpoint, defaults otherwise (targets ios13, cpu,
+   ios16): the wall time of the whole search (<= 15 minutes on 2 idle cores).
+2. The smallest Core ML file it chose, measured by ``tbopt bench`` beside the demo on the built-in
+   test set: bytes (<= 30,000) and PSNR drop (<= 0.3 dB); the iOS 13 ``.mlmodel``: bytes (<= 40,000)
+   and PSNR drop.
+3. The CPU int8 file it chose against ``tbopt quantize`` of the unpruned demo (default options):
+   both timed in one process with their runs interleaved (batch 1, all cores), latency ratio
+   (<= 0.6), and its PSNR drop by ``tbopt bench``.
+4. ``--resume`` on the finished search redoes nothing; a small search interrupted with SIGINT
+   (Ctrl-C) and resumed does not redo the candidates it had finished.
+5. The released checkpoint with ``face_01.png`` as ``--data`` (no targets: fidelity budget): the
+   chosen files and where ``pareto.png`` is, to look at.
+
+Each ``tbopt`` is the real command in a subprocess. The machine may be shared: the load average is
+printed at the start and the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+REALDATA = ROOT.parent / "shared" / "realdata"
+if not REALDATA.is_dir():
+    REALDATA = Path("/work/shared/realdata")
+
+
+def tbopt(*args: str) -> tuple[float, subprocess.CompletedProcess]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "tinybeauty_cli", *args], capture_output=True, text=True, env=env,
+                         cwd=ROOT)
+    seconds = time.perf_counter() - t0
+    if res.returncode != 0:
+        sys.exit(f"tbopt {' '.join(args)} failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    return seconds, res
+
+
+def ok(flag: bool) -> str:
+    return "ok" if flag else "MISSED"
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def bench_psnr(files: list[Path], ref: Path) -> dict[str, dict]:
+    """``tbopt bench REF FILES... --json`` on the built-in test set, scores only."""
+    _, res = tbopt("bench", str(ref), *map(str, files), "--no-timing", "--json")
+    return {row["name"]: row for row in json.loads(res.stdout)["rows"]}
+
+
+def search_and_core_ml(demo: Path, work: Path) -> dict:
+    out = work / "demo"
+    wall, res = tbopt("optimize", str(demo), "--max-drop", "0.3", "--out", str(out), "--json", "--force")
+    data = json.loads(res.stdout)
+    print(f"1. tbopt optimize --max-drop 0.3 on {demo.name}: {wall:.0f} s wall ({wall / 60:.1f} min; <= 15 min: "
+          f"{ok(wall <= 900)}); {len(data['candidates'])} candidates, {len(data['models'])} float models, "
+          f"{len(data['skipped'])} skipped, {len(data['not_tried'])} not tried")
+    for target, c in data["chosen"].items():
+        print(f"   {target}: {c.get('file')} {c.get('recipe', {}).get('key', c.get('reason'))}")
+        for line in c.get("commands", []):
+            print(f"      {line}")
+    coreml = {t: Path(c["file"]) for t, c in data["chosen"].items() if t != "cpu" and c.get("file")}
+    rows = bench_psnr(list(coreml.values()), demo)
+    ref = rows[demo.name]["target_psnr_db"]
+    smallest = min(coreml.values(), key=lambda p: rows[p.name]["size_bytes"])
+    s = rows[smallest.name]
+    print(f"2. smallest Core ML file {smallest.name}: {s['size_bytes']:,} bytes (<= 30,000: "
+          f"{ok(s['size_bytes'] <= 30_000)}), PSNR {s['target_psnr_db']:.3f} dB vs the demo's {ref:.3f} dB by tbopt "
+          f"bench: drop {ref - s['target_psnr_db']:.3f} dB (<= 0.3: {ok(ref - s['target_psnr_db'] <= 0.3)})")
+    if "ios13" in coreml:
+        m = rows[coreml["ios13"].name]
+        print(f"   iOS 13 {coreml['ios13'].name}: {m['size_bytes']:,} bytes (<= 40,000: {ok(m['size_bytes'] <= 40_000)}), "
+              f"PSNR drop {ref - m['target_psnr_db']:.3f} dB (<= 0.3: {ok(ref - m['target_psnr_db'] <= 0.3)})")
+    return data
+
+
+def cpu_ratio(demo: Path, work: Path, data: dict, runs: int) -> None:
+    chosen = data["chosen"].get("cpu", {})
+    if not chosen.get("file"):
+        print("3. no CPU file was chosen")
+        return
+    baseline = work / "demo_quantize_default.pt"
+    tbopt("quantize", str(demo), "-o", str(baseline), "--force")
+    from tinybeauty_cli.core.checkpoint import load_model
+    from tinybeauty_cli.core.images import builtin_test_set, uint8_to_model
+    from tinybeauty_cli.runtime.runners import runner_for
+    from tinybeauty_cli.runtime.timing import measure_latencies
+
+    x = uint8_to_model(builtin_test_set(256, 1).inputs)
+    runners = {"tbopt quantize (unpruned)": runner_for(load_model(baseline)),
+               "tbopt optimize cpu": runner_for(load_model(chosen["file"]))}
+    threads = os.cpu_count()
+    lat = measure_latencies({k: (lambda r: lambda: r.predict(x))(r) for k, r in runners.items()},
+                            runs=runs, warmup=5, threads=threads)
+    a, b = lat["tbopt quantize (unpruned)"].p50_ms, lat["tbopt optimize cpu"].p50_ms
+    rows = bench_psnr([Path(chosen["file"])], demo)
+    ref = rows[demo.name]["target_psnr_db"]
+    drop = ref - rows[Path(chosen["file"]).name]["target_psnr_db"]
+    print(f"3. CPU int8 {Path(chosen['file']).name} ({chosen['recipe']['key']}, {runners['tbopt optimize cpu'].engine}) "
+          f"{b:.1f} ms vs tbopt quantize of the unpruned demo ({runners['tbopt quantize (unpruned)'].engine}) {a:.1f} ms: "
+          f"ratio {b / a:.2f} (<= 0.6: {ok(b / a <= 0.6)}); batch 1, {threads} threads, median of {runs} interleaved "
+          f"runs, {cpu_name()}; PSNR drop {drop:.3f} dB (<= 0.3: {ok(drop <= 0.3)})")
+
+
+def resume_checks(demo: Path, work: Path) -> None:
+    wall, res = tbopt("optimize", str(demo), "--max-drop", "0.3", "--out", str(work / "demo"), "--json", "--resume")
+    data = json.loads(res.stdout)
+    fresh = [c["recipe"]["key"] for c in data["candidates"] if not c["cached"]]
+    print(f"4. --resume on the finished search: {wall:.0f} s, {len(data['candidates'])} candidates, "
+          f"{len(fresh)} redone (0: {ok(not fresh)})")
+    out = work / "interrupted"
+    args = ["optimize", str(demo), "--for", "ios13", "--for", "ios16", "--rates", "", "--out", str(out), "--force"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "tinybeauty_cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = out / ".tbopt-search" / "records"
+    while proc.poll() is None and len(list(records.glob("*.json"))) < 3:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    proc.wait()
+    finished = len(list(records.glob("*.json")))
+    wall, res = tbopt(*[a for a in args if a != "--force"], "--resume", "--json")
+    data = json.loads(res.stdout)
+    cached = sum(c["cached"] for c in data["candidates"]) + sum(m["cached"] for m in data["models"])
+    print(f"   Ctrl-C after {finished} finished evaluations (exit {proc.returncode}); --resume read {cached} of them "
+          f"from the cache ({ok(cached == finished)}) and made {len(data['candidates']) - cached} more in {wall:.0f} s")
+
+
+def realdata(work: Path) -> None:
+    ckpt, face = REALDATA / "tinybeauty_style1.pt", REALDATA / "face_01.png"
+    if not (ckpt.is_file() and face.is_file()):
+        print("5. ../shared/realdata is absent: skipped")
+        return
+    faces = work / "real_faces"
+    faces.mkdir(exist_ok=True)
+    (faces / face.name).write_bytes(face.read_bytes())
+    wall, res = tbopt("optimize", str(ckpt), "--data", str(faces), "--out", str(work / "real"), "--json", "--force")
+    data = json.loads(res.stdout)
+    print(f"5. released checkpoint, --data {face.name} (no targets): {data['budget']['description']}; {wall:.0f} s")
+    for target, c in data["chosen"].items():
+        if c.get("file"):
+            print(f"   {target}: {Path(c['file']).name} {c['size_bytes']:,} bytes, fidelity {c['fidelity_psnr_db']} dB, "
+                  f"latency {c.get('latency_ms')} ms, {c['recipe']['key']}")
+        else:
+            print(f"   {target}: {c['reason']}")
+    print(f"   pareto.png: {work / 'real' / 'pareto.png'}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", type=Path, default=ROOT / "tinybeauty_cli" / "core" / "assets" / "tinybeauty_demo.pt")
+    p.add_argument("--work", type=Path, default=None, help="folder for the outputs (default: a new temporary one, kept)")
+    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--skip-realdata", action="store_true")
+    a = p.parse_args()
+    work = a.work or Path(tempfile.mkdtemp(prefix="optimize_figures_"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"load average at start {os.getloadavg()}; {os.cpu_count()} cores, {cpu_name()}; outputs in {work}")
+    data = search_and_core_ml(a.checkpoint, work)
+    cpu_ratio(a.checkpoint, work, data, a.runs)
+    resume_checks(a.checkpoint, work)
+    if not a.skip_realdata:
+        realdata(work)
+    print(f"load average at end {os.getloadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

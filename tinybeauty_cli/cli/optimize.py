@@ -1,0 +1,152 @@
+"""tbopt optimize: the smallest Core ML file per iOS target and the fastest int8 CPU file that keep the
+quality, found by a search over what tbopt can do, with the commands that rebuild each."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, List, Optional
+
+import typer
+
+from ..core.errors import UsageError
+from ..core.paths import demo_checkpoint
+from ..flow.optimize_config import DEFAULT_TARGETS, PALETTES, REPORT_FILES, TARGET_FILES, OptimizeConfig
+from . import _output
+from ._errors import handle_errors
+from ._options import DataOpt, ForceOpt, JsonOpt, LimitOpt, QuietOpt, ThreadsOpt
+
+if TYPE_CHECKING:
+    from ..flow.optimize import OptimizeResult
+
+SPACE = "Search space"
+
+
+class Target(str, Enum):
+    ios13 = "ios13"
+    ios16 = "ios16"
+    ios17 = "ios17"
+    ios18 = "ios18"
+    cpu = "cpu"
+
+
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+@handle_errors
+def optimize(
+    checkpoint: Annotated[Optional[Path], typer.Argument(
+        help="Float checkpoint or tbopt artifact to optimize. Default: the bundled demo checkpoint.",
+        show_default=False)] = None,
+    max_drop: Annotated[float, typer.Option(
+        "--max-drop", help="Quality budget where the images have targets: PSNR may drop at most this many dB "
+                           "below the original's.")] = 0.3,
+    min_fidelity: Annotated[float, typer.Option(
+        "--min-fidelity", help="Quality budget where the images have no targets: PSNR of the made-up images "
+                               "against the original model's, at least (dB).")] = 40.0,
+    targets: Annotated[Optional[List[Target]], typer.Option(
+        "--for", help=f"Where the model will run (repeatable): ios13 ({TARGET_FILES['ios13']}), ios16/ios17/ios18 "
+                      f"(.mlpackage), cpu (int8 TorchScript). Default: {', '.join(DEFAULT_TARGETS)}.",
+        show_default=False)] = None,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the chosen files, search.json, search.md, "
+                                                    "pareto.png and the search cache.")] = Path("optimized_model"),
+    data: DataOpt = None,
+    calib: Annotated[Optional[Path], typer.Option(
+        "--calib", help="Folder of unlabeled images for channel ranking, distillation and int8 calibration. "
+                        "Default: synthetic portraits, never the test set.", rich_help_panel="Data")] = None,
+    limit: LimitOpt = None,
+    time_budget: Annotated[Optional[float], typer.Option(
+        "--time-budget", min=0.01, help="Minutes: no new step starts after this; the result lists what was not "
+                                        "tried.", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the search in --out: finished candidates are read from its cache, not redone.")
+    ] = False,
+    rates: Annotated[str, typer.Option(
+        "--rates", help="Channel-pruning rates to try after the unpruned model (comma-separated).",
+        rich_help_panel=SPACE)] = "0.3,0.4,0.5",
+    finetune_steps: Annotated[Optional[List[int]], typer.Option(
+        "--finetune-steps", min=0, help="Distillation lengths to try after channel pruning (repeatable). Default: "
+                                        "tbopt prune's.", rich_help_panel=SPACE, show_default=False)] = None,
+    palettes: Annotated[str, typer.Option(
+        "--palettes", help="Palette sizes to try, largest first (comma-separated).",
+        rich_help_panel=SPACE)] = ",".join(PALETTES),
+    sparsities: Annotated[str, typer.Option(
+        "--sparsities", help="Shares of weights to zero and store sparse in .mlpackage files (comma-separated; "
+                             "'' for none).", rich_help_panel=SPACE)] = "0.5,0.75",
+    fit_steps: Annotated[int, typer.Option(
+        "--fit-steps", min=0, help="Steps of palette fitting (tbopt export --fit-palettes) below the smallest "
+                                   "plain palette that kept the quality; 0 to skip.", rich_help_panel=SPACE)] = 300,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per int8 file (batch 1).",
+                                      rich_help_panel="Timing")] = 30,
+    threads: ThreadsOpt = None,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Find the smallest Core ML file per iOS target and the fastest int8 CPU file within a quality budget.
+
+    Searches channel pruning (rate 0 first), distillation length, Core ML weight storage and int8, cheap
+    steps first, and writes the chosen files, search.json, search.md and pareto.png into --out.
+    """
+    from ..flow.optimize import optimize as run_search  # noqa: PLC0415 - torch and coremltools, only when run
+
+    ui = _output.Output(json_mode=json_out, quiet=quiet)
+    cfg = OptimizeConfig(
+        max_drop_db=max_drop, min_fidelity_db=min_fidelity,
+        targets=tuple(t.value for t in targets) if targets else DEFAULT_TARGETS, data=data, limit=limit,
+        calib=calib, time_budget_min=time_budget, rates=_floats(rates, "--rates"),
+        finetune_steps=tuple(finetune_steps) if finetune_steps else (None,),
+        palettes=tuple(p.strip() for p in palettes.split(",") if p.strip()),
+        sparsities=_floats(sparsities, "--sparsities"), fit_steps=fit_steps, runs=runs, threads=threads)
+    path = checkpoint or demo_checkpoint()
+    with ui.live_table(f"tbopt optimize: candidates ({path.name})", ROW_COLUMNS, right=ROW_COLUMNS[3:8]) as add:
+        result = run_search(path, out, cfg, force=force, resume=resume, progress=ui,
+                            on_row=lambda row: add(row_cells(row)))
+    ui.emit(result, render_optimize)
+
+
+ROW_COLUMNS = ["target", "model", "storage", "size (B)", "zipped (B)", "quality (dB)", "fidelity (dB)",
+               "latency (ms)", "within budget", "seconds"]
+
+
+def row_cells(row: Any) -> list[Any]:
+    """A candidate (or a float model made on the way) as a row of the live table."""
+    if hasattr(row, "recipe"):
+        r = row.recipe
+        return [r.target, r.model_key, r.storage, row.size_bytes, row.zipped_bytes, row.quality_db,
+                row.fidelity_psnr_db, row.latency_ms, row.kept, f"{row.seconds:.1f}" + (" (cached)" if row.cached else "")]
+    return ["float", row.key, "-", None, None, row.quality_db, row.fidelity_psnr_db, None, row.kept,
+            f"{row.seconds:.1f}" + (" (cached)" if row.cached else "")]
+
+
+def render_optimize(ui: _output.Output, r: OptimizeResult) -> None:
+    d = r.to_dict()
+    o = d["original"]
+    rows = [("original", o["file"], o["size_bytes"], o["zipped_bytes"], o["quality_db"], "ref", o["latency_ms"],
+             "-")]
+    for target, c in d["chosen"].items():
+        if c.get("file") is None:
+            rows.append((target, c["reason"], None, None, None, None, None, "-"))
+            continue
+        rows.append((target, Path(c["file"]).name, c["size_bytes"], c["zipped_bytes"], c["quality_db"],
+                     c["fidelity_psnr_db"], c.get("latency_ms"), c["recipe"]["key"]))
+    heads = ["target", "file", "size (B)", "zipped (B)", f"{d['quality_axis']} (dB)", "fidelity (dB)",
+             "latency (ms)", "recipe"]
+    ui.table(f"tbopt optimize: {Path(r.checkpoint).name} -> {r.out}/", heads, rows, caption=d["caption"],
+             right=heads[2:7])
+    ui.line(f"budget: {d['budget']['description']}")
+    for target, c in d["chosen"].items():
+        if c.get("commands"):
+            ui.line(f"rebuild {Path(c['file']).name}:")
+            for line in c["commands"]:
+                ui.line(f"  {line}")
+    tried = len(r.candidates)
+    ui.line(f"{tried} candidate(s) and {len(r.models)} float model(s) in {r.seconds:.0f} s; "
+            f"{len(r.skipped)} skipped (their branch missed), {len(r.not_tried)} not tried (time budget); "
+            f"wrote {', '.join(REPORT_FILES.values())} into {r.out}/")
+    for n in r.notes:
+        ui.note(n)

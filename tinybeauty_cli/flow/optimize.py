@@ -1,0 +1,521 @@
+"""``tbopt optimize``: search the space tbopt spans for the smallest Core ML file per iOS target and
+the fastest int8 CPU file that keep the quality, and write them with the commands that rebuild them.
+
+The search, cheap before dear:
+
+1. the original model's weight storage per Core ML target: fp16, int8, palettes from 8 bits
+   down (a branch stops at the first palette that misses the budget), fitted palettes below the
+   smallest plain palette that passed, weights zeroed and stored sparse (ML Programs);
+   then int8 TorchScript for ``cpu`` (timed; the engine ranked by ``tbopt quantize``);
+2. channel pruning, rates ascending, per distillation length: the pruned float model is scored
+   first and a rate that misses the budget stops its branch (higher rates are not pruned); a
+   pruned model that keeps the quality gets the same storage search as the original.
+
+Every evaluation is cached by recipe in ``--out/.tbopt-search`` (:mod:`.optimize_cache`): the
+pruning, the file and its scores. ``--resume`` reuses them; ``--time-budget`` stops starting new
+work and the result lists what was not tried. At the end the int8 files within the budget are
+timed again side by side (interleaved, with the original) and the fastest is chosen; the chosen
+files are copied into ``--out`` atomically, with ``search.json``, ``search.md`` and ``pareto.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import __version__
+from ..core.artifact import save_artifact
+from ..core.checkpoint import LoadedModel, load_model
+from ..core.contexts import torch_threads
+from ..core.errors import InputError, OutputExistsError, UnsupportedError, UsageError
+from ..core.files import atomic_output, size_on_disk, zipped_size
+from ..core.images import ImageSet, load_images, uint8_to_model
+from ..core.progress import Progress, SilentProgress
+from ..export.config import ExportConfig
+from ..measure.evaluate import Evaluation, Scores, evaluate
+from ..measure.search_report import pareto_figure, pareto_front, search_markdown
+from ..runtime.runners import TorchRunner, open_runner, runner_for
+from ..runtime.timing import measure_latencies
+from .export import export_loaded
+from .optimize_cache import SearchCache
+from .optimize_config import CACHE_DIR, REPORT_FILES, TARGET_FILES, Budget, OptimizeConfig, Recipe
+from .prune import prune_loaded
+from .quantize import quantize_loaded
+
+
+def with_fitted_palettes(config: ExportConfig, steps: int) -> ExportConfig:
+    """The export configuration that fits the palettes for ``steps`` steps before palettizing
+    (``tbopt export --fit-palettes N``). The one place the search reaches palette fitting: an
+    export without that option raises, and the search lists fitted palettes as not tried."""
+    if "fit_palettes" not in ExportConfig.__dataclass_fields__:
+        raise UnsupportedError("this tbopt's export cannot fit palettes (tbopt export --fit-palettes)")
+    return dataclasses.replace(config, fit_palettes=steps)  # type: ignore[call-arg]
+
+
+@dataclass
+class Candidate:
+    """One file the search made and measured."""
+
+    recipe: Recipe
+    file: str  # inside the cache
+    size_bytes: int
+    zipped_bytes: int
+    target_psnr_db: float | None
+    fidelity_psnr_db: float | None
+    worst_fidelity_db: float | None
+    quality_db: float | None  # the figure the budget is on (PSNR, or fidelity without targets)
+    kept: bool  # within the budget
+    seconds: float
+    latency_ms: float | None = None  # int8 files: median, batch 1
+    engine: str | None = None
+    threads: int | None = None
+    backend: str | None = None  # the int8 engine tbopt quantize chose
+    cached: bool = False
+    pareto: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["recipe"] = {**self.recipe.to_dict(), "model_key": self.recipe.model_key, "storage": self.recipe.storage}
+        return d
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], budget: Budget) -> "Candidate":
+        """A cached evaluation, judged by ``budget`` (the budget is not part of the evaluation)."""
+        d = {k: v for k, v in record.items() if k in cls.__dataclass_fields__}
+        d["recipe"] = Recipe.from_dict(record["recipe"])
+        psnr, fid = d["target_psnr_db"], d["fidelity_psnr_db"]
+        return cls(**{**d, "quality_db": budget.quality(psnr, fid), "kept": budget.keeps(psnr, fid),
+                      "cached": True, "pareto": False})
+
+
+@dataclass
+class ModelEntry:
+    """A float model the search made (channel-pruned, or with weights zeroed) and its scores."""
+
+    key: str
+    file: str
+    target_psnr_db: float | None
+    fidelity_psnr_db: float | None
+    quality_db: float | None
+    kept: bool
+    seconds: float
+    cached: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class OptimizeResult:
+    """What ``tbopt optimize`` found; :meth:`to_dict` is ``search.json`` and the ``--json`` output."""
+
+    checkpoint: str
+    out: str
+    command: str
+    config: OptimizeConfig
+    budget: Budget
+    data: str
+    original: dict[str, Any]
+    candidates: list[Candidate]
+    models: list[ModelEntry]
+    skipped: list[dict[str, str]]
+    not_tried: list[dict[str, str]]
+    chosen: dict[str, dict[str, Any]]
+    seconds: float
+    threads: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tbopt_version": __version__, "command": self.command, "checkpoint": self.checkpoint, "out": self.out,
+            "config": self.config.to_dict(), "data": self.data, "threads": self.threads,
+            "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+            "quality_axis": "PSNR vs targets" if self.budget.uses_targets else "fidelity to the original",
+            "budget": {"description": self.budget.describe(), "line_db": round(self.budget.line_db, 3),
+                       "reference_psnr_db": self.budget.reference_psnr_db, "max_drop_db": self.budget.max_drop_db,
+                       "min_fidelity_db": self.budget.min_fidelity_db},
+            "original": self.original, "chosen": self.chosen,
+            "candidates": [c.to_dict() for c in self.candidates], "models": [m.to_dict() for m in self.models],
+            "skipped": self.skipped, "not_tried": self.not_tried, "seconds": round(self.seconds, 1),
+            "notes": self.notes, "caption": caption(self),
+        }
+
+
+def caption(r: OptimizeResult) -> str:
+    return (f"Scored on {r.data}. Quality: {r.budget.describe()}. Sizes on disk and zipped (DEFLATE 9). Latency: "
+            f"int8 TorchScript files only, batch 1, {r.threads} thread(s), median of {r.config.runs} runs after "
+            f"{r.config.warmup} warm-up, timed side by side with the original (eager fp32) on {platform.machine()}. "
+            f"Core ML files are scored with tbopt's reference executor off macOS; their device latency needs "
+            f"Apple hardware.")
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(float(v), 3)
+
+
+OnRow = Callable[[Any], None]
+
+
+class _Search:
+    """The search's state: the original and its scores, the cache, the clock, what was found."""
+
+    def __init__(self, loaded: LoadedModel, images: ImageSet, cfg: OptimizeConfig, cache: SearchCache,
+                 progress: Progress, on_row: OnRow | None):
+        self.original, self.images, self.cfg, self.cache = loaded, images, cfg, cache
+        self.progress, self.on_row = progress, on_row or (lambda row: None)
+        self.t_start = time.perf_counter()
+        self.candidates: list[Candidate] = []
+        self.models: list[ModelEntry] = []
+        self.skipped: list[dict[str, str]] = []
+        self.not_tried: list[dict[str, str]] = []
+        prep = loaded.preprocessing
+        self.reference: Evaluation = evaluate(TorchRunner(loaded.module.eval(), prep), images, progress=progress,
+                                              description="scoring the original")
+        self.budget = Budget(_r(self.reference.target_psnr_db), cfg.max_drop_db, cfg.min_fidelity_db)
+        self._models: dict[str, LoadedModel | None] = {"original": loaded}
+
+    # -- the clock and the bookkeeping -------------------------------------------------------------------
+    def time_left(self) -> bool:
+        budget = self.cfg.time_budget_s
+        return budget is None or time.perf_counter() - self.t_start < budget
+
+    def skip(self, key: str, reason: str) -> None:
+        self.skipped.append({"key": key, "reason": reason})
+
+    def later(self, key: str) -> None:
+        self.not_tried.append({"key": key, "reason": "time budget reached before it was started"})
+
+    def score(self, runner: Any, description: str) -> Evaluation:
+        return evaluate(runner, self.images, reference=self.reference.outputs, progress=self.progress,
+                        description=description)
+
+    # -- float models ---------------------------------------------------------------------------------------
+    def model(self, recipe: Recipe) -> LoadedModel | None:
+        """The float model ``recipe`` stores, made (or read from the cache) on first use; None when it
+        misses the budget (its branch stops) or there was no time to make it."""
+        key = recipe.model_key
+        if key in self._models:
+            return self._models[key]
+        # weights are zeroed in the (channel-pruned) model; channels are pruned from the original
+        source = self.model(dataclasses.replace(recipe, sparsity=0.0)) if recipe.sparsity else self.original
+        if source is None:
+            return None
+        path = self.cache.model_path(key)
+        record = self.cache.load(key)
+        if record is not None:
+            e = record["entry"]
+            psnr, fid = e["target_psnr_db"], e["fidelity_psnr_db"]
+            entry = ModelEntry(**{**e, "quality_db": self.budget.quality(psnr, fid),
+                                  "kept": self.budget.keeps(psnr, fid), "cached": True})
+        elif not self.time_left():
+            self.later(key)
+            self._models[key] = None
+            return None
+        else:
+            t0 = time.perf_counter()
+            cfg = recipe.sparse_config(self.cfg.seed) if recipe.sparsity else recipe.prune_config(self.cfg.seed)
+            original = self.original.module
+
+            def scorer(module: nn.Module, reference: np.ndarray | None, description: str) -> Evaluation:
+                if module is original:  # scored once, at the start
+                    return self.reference
+                return evaluate(TorchRunner(module.eval(), source.preprocessing), self.images, reference=reference,
+                                progress=self.progress, description=description)
+
+            artifact, _module, _report = prune_loaded(source, cfg, data=self.cfg.calib, eval_images=self.images,
+                                                      progress=self.progress, scorer=scorer)
+            save_artifact(artifact, path, force=True)
+            loaded = load_model(path)
+            ev = self.score(runner_for(loaded), f"scoring {key}")
+            q = self.budget.quality(ev.target_psnr_db, ev.fidelity_psnr_db)
+            entry = ModelEntry(key, self.cache.relative(path), _r(ev.target_psnr_db), _r(ev.fidelity_psnr_db), _r(q),
+                               self.budget.keeps(ev.target_psnr_db, ev.fidelity_psnr_db),
+                               round(time.perf_counter() - t0, 1))
+            self.cache.store(key, {"file": entry.file, "entry": entry.to_dict()})
+        self.models.append(entry)
+        self.on_row(entry)
+        self._models[key] = load_model(path) if entry.kept else None
+        return self._models[key]
+
+    def missed(self, model_key: str) -> bool:
+        """True when the float model ``model_key`` was made and misses the budget."""
+        return any(m.key == model_key and not m.kept for m in self.models)
+
+    # -- candidates -----------------------------------------------------------------------------------------
+    def candidate(self, recipe: Recipe) -> Candidate | None:
+        """Evaluate ``recipe`` (or read it from the cache); None when it could not be tried."""
+        record = self.cache.load(recipe.key)
+        if record is not None:
+            cand = Candidate.from_record(record, self.budget)
+        else:
+            model = self.model(recipe)
+            if model is None:
+                return None
+            if not self.time_left():
+                self.later(recipe.key)
+                return None
+            t0 = time.perf_counter()
+            folder = self.cache.file_dir(recipe.key)
+            shutil.rmtree(folder, ignore_errors=True)  # a half-made earlier attempt
+            path = folder / TARGET_FILES[recipe.target]
+            try:
+                cand = self._cpu(recipe, model, path) if recipe.is_cpu else self._coreml(recipe, model, path)
+            except UnsupportedError as exc:
+                self.skip(recipe.key, str(exc))
+                return None
+            cand.seconds = round(time.perf_counter() - t0, 1)
+            self.cache.store(recipe.key, cand.to_dict())
+        self.candidates.append(cand)
+        self.on_row(cand)
+        return cand
+
+    def _measured(self, recipe: Recipe, path: Path, ev: Evaluation, **extra: Any) -> Candidate:
+        return Candidate(recipe, self.cache.relative(path), size_on_disk(path), zipped_size(path),
+                         _r(ev.target_psnr_db), _r(ev.fidelity_psnr_db), _r(ev.worst_fidelity_db),
+                         _r(self.budget.quality(ev.target_psnr_db, ev.fidelity_psnr_db)),
+                         self.budget.keeps(ev.target_psnr_db, ev.fidelity_psnr_db), 0.0, **extra)
+
+    def _coreml(self, recipe: Recipe, model: LoadedModel, path: Path) -> Candidate:
+        config = recipe.export_config()
+        if recipe.fit_steps:
+            config = with_fitted_palettes(config, recipe.fit_steps)
+        result = export_loaded(model, path, config, force=True, progress=self.progress)
+        ev = self.score(open_runner(path), f"scoring {recipe.key}")
+        return self._measured(recipe, path, ev, notes=list(result.notes))
+
+    def _cpu(self, recipe: Recipe, model: LoadedModel, path: Path) -> Candidate:
+        scores = Scores(self.images, self.progress)
+        command = " && ".join(recipe.commands(_shown(Path(self.original.path)), path.name, self.cfg))
+        result = quantize_loaded(model, path, self.cfg.quantize_config(), force=True, progress=self.progress,
+                                 command=command, source_bytes=model.content or None, scores=scores)
+        written = result.written
+        assert written is not None
+        ev = scores.score(written.module, runner_for(written), "scoring int8", reference=self.reference.outputs)
+        return self._measured(recipe, path, ev, latency_ms=_r(result.latency["int8"]["p50_ms"]),
+                              engine=result.engine, threads=result.latency["threads"], backend=result.backend,
+                              notes=list(result.notes))
+
+    # -- the order of the search ------------------------------------------------------------------------------
+    def storage_branch(self, model_recipe: Recipe, target: str) -> None:
+        """Every storage of one float model for one target, cheap first; a branch stops at its first miss."""
+        base = dataclasses.replace(model_recipe, target=target)
+        if target == "cpu":
+            self.candidate(dataclasses.replace(base, weights="int8"))
+            return
+        fp16 = self.candidate(dataclasses.replace(base, weights="fp16"))
+        if fp16 is not None and not fp16.kept:
+            self.skip(f"{target}/{base.model_key}/*", "fp16 storage already misses the budget")
+            return
+        self.candidate(dataclasses.replace(base, weights="int8"))
+        modes = self.cfg.storage_modes(target)
+        smallest_kept: int | None = None
+        for i, mode in enumerate(modes):
+            cand = self.candidate(dataclasses.replace(base, weights=mode))
+            if cand is not None and not cand.kept:
+                for rest in modes[i + 1:]:
+                    self.skip(dataclasses.replace(base, weights=rest).key, f"{mode} missed the budget")
+                break
+            if cand is not None:
+                smallest_kept = i
+        self.fitted_branch(base, modes, smallest_kept)
+        self.sparse_branch(base)
+
+    def fitted_branch(self, base: Recipe, modes: list[str], smallest_kept: int | None) -> None:
+        """Fitted palettes below the smallest plain palette that kept the quality."""
+        if not self.cfg.fit_steps:
+            return
+        below = modes[(smallest_kept + 1 if smallest_kept is not None else 0):]
+        for i, mode in enumerate(below):
+            recipe = dataclasses.replace(base, weights=mode, fit_steps=self.cfg.fit_steps)
+            cand = self.candidate(recipe)
+            if cand is not None and not cand.kept:
+                for rest in below[i + 1:]:
+                    self.skip(dataclasses.replace(recipe, weights=rest).key, f"fitted {mode} missed the budget")
+                break
+            if cand is None and any(s["key"] == recipe.key for s in self.skipped):
+                break  # fitting is not available: the smaller palettes cannot be fitted either
+
+    def sparse_branch(self, base: Recipe) -> None:
+        """Weights zeroed (global magnitude) and stored sparse in fp16: ML Programs only."""
+        if base.target == "ios13":
+            return
+        for i, s in enumerate(self.cfg.sparsities):
+            recipe = dataclasses.replace(base, sparsity=s, weights="fp16")
+            cand = self.candidate(recipe)
+            if (cand is not None and not cand.kept) or self.missed(recipe.model_key):
+                for rest in self.cfg.sparsities[i + 1:]:
+                    self.skip(dataclasses.replace(base, sparsity=rest, weights="fp16").key,
+                              f"sparsity {s:g} missed the budget")
+                break
+
+    def run(self) -> None:
+        targets = [t for t in self.cfg.targets if t != "cpu"] + [t for t in self.cfg.targets if t == "cpu"]
+        original = Recipe(target=targets[0])
+        for target in targets:
+            self.storage_branch(original, target)
+        for steps in self.cfg.resolved_steps():
+            for i, rate in enumerate(self.cfg.rates):
+                recipe = Recipe(target=targets[0], rate=rate, steps=steps)
+                if self.model(recipe) is None:
+                    if self.missed(recipe.model_key):
+                        for rest in self.cfg.rates[i + 1:]:
+                            self.skip(f"*/{dataclasses.replace(recipe, rate=rest).model_key}/*",
+                                      f"channel pruning at {rate:g} already misses the budget")
+                        break
+                    continue
+                for target in targets:
+                    self.storage_branch(recipe, target)
+
+
+def check_outputs(out: Path, targets: tuple[str, ...], force: bool, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder")
+    if force or resume:
+        return
+    names = [TARGET_FILES[t] for t in targets] + list(REPORT_FILES.values()) + [CACHE_DIR]
+    existing = [n for n in names if (out / n).exists()]
+    if existing:
+        exc = OutputExistsError(f"{out}/{existing[0]}" + (f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""))
+        exc.hint = "pass --resume to continue the search there, or --force to start afresh"
+        raise exc
+
+
+def optimize(checkpoint: Path | str, out: Path | str, cfg: OptimizeConfig | None = None, *, force: bool = False,
+             resume: bool = False, progress: Progress | None = None, on_row: OnRow | None = None) -> OptimizeResult:
+    """Search, choose, write (see the module docstring). ``on_row`` sees every model and candidate as it comes."""
+    cfg = cfg or OptimizeConfig()
+    progress = progress or SilentProgress()
+    checkpoint, out = Path(checkpoint), Path(out)
+    if force and resume:
+        raise UsageError("--resume continues the search in --out; --force starts it afresh: pass one of them")
+    check_outputs(out, cfg.targets, force, resume)
+    for name in ("data", "calib"):
+        folder = getattr(cfg, name)
+        if folder is not None and not Path(folder).is_dir():
+            raise InputError(f"--{name} {folder} is not a folder")
+    loaded = load_model(checkpoint)
+    if loaded.kind != "float":
+        raise UsageError(f"{checkpoint} is a {loaded.kind} model; tbopt optimize starts from a float checkpoint")
+    with torch_threads(cfg.threads):
+        threads = torch.get_num_threads()
+        images = load_images(cfg.data, loaded.preprocessing.size, cfg.limit)
+        context = {**cfg.cache_context(), "checkpoint_sha256": loaded.sha256, "threads": threads,
+                   "images": images.source, "images_sha256": _array_digest(images)}
+        cache = SearchCache(out / CACHE_DIR, context)
+        if force:
+            cache.clear()
+        if resume and cache.exists() and not cache.same_context():
+            progress.note("the search in --out was made with other settings, images or checkpoint: starting afresh")
+        cache.start()
+        search = _Search(loaded, images, cfg, cache, progress, on_row)
+        search.run()
+        return _finish(search, checkpoint, out, cfg, threads, force or resume)
+
+
+def _array_digest(images: ImageSet) -> str:
+    h = hashlib.sha256(images.inputs.tobytes())
+    if images.targets is not None:
+        h.update(images.targets.tobytes())
+    return h.hexdigest()
+
+
+def _finish(search: _Search, checkpoint: Path, out: Path, cfg: OptimizeConfig, threads: int,
+            replace: bool) -> OptimizeResult:
+    budget = search.budget
+    for target in set(c.recipe.target for c in search.candidates):  # the Pareto front, per target
+        group = [c for c in search.candidates if c.recipe.target == target and c.quality_db is not None]
+        xs = [(c.latency_ms if target == "cpu" and c.latency_ms is not None else c.size_bytes) for c in group]
+        for c, on in zip(group, pareto_front([(x, c.quality_db) for x, c in zip(xs, group)])):
+            c.pareto = on
+
+    original_path = Path(search.original.path)
+    original = {"file": original_path.name, "size_bytes": size_on_disk(original_path),
+                "zipped_bytes": zipped_size(original_path), "target_psnr_db": _r(search.reference.target_psnr_db),
+                "quality_db": _r(search.reference.target_psnr_db) if budget.uses_targets else None,
+                "latency_ms": None, "engine": "PyTorch eager fp32", "threads": threads}
+    cpu_times = _time_cpu_side_by_side(search, cfg, original) if "cpu" in cfg.targets else {}
+
+    chosen: dict[str, dict[str, Any]] = {}
+    for target in cfg.targets:
+        kept = [c for c in search.candidates if c.recipe.target == target and c.kept]
+        if not kept:
+            chosen[target] = {"file": None, "reason": "no candidate kept the quality within the budget"}
+            continue
+        if target == "cpu":
+            best = min(kept, key=lambda c: (cpu_times.get(c.recipe.key, c.latency_ms or float("inf")), c.size_bytes))
+        else:
+            best = min(kept, key=lambda c: (c.size_bytes, -(c.quality_db or 0.0)))
+        dest = out / TARGET_FILES[target]
+        src = search.cache.absolute(best.file)
+        with atomic_output(dest, force=replace, directory=src.is_dir()) as tmp:
+            (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp)
+        chosen[target] = {**best.to_dict(), "file": str(dest),
+                          "latency_ms": cpu_times.get(best.recipe.key, best.latency_ms),
+                          "commands": best.recipe.commands(_shown(checkpoint), _shown(dest), cfg, backend=best.backend)}
+
+    command = _command_line(checkpoint, out, cfg)
+    result = OptimizeResult(str(checkpoint), str(out), command, cfg, budget, search.images.source, original,
+                            search.candidates, search.models, search.skipped, search.not_tried, chosen,
+                            time.perf_counter() - search.t_start, threads)
+    if search.not_tried:
+        result.notes.append(f"the time budget stopped the search: {len(search.not_tried)} step(s) not tried "
+                            f"(listed in search.json); --resume with a larger --time-budget continues it")
+    data = result.to_dict()
+    with atomic_output(out / REPORT_FILES["json"], force=True) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    with atomic_output(out / REPORT_FILES["markdown"], force=True) as tmp:
+        tmp.write_text(search_markdown(data))
+    with atomic_output(out / REPORT_FILES["figure"], force=True) as tmp:
+        pareto_figure(data, tmp)
+    return result
+
+
+def _time_cpu_side_by_side(search: _Search, cfg: OptimizeConfig, original: dict[str, Any]) -> dict[str, float]:
+    """The int8 files within the budget and the original, timed with their runs interleaved (same load)."""
+    x1 = uint8_to_model(search.images.inputs[:1])
+    fns: dict[str, Callable[[], object]] = {}
+    orig_runner = TorchRunner(search.original.module.eval(), search.original.preprocessing)
+    fns["original"] = lambda: orig_runner.predict(x1)
+    for c in search.candidates:
+        if c.recipe.is_cpu and c.kept:
+            runner = runner_for(load_model(search.cache.absolute(c.file)))
+            fns[c.recipe.key] = (lambda r: (lambda: r.predict(x1)))(runner)
+    with search.progress.task("timing the int8 files side by side", total=None):
+        lat = measure_latencies(fns, runs=cfg.runs, warmup=cfg.warmup, threads=cfg.threads)
+    original["latency_ms"] = _r(lat["original"].p50_ms)
+    times = {k: round(v.p50_ms, 3) for k, v in lat.items() if k != "original"}
+    for c in search.candidates:
+        if c.recipe.key in times:
+            c.latency_ms = times[c.recipe.key]
+    return times
+
+
+def _command_line(checkpoint: Path, out: Path, cfg: OptimizeConfig) -> str:
+    parts = [f"tbopt optimize {_shown(checkpoint)} --out {_shown(out)} --max-drop {cfg.max_drop_db:g}"]
+    parts += [f"--for {t}" for t in cfg.targets]
+    for opt, name in (("--data", "data"), ("--calib", "calib"), ("--limit", "limit"),
+                      ("--time-budget", "time_budget_min"), ("--threads", "threads")):
+        if getattr(cfg, name) is not None:
+            parts.append(f"{opt} {getattr(cfg, name)}")
+    if cfg.min_fidelity_db != OptimizeConfig.min_fidelity_db:
+        parts.append(f"--min-fidelity {cfg.min_fidelity_db:g}")
+    return " ".join(parts)
