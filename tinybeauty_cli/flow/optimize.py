@@ -304,7 +304,8 @@ class _Search:
 
     def _cpu(self, recipe: Recipe, model: LoadedModel, path: Path) -> Candidate:
         scores = Scores(self.images, self.progress)
-        command = " && ".join(recipe.commands(_shown(Path(self.original.path)), path.name, self.cfg))
+        command = " && ".join(recipe.commands(_shown(Path(self.original.path)), path.name, self.cfg,
+                                              torch.get_num_threads()))
         result = quantize_loaded(model, path, self.cfg.quantize_config(), force=True, progress=self.progress,
                                  command=command, source_bytes=model.content or None, scores=scores)
         written = result.written
@@ -441,18 +442,17 @@ def _array_digest(images: ImageSet) -> str:
 def _finish(search: _Search, checkpoint: Path, out: Path, cfg: OptimizeConfig, threads: int,
             replace: bool) -> OptimizeResult:
     budget = search.budget
-    for target in set(c.recipe.target for c in search.candidates):  # the Pareto front, per target
-        group = [c for c in search.candidates if c.recipe.target == target and c.quality_db is not None]
-        xs = [(c.latency_ms if target == "cpu" and c.latency_ms is not None else c.size_bytes) for c in group]
-        for c, on in zip(group, pareto_front([(x, c.quality_db) for x, c in zip(xs, group)])):
-            c.pareto = on
-
     original_path = Path(search.original.path)
     original = {"file": original_path.name, "size_bytes": size_on_disk(original_path),
                 "zipped_bytes": zipped_size(original_path), "target_psnr_db": _r(search.reference.target_psnr_db),
                 "quality_db": _r(search.reference.target_psnr_db) if budget.uses_targets else None,
                 "latency_ms": None, "engine": "PyTorch eager fp32", "threads": threads}
     cpu_times = _time_cpu_side_by_side(search, cfg, original) if "cpu" in cfg.targets else {}
+    for target in set(c.recipe.target for c in search.candidates):  # the Pareto front, per target
+        group = [c for c in search.candidates if c.recipe.target == target and c.quality_db is not None]
+        xs = [(c.latency_ms if target == "cpu" and c.latency_ms is not None else c.size_bytes) for c in group]
+        for c, on in zip(group, pareto_front([(x, c.quality_db) for x, c in zip(xs, group)])):
+            c.pareto = on
 
     chosen: dict[str, dict[str, Any]] = {}
     for target in cfg.targets:
@@ -470,7 +470,8 @@ def _finish(search: _Search, checkpoint: Path, out: Path, cfg: OptimizeConfig, t
             (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp)
         chosen[target] = {**best.to_dict(), "file": str(dest),
                           "latency_ms": cpu_times.get(best.recipe.key, best.latency_ms),
-                          "commands": best.recipe.commands(_shown(checkpoint), _shown(dest), cfg, backend=best.backend)}
+                          "commands": best.recipe.commands(_shown(checkpoint), _shown(dest), cfg, threads,
+                                                       backend=best.backend)}
 
     command = _command_line(checkpoint, out, cfg)
     result = OptimizeResult(str(checkpoint), str(out), command, cfg, budget, search.images.source, original,

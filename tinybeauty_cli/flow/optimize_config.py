@@ -103,13 +103,16 @@ class Recipe:
                             target=coreml_target(self.target))
 
     # -- the commands that rebuild the file -------------------------------------------------------------
-    def commands(self, checkpoint: str, output: str, cfg: "OptimizeConfig", backend: str | None = None) -> list[str]:
+    def commands(self, checkpoint: str, output: str, cfg: "OptimizeConfig", threads: int,
+                 backend: str | None = None) -> list[str]:
         """The ``tbopt`` chain that writes this recipe's file at ``output`` from ``checkpoint``.
 
-        ``backend`` pins the int8 engine the search chose (engines are ranked by timing, which
-        varies from run to run; the rest of ``tbopt quantize`` is deterministic).
+        ``threads`` are the search's: distillation and calibration give the same numbers only with
+        the same thread count. ``backend`` pins the int8 engine the search chose (engines are
+        ranked by timing, which varies from run to run; the rest of ``tbopt quantize`` is
+        deterministic).
         """
-        threads = ["--threads", str(cfg.threads)] if cfg.threads else []
+        threads_opt = ["--threads", str(threads)]
         data = ["--data", str(cfg.calib)] if cfg.calib else []
         lines: list[list[str]] = []
         source = checkpoint
@@ -117,13 +120,13 @@ class Recipe:
         if self.rate:
             pruned = f"{stem}_channel-{_pct(self.rate)}.pt"
             lines.append(["tbopt", "prune", source, "--method", "channel", "--rate", f"{self.rate:g}",
-                          "--finetune-steps", str(self.steps), "--seed", str(cfg.seed), *data, *threads,
+                          "--finetune-steps", str(self.steps), "--seed", str(cfg.seed), *data, *threads_opt,
                           "-o", pruned])
             source, stem = pruned, Path(pruned).stem
         if self.sparsity:
             sparse = f"{stem}_sparse-{_pct(self.sparsity)}.pt"
             lines.append(["tbopt", "prune", source, "--method", "global", "--rate", f"{self.sparsity:g}",
-                          "--finetune-steps", "0", *threads, "-o", sparse])
+                          "--finetune-steps", "0", *threads_opt, "-o", sparse])
             source = sparse
         if self.is_cpu:
             q = cfg.quantize_config()
@@ -131,7 +134,7 @@ class Recipe:
                     "--calib-count", str(q.calib_count)]
             if cfg.calib:
                 line += ["--calib", str(cfg.calib)]
-            lines.append(line + threads + ["-o", output])
+            lines.append(line + threads_opt + ["-o", output])
         else:
             line = ["tbopt", "export", source]
             if self.weights != "fp16":

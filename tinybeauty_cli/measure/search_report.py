@@ -114,7 +114,10 @@ def pareto_figure(result: Mapping[str, Any], path: Path) -> None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{quality} (dB)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="lower right")
+        else:
+            ax.text(0.5, 0.5, "no candidate for this panel", transform=ax.transAxes, ha="center", color="grey")
 
     panel(axes[0], "size_bytes", "size on disk (KB)", 1000.0, None)
     axes[0].set_xscale("log")
