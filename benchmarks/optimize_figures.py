@@ -130,7 +130,9 @@ def resume_checks(demo: Path, work: Path) -> None:
     args = ["optimize", str(demo), "--for", "ios13", "--for", "ios16", "--rates", "", "--out", str(out), "--force"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "tinybeauty_cli", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            # a shell's background job ignores SIGINT, and so would its children
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     records = out / ".tbopt-search" / "records"
     while proc.poll() is None and len(list(records.glob("*.json"))) < 3:
         time.sleep(0.5)
