@@ -44,7 +44,7 @@ from ..core.images import ImageSet, load_images, uint8_to_model
 from ..core.progress import Progress, SilentProgress
 from ..core.quality import made_up
 from ..coreml.weights import carry_file_weights, stored_weights
-from ..export.config import ExportConfig
+from ..export.config import ExportConfig, storage_bits
 from ..export.prepare import coreml_ready_module
 from ..measure.evaluate import Evaluation, Scores, evaluate
 from ..measure.search_report import pareto_figure, pareto_front, search_markdown
@@ -177,6 +177,8 @@ def _r(v: float | None) -> float | None:
 
 
 OnRow = Callable[[Any], None]
+#: Layers whose weights a Core ML export compresses.
+_STORED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 
 #: How the search scores a Core ML file: the file's own weights in PyTorch (3-4x faster than the
 #: reference executor off macOS); the chosen files are scored again as tbopt bench runs them.
@@ -288,6 +290,25 @@ class _Search:
         """True when the float model ``model_key`` was made and misses the budget."""
         return any(m.key == model_key and not m.kept for m in self.models)
 
+    def cannot_beat(self, recipe: Recipe) -> bool:
+        """True (and noted) when ``recipe``'s conv weights alone, at its bits per weight, take at least
+        as many bytes as the smallest file within the budget found so far for its target."""
+        kept = [c for c in self.candidates if c.recipe.target == recipe.target and c.kept]
+        if not kept:
+            return False
+        parent = self.model(dataclasses.replace(recipe, sparsity=0.0))
+        if parent is None:
+            return False
+        n = sum(m.weight.numel() for m in parent.module.modules() if isinstance(m, _STORED))
+        bits = storage_bits(recipe.export_config().weight_mode)
+        bound = int((1.0 - recipe.sparsity) * n * bits / 8 + (n / 8 if recipe.sparsity else 0))
+        best = min(kept, key=lambda c: c.size_bytes)
+        if bound < best.size_bytes:
+            return False
+        self.skip(recipe.key, f"its weights alone take at least {bound:,} bytes; {best.recipe.key} is "
+                              f"{best.size_bytes:,} bytes")
+        return True
+
     # -- candidates -----------------------------------------------------------------------------------------
     def candidate(self, recipe: Recipe) -> Candidate | None:
         """Evaluate ``recipe`` (or read it from the cache); None when it could not be tried."""
@@ -295,6 +316,8 @@ class _Search:
         if record is not None:
             cand = Candidate.from_record(record, self.budget)
         else:
+            if not recipe.is_cpu and self.cannot_beat(recipe):
+                return None
             model = self.model(recipe)
             if model is None:
                 return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import shlex
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -175,7 +175,6 @@ class OptimizeConfig:
     runs: int = 30
     warmup: int = 5
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.max_drop_db) and self.max_drop_db >= 0):
@@ -232,7 +231,6 @@ class OptimizeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.pop("extra")
         for k in ("data", "calib"):
             d[k] = str(d[k]) if d[k] is not None else None
         d["finetune_steps"] = list(self.resolved_steps())
