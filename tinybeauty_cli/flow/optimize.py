@@ -357,7 +357,16 @@ class _Search:
         scores = Scores(self.images, self.progress)
         command = " && ".join(recipe.commands(_shown(Path(self.original.path)), path.name, self.cfg,
                                               torch.get_num_threads()))
-        result = quantize_loaded(model, path, self.cfg.quantize_config(), force=True, progress=self.progress,
+        qcfg = self.cfg.quantize_config()
+        if qcfg.backend == "auto":
+            # The engine is ranked by timing; the file is then made with it pinned, as the printed
+            # command makes it (calibration batches differ between the two ways).
+            quick = dataclasses.replace(qcfg, eval_limit=1, runs=1, warmup=0)  # the ranking is all it is for
+            ranked = quantize_loaded(model, path.with_name("ranking.pt"), quick, force=True, progress=self.progress,
+                                     command=command, source_bytes=model.content or None)
+            path.with_name("ranking.pt").unlink()
+            qcfg = dataclasses.replace(qcfg, backend=ranked.backend)
+        result = quantize_loaded(model, path, qcfg, force=True, progress=self.progress,
                                  command=command, source_bytes=model.content or None, scores=scores)
         written = result.written
         assert written is not None
