@@ -23,10 +23,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import platform
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,7 +33,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__
 from ..core.artifact import save_artifact
 from ..core.checkpoint import LoadedModel, load_model
 from ..core.contexts import torch_threads
@@ -53,6 +51,8 @@ from ..runtime.timing import measure_latencies
 from .export import export_loaded
 from .optimize_cache import SearchCache
 from .optimize_config import CACHE_DIR, REPORT_FILES, TARGET_FILES, Budget, OptimizeConfig, Recipe
+from .optimize_result import Candidate, ModelEntry, OptimizeResult
+from .optimize_result import rounded as _r
 from .prune import prune_loaded
 from .quantize import quantize_loaded
 
@@ -66,114 +66,11 @@ def with_fitted_palettes(config: ExportConfig, steps: int) -> ExportConfig:
     return dataclasses.replace(config, fit_palettes=steps)  # type: ignore[call-arg]
 
 
-@dataclass
-class Candidate:
-    """One file the search made and measured."""
-
-    recipe: Recipe
-    file: str  # inside the cache
-    size_bytes: int
-    zipped_bytes: int
-    target_psnr_db: float | None
-    fidelity_psnr_db: float | None
-    worst_fidelity_db: float | None
-    quality_db: float | None  # the figure the budget is on (PSNR, or fidelity without targets)
-    kept: bool  # within the budget
-    seconds: float
-    latency_ms: float | None = None  # int8 files: median, batch 1
-    engine: str | None = None
-    threads: int | None = None
-    backend: str | None = None  # the int8 engine tbopt quantize chose
-    cached: bool = False
-    pareto: bool = False
-    notes: list[str] = field(default_factory=list)
-    scored_with: str = "the file, as tbopt bench runs it"
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["recipe"] = {**self.recipe.to_dict(), "model_key": self.recipe.model_key, "storage": self.recipe.storage}
-        return d
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any], budget: Budget) -> "Candidate":
-        """A cached evaluation, judged by ``budget`` (the budget is not part of the evaluation)."""
-        d = {k: v for k, v in record.items() if k in cls.__dataclass_fields__}
-        d["recipe"] = Recipe.from_dict(record["recipe"])
-        psnr, fid = d["target_psnr_db"], d["fidelity_psnr_db"]
-        return cls(**{**d, "quality_db": budget.quality(psnr, fid), "kept": budget.keeps(psnr, fid),
-                      "cached": True, "pareto": False})
-
-
-@dataclass
-class ModelEntry:
-    """A float model the search made (channel-pruned, or with weights zeroed) and its scores."""
-
-    key: str
-    file: str
-    target_psnr_db: float | None
-    fidelity_psnr_db: float | None
-    quality_db: float | None
-    kept: bool
-    seconds: float
-    cached: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class OptimizeResult:
-    """What ``tbopt optimize`` found; :meth:`to_dict` is ``search.json`` and the ``--json`` output."""
-
-    checkpoint: str
-    out: str
-    command: str
-    config: OptimizeConfig
-    budget: Budget
-    data: str
-    original: dict[str, Any]
-    candidates: list[Candidate]
-    models: list[ModelEntry]
-    skipped: list[dict[str, str]]
-    not_tried: list[dict[str, str]]
-    chosen: dict[str, dict[str, Any]]
-    seconds: float
-    threads: int
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "tbopt_version": __version__, "command": self.command, "checkpoint": self.checkpoint, "out": self.out,
-            "config": self.config.to_dict(), "data": self.data, "threads": self.threads,
-            "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
-            "quality_axis": "PSNR vs targets" if self.budget.uses_targets else "fidelity to the original",
-            "budget": {"description": self.budget.describe(), "line_db": round(self.budget.line_db, 3),
-                       "reference_psnr_db": self.budget.reference_psnr_db, "max_drop_db": self.budget.max_drop_db,
-                       "min_fidelity_db": self.budget.min_fidelity_db},
-            "original": self.original, "chosen": self.chosen,
-            "candidates": [c.to_dict() for c in self.candidates], "models": [m.to_dict() for m in self.models],
-            "skipped": self.skipped, "not_tried": self.not_tried, "seconds": round(self.seconds, 1),
-            "notes": self.notes, "caption": caption(self),
-        }
-
-
-def caption(r: OptimizeResult) -> str:
-    return (f"Scored on {r.data}. Quality: {r.budget.describe()}. Sizes on disk and zipped (DEFLATE 9). Latency: "
-            f"int8 TorchScript files only, batch 1, {r.threads} thread(s), median of {r.config.runs} runs after "
-            f"{r.config.warmup} warm-up, timed side by side with the original (eager fp32) on {platform.machine()}. "
-            f"Core ML files are scored with tbopt's reference executor off macOS; their device latency needs "
-            f"Apple hardware.")
-
-
 def _shown(path: Path) -> str:
     try:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
-
-
-def _r(v: float | None) -> float | None:
-    return None if v is None else round(float(v), 3)
 
 
 OnRow = Callable[[Any], None]
@@ -518,7 +415,9 @@ def _finish(search: _Search, checkpoint: Path, out: Path, cfg: OptimizeConfig, t
     for target in cfg.targets:
         kept = [c for c in search.candidates if c.recipe.target == target and c.kept]
         if not kept:
-            chosen[target] = {"file": None, "reason": "no candidate kept the quality within the budget"}
+            tried = any(c.recipe.target == target for c in search.candidates)
+            chosen[target] = {"file": None, "reason": "no candidate kept the quality within the budget" if tried
+                              else "no candidate was tried (time budget)"}
             continue
         if target == "cpu":
             best = min(kept, key=lambda c: (cpu_times.get(c.recipe.key, c.latency_ms or float("inf")), c.size_bytes))
