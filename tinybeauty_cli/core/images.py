@@ -193,4 +193,9 @@ def uint8_to_model(batch: np.ndarray) -> np.ndarray:
 
 def model_to_uint8(batch: np.ndarray) -> np.ndarray:
     """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3), rounded."""
-    return np.clip(np.round((np.asarray(batch, np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    batch = np.asarray(batch)
+    out = np.empty((batch.shape[0], *batch.shape[2:], batch.shape[1]), np.uint8)
+    for i in range(0, len(batch), 8):  # a few images at a time: float64 temporaries stay in the CPU cache
+        x = (np.asarray(batch[i:i + 8], np.float64) + 1.0) * 127.5
+        out[i:i + 8] = np.clip(np.round(x), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    return out
