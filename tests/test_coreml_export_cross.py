@@ -87,6 +87,19 @@ def export(source, path, *options) -> dict:
     return json.loads(r.stdout)
 
 
+_EXPORTED: dict[tuple, object] = {}
+
+
+def exported(models, name: str, *options) -> object:
+    """``tbopt export`` of the dense model to ``name`` with ``options``, once per session."""
+    folder, _, paths = models
+    key = (str(folder), name, options)
+    if key not in _EXPORTED:
+        export(paths["dense"], folder / name, *options)
+        _EXPORTED[key] = folder / name
+    return _EXPORTED[key]
+
+
 def tail_steps(runner: cr.CoreMLRunner) -> list:
     """The executor's steps after the network's last tanh (TinyBeauty's output layer)."""
     steps = runner.backend.executor.graph.steps
@@ -97,10 +110,7 @@ def tail_steps(runner: cr.CoreMLRunner) -> list:
 def test_fp16_image_files_make_up_the_face_in_fp32(models, inputs):
     """``x + r``, the clip, ``+ 1`` and ``* 127.5`` run in fp32 in an fp16 program: the image file
     gives what its tensor twin's fp16 residual gives, made up in fp32 (fp16 hardware emulated)."""
-    folder, _, paths = models
-    image, tensor = folder / "tail-image.mlpackage", folder / "tail-tensor.mlpackage"
-    export(paths["dense"], image)
-    export(paths["dense"], tensor, "--io", "tensor")
+    image, tensor = exported(models, "image.mlpackage"), exported(models, "tensor.mlpackage", "--io", "tensor")
     made = cr.open_coreml_runner(image, use_device=False, fp16_emulation=True, round_image_output=False)
     twin = cr.open_coreml_runner(tensor, use_device=False, fp16_emulation=True)
     tail = tail_steps(made)
@@ -138,12 +148,9 @@ def rewrite_metadata(path, out, **entries) -> None:
     ct.models.MLModel(spec, weights_dir=getattr(ml, "weights_dir", None), skip_model_load=True).save(str(out))
 
 
-@pytest.mark.parametrize("suffix", [".mlpackage", ".mlmodel"])
+@pytest.mark.parametrize("suffix", [".mlpackage", pytest.param(".mlmodel", marks=slow)])
 def test_metadata_says_what_the_file_gives(models, inputs, tmp_path, suffix):
-    folder, _, paths = models
-    image, tensor = tmp_path / f"image{suffix}", tmp_path / f"tensor{suffix}"
-    export(paths["dense"], image)
-    export(paths["dense"], tensor, "--io", "tensor")
+    image, tensor = exported(models, f"image{suffix}"), exported(models, f"tensor{suffix}", "--io", "tensor")
     for path, output in ((image, "image"), (tensor, "residual")):
         runner = cr.open_coreml_runner(path, use_device=False)
         meta = runner.model.spec.description.metadata
@@ -172,9 +179,7 @@ def test_metadata_says_what_the_file_gives(models, inputs, tmp_path, suffix):
 
 def test_declared_fp16_inputs_are_rounded_in_every_mode(models, inputs):
     """An fp16 tensor input holds fp16 values, whatever array the caller hands Core ML."""
-    folder, _, paths = models
-    path = folder / "fp16-in.mlpackage"
-    export(paths["dense"], path, "--io", "tensor", "--target", "iOS16")
+    path = exported(models, "fp16-in.mlpackage", "--io", "tensor", "--target", "iOS16")
     x = np.clip(inputs[:1] + np.float32(3e-4) * np.random.default_rng(0).standard_normal(inputs[:1].shape,
                                                                                          np.float32), -1, 1)
     x16 = x.astype(np.float16).astype(np.float32)
