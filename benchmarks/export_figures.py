@@ -376,8 +376,12 @@ def image_fp16_fidelity(ckpt: Path, faces: list[Path], work: Path) -> None:
             ref = np.clip(x + rt, -1.0, 1.0)
         before, after, fp32 = _fidelities(out, x, ref)
         label = f"{weights} {io}{suffix}" + (" (before)" if when == "before" else "")
-        tail = _tail(out) if io == "image" else "-"
-        print(f"  {label:40s} {before:9.2f} dB {after:9.2f} dB {fp32:7.2f} dB  {tail}")
+        if io != "image":  # a tensor output is not rounded to 8 bits
+            tail, after_s = "-", f"{'-':>12s}"
+        else:
+            tail = _tail(out) if suffix == ".mlpackage" else "no per-layer precision: the device's, every layer"
+            after_s = f"{after:9.2f} dB"
+        print(f"  {label:40s} {before:9.2f} dB {after_s} {fp32:7.2f} dB  {tail}")
 
 
 def main() -> int:
