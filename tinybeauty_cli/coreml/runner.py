@@ -106,6 +106,11 @@ class ReferenceBackend(_Backend):
         return y.numpy()
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def load_device_model(path: Path, compute_units: ComputeUnits) -> Any:
     """``coremltools.models.MLModel`` loaded (compiled) for prediction with ``compute_units``."""
     ct = coremltools()
@@ -123,8 +128,8 @@ class DeviceBackend(_Backend):
         self.compute_units = compute_units
         try:
             self.mlmodel = load_device_model(model.path, compute_units)
-        except Exception as exc:  # noqa: BLE001
-            raise InputError(f"Core ML cannot load {model.path}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - Core ML raises anything: one line that names the file
+            raise InputError(f"Core ML cannot load {model.path} ({compute_units.value}): {_first_line(exc)}") from exc
         self.engine = f"Core ML on device ({compute_units.value})"
 
     def run(self, feed: np.ndarray) -> np.ndarray:
@@ -135,7 +140,11 @@ class DeviceBackend(_Backend):
             value: Any = Image.fromarray(feed[0].transpose(1, 2, 0).astype(np.uint8), "RGB")
         else:
             value = feed.reshape(inp.shape).astype(np.float16 if inp.dtype == "fp16" else np.float32)
-        result = self.mlmodel.predict({inp.name: value})[out.name]
+        try:
+            result = self.mlmodel.predict({inp.name: value})[out.name]
+        except Exception as exc:  # noqa: BLE001 - Core ML raises anything: one line that names the file
+            raise InputError(f"Core ML prediction failed on {self.model.path.name} ({self.compute_units.value}): "
+                             f"{_first_line(exc)}") from exc
         if out.kind == "image":
             return np.asarray(result.convert("RGB"), np.float32).transpose(2, 0, 1)[None]
         return np.asarray(result, np.float32)
@@ -223,6 +232,10 @@ def describe_coreml(runner: CoreMLRunner) -> dict[str, Any]:
             d["coreml_ops"] = f"not listed ({exc})"
     if reader is not None:
         d["precision"] = reader.precision
+        if m.format == "mlprogram" and reader.precision == "fp16":
+            fp32 = reader.executor.fp32_op_counts()
+            if fp32:  # e.g. the image scaling and post-processing of an fp16 image file
+                d["precision"] = "fp16; in fp32: " + ", ".join(f"{k} x{v}" for k, v in sorted(fp32.items()))
         counts = reader.executor.op_counts()
         d["coreml_ops"] = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
         summary = reader.executor.weight_summary()

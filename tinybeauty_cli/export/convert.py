@@ -58,6 +58,33 @@ def _io_types(ct: Any, config: ExportConfig, plan: ExportPlan, prep: Preprocessi
     return inputs, [ct.ImageType(name=IMAGE_OUT, color_layout=ct.colorlayout.RGB)]
 
 
+#: Elementwise ops that may follow the network in an image-I/O graph: ``x + r``, the clip, ``+ 1``, ``* 127.5``.
+_IMAGE_TAIL_OPS = frozenset({"add", "sub", "mul", "real_div", "clip", "maximum", "minimum"})
+
+
+def in_image_tail(op: Any) -> bool:
+    """True for a MIL op of the elementwise tail that turns the network's output into the image
+    output: it is one of :data:`_IMAGE_TAIL_OPS` and everything it feeds is such an op or the output.
+
+    In fp16 these ops cost ~20 dB of fidelity before 8-bit rounding (fp16's step is 0.125 above
+    128 in 0..255, and ``x + r`` would add the fp16-rounded input); kept in fp32 they read the
+    fp32 input the image scaling gives and the network's fp16 output cast to fp32.
+    """
+    if op.op_type not in _IMAGE_TAIL_OPS:
+        return False
+    return all(in_image_tail(child) for out in op.outputs for child in out.child_ops)
+
+
+def _compute_precision(ct: Any, config: ExportConfig) -> Any:
+    """fp32, or fp16 for every op but the image tail (:func:`in_image_tail`) of an image-I/O program."""
+    if config.precision == "fp32":
+        return ct.precision.FLOAT32
+    if config.io != "image":
+        return ct.precision.FLOAT16
+    # coremltools' own fp16 pass, told which ops to cast (it casts the tail's fp16 operands back to fp32)
+    return ct.transform.FP16ComputePrecision(op_selector=lambda op: not in_image_tail(op))
+
+
 def _convert(traced: torch.jit.ScriptModule, config: ExportConfig, plan: ExportPlan, prep: Preprocessing,
              size: int, channels: int) -> Any:
     ct = coremltools()
@@ -66,8 +93,7 @@ def _convert(traced: torch.jit.ScriptModule, config: ExportConfig, plan: ExportP
                                   minimum_deployment_target=getattr(ct.target, plan.target),
                                   skip_model_load=True)
     if config.format == "mlprogram":
-        kwargs.update(convert_to="mlprogram",
-                      compute_precision=ct.precision.FLOAT16 if config.precision == "fp16" else ct.precision.FLOAT32)
+        kwargs.update(convert_to="mlprogram", compute_precision=_compute_precision(ct, config))
     else:
         kwargs.update(convert_to="neuralnetwork")
     try:

@@ -10,9 +10,11 @@ compute op is then compiled once into a PyTorch call with its constant operands
 variant of one it cannot reproduce exactly, is refused with its name: never a silent
 approximation.
 
-With ``fp16_emulation=True`` every value the program types as fp16 (inputs and op
-outputs) is rounded to fp16 after it is produced, as fp16 hardware stores it; the
-arithmetic inside one op still runs in fp32.
+An input the program declares fp16 (tensor I/O of fp16 programs for iOS 16+) is rounded to
+fp16 in every mode, as Core ML converts the caller's array, and so is an output declared fp16.
+With ``fp16_emulation=True`` every op output the program types as fp16 is rounded to fp16
+after it is produced, as fp16 hardware stores it; ops typed fp32 (the image tail of tbopt's
+fp16 image files) stay fp32, and the arithmetic inside one op runs in fp32.
 """
 
 from __future__ import annotations
@@ -88,11 +90,13 @@ class MLProgramExecutor:
         self.fp16_emulation = fp16_emulation
         self.graph = compile_function(self.function, fp16_emulation)
         self.input_dtypes = {n: dtype_name(v) for n, v in self.function.inputs.items()}
+        self.output_dtypes = {v.name: dtype_name(v) for v in self.function.outputs}
 
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.fp16_emulation:
-            feeds = {n: round_fp16(t) if self.input_dtypes.get(n) == "fp16" else t for n, t in feeds.items()}
-        return self.graph.run(feeds)
+        # an input declared fp16 holds fp16 values whatever the caller passes: Core ML rounds it
+        feeds = {n: round_fp16(t) if self.input_dtypes.get(n) == "fp16" else t for n, t in feeds.items()}
+        outs = self.graph.run(feeds)  # and an output declared fp16 is handed back as fp16 values
+        return {n: round_fp16(t) if self.output_dtypes.get(n) == "fp16" else t for n, t in outs.items()}
 
     def op_counts(self) -> dict[str, int]:
         """Compute ops by type (constants folded at compile time are not counted)."""
@@ -105,6 +109,16 @@ class MLProgramExecutor:
         heavy = [op for op in ops if op.op_type in ("conv", "conv_transpose", "linear", "matmul")] or ops
         kinds = {dtype_name(op.outputs[0]) for op in heavy} & {"fp16", "fp32"}
         return "mixed" if len(kinds) > 1 else (kinds.pop() if kinds else "fp32")
+
+    def fp32_op_counts(self) -> dict[str, int]:
+        """Compute ops typed fp32 by type (casts aside): in an fp16 program, the image scaling and
+        the image post-processing tbopt keeps in fp32."""
+        counts: dict[str, int] = {}
+        for op in self.function.operations:
+            if (op.op_type not in CONST_OPS and not op.op_type.startswith("constexpr_") and op.op_type != "cast"
+                    and op.outputs and dtype_name(op.outputs[0]) == "fp32"):
+                counts[op.op_type] = counts.get(op.op_type, 0) + 1
+        return counts
 
     def weight_summary(self) -> dict[str, Any]:
         """How the weights are stored: op types of the compressed ones, element counts."""
