@@ -488,13 +488,18 @@ def test_pairs_of_odd_formats_are_scored(case):
     assert r.exit_code == 0, r.stderr
 
 
-@pytest.mark.parametrize("command", ("bench", "compare"))
-def test_scored_folder_stops_at_an_unreadable_image(case, command):
-    args = {"bench": ["bench", case.root / "good.pt", "--no-timing"],
-            "compare": ["compare", case.root / "good.pt", case.root / "good.mlpackage", "--no-timing",
-                        "-o", case.out / "cmp"]}[command]
-    r = case.run(*args, "--data", case.root / "mixed")
-    assert_refused(r, "c_text.png")
+@pytest.mark.parametrize("folder", ("mixed", "bad"))
+@pytest.mark.parametrize("command", ("bench", "compare", "prune", "run"))
+def test_scored_folder_stops_at_an_unreadable_image(case, command, folder):
+    good = case.root / "good.pt"
+    data = case.root / folder
+    args = {"bench": ["bench", good, "--no-timing", "--data", data],
+            "compare": ["compare", good, case.root / "good.mlpackage", "--no-timing", "--data", data,
+                        "-o", case.out / "cmp"],
+            "prune": ["prune", good, "--rate", "0.3", "--eval-data", data, "-o", case.out / "p.pt"],
+            "run": ["run", good, _flag("run", "--output", "--out"), case.out / "run", "--data", data]}[command]
+    r = case.run(*args)
+    assert_refused(r, "c_text.png" if folder == "mixed" else str(data))
     assert_nothing_written(case.out)
 
 

@@ -20,8 +20,9 @@ from .errors import ImageError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 #: Folder-name pairs recognised as (input, target).
 PAIR_DIRS = (("input", "target"), ("before", "after"))
-#: Larger images are refused as possible decompression bombs (a 16K x 16K photo is 268 MP).
-MAX_PIXELS = 16384 * 16384
+#: Larger images are refused as possible decompression bombs: Pillow's own limit (about 89 MP; a
+#: 48 MP phone photo is well below it), which its warning enforces as soon as a header is read.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 16384 * 16384
 
 
 @dataclass
@@ -47,7 +48,16 @@ def read_image(path: Path) -> Image.Image:
     RGBA/LA/P-with-transparency are composited onto white; 16-bit and 32-bit grey
     (I;16, I, F) are scaled to 8 bits, not clipped; EXIF orientation is applied.
     """
-    path = Path(path)
+    return _read(Path(path), decode=True)
+
+
+def check_image(path: Path) -> None:
+    """Refuse, from its header alone (nothing decoded), a file that is no image Pillow reads or is too
+    large: a folder's unreadable files are named before any of it is decoded."""
+    _read(Path(path), decode=False)
+
+
+def _read(path: Path, decode: bool) -> Image.Image | None:
     if not path.exists():
         raise ImageError(f"image {path} does not exist")
     if path.is_dir():
@@ -63,6 +73,8 @@ def read_image(path: Path) -> Image.Image:
                 if im.width * im.height > MAX_PIXELS:
                     raise ImageError(f"image {path} is {im.width}x{im.height}: too large "
                                      f"(possible decompression bomb, limit {MAX_PIXELS:,} pixels)")
+                if not decode:
+                    return None
                 im.load()
                 im = ImageOps.exif_transpose(im)
                 return _to_rgb(im)
@@ -183,6 +195,9 @@ def load_folder(folder: Path, size: int, limit: int | None = None) -> ImageSet:
         stems = sorted(ins)[: limit if limit else None]
         if not stems:
             raise ImageError(f"{in_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        for s in stems:
+            check_image(ins[s])
+            check_image(tgs[s])
         inputs = np.stack([to_model_size(read_image(ins[s]), size) for s in stems])
         targets = np.stack([to_model_size(read_image(tgs[s]), size) for s in stems])
         return ImageSet(stems, inputs, targets, f"{folder} ({len(stems)} pairs, {in_dir.name}/{tg_dir.name})")
@@ -190,6 +205,8 @@ def load_folder(folder: Path, size: int, limit: int | None = None) -> ImageSet:
     if not files:
         raise ImageError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})",
                          hint="or give it input/ and target/ subfolders of pairs")
+    for p in files:
+        check_image(p)
     inputs = np.stack([to_model_size(read_image(p), size) for p in files])
     return ImageSet([p.stem for p in files], inputs, None, f"{folder} ({len(files)} images, no targets)")
 
