@@ -361,6 +361,14 @@ def _probe(loaded: LoadedModel) -> Any:
     return y.float().numpy() if isinstance(y, torch.Tensor) else y
 
 
+def _last_line_of_reason(exc: Exception) -> str:
+    """What went wrong, from a module's error: TorchScript puts the interpreter's traceback first and
+    the reason (e.g. ``mat1 and mat2 shapes cannot be multiplied``) on the last line."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    return (last if ":" in last.split(" ")[0] else f"{type(exc).__name__}: {last}")[:200]
+
+
 def check_model(loaded: LoadedModel, strict: bool = True) -> LoadedModel:
     """Refuse a model that is not one image in, one image out (always) or whose weights or output on a
     test image hold NaN or Inf (``strict``; otherwise it is kept, the problem in ``loaded.problems``)."""
@@ -380,7 +388,7 @@ def check_model(loaded: LoadedModel, strict: bool = True) -> LoadedModel:
         what = "a TorchScript module" if loaded.kind == "torchscript" else f"a {loaded.artifact.arch.describe()}"
         raise NotImageModelError(
             f"{label} holds {what} that cannot run on a (1, 3, {size}, {size}) image "
-            f"({type(exc).__name__}: {_first_line_of_reason(str(exc))}); tbopt needs a network that takes "
+            f"({_last_line_of_reason(exc)}); tbopt needs a network that takes "
             f"one 3-channel image and returns one") from None
     found = output_problem(label, y, size)
     if found is not None:
