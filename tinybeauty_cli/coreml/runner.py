@@ -107,17 +107,11 @@ class ReferenceBackend(_Backend):
         return y.numpy()
 
 
-def load_device_model(path: Path, compute_units: ComputeUnits) -> tuple[Any, Any]:
-    """``coremltools.models.MLModel`` loaded (compiled) for prediction with ``compute_units``, and the
-    temporary folder of the private copy it was opened from (keep it while the model is used)."""
+def load_device_model(path: Path, compute_units: ComputeUnits) -> Any:
+    """``coremltools.models.MLModel`` loaded (compiled) for prediction with ``compute_units``. ``path`` is a
+    private copy (:func:`~.spec.private_copy`): coremltools rewrites the ``Manifest.json`` of a package it opens."""
     ct = coremltools()
-    copy, holder = private_copy(path)  # coremltools would rewrite the package's Manifest.json
-    try:
-        return ct.models.MLModel(copy, compute_units=compute_units.coreml()), holder
-    except BaseException:
-        if holder is not None:
-            holder.cleanup()
-        raise
+    return ct.models.MLModel(str(path), compute_units=compute_units.coreml())
 
 
 class DeviceBackend(_Backend):
@@ -129,9 +123,12 @@ class DeviceBackend(_Backend):
         self.model = model
         self.notes = []
         self.compute_units = compute_units
+        copy, self._copy = private_copy(model.path)  # kept (and removed) with this backend
         try:
-            self.mlmodel, self._copy = load_device_model(model.path, compute_units)
+            self.mlmodel = load_device_model(Path(copy), compute_units)
         except Exception as exc:  # noqa: BLE001
+            if self._copy is not None:
+                self._copy.cleanup()
             raise InputError(f"Core ML cannot load {model.path}: {exc}") from exc
         self.engine = f"Core ML on device ({compute_units.value})"
 
