@@ -64,3 +64,11 @@ class ImageError(InputError):
 
 class UnsupportedError(TbOptError):
     """A valid request this tool cannot carry out (e.g. an op a runner does not know)."""
+
+
+class UnusableModelError(InputError):
+    """Weights that cannot be right: NaN or Inf in a tensor, or in what the model computes."""
+
+
+class NotImageModelError(InputError):
+    """A model file, but not of an image-to-image network (one 3-channel image in, one out)."""

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 
 from .. import __version__
@@ -25,16 +24,7 @@ from ..core.contexts import quantized_engine
 from ..core.counts import count_macs, count_parameters
 from ..core.errors import ImageError, InputError, UnsupportedError
 from ..core.files import atomic_output, check_output, sha256_file, size_on_disk, zipped_size, zipped_size_of_bytes
-from ..core.images import (
-    PAIR_DIRS,
-    ImageSet,
-    builtin_test_set,
-    list_images,
-    read_image,
-    synthetic_unlabeled,
-    to_model_size,
-    uint8_to_model,
-)
+from ..core.images import ImageSet, builtin_test_set, read_unlabeled, synthetic_unlabeled, uint8_to_model
 from ..core.progress import Progress, SilentProgress
 from ..measure.evaluate import Scores
 from ..quantize.config import CALIB_BATCH, TORCHSCRIPT_FORMAT, TORCHSCRIPT_FORMAT_VERSION, QuantizeConfig
@@ -109,33 +99,19 @@ def calibration_images(calib: Path | None, count: int, size: int, progress: Prog
     """
     if calib is None:
         return synthetic_unlabeled(count, size), []
-    folder = Path(calib)
-    if folder.is_dir():
-        for a, _b in PAIR_DIRS:
-            if (folder / a).is_dir() and not list_images(folder):
-                folder = folder / a
-                break
-    files = list_images(folder)  # raises ImageError for a missing folder or a file
-    arrays, names, skipped = [], [], []
-    for path in files:
-        if len(arrays) >= count:
-            break
-        try:
-            arrays.append(to_model_size(read_image(path), size))
-            names.append(path.stem)
-        except ImageError:
-            skipped.append(path.name)
-    if not arrays:
-        what = f"{len(files)} image file(s), none readable" if files else "no image files"
+    images, skipped, files = read_unlabeled(Path(calib), size, count)
+    if images is None:
+        what = f"{files} image file(s), none readable" if files else "no image files"
         raise ImageError(f"calibration folder {calib} has no readable images ({what})",
                          hint="give --calib a folder of face photos (png, jpg, ...) or leave it out "
                               "to calibrate on synthetic portraits")
+    arrays = images.inputs
     if skipped:
         progress.note(f"calibration: skipped {len(skipped)} unreadable file(s): {', '.join(skipped[:3])}"
                       f"{' ...' if len(skipped) > 3 else ''}")
     if len(arrays) < count:
         progress.note(f"calibration: {calib} has {len(arrays)} readable image(s), fewer than --calib-count {count}")
-    return ImageSet(names, np.stack(arrays), None, f"{calib} ({len(arrays)} images)"), skipped
+    return ImageSet(images.names, arrays, None, f"{calib} ({len(arrays)} images)"), skipped
 
 
 # ---------------------------------------------------------------------------------------------
