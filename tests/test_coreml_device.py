@@ -157,8 +157,8 @@ def test_commands_on_core_ml(tb_zoo, tmp_path, device):
 
 def test_core_ml_failures_are_one_line_errors(tb_zoo, inputs, tmp_path, stand_in):
     path = tb_zoo.path("mlprogram/image/fp16")
+    runner = open_runner(path, compute_units="cpu-ne")  # opening runs the file once (a probe): it works
     stand_in.fail_predict = "Error computing NN outputs.\n  more of Core ML's own words"
-    runner = open_runner(path, compute_units="cpu-ne")
     with pytest.raises(InputError, match=r"Core ML prediction failed on .*\(cpu-ne\): Error computing NN outputs\.$"):
         runner.residual(inputs[:1])
     assert_one_line_error(run("bench", path, "--limit", "2", "--no-timing"), "Core ML prediction failed")
