@@ -61,7 +61,7 @@ def test_table_says_what_unstructured_pruning_does_not_do(tmp_path, small_artifa
 def test_channel_with_finetuning_on_a_folder(tmp_path, small_artifact, photos):
     out = tmp_path / "c.pt"
     r = run("prune", small_artifact, "--rate", "0.25", "--method", "channel", "--finetune-steps", "1",
-            "--data", photos, "-o", out, "--limit", "2", "--json")
+            "--calib", photos, "-o", out, "--limit", "2", "--json")
     assert r.exit_code == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["after"]["macs"] < 0.7 * d["before"]["macs"]
@@ -85,7 +85,7 @@ def test_users_unet_with_convtranspose(tmp_path, photos):
     torch.save(TinyUNet().state_dict(), src)
     out = tmp_path / "unet_pruned.pt"
     r = run("prune", src, "--arch", "tests.archs:TinyUNet", "--rate", "0.25", "--method", "channel",
-            "--finetune-steps", "1", "--data", photos, "-o", out, "--limit", "2", "--json")
+            "--finetune-steps", "1", "--calib", photos, "-o", out, "--limit", "2", "--json")
     assert r.exit_code == 0, r.stderr
     d = json.loads(r.stdout)
     shapes = {layer["name"]: layer["shape_after"] for layer in d["layers"]}
