@@ -104,7 +104,7 @@ def test_rate_outside_0_1_exits_2_and_writes_nothing(tmp_path, small_artifact, r
 def test_refusals_are_one_line_and_write_nothing(tmp_path, small_artifact):
     out = tmp_path / "x.pt"
     assert_one_line_error(run("prune", small_artifact, "--rate", "0.3", "--exclude", "nope", "-o", out),
-                          "matches no conv layer")
+                          "matches no conv layer", code=2)
     noconv = tmp_path / "noconv.pt"
     torch.save(NoConv().state_dict(), noconv)
     assert_one_line_error(run("prune", noconv, "--arch", "tests.archs:NoConv", "--rate", "0.3", "-o", out),

@@ -294,8 +294,12 @@ def test_interrupt_prune_during_fine_tuning(inputs, tmp_path):
 
 
 def test_interrupt_quantize_during_calibration(inputs, tmp_path):
-    args = _cli("quantize", inputs, tmp_path).copy()
-    args[args.index("--calib-count") + 1] = "512"
+    calib = tmp_path / "in" / "calib"
+    calib.mkdir()
+    for i in range(128):  # small files: quick to read, each calibrated at the model's 256 px
+        Image.fromarray(np.full((16, 16, 3), i, np.uint8)).save(calib / f"c{i:03d}.png")
+    args = _cli("quantize", inputs, tmp_path, f" --calib {calib}").copy()
+    args[args.index("--calib-count") + 1] = "128"
     code, lines = _interrupt(args, r"^calibrating \(x86\): started", tmp_path)
     assert_interrupted(code, lines, tmp_path, set())
 

@@ -9,6 +9,9 @@ is chosen by timing.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from tinybeauty_cli.cli.app import app
 from tinybeauty_cli.coreml.spec import load_spec
 
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parent.parent
 
 #: Keys of measured times in metadata: they are measurements, not results.
 TIMED = ("time", "seconds", "latency", "_ms", "_s", "timings", "measured_on")
@@ -61,8 +65,15 @@ def test_prune_gives_the_same_weights(small_artifact, tmp_path, method, extra):
 
 
 def test_quantize_gives_the_same_int8_archive(small_artifact, tmp_path):
-    a, b = twice(tmp_path, "q.pt", "quantize", small_artifact, "--backend", "x86", "--calib-count", "4",
-                 "--limit", "1", "--threads", "1", "--quiet")
+    # Two processes, as two runs of the command are: TorchScript numbers the classes it generates
+    # (``___torch_mangle_N``) with a counter that lives as long as the Python process.
+    a, b = tmp_path / "1" / "q.pt", tmp_path / "2" / "q.pt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for out in (a, b):  # the same command line (it is recorded in the history), in two folders
+        out.parent.mkdir()
+        subprocess.run([sys.executable, "-m", "tinybeauty_cli", "quantize", str(small_artifact), "--backend", "x86",
+                        "--calib-count", "4", "--limit", "1", "--threads", "1", "--quiet", "-o", "q.pt"],
+                       check=True, env=env, capture_output=True, cwd=out.parent)
     za, zb = zipfile.ZipFile(a), zipfile.ZipFile(b)
     names = [i.filename for i in za.infolist()]
     assert names == [i.filename for i in zb.infolist()]
