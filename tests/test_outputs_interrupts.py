@@ -349,10 +349,11 @@ def test_interrupt_apply_while_writing(tmp_path, inputs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, trigger", [("export", r"^\[3/5\]"), ("measure", r"^timing small\.pt: started")])
+@pytest.mark.parametrize("stage, trigger", [("export", r"^\[3/5\]"),
+                                            ("measure", r"^scoring TinyBeauty\.mlmodel: started")])
 def test_interrupt_run_in_later_stages_keeps_earlier_files_whole(inputs, tmp_path, stage, trigger):
     args = _cli("run", inputs, tmp_path).copy()
-    args[args.index("--runs") + 1] = "100000000"
+    args[args.index("--limit") + 1] = "20"  # the Core ML files are scored in the measure stage: a while
     code, lines = _interrupt(args, trigger, tmp_path)
     kept = {p for p in listing(tmp_path) if p == "out" or p.startswith("out/")}
     assert "out/run/tinybeauty_pruned.pt" in kept and "out/run/tinybeauty_optimized.pt" in kept
