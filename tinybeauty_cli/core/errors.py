@@ -15,14 +15,14 @@ class TbOptError(Exception):
         self.hint = hint
 
 
-class ConfigError(TbOptError):
-    """A configuration value is invalid."""
-
-
 class UsageError(TbOptError):
     """Options that do not fit together (exit code 2, like a CLI usage error)."""
 
     exit_code = 2
+
+
+class ConfigError(UsageError):
+    """An option's or configuration's value is invalid (exit code 2: a usage error, however it is detected)."""
 
 
 class InputError(TbOptError):
@@ -56,6 +56,11 @@ class OutputExistsError(TbOptError):
 
     def __init__(self, path: object):
         super().__init__(f"{path} already exists", hint="pass --force to overwrite it")
+
+
+class OutputError(TbOptError):
+    """An output cannot be written where it was asked: under a file, in a folder that cannot be
+    made or written, or on a full disk. Nothing partial is left behind."""
 
 
 class ImageError(InputError):

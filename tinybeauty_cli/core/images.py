@@ -15,6 +15,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from . import synthetic
 from .errors import ImageError
+from .progress import Progress, SilentProgress
 
 #: The suffixes listed in messages; a folder is read for every suffix Pillow can open (:func:`image_suffixes`).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -239,35 +240,46 @@ def read_unlabeled(folder: Path, size: int, count: int | None = None) -> tuple[I
     return ImageSet(names, np.stack(arrays), None, f"{folder} ({len(arrays)} images)"), skipped, len(files)
 
 
-@lru_cache(maxsize=4)
-def _builtin(size: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-    bare, made = synthetic.portraits(synthetic.TEST_SEED, count, size)
-    bare.setflags(write=False)
-    made.setflags(write=False)
-    return bare, made
+_BUILTIN: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # a few sizes, drawn once per process
 
 
-def builtin_test_set(size: int = 256, limit: int | None = None) -> ImageSet:
-    """The built-in test set: 100 synthetic (bare, made-up) pairs from a fixed seed."""
+def _builtin(size: int, count: int, progress: Progress | None) -> tuple[np.ndarray, np.ndarray]:
+    if (size, count) not in _BUILTIN:
+        with (progress or SilentProgress()).task("building the built-in test set", total=count) as advance:
+            bare, made = synthetic.portraits(synthetic.TEST_SEED, count, size, on_each=advance)
+        bare.setflags(write=False)
+        made.setflags(write=False)
+        if len(_BUILTIN) >= 4:
+            _BUILTIN.pop(next(iter(_BUILTIN)))
+        _BUILTIN[(size, count)] = (bare, made)
+    return _BUILTIN[(size, count)]
+
+
+def builtin_test_set(size: int = 256, limit: int | None = None, progress: Progress | None = None) -> ImageSet:
+    """The built-in test set: 100 synthetic (bare, made-up) pairs from a fixed seed (drawn once per
+    process; ``progress`` reports the drawing)."""
     count = min(limit or synthetic.TEST_COUNT, synthetic.TEST_COUNT)
-    bare, made = _builtin(size, count)
+    bare, made = _builtin(size, count, progress)
     return ImageSet([f"synthetic_{i:03d}" for i in range(count)], bare, made,
                     f"built-in synthetic test set ({count} pairs, seed {synthetic.TEST_SEED})")
 
 
-def synthetic_unlabeled(count: int, size: int = 256, seed: int = synthetic.TRAIN_SEED + 1) -> ImageSet:
+def synthetic_unlabeled(count: int, size: int = 256, seed: int = synthetic.TRAIN_SEED + 1,
+                        progress: Progress | None = None) -> ImageSet:
     """Unlabeled synthetic portraits (calibration / distillation), never the test set's seed."""
-    bare, _ = synthetic.portraits(seed, count, size)
+    with (progress or SilentProgress()).task("drawing synthetic portraits", total=count) as advance:
+        bare, _ = synthetic.portraits(seed, count, size, on_each=advance)
     return ImageSet([f"portrait_{i:03d}" for i in range(count)], bare, None,
                     f"synthetic portraits ({count}, seed {seed})")
 
 
-def load_images(data: Path | None, size: int, limit: int | None = None) -> ImageSet:
+def load_images(data: Path | None, size: int, limit: int | None = None,
+                progress: Progress | None = None) -> ImageSet:
     """``--data`` as every command reads it: a folder, or (None) the built-in test set."""
     if limit is not None and limit < 1:
         raise ImageError(f"--limit must be >= 1, got {limit}")
     if data is None:
-        return builtin_test_set(size, limit)
+        return builtin_test_set(size, limit, progress)
     return load_folder(Path(data), size, limit)
 
 

@@ -104,7 +104,7 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
     model = loaded.module.eval()
     plan = plan_for(model, config)  # a target too low is refused before any work
 
-    with progress.task("exporting", total=4) as advance:
+    with progress.task(f"exporting {output.name}", total=4) as advance:
         exported = export_module(model, config, preprocessing=artifact.preprocessing, history=artifact.history,
                                  arch=artifact.arch, source_sha256=loaded.sha256, plan=plan, advance=advance)
         with atomic_output(output, force=force, directory=config.format == "mlprogram") as tmp:

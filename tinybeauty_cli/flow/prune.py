@@ -21,7 +21,7 @@ from torch import nn
 from ..core.artifact import ArchSpec, Artifact, HistoryStep, Preprocessing, save_artifact
 from ..core.checkpoint import LoadedModel, load_model
 from ..core.contexts import torch_threads
-from ..core.errors import ConfigError, ImageError, UnsupportedError, UsageError
+from ..core.errors import ImageError, InputError, UnsupportedError, UsageError
 from ..core.files import check_output, size_on_disk, zipped_size, zipped_size_of_bytes
 from ..core.images import ImageSet, builtin_test_set, load_folder, read_unlabeled, synthetic_unlabeled, uint8_to_model
 from ..core.model import config_from_state_dict
@@ -48,7 +48,7 @@ def unlabeled_images(data: Path | None, size: int, count: int, progress: Progres
     """Distillation / calibration images: every readable image of a folder (pairs: inputs only; files
     that cannot be read are skipped, with a note), or ``count`` synthetic portraits."""
     if data is None:
-        return synthetic_unlabeled(count, size)
+        return synthetic_unlabeled(count, size, progress=progress)
     images, skipped, files = read_unlabeled(Path(data), size)
     if images is None:
         what = f"{files} image file(s), none readable" if files else "no image files"
@@ -121,9 +121,9 @@ def prune_loaded(loaded: LoadedModel, cfg: PruneConfig, *, data: Path | None = N
     original = loaded.module.eval()
     excluded_layers(require_conv_layers(original), cfg.exclude)  # refuse a bad --exclude before any work
     size = loaded.preprocessing.size
-    eval_images = eval_images or builtin_test_set(size)
+    eval_images = eval_images or builtin_test_set(size, progress=progress)
     if eval_images.inputs.shape[1] != size:
-        raise ConfigError(f"evaluation images are {eval_images.inputs.shape[1]}px but the model takes {size}px")
+        raise InputError(f"evaluation images are {eval_images.inputs.shape[1]}px but the model takes {size}px")
 
     pool: torch.Tensor | None = None
     pool_source = None
@@ -202,7 +202,7 @@ def _prune_file(path: Path, cfg: PruneConfig, output: Path | str | None, force: 
         raise UsageError(f"--limit must be >= 1, got {eval_limit}")
     loaded = load_model(path, **model_options)
     size = loaded.preprocessing.size
-    eval_images = (builtin_test_set(size, eval_limit) if eval_data is None
+    eval_images = (builtin_test_set(size, eval_limit, progress) if eval_data is None
                    else load_folder(Path(eval_data), size, eval_limit))
     artifact, _model, report = prune_loaded(loaded, cfg, data=data, eval_images=eval_images, progress=progress)
     write_pruned(artifact, loaded, report, out_path, force=force)

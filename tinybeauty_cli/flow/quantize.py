@@ -9,6 +9,7 @@ memory (the pipeline's pruned model) and never re-reads its path. The quantizati
 
 from __future__ import annotations
 
+import io
 import platform
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from ..core.contexts import quantized_engine
 from ..core.counts import count_macs, count_parameters
 from ..core.errors import ImageError, InputError, UnsupportedError
 from ..core.files import atomic_output, check_output, sha256_file, size_on_disk, zipped_size, zipped_size_of_bytes
-from ..core.images import ImageSet, builtin_test_set, read_unlabeled, synthetic_unlabeled, uint8_to_model
+from ..core.images import ImageSet, builtin_test_set, load_images, read_unlabeled, synthetic_unlabeled, uint8_to_model
 from ..core.progress import Progress, SilentProgress
 from ..measure.evaluate import Scores
 from ..quantize.config import CALIB_BATCH, TORCHSCRIPT_FORMAT, TORCHSCRIPT_FORMAT_VERSION, QuantizeConfig
@@ -98,7 +99,7 @@ def calibration_images(calib: Path | None, count: int, size: int, progress: Prog
     (``input``/``target``) is calibrated on its inputs.
     """
     if calib is None:
-        return synthetic_unlabeled(count, size), []
+        return synthetic_unlabeled(count, size, progress=progress), []
     images, skipped, files = read_unlabeled(Path(calib), size, count)
     if images is None:
         what = f"{files} image file(s), none readable" if files else "no image files"
@@ -121,14 +122,19 @@ def calibration_images(calib: Path | None, count: int, size: int, progress: Prog
 def quantize_file(source: Path | str, output: Path | str, config: QuantizeConfig | None = None, *,
                   force: bool = False, progress: Progress | None = None, command: str = "",
                   arch: str | None = None, arch_kwargs: str | Mapping[str, Any] | None = None,
-                  trust_pickle: bool = False) -> QuantizeResult:
-    """Quantize the float model in ``source`` to an int8 TorchScript file at ``output``."""
+                  trust_pickle: bool = False, data: Path | None = None) -> QuantizeResult:
+    """Quantize the float model in ``source`` to an int8 TorchScript file at ``output``; the report
+    scores ``data`` (a folder; default: the built-in test set)."""
     t_start = time.perf_counter()
     source, output = Path(source), Path(output)
+    cfg = config or QuantizeConfig()
     check_output(output, force, inputs=(source,))
     loaded = load_model(source, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
-    return _quantize(loaded, output, config or QuantizeConfig(), force=force, progress=progress, command=command,
-                     eval_images=None, source_bytes=None, scores=None, t_start=t_start)
+    eval_images = None
+    if data is not None:
+        eval_images = load_images(Path(data), loaded.preprocessing.size, cfg.eval_limit, progress)
+    return _quantize(loaded, output, cfg, force=force, progress=progress, command=command,
+                     eval_images=eval_images, source_bytes=None, scores=None, t_start=t_start)
 
 
 def quantize_loaded(loaded: LoadedModel, output: Path | str, config: QuantizeConfig | None = None, *,
@@ -178,13 +184,16 @@ def _quantize(loaded: LoadedModel, output: Path, cfg: QuantizeConfig, *, force: 
     with quantized_engine(outcome.backend):
         with atomic_output(output, force=force) as tmp:
             plain = tmp.parent / "plain.pt"
-            torch.jit.save(script, str(plain))
+            # through memory: torch.jit.save's own file writer aborts the process on a full disk
+            buffer = io.BytesIO()
+            torch.jit.save(script, buffer)
+            plain.write_bytes(buffer.getvalue())
             stripped = tmp.parent / "stripped.pt"
             write_torchscript(plain, stripped, {})
             with quiet():
                 reloaded = torch.jit.load(str(stripped), map_location="cpu").eval()
             if scores is None:
-                test = eval_images if eval_images is not None else builtin_test_set(prep.size, cfg.eval_limit)
+                test = eval_images if eval_images is not None else builtin_test_set(prep.size, cfg.eval_limit, progress)
                 scores = Scores(test, progress)
             test = scores.images
             float_runner = TorchRunner(model, prep, loaded=loaded)

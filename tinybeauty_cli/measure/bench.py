@@ -121,7 +121,7 @@ class _ScoreSets:
 
     def get(self, size: int) -> Scores:
         if size not in self.sets:
-            self.sets[size] = Scores(load_images(self.cfg.data, size, self.cfg.limit), self.progress)
+            self.sets[size] = Scores(load_images(self.cfg.data, size, self.cfg.limit, self.progress), self.progress)
         return self.sets[size]
 
 
