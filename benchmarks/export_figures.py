@@ -16,6 +16,14 @@
    straight from the pruned weights, and after fine-tuning onto the palettes
    (`tests/coreml_helpers.fit_palettes`), which the export then stores exactly.
 
+4. int8 activations and iOS 18 weights (`--only quant`): the released checkpoint as a W8A8
+   .mlpackage (`--weights int8 --activations int8`: target, ops in the file, fidelity on the real
+   face through tbopt's reference executor), the demo checkpoint's W8A8 file scored by
+   `tbopt bench` on the built-in test set; then int4 per-block weights and 4-bit palettes per
+   group of output channels (with and without per-channel scales) beside today's per-tensor
+   pal4: size on disk and fidelity on the real face (reference executor) and on 8 test images,
+   and the best fidelity at no more than pal4's size.
+
 Export must be quick (it runs inside `tbopt run`): every export's time is printed.
 """
 
@@ -307,6 +315,85 @@ def preset(ckpt: Path, work: Path, pruned_path: Path | None, ratio: float, steps
         print("  NO preset met both <= 50 KB and within 0.3 dB of the float original")
 
 
+# --- 4. int8 activations, int4 per block, palettes per group of channels ----------------------------------------
+
+
+def coreml_fidelity(path: Path, images, reference) -> tuple[float, float]:
+    """(fidelity, worst) of a Core ML file run by the reference executor against the float outputs
+    ``reference`` (the app's view: image outputs rounded to 8 bits, as Core ML stores them)."""
+    from tinybeauty_cli.coreml.runner import open_coreml_runner
+
+    ev = evaluate(open_coreml_runner(path, use_device=False), images, reference=reference)
+    return ev.fidelity_psnr_db, ev.worst_fidelity_db
+
+
+def quant_section(released: Path, demo: Path, work: Path, face_dir: Path) -> None:
+    from tinybeauty_cli.core.images import load_folder
+
+    print(f"\n== 4. int8 activations (W8A8, iOS 17) and iOS 18 weights ({load_note()})")
+    face = load_folder(face_dir, 256)
+    test8 = builtin_test_set(256, limit=8)
+    original = load_model(released)
+    face_ref = evaluate(TorchRunner(original.module), face).outputs
+    test_ref = evaluate(TorchRunner(original.module), test8).outputs
+
+    out = work / "released_w8a8.mlpackage"
+    args = ["export", str(released), "-o", str(out), "--weights", "int8", "--activations", "int8", "--force"]
+    d, wall = tbopt(*args)
+    print(f"  tbopt {' '.join(a if '/' not in a else Path(a).name for a in args)}")
+    print(f"    {d['format']} target {d['target']}, weights {d['weights']}, activations int8 "
+          f"({d['activations']['quantize_dequantize_pairs']} quantize/dequantize pairs, ranges from "
+          f"{d['activations']['calibration']}); {d['size_bytes']:,} B on disk; export {d['seconds']} s "
+          f"(command {wall:.1f} s)")
+    print(f"    ops in the file: {', '.join(f'{k} {v}' for k, v in d['ops'].items())}")
+    fid, worst = coreml_fidelity(out, face, face_ref)
+    print(f"    fidelity on {', '.join(face.names)} (reference executor, 8-bit output, vs the float released "
+          f"model): {fid:.2f} dB  {'>= 40 dB: yes' if fid >= 40 else 'BELOW 40 dB'}")
+    fid, worst = coreml_fidelity(out, test8, test_ref)
+    print(f"    fidelity on 8 built-in test images: {fid:.2f} dB (worst {worst:.2f} dB)")
+
+    demo_out = work / "demo_w8a8.mlpackage"
+    tbopt("export", str(demo), "-o", str(demo_out), "--weights", "int8", "--activations", "int8", "--force")
+    args = ["bench", str(demo), str(demo_out), "--no-timing"]
+    b, wall = tbopt(*args)
+    row = b["rows"][1]
+    print(f"  tbopt export {demo.name} -o {demo_out.name} --weights int8 --activations int8; "
+          f"tbopt {' '.join(a if '/' not in a else Path(a).name for a in args)} ({wall:.0f} s)")
+    print(f"    demo W8A8 on {b['data']}: fidelity {row['fidelity_psnr_db']:.2f} dB (worst "
+          f"{row['worst_fidelity_db']:.2f} dB), PSNR vs targets {row['target_psnr_db']:.2f} dB (float "
+          f"{b['rows'][0]['target_psnr_db']:.2f} dB)  {'>= 40 dB: yes' if row['fidelity_psnr_db'] >= 40 else 'BELOW'}")
+
+    variants = [("pal4 per tensor (today)", dict(weights="pal4"))]
+    variants += [(f"int4 per-block {b}", dict(weights="int4", block_size=b)) for b in (24, 12, 8, 4)]
+    for scale in (False, True):
+        variants += [(f"pal4 groups of {g}" + (" +scales" if scale else ""),
+                      dict(weights="pal4", granularity="per-grouped-channel", group_size=g, per_channel_scale=scale))
+                     for g in (24, 12, 8, 4, 2)]
+    variants += [(f"pal3 groups of {g}", dict(weights="pal3", granularity="per-grouped-channel", group_size=g))
+                 for g in (4, 2, 1)]
+    print(f"  released checkpoint, .mlpackage, image I/O; fidelity vs the float model through the reference "
+          f"executor (8-bit output), on {face.names[0]} and on 8 built-in test images")
+    print(f"  {'weights':28s} {'target':6s} {'size B':>9s} {'weights B':>9s} {'graph B':>8s} {'face dB':>8s} "
+          f"{'test dB':>8s} {'twin dB':>8s} {'export':>7s}")
+    rows = []
+    for name, kw in variants:
+        path = work / f"released_{name.replace(' ', '_').replace('+', '')}.mlpackage"
+        r = export_file(released, path, ExportConfig.for_output(path, **kw), force=True)
+        face_db, _ = coreml_fidelity(path, face, face_ref)
+        test_db, _ = coreml_fidelity(path, test8, test_ref)
+        rows.append((name, r, face_db, test_db))
+        print(f"  {name:28s} {r.target:6s} {kb(r.size_bytes)} {kb(r.weight_bytes)} {r.graph_bytes:8,} "
+              f"{face_db:8.2f} {test_db:8.2f} {r.validation['fidelity_psnr_db']:8.2f} {r.seconds:6.1f}s", flush=True)
+    base = rows[0]
+    fits = [row for row in rows[1:] if row[1].size_bytes <= base[1].size_bytes]
+    if fits:
+        best = max(fits, key=lambda row: row[2])
+        print(f"  at no more than pal4's {base[1].size_bytes:,} B: best {best[0]} {best[1].size_bytes:,} B, "
+              f"face {best[2] - base[2]:+.2f} dB, test images {best[3] - base[3]:+.2f} dB over pal4 per tensor")
+    else:
+        print(f"  no variant is as small as pal4 per tensor ({base[1].size_bytes:,} B)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=None, help="demo checkpoint (default: assets/)")
@@ -318,13 +405,13 @@ def main() -> int:
     ap.add_argument("--palette-steps", type=int, default=300, help="fine-tuning steps onto the palettes")
     ap.add_argument("--work-dir", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", choices=("released", "demo", "preset"), action="append")
+    ap.add_argument("--only", choices=("released", "demo", "preset", "quant"), action="append")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="export_figures_"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"tbopt export figures; torch {torch.__version__}, {args.threads} threads, work dir {work}")
-    only = set(args.only or ("released", "demo", "preset"))
+    only = set(args.only or ("released", "demo", "preset", "quant"))
     if "released" in only:
         if args.released.is_file():
             released_table(args.released, work)
@@ -335,6 +422,11 @@ def main() -> int:
         demo_commands(ckpt, work)
     if "preset" in only:
         preset(ckpt, work, args.pruned, args.ratio, args.finetune_steps, args.palette_steps)
+    if "quant" in only:
+        if args.released.is_file():
+            quant_section(args.released, ckpt, work, args.released.parent)
+        else:
+            print(f"\n== 4. skipped: {args.released} is absent")
     return 0
 
 
