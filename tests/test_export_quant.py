@@ -21,7 +21,7 @@ from tinybeauty_cli.core.images import builtin_test_set, synthetic_unlabeled
 from tinybeauty_cli.coreml.exec.mlprogram import MLProgramExecutor
 from tinybeauty_cli.coreml.exec.quant_ops import QUANT_OPS
 from tinybeauty_cli.coreml.runner import open_coreml_runner
-from tinybeauty_cli.coreml.spec import coremltools, graph_op_counts, load_program, load_spec, mil_program, quiet
+from tinybeauty_cli.coreml.spec import coremltools, graph_op_counts, load_spec, mil_program, quiet
 from tinybeauty_cli.coreml.weights import stored_weights
 from tinybeauty_cli.export.activations import (
     activation_ranges,
@@ -238,13 +238,15 @@ def test_w8a8_export_runs_in_the_executor(tmp_path, small_artifact):
     assert "reference executor" in r.validation["numerical_check"]
     assert r.validation["fidelity_psnr_db"] > 30
     assert json.loads(load_spec(out).description.metadata.userDefined["tbopt.export"])["activations"] == "int8"
-    # the executor runs it, and the activations are really quantized: the float-activation twin differs
+    # the executor runs it, and the activations are really quantized: the twin with the same int8
+    # weights and float activations differs, a little
+    from .coreml_helpers import decompressed_model
+
     x = builtin_test_set(SIZE, limit=2).inputs.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1
     w8a8 = open_coreml_runner(out, use_device=False, round_image_output=False).residual(x)
-    w8 = export(small_artifact, tmp_path / "w8.mlpackage", weights="int8")
-    w8_only = open_coreml_runner(tmp_path / "w8.mlpackage", use_device=False, round_image_output=False).residual(x)
-    assert w8.target == "iOS16"
-    assert 0 < np.abs(w8a8 - w8_only).max() < 0.2
+    with torch.no_grad():
+        w8 = decompressed_model(out, load_model(small_artifact))(torch.from_numpy(x)).numpy()
+    assert 0 < np.abs(w8a8 - w8).max() < 0.2
 
 
 def test_calibration_from_a_folder(tmp_path, small_artifact):
@@ -314,7 +316,6 @@ def test_grouped_palettes_beat_one_table_per_tensor(tmp_path, small_artifact):
 @pytest.mark.parametrize("kw", [
     {"weights": "int4"},
     {"weights": "pal4", "granularity": "per-grouped-channel", "per_channel_scale": True},
-    {"weights": "pal4", "activations": "int8", "calib_count": 2},
 ])
 def test_the_executor_computes_what_the_weights_twin_does(tmp_path, small_artifact, kw):
     """The executor's decompression of the new constexpr ops is the weight reader's."""
@@ -327,10 +328,7 @@ def test_the_executor_computes_what_the_weights_twin_does(tmp_path, small_artifa
     twin = decompressed_model(out, load_model(small_artifact))
     with torch.no_grad():
         want = twin(torch.from_numpy(x)).numpy()
-    err = np.abs(got - want).max()
-    assert err < (0.1 if "activations" in kw else 0.01)  # fp16 compute (+ int8 activations)
-    program = load_program(out)
-    assert program.functions["main"]
+    assert np.abs(got - want).max() < 0.01  # fp16 compute
 
 
 # --- every command takes the files ----------------------------------------------------------------------------
@@ -341,10 +339,8 @@ def test_bench_compare_apply_and_info_take_every_new_kind(tmp_path):
     small_artifact = tmp_path / "small32.pt"
     save_artifact(Artifact.for_tinybeauty(model.config, model.state_dict(), preprocessing=Preprocessing(size=SIZE)),
                   small_artifact)
-    files = {
-        "w8a8": dict(weights="int8", activations="int8", calib_count=2),
-        "a8pal4": dict(weights="pal4", activations="int8", calib_count=2),
-        "int4": dict(weights="int4"),
+    files = {  # int8 activations with int4 weights; grouped palettes with per-channel scales
+        "a8int4": dict(weights="int4", activations="int8", calib_count=2),
         "gpal4": dict(weights="pal4", granularity="per-grouped-channel", per_channel_scale=True),
     }
     paths = []
@@ -355,8 +351,8 @@ def test_bench_compare_apply_and_info_take_every_new_kind(tmp_path):
     assert r.exit_code == 0, r.stderr
     rows = json.loads(r.stdout)
     rows = rows["rows"] if isinstance(rows, dict) else rows
-    assert len(rows) == 5
-    r = run("compare", small_artifact, paths[0], "--limit", 2, "--json")
+    assert len(rows) == 3 and all(row["fidelity_psnr_db"] for row in rows[1:])
+    r = run("compare", small_artifact, paths[0], "--limit", 2, "-o", tmp_path / "cmp", "--no-timing", "--json")
     assert r.exit_code == 0, r.stderr
     photo = tmp_path / "face.png"
     Image.fromarray(builtin_test_set(SIZE, limit=1).inputs[0]).save(photo)
