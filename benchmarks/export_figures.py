@@ -384,9 +384,10 @@ def quant_section(released: Path, demo: Path, work: Path, face_dir: Path) -> Non
               f"{face_db:8.2f} {test_db:8.2f} {r.validation['fidelity_psnr_db']:8.2f} {r.seconds:6.1f}s", flush=True)
     base = rows[0]
     print(f"  against pal4 per tensor ({base[1].size_bytes:,} B):")
+    base_twin = base[1].validation["fidelity_psnr_db"]
     for name, r, face_db, test_db in rows[1:]:
         print(f"    {name:28s} size x{r.size_bytes / base[1].size_bytes:.3f}, face {face_db - base[2]:+.2f} dB, "
-              f"test images {test_db - base[3]:+.2f} dB, twin {r.validation['fidelity_psnr_db'] - base[1].validation['fidelity_psnr_db']:+.2f} dB")
+              f"test images {test_db - base[3]:+.2f} dB, twin {r.validation['fidelity_psnr_db'] - base_twin:+.2f} dB")
     fits = [row for row in rows[1:] if row[1].size_bytes <= base[1].size_bytes * 1.02]
     if fits:
         best = max(fits, key=lambda row: row[3])

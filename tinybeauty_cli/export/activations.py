@@ -6,8 +6,9 @@ does, on any OS.
 That function measures the ranges by running Core ML itself (``MLModel.predict``, macOS only)
 on a copy of the model whose intermediate tensors are all outputs. Everything else is its code,
 reused as it is: which tensors it records (``ModelDebugger``), one range shared by a concat's
-inputs and output, and the three passes that write the pairs (``insert_prefix_quantize_dequantize_pair`` before each conv
-and add, ``insert_suffix_quantize_dequantize_pair`` after conv[+activation] and add,
+inputs and output, and the three passes that write the pairs
+(``insert_prefix_quantize_dequantize_pair`` before each conv and add,
+``insert_suffix_quantize_dequantize_pair`` after conv[+activation] and add,
 ``dequantize_quantize_pair_elimination``). Only ``predict`` is replaced: the reference executor
 (:mod:`..coreml.exec`) computes the same tensors with PyTorch. Each tensor's range is the
 min and max over all calibration images; coremltools 9.0 keeps only the last image's

@@ -27,8 +27,11 @@ from .graph import GraphBuilder, OpGraph, as_tensor, round_fp16
 from .mil_ops import CONST_OPS, OPS, Ctx, dtype_name
 from .quant_ops import QUANT_OPS
 
-#: Every op type the executor evaluates: the float ops and the activation quantization ops.
-ALL_OPS = {**OPS, **QUANT_OPS}
+
+def _builder(op_type: str) -> Any:
+    """The builder of an op type: the float ops' table, then the activation quantization ops' (looked
+    up at compile time, so either table can be patched)."""
+    return OPS.get(op_type) or QUANT_OPS.get(op_type)
 
 # ---------------------------------------------------------------- the compiler
 
@@ -47,7 +50,7 @@ def materialize_constants(function: Any) -> dict[str, Any]:
 def compile_function(function: Any, fp16_emulation: bool = False) -> OpGraph:
     """Compile a MIL function into an :class:`OpGraph` (unknown ops raise :class:`UnsupportedError`)."""
     unknown = sorted({op.op_type for op in function.operations
-                      if op.op_type not in ALL_OPS and op.op_type not in CONST_OPS
+                      if _builder(op.op_type) is None and op.op_type not in CONST_OPS
                       and not op.op_type.startswith("constexpr_")})
     if unknown:
         raise UnsupportedError(f"the Core ML reference executor does not implement MIL op(s) {', '.join(unknown)}",
@@ -62,7 +65,7 @@ def compile_function(function: Any, fp16_emulation: bool = False) -> OpGraph:
         if getattr(op, "blocks", None):
             raise UnsupportedError(f"{op.op_type} {op.name!r}: control flow is not supported by the reference executor")
         try:
-            fn, dyn = ALL_OPS[op.op_type](op, Ctx(g.consts, op))
+            fn, dyn = _builder(op.op_type)(op, Ctx(g.consts, op))
         except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
             raise UnsupportedError(f"{op.op_type} {op.name!r}: cannot compile its parameters ({exc})") from exc
         outs = [o.name for o in op.outputs]
