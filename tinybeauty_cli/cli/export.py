@@ -87,7 +87,7 @@ def export(
         "--granularity", help="Palettes: one look-up table per tensor, or per group of output channels (iOS18).",
         rich_help_panel=PANEL)] = GranularityChoice.per_tensor,
     group_size: Annotated[Optional[int], typer.Option(
-        "--group-size", min=1, help="--granularity per-grouped-channel: output channels per table (default 4; a "
+        "--group-size", min=1, help="--granularity per-grouped-channel: output channels per table (default 1; a "
                                     "layer it does not divide gets the largest common divisor).",
         rich_help_panel=PANEL, show_default=False)] = None,
     per_channel_scale: Annotated[bool, typer.Option(

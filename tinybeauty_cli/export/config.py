@@ -20,7 +20,7 @@ ACTIVATION_MODES = ("int8",)
 #: Defaults of ``--block-size`` (int4: input channels per scale) and ``--group-size`` (output
 #: channels per palette); a layer whose channels they do not divide gets the largest common divisor.
 DEFAULT_BLOCK_SIZE = 8
-DEFAULT_GROUP_SIZE = 4
+DEFAULT_GROUP_SIZE = 1
 #: Calibration images for ``--activations int8`` when ``--calib-count`` is not given.
 DEFAULT_CALIB_COUNT = 16
 FORMAT_BY_SUFFIX = {".mlmodel": "neuralnetwork", ".mlpackage": "mlprogram"}
