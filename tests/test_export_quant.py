@@ -80,6 +80,15 @@ def test_options_only_where_they_apply(out, kw, match):
         ExportConfig.for_output(out, **kw)
 
 
+def test_per_channel_scales_and_sparse_weights_are_refused_together():
+    with pytest.raises(UsageError, match="--per-channel-scale cannot be stored jointly") as err:
+        plan_export(ExportConfig(format="mlprogram", weights="pal4", per_channel_scale=True), [(60, 100)])
+    assert "--sparse off" in err.value.hint
+    plan = plan_export(ExportConfig(format="mlprogram", weights="pal4", per_channel_scale=True, sparse="off"),
+                       [(60, 100)])
+    assert plan.target == "iOS18" and not plan.sparse
+
+
 def test_a_target_below_what_is_needed_names_the_minimum():
     with pytest.raises(UsageError, match="int8 activations .* requires iOS17"):
         plan_export(ExportConfig(format="mlprogram", activations="int8", target="iOS16"), [(0, 100)])

@@ -257,6 +257,9 @@ def plan_export(config: ExportConfig, tensor_zeros: list[tuple[int, int]]) -> Ex
                          f"which sparse storage beats {config.weight_mode}; stored dense")
         else:
             sparse = True
+    if sparse and config.per_channel_scale:  # coremltools 9 cannot scale the non-zero values of a sparse tensor
+        raise UsageError("--per-channel-scale cannot be stored jointly with sparse weights",
+                         hint="pass --sparse off to store the pruned weights dense")
     needs = requirements(config.format, config.weight_mode, sparse, activations=config.activations,
                          grouped=config.grouped, per_channel_scale=config.per_channel_scale)
     target, why = max(needs, key=lambda n: _target_index(n[0]))
