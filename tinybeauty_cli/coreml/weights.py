@@ -66,7 +66,7 @@ def _linear_label(op: Any) -> str:
     output channel or per block (more than one axis of the scale larger than one)."""
     from coremltools.converters.mil.mil import types  # noqa: PLC0415
 
-    data = op.inputs.get("quantized_data", op.inputs.get("data"))
+    data = next((op.inputs[k] for k in ("quantized_data", "data", "nonzero_data") if op.inputs.get(k) is not None), None)
     dtype = types.builtin_to_string(data.dtype) if data is not None else "int8"
     scale = op.inputs.get("scale")
     blocks = sum(1 for d in (scale.shape if scale is not None else ()) if d != 1)
