@@ -114,18 +114,49 @@ def load_program(path: Path | str) -> Any:
     (its constants are readable on Linux)."""
     ct = coremltools()
     try:
-        with quiet(), readable(path) as copy:
-            from coremltools.converters.mil.frontend.milproto.load import load  # noqa: PLC0415
-
+        with quiet(), readable(path) as copy:  # a private copy: coremltools rewrites what it opens
             model = ct.models.MLModel(copy, skip_model_load=True)
-            spec = model.get_spec()
-            if spec.WhichOneof("Type") != "mlProgram":
-                raise InputError(f"{path} is not an ML Program (it holds a {spec.WhichOneof('Type')} model)")
-            return load(spec, spec.specificationVersion, file_weights_dir=model.weights_dir)
+            kind = model.get_spec().WhichOneof("Type")
+            if kind != "mlProgram":
+                raise InputError(f"{path} is not an ML Program (it holds a {kind} model)")
+            return mil_program(model)  # weights are read here, while the copy exists
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - coremltools raises many kinds on a corrupt package
         raise InputError(f"cannot read the ML Program {path}: {exc}") from exc
+
+
+def mil_program(mlmodel: Any) -> Any:
+    """The MIL program of an ML Program ``MLModel`` (written or still in memory), with its weights,
+    read by coremltools' own loader."""
+    coremltools()
+    from coremltools.converters.mil.frontend.milproto.load import load  # noqa: PLC0415
+
+    spec = mlmodel.get_spec()
+    with quiet():
+        return load(spec, spec.specificationVersion, file_weights_dir=mlmodel.weights_dir)
+
+
+def constexpr_values(function: Any) -> dict[str, Any]:
+    """Every ``constexpr_*`` output of a MIL function by variable name, decompressed by coremltools'
+    own ``materialized_val_inference`` in program order. An op fed by another constexpr op (a
+    palette whose table is itself scaled or quantized, as coremltools writes per-channel-scale
+    palettes) is given that op's value first, as coremltools' ``WeightDecompressor`` pass does by
+    turning each decompressed op into a ``const``."""
+    values: dict[str, Any] = {}
+    for op in function.operations:
+        if not op.op_type.startswith("constexpr_"):
+            continue
+        for var in op.inputs.values():
+            if getattr(var, "name", None) in values and var.val is None:
+                known = var.sym_type()
+                known.val = values[var.name]
+                var._sym_val = known  # what a const in its place would hold
+        with quiet():
+            vals = op.materialized_val_inference()
+        for out, v in zip(op.outputs, vals if isinstance(vals, tuple) else (vals,)):
+            values[out.name] = v
+    return values
 
 
 # ---------------------------------------------------------------- what the file declares

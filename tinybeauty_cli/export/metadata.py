@@ -15,8 +15,14 @@ from .config import META_PREFIX, ExportConfig, ExportPlan
 def compression_label(config: ExportConfig, sparse: bool) -> str:
     """How conv/linear weights are stored, in words (e.g. "4-bit palettized (k-means LUT per tensor), sparse")."""
     mode = config.weight_mode
-    label = {"fp16": "fp16", "fp32": "fp32", "int8": "int8 per-channel (linear)"}.get(
-        mode, f"{config.palette_bits}-bit palettized (k-means LUT per tensor)")
+    if mode == "int4":
+        label = f"int4 per-block (linear, a scale per {config.int4_block_size} input channels)"
+    elif config.palette_bits is not None:
+        tables = f"per group of {config.palette_group_size} output channels" if config.grouped else "per tensor"
+        scales = ", per-channel scales" if config.per_channel_scale else ""
+        label = f"{config.palette_bits}-bit palettized (k-means LUT {tables}{scales})"
+    else:
+        label = {"fp16": "fp16", "fp32": "fp32", "int8": "int8 per-channel (linear)"}[mode]
     return label + (", sparse" if sparse else "")
 
 
@@ -44,6 +50,11 @@ def file_preprocessing(config: ExportConfig, prep: Preprocessing, size: int) -> 
     return d
 
 
+def activations_label(config: ExportConfig) -> str:
+    """How activations are stored: "float" or "int8 (quantize/dequantize pairs, calibrated)"."""
+    return "int8 (quantize/dequantize pairs, calibrated)" if config.activations == "int8" else "float"
+
+
 def describe(spec: Any, config: ExportConfig, plan: ExportPlan, size: int, prep: Preprocessing,
              history: list[HistoryStep], *, arch: ArchSpec | None = None, source_sha256: str | None = None) -> None:
     """Write the description and tbopt's metadata into ``spec`` (in place)."""
@@ -61,7 +72,8 @@ def describe(spec: Any, config: ExportConfig, plan: ExportPlan, size: int, prep:
     compute = compute_label(config)
     if config.io == "image":
         md.shortDescription = (f"{net}: a {size}x{size} RGB face crop in, the made-up face out "
-                               f"({compute}{compression_label(config, plan.sparse)} weights).")
+                               f"({compute}{compression_label(config, plan.sparse)} weights"
+                               f"{', int8 activations' if config.activations else ''}).")
         in_desc = f"RGB face crop, {size}x{size}; Core ML scales it so the network sees [{lo:g}, {hi:g}]"
         made_up = "clamp(r" if prep.output == "image" else "clamp(x + r"
         out_desc = (f"made-up face, {size}x{size} RGB, computed in the graph as "
@@ -69,7 +81,8 @@ def describe(spec: Any, config: ExportConfig, plan: ExportPlan, size: int, prep:
     else:
         md.shortDescription = (f"{net}: a (1, 3, {size}, {size}) float array in [{lo:g}, {hi:g}] in, "
                                f"the {'image' if prep.output == 'image' else 'residual'} out "
-                               f"({compute}{compression_label(config, plan.sparse)} weights).")
+                               f"({compute}{compression_label(config, plan.sparse)} weights"
+                               f"{', int8 activations' if config.activations else ''}).")
         in_desc = f"float32 (1, 3, {size}, {size}), RGB scaled to [{lo:g}, {hi:g}]"
         out_desc = ("made-up image in the input's range" if prep.output == "image" else
                     f"residual r in ({lo:g}, {hi:g}); the made-up face is clamp(input + r, {lo:g}, {hi:g})")
