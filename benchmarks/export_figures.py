@@ -16,6 +16,18 @@
    straight from the pruned weights, and after fine-tuning onto the palettes
    (`tests/coreml_helpers.fit_palettes`), which the export then stores exactly.
 
+fp16 image files (``--only image-fp16``): the made-up image of fp16 ML Program image files as
+written before (``x + r``, the clip, ``+ 1``, ``* 127.5`` in fp16) and now (those ops in fp32), of
+their tensor-I/O twins and of NeuralNetwork files, against the fp32 network on real faces
+(``--faces``), before and after 8-bit rounding, fp16 hardware emulated by the reference executor.
+4. int8 activations and iOS 18 weights (`--only quant`): the released checkpoint as a W8A8
+   .mlpackage (`--weights int8 --activations int8`: target, ops in the file, fidelity on the real
+   face through tbopt's reference executor), the demo checkpoint's W8A8 file scored by
+   `tbopt bench` on the built-in test set; then int4 per-block weights and 4-bit palettes per
+   group of output channels (with and without per-channel scales) beside today's per-tensor
+   pal4: size on disk and fidelity on the real face (reference executor) and on 8 test images,
+   and the best fidelity at no more than pal4's size.
+
 Export must be quick (it runs inside `tbopt run`): every export's time is printed.
 """
 
@@ -30,7 +42,9 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from unittest import mock
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,11 +55,14 @@ from tinybeauty_cli.core import synthetic  # noqa: E402
 from tinybeauty_cli.core.artifact import Artifact, HistoryStep, save_artifact
 from tinybeauty_cli.core.checkpoint import load_model
 from tinybeauty_cli.core.files import size_on_disk, zipped_size  # noqa: E402
-from tinybeauty_cli.core.images import builtin_test_set  # noqa: E402
+from tinybeauty_cli.core.images import builtin_test_set, read_image, to_model_size, uint8_to_model  # noqa: E402
 from tinybeauty_cli.core.model import LayerNorm, TinyBeauty, config_from_state_dict  # noqa: E402
 from tinybeauty_cli.core.paths import demo_checkpoint  # noqa: E402
+from tinybeauty_cli.core.quality import fidelity_per_image_db  # noqa: E402
 from tinybeauty_cli.core.training import FitConfig, fit  # noqa: E402
+from tinybeauty_cli.coreml.runner import open_coreml_runner  # noqa: E402
 from tinybeauty_cli.coreml.spec import coremltools, package_parts, quiet  # noqa: E402
+from tinybeauty_cli.export import convert as export_convert  # noqa: E402
 from tinybeauty_cli.export.config import ExportConfig  # noqa: E402
 from tinybeauty_cli.flow.export import export_file  # noqa: E402
 from tinybeauty_cli.measure.evaluate import evaluate  # noqa: E402
@@ -307,6 +324,156 @@ def preset(ckpt: Path, work: Path, pruned_path: Path | None, ratio: float, steps
         print("  NO preset met both <= 50 KB and within 0.3 dB of the float original")
 
 
+# --- fp16 image files: the image post-processing in fp32 -----------------------------------------------------
+
+
+def _fidelities(path: Path, x: np.ndarray, want: np.ndarray) -> tuple[float, float, float]:
+    """(fp16 emulated before 8-bit rounding, fp16 emulated after it, fp32 arithmetic before it):
+    mean fidelity (dB) of a file's made-up images against ``want``."""
+    got = []
+    for emulate, rounded in ((True, False), (True, True), (False, False)):
+        runner = open_coreml_runner(path, use_device=False, fp16_emulation=emulate, round_image_output=rounded)
+        got.append(float(np.mean(fidelity_per_image_db(runner.predict(x), want))))
+    return got[0], got[1], got[2]
+
+
+def _tail(path: Path) -> str:
+    """The ops after the network's last tanh in the fp16-emulated executor, each with its precision."""
+    runner = open_coreml_runner(path, use_device=False, fp16_emulation=True)
+    steps = runner.backend.executor.graph.steps
+    last = max((k for k, st in enumerate(steps) if st.kind == "tanh"), default=len(steps) - 1)
+    return ", ".join(f"{st.kind} {'fp16' if st.rounded else 'fp32'}" for st in steps[last + 1:]) or "none"
+
+
+def image_fp16_fidelity(ckpt: Path, faces: list[Path], work: Path) -> None:
+    """Section image-fp16: what fp16 image files lose to their own post-processing, before and after."""
+    print(f"\n== fp16 image files: the made-up image in fp32 ({load_note()})")
+    loaded = load_model(ckpt)
+    size = loaded.preprocessing.size
+    x = uint8_to_model(np.stack([to_model_size(read_image(f), size) for f in faces]))
+    model = loaded.module.eval()
+    with torch.inference_mode():
+        r = torch.cat([model(torch.from_numpy(x[i:i + 1])) for i in range(len(x))]).numpy()
+    want = np.clip(x + r, -1.0, 1.0)  # the fp32 network's made-up faces
+    print(f"  {ckpt.name} at {size} px on {', '.join(f.name for f in faces)}; fidelity of each file's made-up "
+          "image against the fp32 network (compressed weights: against the PyTorch model carrying the file's "
+          "weights), computed by the reference executor with fp16 rounding after every fp16-typed op; "
+          "'fp32 ops' = the same file in fp32 arithmetic")
+    print(f"  {'file':40s} {'before 8-bit':>12s} {'after 8-bit':>12s} {'fp32 ops':>10s}  image tail")
+    cases = [("fp16", ".mlpackage", "image", "before"), ("fp16", ".mlpackage", "image", "now"),
+             ("fp16", ".mlpackage", "tensor", "now"),
+             ("int8", ".mlpackage", "image", "before"), ("int8", ".mlpackage", "image", "now"),
+             ("pal4", ".mlpackage", "image", "before"), ("pal4", ".mlpackage", "image", "now"),
+             ("fp16", ".mlmodel", "image", "now"), ("fp16", ".mlmodel", "tensor", "now")]
+    whole_graph_fp16 = mock.patch.object(export_convert, "_compute_precision",
+                                         lambda ct, config: getattr(ct.precision, config.precision.replace("fp", "FLOAT")))
+    for weights, suffix, io, when in cases:
+        out = work / f"image_fp16_{weights}_{io}_{when}{suffix}"
+        config = ExportConfig.for_output(out, weights=None if weights == "fp16" else weights, io=io)
+        if when == "before":  # as tbopt wrote it before: coremltools' fp16 pass over the whole graph
+            with whole_graph_fp16:
+                export_file(ckpt, out, config, force=True)
+        else:
+            export_file(ckpt, out, config, force=True)
+        ref = want
+        if weights != "fp16":
+            twin = decompressed_model(out, loaded)
+            with torch.inference_mode():
+                rt = torch.cat([twin(torch.from_numpy(x[i:i + 1])) for i in range(len(x))]).numpy()
+            ref = np.clip(x + rt, -1.0, 1.0)
+        before, after, fp32 = _fidelities(out, x, ref)
+        label = f"{weights} {io}{suffix}" + (" (before)" if when == "before" else "")
+        if io != "image":  # a tensor output is not rounded to 8 bits
+            tail, after_s = "-", f"{'-':>12s}"
+        else:
+            tail = _tail(out) if suffix == ".mlpackage" else "no per-layer precision: the device's, every layer"
+            after_s = f"{after:9.2f} dB"
+        print(f"  {label:40s} {before:9.2f} dB {after_s} {fp32:7.2f} dB  {tail}")
+
+
+# --- 4. int8 activations, int4 per block, palettes per group of channels ----------------------------------------
+
+
+def coreml_fidelity(path: Path, images, reference) -> tuple[float, float]:
+    """(fidelity, worst) of a Core ML file run by the reference executor against the float outputs
+    ``reference`` (the app's view: image outputs rounded to 8 bits, as Core ML stores them)."""
+    from tinybeauty_cli.coreml.runner import open_coreml_runner
+
+    ev = evaluate(open_coreml_runner(path, use_device=False), images, reference=reference)
+    return ev.fidelity_psnr_db, ev.worst_fidelity_db
+
+
+def quant_section(released: Path, demo: Path, work: Path, face_dir: Path) -> None:
+    from tinybeauty_cli.core.images import load_folder
+
+    print(f"\n== 4. int8 activations (W8A8, iOS 17) and iOS 18 weights ({load_note()})")
+    face = load_folder(face_dir, 256)
+    test8 = builtin_test_set(256, limit=8)
+    original = load_model(released)
+    face_ref = evaluate(TorchRunner(original.module), face).outputs
+    test_ref = evaluate(TorchRunner(original.module), test8).outputs
+
+    out = work / "released_w8a8.mlpackage"
+    args = ["export", str(released), "-o", str(out), "--weights", "int8", "--activations", "int8", "--force"]
+    d, wall = tbopt(*args)
+    print(f"  tbopt {' '.join(a if '/' not in a else Path(a).name for a in args)}")
+    print(f"    {d['format']} target {d['target']}, weights {d['weights']}, activations int8 "
+          f"({d['activations']['quantize_dequantize_pairs']} quantize/dequantize pairs, ranges from "
+          f"{d['activations']['calibration']}); {d['size_bytes']:,} B on disk; export {d['seconds']} s "
+          f"(command {wall:.1f} s)")
+    print(f"    ops in the file: {', '.join(f'{k} {v}' for k, v in d['ops'].items())}")
+    fid, worst = coreml_fidelity(out, face, face_ref)
+    print(f"    fidelity on {', '.join(face.names)} (reference executor, 8-bit output, vs the float released "
+          f"model): {fid:.2f} dB  {'>= 40 dB: yes' if fid >= 40 else 'BELOW 40 dB'}")
+    fid, worst = coreml_fidelity(out, test8, test_ref)
+    print(f"    fidelity on 8 built-in test images: {fid:.2f} dB (worst {worst:.2f} dB)")
+
+    demo_out = work / "demo_w8a8.mlpackage"
+    tbopt("export", str(demo), "-o", str(demo_out), "--weights", "int8", "--activations", "int8", "--force")
+    args = ["bench", str(demo), str(demo_out), "--no-timing"]
+    b, wall = tbopt(*args)
+    row = b["rows"][1]
+    print(f"  tbopt export {demo.name} -o {demo_out.name} --weights int8 --activations int8; "
+          f"tbopt {' '.join(a if '/' not in a else Path(a).name for a in args)} ({wall:.0f} s)")
+    print(f"    demo W8A8 on {b['data']}: fidelity {row['fidelity_psnr_db']:.2f} dB (worst "
+          f"{row['worst_fidelity_db']:.2f} dB), PSNR vs targets {row['target_psnr_db']:.2f} dB (float "
+          f"{b['rows'][0]['target_psnr_db']:.2f} dB)  {'>= 40 dB: yes' if row['fidelity_psnr_db'] >= 40 else 'BELOW'}")
+
+    variants = [("pal4 per tensor (today)", dict(weights="pal4"))]
+    variants += [(f"int4 per-block {b}", dict(weights="int4", block_size=b)) for b in (24, 8, 4)]
+    variants += [(f"pal4 groups of {g}", dict(weights="pal4", granularity="per-grouped-channel", group_size=g))
+                 for g in (8, 4, 2, 1)]
+    variants += [("pal4 per-channel scale", dict(weights="pal4", per_channel_scale=True)),
+                 ("pal3 groups of 1", dict(weights="pal3", granularity="per-grouped-channel", group_size=1))]
+    print(f"  released checkpoint, .mlpackage, image I/O; fidelity vs the float model through the reference "
+          f"executor (8-bit output), on {face.names[0]} and on 8 built-in test images")
+    print(f"  {'weights':28s} {'target':6s} {'size B':>9s} {'weights B':>9s} {'graph B':>8s} {'face dB':>8s} "
+          f"{'test dB':>8s} {'twin dB':>8s} {'export':>7s}")
+    rows = []
+    for name, kw in variants:
+        path = work / f"released_{name.replace(' ', '_').replace('+', '')}.mlpackage"
+        r = export_file(released, path, ExportConfig.for_output(path, **kw), force=True)
+        face_db, _ = coreml_fidelity(path, face, face_ref)
+        test_db, _ = coreml_fidelity(path, test8, test_ref)
+        rows.append((name, r, face_db, test_db))
+        print(f"  {name:28s} {r.target:6s} {kb(r.size_bytes)} {kb(r.weight_bytes)} {r.graph_bytes:8,} "
+              f"{face_db:8.2f} {test_db:8.2f} {r.validation['fidelity_psnr_db']:8.2f} {r.seconds:6.1f}s", flush=True)
+    base = rows[0]
+    print(f"  against pal4 per tensor ({base[1].size_bytes:,} B):")
+    base_twin = base[1].validation["fidelity_psnr_db"]
+    for name, r, face_db, test_db in rows[1:]:
+        print(f"    {name:28s} size x{r.size_bytes / base[1].size_bytes:.3f}, face {face_db - base[2]:+.2f} dB, "
+              f"test images {test_db - base[3]:+.2f} dB, twin {r.validation['fidelity_psnr_db'] - base_twin:+.2f} dB")
+    fits = [row for row in rows[1:] if row[1].size_bytes <= base[1].size_bytes * 1.02]
+    if fits:
+        best = max(fits, key=lambda row: row[3])
+        gain = best[3] - base[3]
+        print(f"  within 2% of pal4's size: best {best[0]} ({best[1].size_bytes:,} B), {gain:+.2f} dB on the test "
+              f"images: {'>= +3 dB: yes' if gain >= 3 else 'below the +3 dB asked'}")
+    else:
+        print(f"  no variant is within 2% of pal4 per tensor's size ({base[1].size_bytes:,} B)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=None, help="demo checkpoint (default: assets/)")
@@ -318,13 +485,15 @@ def main() -> int:
     ap.add_argument("--palette-steps", type=int, default=300, help="fine-tuning steps onto the palettes")
     ap.add_argument("--work-dir", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", choices=("released", "demo", "preset"), action="append")
+    ap.add_argument("--faces", type=Path, nargs="+", default=[ROOT.parent / "shared" / "realdata" / "face_01.png"],
+                    help="real faces for the fp16 image files (default: ../shared/realdata/face_01.png)")
+    ap.add_argument("--only", choices=("released", "demo", "preset", "image-fp16", "quant"), action="append")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="export_figures_"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"tbopt export figures; torch {torch.__version__}, {args.threads} threads, work dir {work}")
-    only = set(args.only or ("released", "demo", "preset"))
+    only = set(args.only or ("released", "demo", "preset", "image-fp16", "quant"))
     if "released" in only:
         if args.released.is_file():
             released_table(args.released, work)
@@ -335,6 +504,17 @@ def main() -> int:
         demo_commands(ckpt, work)
     if "preset" in only:
         preset(ckpt, work, args.pruned, args.ratio, args.finetune_steps, args.palette_steps)
+    if "image-fp16" in only:
+        faces = [f for f in args.faces if f.is_file()]
+        if args.released.is_file() and faces:
+            image_fp16_fidelity(args.released, faces, work)
+        else:
+            print(f"\n== fp16 image files: skipped: {args.released} or the faces are absent")
+    if "quant" in only:
+        if args.released.is_file():
+            quant_section(args.released, ckpt, work, args.released.parent)
+        else:
+            print(f"\n== 4. skipped: {args.released} is absent")
     return 0
 
 

@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -22,9 +23,13 @@ def run(*args, **kw):
     return runner.invoke(app, [str(a) for a in args], **kw)
 
 
+#: A progress line, as commands print them when stderr is not a terminal (cli/_output.PlainTask).
+PROGRESS_LINE = re.compile(r"^[^:]+: (started\b|done in \d|\d+/\d+ \(|elapsed \d)")
+
+
 def assert_one_line_error(result, match=None, code=1):
     assert result.exit_code == code, (result.exit_code, result.output, result.stderr)
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    lines = [l for l in result.stderr.splitlines() if l.strip() and not PROGRESS_LINE.match(l)]
     assert lines and lines[0].startswith("Error: "), result.stderr
     assert len([l for l in lines if not l.startswith("Hint: ")]) == 1, result.stderr
     assert "Traceback" not in result.stderr + result.stdout

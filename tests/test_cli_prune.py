@@ -61,7 +61,7 @@ def test_table_says_what_unstructured_pruning_does_not_do(tmp_path, small_artifa
 def test_channel_with_finetuning_on_a_folder(tmp_path, small_artifact, photos):
     out = tmp_path / "c.pt"
     r = run("prune", small_artifact, "--rate", "0.25", "--method", "channel", "--finetune-steps", "1",
-            "--data", photos, "-o", out, "--limit", "2", "--json")
+            "--calib", photos, "-o", out, "--limit", "2", "--json")
     assert r.exit_code == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["after"]["macs"] < 0.7 * d["before"]["macs"]
@@ -85,7 +85,7 @@ def test_users_unet_with_convtranspose(tmp_path, photos):
     torch.save(TinyUNet().state_dict(), src)
     out = tmp_path / "unet_pruned.pt"
     r = run("prune", src, "--arch", "tests.archs:TinyUNet", "--rate", "0.25", "--method", "channel",
-            "--finetune-steps", "1", "--data", photos, "-o", out, "--limit", "2", "--json")
+            "--finetune-steps", "1", "--calib", photos, "-o", out, "--limit", "2", "--json")
     assert r.exit_code == 0, r.stderr
     d = json.loads(r.stdout)
     shapes = {layer["name"]: layer["shape_after"] for layer in d["layers"]}
@@ -104,7 +104,7 @@ def test_rate_outside_0_1_exits_2_and_writes_nothing(tmp_path, small_artifact, r
 def test_refusals_are_one_line_and_write_nothing(tmp_path, small_artifact):
     out = tmp_path / "x.pt"
     assert_one_line_error(run("prune", small_artifact, "--rate", "0.3", "--exclude", "nope", "-o", out),
-                          "matches no conv layer")
+                          "matches no conv layer", code=2)
     noconv = tmp_path / "noconv.pt"
     torch.save(NoConv().state_dict(), noconv)
     assert_one_line_error(run("prune", noconv, "--arch", "tests.archs:NoConv", "--rate", "0.3", "-o", out),

@@ -16,7 +16,7 @@ from tinybeauty_cli.coreml import runner as cr
 
 from .conftest import REAL_FACE
 from .test_cli import assert_one_line_error
-from .test_coreml_runtime import FakeMLModel, _save_program
+from .test_coreml_runtime import _save_program
 
 runner = CliRunner()
 
@@ -122,18 +122,6 @@ def test_bad_core_ml_files_are_one_line(tmp_path, photo):
     junk.write_bytes(b"\x00garbage" * 50)
     assert_one_line_error(run("apply", junk, photo, "-o", tmp_path / "o"), "cannot read Core ML model")
     assert_one_line_error(run("info", tmp_path / "nope.mlpackage"), "does not exist")
-
-
-def test_on_macos_compute_units_reach_core_ml(tb_zoo, photo, tmp_path, monkeypatch):
-    FakeMLModel.loaded.clear()
-    monkeypatch.setattr(cr, "coreml_available", lambda: True)
-    monkeypatch.setattr(cr, "load_device_model", FakeMLModel)
-    r = run("apply", tb_zoo.path("mlprogram/image/fp16"), photo, "-o", tmp_path / "o", "--compute-units", "cpu-gpu",
-            "--json")
-    assert r.exit_code == 0, r.stderr
-    assert json.loads(r.stdout)["engine"] == "Core ML on device (cpu-gpu)"
-    assert FakeMLModel.loaded[-1].compute_units is cr.ComputeUnits.cpu_gpu
-    assert r.stderr.strip() == ""
 
 
 @pytest.mark.realdata

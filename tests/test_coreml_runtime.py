@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from tests.archs import TinyUNet
 from tests.conftest import COREML_SIZE as SIZE
@@ -20,7 +19,7 @@ from tinybeauty_cli.core.images import model_to_uint8
 from tinybeauty_cli.core.quality import fidelity_psnr_db
 from tinybeauty_cli.coreml import runner as cr
 from tinybeauty_cli.coreml.exec import mil_ops, nn_layers
-from tinybeauty_cli.coreml.spec import coremltools, read_coreml
+from tinybeauty_cli.coreml.spec import coremltools
 from tinybeauty_cli.runtime.runners import open_runner
 
 #: The fidelity bars: fp32 export vs PyTorch; fp16 export vs PyTorch; compressed vs its PyTorch twin.
@@ -393,73 +392,7 @@ def test_tbopt_metadata_sets_preprocessing(tmp_path):
     assert runner.info()["history"] == [{"step": "export"}]
 
 
-# ---------------------------------------------------------------- Core ML itself (macOS), patched
-
-class FakeMLModel:
-    """Stands in for coremltools' MLModel on macOS: the reference executor behind Core ML's API."""
-
-    loaded: list["FakeMLModel"] = []
-
-    def __init__(self, path: Path, compute_units: cr.ComputeUnits):
-        self.compute_units = compute_units
-        self.reference = cr.ReferenceBackend(read_coreml(path))
-        FakeMLModel.loaded.append(self)
-
-    def predict(self, data: dict) -> dict:
-        (name, value), = data.items()
-        m = self.reference.model
-        assert name == m.input.name
-        if m.input.kind == "image":
-            assert isinstance(value, Image.Image) and value.mode == "RGB"
-            feed = np.asarray(value, np.float32).transpose(2, 0, 1)[None]
-        else:
-            assert value.shape == m.input.shape and value.dtype == (np.float16 if m.input.dtype == "fp16" else np.float32)
-            feed = value.astype(np.float32)
-        out = self.reference.run(feed)
-        if m.output.kind == "image":
-            pixels = np.clip(np.rint(out[0].transpose(1, 2, 0)), 0, 255).astype(np.uint8)
-            return {m.output.name: Image.fromarray(pixels, "RGB")}
-        return {m.output.name: out}
-
-
-@pytest.fixture
-def on_macos(monkeypatch):
-    FakeMLModel.loaded.clear()
-    monkeypatch.setattr(cr, "coreml_available", lambda: True)
-    monkeypatch.setattr(cr, "load_device_model", FakeMLModel)
-    return FakeMLModel.loaded
-
-
-@pytest.mark.parametrize("name", ["mlprogram/tensor/fp16", "mlprogram/image/fp16", "neuralnetwork/image/fp32"])
-def test_device_path_is_chosen_on_macos_and_moves_data_like_core_ml(tb_zoo, inputs, on_macos, name):
-    path = tb_zoo.path(name)
-    device = open_runner(path, compute_units="cpu-ne")
-    assert isinstance(device.backend, cr.DeviceBackend) and device.engine == "Core ML on device (cpu-ne)"
-    assert on_macos[-1].compute_units is cr.ComputeUnits.cpu_ne
-    reference = cr.open_coreml_runner(path, use_device=False)
-    a, b = device.predict(inputs), reference.predict(inputs)
-    tol = 0 if "image" in name else 1e-3  # tensors cross as fp16 where the model declares fp16
-    assert np.abs(a - b).max() <= tol + 1e-6
-
-
-def test_device_path_options(tb_zoo, on_macos):
-    path = tb_zoo.path("mlprogram/tensor/fp16")
-    assert open_runner(path).backend.compute_units is cr.ComputeUnits.all  # Core ML's default
-    runner = open_runner(path, fp16_emulation=True)
-    assert any("reference executor" in n for n in runner.notes)
-    assert isinstance(open_runner(path, use_device=False).backend, cr.ReferenceBackend)
-    for units in cr.ComputeUnits:
-        assert units.coreml() is not None
-    assert "coreml_ops" in runner.info()  # info still lists the graph
-
-
-def test_device_path_is_refused_off_macos(tb_zoo):
-    if cr.coreml_available():  # pragma: no cover - only on a Mac
-        pytest.skip("Core ML is available here")
-    with pytest.raises(UnsupportedError, match="needs macOS"):
-        cr.open_coreml_runner(tb_zoo.path("mlprogram/tensor/fp16"), use_device=True)
-    runner = open_runner(tb_zoo.path("mlprogram/tensor/fp16"), compute_units="cpu-gpu")
-    assert any("--compute-units cpu-gpu has no effect" in n for n in runner.notes)
+# Core ML itself (macOS), and a stand-in for it on any OS: tests/test_coreml_device.py
 
 
 # ---------------------------------------------------------------- the released checkpoint

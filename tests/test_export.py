@@ -189,7 +189,9 @@ def test_neuralnetwork_fp16_export_for_ios13(tmp_path, small_artifact):
     user = md.userDefined
     assert user["tbopt.source_sha256"] == load_model(small_artifact).sha256
     assert [h["step"] for h in json.loads(user["tbopt.history"])] == ["test-fixture", "export"]
-    assert json.loads(user["tbopt.preprocessing"])["size"] == SIZE
+    prep = json.loads(user["tbopt.preprocessing"])
+    assert prep["size"] == SIZE and prep["output"] == "image" and prep["network_output"] == "residual"
+    assert "compute" not in md.shortDescription  # the device picks a NeuralNetwork's precision
     assert user["tbopt.version"]
 
 

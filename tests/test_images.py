@@ -74,6 +74,9 @@ def test_corrupt_and_non_images_are_named(tmp_path):
     (tmp_path / "text.png").write_text("hello")
     with pytest.raises(ImageError, match="text.png is not an image"):
         read_image(tmp_path / "text.png")
+    with pytest.raises(ImageError, match="text.png"):  # headers are checked first: no decoding before it
+        load_folder(tmp_path, 8)
+    (tmp_path / "text.png").unlink()
     with pytest.raises(ImageError, match="bad.png"):
         load_folder(tmp_path, 8)
 

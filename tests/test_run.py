@@ -171,7 +171,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, finished):
                           "is not a folder")
     assert_one_line_error(run("run", done / "tinybeauty_optimized.pt", "--out", tmp_path / "o", *FAST),
                           "starts from a float checkpoint", code=2)
-    assert_one_line_error(run("run", src, "--out", tmp_path / "o", "--weights", "pal5", *FAST), "pal5")
+    assert_one_line_error(run("run", src, "--out", tmp_path / "o", "--weights", "pal5", *FAST), "pal5", code=2)
     assert_one_line_error(run("run", tmp_path / "missing.pt", "--out", tmp_path / "o", *FAST), "missing.pt")
     assert not (tmp_path / "o").exists()
 
@@ -182,7 +182,7 @@ def test_config_refuses_bad_values_up_front():
     with pytest.raises(Exception, match="calib-count"):
         RunConfig(calib_count=0)
     cfg = RunConfig(method="channel", data=None)
-    assert cfg.command_line("a.pt", "o") == "tbopt run a.pt --out o --rate 0.3 --method channel --weights int8"
+    assert cfg.command_line("a.pt", "o") == "tbopt run a.pt --output o --rate 0.3 --method channel --weights int8"
 
 
 @pytest.mark.slow

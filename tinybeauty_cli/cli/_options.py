@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Iterable, Optional
 
 import typer
 
 from ..coreml.units import ComputeUnits
+from ..export.config import WEIGHT_MODES
+from ..quantize.config import BACKENDS
+
+
+def choices(name: str, values: Iterable[str]) -> type[Enum]:
+    """A ``str`` Enum of ``values`` for a Typer option, built from the library's own list, so the
+    option's choices, its help and the library's check cannot drift apart."""
+    return Enum(name, {v: v for v in values}, type=str)  # type: ignore[return-value]
+
+
+#: Core ML weight storage (``tbopt run --weights``), as ``tbopt export --weights`` takes it.
+WeightModeChoice = choices("WeightModeChoice", WEIGHT_MODES)
+#: The int8 engine (``--backend`` of ``tbopt quantize`` and ``tbopt run``).
+BackendChoice = choices("BackendChoice", ("auto", *BACKENDS))
 
 ArtifactArg = Annotated[
     Optional[Path],
     typer.Argument(help="Model file: a checkpoint (.pt), a tbopt artifact, int8 TorchScript, .mlmodel or "
                         ".mlpackage. Default: the bundled demo checkpoint.", show_default=False),
+]
+#: The model argument of the commands that take only float PyTorch models (prune, quantize).
+FloatModelArg = Annotated[
+    Optional[Path],
+    typer.Argument(help="Float model: a checkpoint (.pt) or a tbopt artifact (e.g. from tbopt prune). "
+                        "Default: the bundled demo checkpoint.", show_default=False),
 ]
 OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the result.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]

@@ -1,7 +1,9 @@
-"""All terminal output: Rich tables, JSON, progress bars and notes.
+"""All terminal output: Rich tables, JSON, progress and notes.
 
-Data goes to stdout; progress, notes and warnings to stderr. Progress bars are
-quiet under ``--json``/``--quiet`` or when stdout is not a terminal.
+Data goes to stdout; progress, notes and warnings to stderr. Progress is drawn as bars when
+stderr is a terminal; otherwise (a log, CI, ``nohup``, ``2> file``) each long step prints plain
+lines: when it starts, at least every :data:`PLAIN_INTERVAL_S` seconds (step, done/total, elapsed,
+eta) and when it ends. Quiet under ``--json``/``--quiet``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import json
 import math
 import os
 import sys
+import threading
+import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from rich.console import Console
@@ -22,17 +26,26 @@ stdout = Console(soft_wrap=False, width=None if sys.stdout.isatty() or os.enviro
 stderr = Console(stderr=True, soft_wrap=True)
 
 
+#: Without a terminal on stderr, a long step prints a line at least this often (seconds).
+PLAIN_INTERVAL_S = 10.0
+
+_write_lock = threading.Lock()
+
+
 class Output:
     """One command's output mode."""
 
-    def __init__(self, json_mode: bool = False, quiet: bool = False):
+    def __init__(self, json_mode: bool = False, quiet: bool = False, interval: float = PLAIN_INTERVAL_S):
         self.json_mode = json_mode
         self.quiet = quiet
-        self._live = False  # a live table is drawn: progress bars would fight it for the terminal
+        self.interval = interval
+        self._bar: Progress | None = None  # one Rich display for every open task (tasks nest)
+        self._open = 0
+        self._live = False  # a live table is drawn: progress would fight it for the terminal
 
     @property
     def show_progress(self) -> bool:
-        return not (self.json_mode or self.quiet or self._live) and sys.stdout.isatty()
+        return not (self.json_mode or self.quiet or self._live)
 
     @contextlib.contextmanager
     def live_table(self, title: str, columns: Sequence[str],
@@ -64,22 +77,46 @@ class Output:
         finally:
             self._live = False
 
-    # -- progress (implements tinybeauty_cli.progress.Progress) -------------------
+    @property
+    def draws_bars(self) -> bool:
+        """Bars when stderr (where progress goes) is a terminal; plain lines otherwise."""
+        return self.show_progress and stderr.is_terminal
+
+    # -- progress (implements tinybeauty_cli.core.progress.Progress) -------------------
     @contextlib.contextmanager
     def task(self, description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
         if not self.show_progress:
             yield lambda n=1, **fields: None
-            return
-        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
-        with Progress(*columns, console=stderr, transient=False) as bar:
-            tid = bar.add_task(description, total=total, info="")
+        elif self.draws_bars:
+            with self._bar_task(description, total) as advance:
+                yield advance
+        else:
+            with PlainTask(description, total, self.interval) as advance:
+                yield advance
 
-            def advance(n: int = 1, **fields: Any) -> None:
-                info = "  ".join(f"{k} {_fmt_field(v)}" for k, v in fields.items())
-                bar.update(tid, advance=n, info=info) if info else bar.advance(tid, n)
+    @contextlib.contextmanager
+    def _bar_task(self, description: str, total: int | None) -> Iterator[Callable[..., None]]:
+        if self._bar is None:
+            columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                       TextColumn("{task.fields[info]}")]
+            self._bar = Progress(*columns, console=stderr, transient=False)
+            self._bar.start()
+        bar = self._bar
+        self._open += 1
+        tid = bar.add_task(description, total=total, info="")
 
+        def advance(n: int = 1, **fields: Any) -> None:
+            info = "  ".join(f"{k} {_fmt_field(v)}" for k, v in fields.items())
+            bar.update(tid, advance=n, info=info) if info else bar.advance(tid, n)
+
+        try:
             yield advance
+        finally:
+            self._open -= 1
+            if self._open == 0:
+                bar.stop()
+                self._bar = None
 
     def note(self, message: str) -> None:
         if not self.quiet:
@@ -122,6 +159,65 @@ class Output:
 
     def line(self, text: str = "") -> None:
         stdout.print(text, highlight=False, markup=False)
+
+
+class PlainTask:
+    """A long step as plain lines on stderr, for logs: one when it starts, then at least every
+    ``interval`` seconds (done/total, elapsed, eta, the latest fields) from a timer thread, so a
+    step whose single unit takes minutes still reports, and one when it ends."""
+
+    def __init__(self, description: str, total: int | None, interval: float = PLAIN_INTERVAL_S):
+        self.description, self.total, self.interval = description, total, interval
+        self.done = 0
+        self.fields: dict[str, Any] = {}
+        self.started = self.last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="tbopt-progress", daemon=True)
+
+    def __enter__(self) -> Callable[..., None]:
+        self._print("started" + (f" ({self.total} to do)" if self.total else ""))
+        self._thread.start()
+        return self.advance
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        if exc_type is None:
+            self._print(f"done in {_clock(time.monotonic() - self.started)}")
+
+    def advance(self, n: int = 1, **fields: Any) -> None:
+        self.done += n
+        self.fields.update(fields)
+        if time.monotonic() - self.last >= self.interval:
+            self._print(self.status())
+
+    def status(self) -> str:
+        elapsed = time.monotonic() - self.started
+        parts = []
+        if self.total:
+            parts.append(f"{self.done}/{self.total} ({100 * self.done / self.total:.0f}%)")
+        parts.append(f"elapsed {_clock(elapsed)}")
+        if self.total and 0 < self.done < self.total:
+            parts.append(f"eta {_clock(elapsed / self.done * (self.total - self.done))}")
+        parts += [f"{k} {_fmt_field(v)}" for k, v in self.fields.items()]
+        return ", ".join(parts)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(min(1.0, self.interval / 4)):
+            if time.monotonic() - self.last >= self.interval:
+                self._print(self.status())
+
+    def _print(self, text: str) -> None:
+        self.last = time.monotonic()
+        with _write_lock:
+            sys.stderr.write(f"{self.description}: {text}\n")
+            sys.stderr.flush()
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def _fmt_field(v: Any) -> str:

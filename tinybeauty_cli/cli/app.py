@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Optional
 
 import typer
@@ -12,9 +13,11 @@ from .. import __version__
 # modules, coreml.units); each imports the library inside its function. torch and coremltools take
 # seconds to import, and --help needs neither (tests/test_startup.py keeps it so).
 from . import apply, bench, compare, export, info, optimize, prune, quantize, run
+from ._errors import INTERRUPTED, INTERRUPTED_EXIT, TbOptGroup, say
 
 app = typer.Typer(
     name="tbopt",
+    cls=TbOptGroup,
     help="Shrink the TinyBeauty facial-makeup network and ship it to iPhones as Core ML.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -51,4 +54,8 @@ app.command("apply")(apply.apply)
 
 def main() -> None:
     """The ``tbopt`` console script (and ``python -m tinybeauty_cli``)."""
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # before the group runs (Typer building the command)
+        say(INTERRUPTED)
+        sys.exit(INTERRUPTED_EXIT)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from ..core.paths import demo_checkpoint
-from ..export.config import ExportConfig
+from ..export.config import DEFAULT_CALIB_COUNT, ExportConfig
 from . import _output
 from ._errors import handle_errors
 from ._options import ArchKwargsOpt, ArchOpt, ForceOpt, JsonOpt, QuietOpt, TrustPickleOpt, model_options
@@ -29,11 +29,21 @@ SourceArg = Annotated[
 class WeightsChoice(str, Enum):
     fp16 = "fp16"
     int8 = "int8"
+    int4 = "int4"
     pal8 = "pal8"
     pal6 = "pal6"
     pal4 = "pal4"
     pal3 = "pal3"
     pal2 = "pal2"
+
+
+class GranularityChoice(str, Enum):
+    per_tensor = "per-tensor"
+    per_grouped_channel = "per-grouped-channel"
+
+
+class ActivationsChoice(str, Enum):
+    int8 = "int8"
 
 
 class SparseChoice(str, Enum):
@@ -65,9 +75,36 @@ def export(
         "--fp16/--fp32", help="Precision: fp16 weights (and fp16 compute in an ML Program), or fp32.",
         rich_help_panel=PANEL)] = True,
     weights: Annotated[Optional[WeightsChoice], typer.Option(
-        "--weights", help="Store conv weights as fp16, int8 (linear, per output channel) or palettized to "
-                          "N bits (palN: k-means look-up table per tensor). Default: the --fp16/--fp32 precision.",
+        "--weights", help="Store conv weights as fp16, int8 (linear, per output channel), int4 (linear, per block "
+                          "of input channels, iOS18) or palettized to N bits (palN: k-means look-up table per "
+                          "tensor, or per group with --granularity). Default: the --fp16/--fp32 precision.",
         rich_help_panel=PANEL, show_default=False)] = None,
+    block_size: Annotated[Optional[int], typer.Option(
+        "--block-size", min=1, help="--weights int4: input channels that share a scale (default 8; a layer they do "
+                                    "not divide gets the largest common divisor).",
+        rich_help_panel=PANEL, show_default=False)] = None,
+    granularity: Annotated[GranularityChoice, typer.Option(
+        "--granularity", help="Palettes: one look-up table per tensor, or per group of output channels (iOS18).",
+        rich_help_panel=PANEL)] = GranularityChoice.per_tensor,
+    group_size: Annotated[Optional[int], typer.Option(
+        "--group-size", min=1, help="--granularity per-grouped-channel: output channels per table (default 1; a "
+                                    "layer it does not divide gets the largest common divisor).",
+        rich_help_panel=PANEL, show_default=False)] = None,
+    per_channel_scale: Annotated[bool, typer.Option(
+        "--per-channel-scale", help="Palettes: scale the weights to [-1, 1] along the output channels before "
+                                    "clustering, the scales stored beside the tables (iOS18).",
+        rich_help_panel=PANEL)] = False,
+    activations: Annotated[Optional[ActivationsChoice], typer.Option(
+        "--activations", help="int8: quantize/dequantize pairs around convolutions and additions (W8A8 with "
+                              "--weights int8; ML Program, iOS17+), ranges calibrated with tbopt's reference "
+                              "executor. Default: float activations.", rich_help_panel=PANEL,
+        show_default=False)] = None,
+    calib: Annotated[Optional[Path], typer.Option(
+        "--calib", help="--activations int8: folder of calibration photos (never the test set). Default: synthetic "
+                        "portraits.", rich_help_panel=PANEL, show_default=False)] = None,
+    calib_count: Annotated[int, typer.Option(
+        "--calib-count", min=1, help="--activations int8: calibration images to use.",
+        rich_help_panel=PANEL)] = DEFAULT_CALIB_COUNT,
     sparse: Annotated[SparseChoice, typer.Option(
         "--sparse", help="auto: a pruned checkpoint (>= 10% zero weights) is stored sparse in an ML Program "
                          "(iOS16+; with int8 or palettes iOS18+). off: always dense.",
@@ -102,7 +139,10 @@ def export(
     config = ExportConfig.for_output(
         output, precision="fp16" if fp16 else "fp32", weights=weights.value if weights else None,
         sparse=sparse.value, target=target.value if target else None, io=io.value, size=size,
-        author=author, license=license_, model_version=model_version)
+        author=author, license=license_, model_version=model_version,
+        activations=activations.value if activations else None, calib=str(calib) if calib else None,
+        calib_count=calib_count, block_size=block_size, granularity=granularity.value, group_size=group_size,
+        per_channel_scale=per_channel_scale)
     result = export_file(path, output, config, force=force, progress=out,
                           **model_options(arch, arch_kwargs, trust_pickle))
     out.emit(result, render_export)
@@ -126,6 +166,8 @@ def render_export(out: _output.Output, r: ExportResult) -> None:
         "target": f"{r.target} or later",
         "precision": r.precision,
         "weights": r.weights + (f" ({r.zero_fraction:.0%} zeros in the checkpoint)" if r.zero_fraction else ""),
+        **({"activations": f"int8: {a['quantize_dequantize_pairs']} quantize/dequantize pairs, ranges from "
+                           f"{a['calibration']}"} if (a := r.activations) else {}),
         "input": _feature(r.inputs[0]),
         "output": _feature(r.outputs[0]),
         "size on disk": f"{kb(r.size_bytes)} KB ({r.size_bytes:,} B)",
@@ -136,7 +178,8 @@ def render_export(out: _output.Output, r: ExportResult) -> None:
                  + (f" + {weight_ops} weight decompressions" if weight_ops else "") + f", {r.casts} casts",
         "validation": (f"passed: spec loads, interface {v['interface']}, {v['weights_decompressed']} weight tensors "
                        f"read back (largest error {v['max_weight_error']:.2%} in {v['max_weight_error_tensor']})"),
-        "weights fidelity": (f"{v['fidelity_psnr_db']:.1f} dB (worst {v['worst_fidelity_db']:.1f} dB) on "
-                             f"{v['images']} images: PyTorch with the file's decompressed weights vs the float model"),
+        ("fidelity" if r.activations else "weights fidelity"): (
+            f"{v['fidelity_psnr_db']:.1f} dB (worst {v['worst_fidelity_db']:.1f} dB) on {v['images']} images: "
+            f"{v['numerical_check'].split(' (')[0]}"),
         "time": f"{r.seconds:.1f} s",
     })

@@ -21,7 +21,10 @@ def info(
 
     path = artifact or demo_checkpoint()
     data = describe(path, **model_options(arch, arch_kwargs, trust_pickle))
-    _output.Output(json_mode=json_out).emit(data, render_info)
+    out = _output.Output(json_mode=json_out)
+    for problem in data.get("problems", ()):
+        out.warn(f"{problem} (every other tbopt command refuses this model)")
+    out.emit(data, render_info)
 
 
 def render_info(out: _output.Output, d: dict) -> None:
@@ -37,6 +40,7 @@ def render_info(out: _output.Output, d: dict) -> None:
         "size zipped": f"{_output.kb(d['zipped_bytes'])} KB ({d['zipped_bytes']:,} B)",
         "preprocessing": _prep(d.get("preprocessing")),
         "sha256": d["sha256"],
+        "usable": "NO: " + "; ".join(d["problems"]) if d.get("problems") else None,
     }
     for k, v in d.items():
         if k.startswith("coreml_") or k in ("format", "target", "precision"):

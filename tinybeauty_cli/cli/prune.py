@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated, List, Optional
 
 import typer
 
+from ..core.errors import UsageError
 from ..core.paths import demo_checkpoint
 from ..prune.config import DEFAULT_CHANNEL_FINETUNE_STEPS, PruneConfig, PruneMethod
 from . import _output
@@ -14,7 +15,8 @@ from ._errors import handle_errors
 from ._options import (
     ArchKwargsOpt,
     ArchOpt,
-    ArtifactArg,
+    DataOpt,
+    FloatModelArg,
     ForceOpt,
     JsonOpt,
     LimitOpt,
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
 
 @handle_errors
 def prune(
-    artifact: ArtifactArg = None,
+    artifact: FloatModelArg = None,
     rate: Annotated[float, typer.Option("--rate", "-r", help="Fraction to remove, in [0, 1): of each layer's weights "
                                         "(magnitude), of all conv weights (global), of each channel group (channel).",
                                         show_default=False)] = ...,  # type: ignore[assignment]
@@ -42,15 +44,15 @@ def prune(
         "--finetune-steps", min=0, show_default=False,
         help=f"Distillation steps after pruning (teacher: the input model). Default: 0 for magnitude and global, "
              f"{DEFAULT_CHANNEL_FINETUNE_STEPS} for channel.")] = None,
-    data: Annotated[Optional[Path], typer.Option(
-        "--data", help="Folder of unlabeled images for fine-tuning and channel ranking (of pairs, only the inputs "
-                       "are used). Default: synthetic portraits, never the test set.", rich_help_panel="Data")] = None,
+    calib: Annotated[Optional[Path], typer.Option(
+        "--calib", help="Folder of unlabeled images for channel ranking and fine-tuning (of pairs, only the inputs "
+                        "are used). Default: synthetic portraits, never the test set.", rich_help_panel="Data")] = None,
     exclude: Annotated[Optional[List[str]], typer.Option(
         "--exclude", "-x", help="Conv layer to leave alone: a module name, a parent module, or a glob "
                                 "(e.g. 'upconv*'). Repeatable.", show_default=False)] = None,
+    data: DataOpt = None,
     eval_data: Annotated[Optional[Path], typer.Option(
-        "--eval-data", help="Folder of images or pairs to score on. Default: the built-in test set (100 pairs).",
-        rich_help_panel="Data")] = None,
+        "--eval-data", hidden=True, help="Old name of --data (the images scored).")] = None,
     limit: LimitOpt = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of fine-tuning (same seed, same threads: same model).")] = 0,
     output: OutputOpt = None,
@@ -69,10 +71,17 @@ def prune(
     from ..flow.prune import prune_file as prune_model  # noqa: PLC0415 - torch, only when the command runs
 
     out = _output.Output(json_mode=json_out, quiet=quiet)
+    if data is not None and eval_data is not None and data != eval_data:
+        raise UsageError("--eval-data is the old name of --data (the images scored); give one of them")
+    data = data or eval_data
     cfg = PruneConfig(rate=rate, method=method.value, finetune_steps=finetune_steps, exclude=tuple(exclude or ()),
                       seed=seed)
+    if data is not None and calib is None and cfg.rate > 0 and (cfg.steps > 0 or method == PruneMethod.channel):
+        # --data named the fine-tuning images before it named, as in every command, the images scored.
+        out.note(f"Note: --data {data} is scored; channel ranking and fine-tuning use --calib "
+                 "(default: synthetic portraits)")
     path = artifact or demo_checkpoint()
-    report = prune_model(path, cfg, output=output, force=force, data=data, eval_data=eval_data, eval_limit=limit,
+    report = prune_model(path, cfg, output=output, force=force, data=calib, eval_data=data, eval_limit=limit,
                          threads=threads, progress=out, **model_options(arch, arch_kwargs, trust_pickle))
     out.emit(report, render_prune)
 

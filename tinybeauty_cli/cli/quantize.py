@@ -9,15 +9,18 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from ..core.paths import demo_checkpoint
-from ..quantize.config import BACKENDS, SELECTION_RUNS, QuantizeConfig
+from ..quantize.config import SELECTION_RUNS, QuantizeConfig
 from . import _output
 from ._errors import handle_errors
 from ._options import (
     ArchKwargsOpt,
     ArchOpt,
-    ArtifactArg,
+    BackendChoice,
+    DataOpt,
+    FloatModelArg,
     ForceOpt,
     JsonOpt,
+    LimitOpt,
     OutputOpt,
     QuietOpt,
     ThreadsOpt,
@@ -28,20 +31,18 @@ from ._options import (
 if TYPE_CHECKING:
     from ..flow.quantize import QuantizeResult
 
-BACKEND_CHOICES = ("auto", *BACKENDS)
-
 
 @handle_errors
 def quantize(
-    artifact: ArtifactArg = None,
+    artifact: FloatModelArg = None,
     calib: Annotated[Optional[Path], typer.Option(
         "--calib", help="Folder of calibration photos (never the test set). Default: synthetic portraits.",
         rich_help_panel="Calibration")] = None,
     calib_count: Annotated[int, typer.Option(
-        "--calib-count", help="Calibration images to use.", rich_help_panel="Calibration")] = 32,
-    backend: Annotated[str, typer.Option(
-        "--backend", help=f"Quantized engine: {', '.join(BACKEND_CHOICES)}. auto times every engine this CPU "
-                          "supports and keeps the fastest that meets --min-psnr.")] = "auto",
+        "--calib-count", min=1, help="Calibration images to use.", rich_help_panel="Calibration")] = 32,
+    backend: Annotated[BackendChoice, typer.Option(  # type: ignore[valid-type]
+        "--backend", help="Quantized engine. auto times every engine this CPU supports and keeps the fastest "
+                          "that meets --min-psnr.")] = BackendChoice("auto"),
     keep_float: Annotated[str, typer.Option(
         "--keep-float", help="Layers to keep in float: auto (the fewest most sensitive layers needed to reach "
                              "--min-psnr), none, or comma-separated layer names (a module name keeps every "
@@ -49,9 +50,8 @@ def quantize(
     min_psnr: Annotated[float, typer.Option(
         "--min-psnr", help="Fidelity target (dB) against the float model.")] = 45.0,
     output: OutputOpt = None,
-    limit: Annotated[Optional[int], typer.Option(
-        "--limit", help="Score on at most N images of the built-in test set (default: all 100).",
-        rich_help_panel="Data")] = None,
+    data: DataOpt = None,
+    limit: LimitOpt = None,
     threads: ThreadsOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -65,11 +65,11 @@ def quantize(
 
     out = _output.Output(json_mode=json_out, quiet=quiet)
     source = artifact or demo_checkpoint()
-    cfg = QuantizeConfig(backend=backend, calib=calib, calib_count=calib_count, keep_float=keep_float,
+    cfg = QuantizeConfig(backend=backend.value, calib=calib, calib_count=calib_count, keep_float=keep_float,
                          min_psnr_db=min_psnr, threads=threads, eval_limit=limit)
     target = output or Path(f"{Path(source).stem}_int8.pt")
     command = "tbopt " + " ".join(sys.argv[1:]) if sys.argv[1:] else "tbopt quantize"
-    result = quantize_model(source, target, cfg, force=force, progress=out, command=command,
+    result = quantize_model(source, target, cfg, force=force, progress=out, command=command, data=data,
                             **model_options(arch, arch_kwargs, trust_pickle))
     out.emit(result, render_quantize)
 

@@ -7,13 +7,15 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+from ..core.errors import UsageError
 from ..core.paths import demo_checkpoint
-from ..export.config import WEIGHT_MODES
 from ..flow.run_config import OUTPUT_FILES, RunConfig
 from ..prune.config import PruneMethod
 from . import _output
 from ._errors import handle_errors
-from ._options import DataOpt, ForceOpt, JsonOpt, LimitOpt, QuietOpt, ThreadsOpt
+from ._options import BackendChoice, DataOpt, ForceOpt, JsonOpt, LimitOpt, QuietOpt, ThreadsOpt, WeightModeChoice
+
+DEFAULT_OUTPUT = Path("optimized_model")
 
 if TYPE_CHECKING:
     from ..flow.pipeline import RunResult
@@ -24,8 +26,10 @@ def run(
     checkpoint: Annotated[Optional[Path], typer.Argument(
         help="Float checkpoint or tbopt artifact to optimize. Default: the bundled demo checkpoint.",
         show_default=False)] = None,
-    out: Annotated[Path, typer.Option("--out", help="Folder for every output (made if missing).")] = Path(
-        "optimized_model"),
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Folder for every output (made if missing).",
+        show_default=str(DEFAULT_OUTPUT))] = None,
+    out_old: Annotated[Optional[Path], typer.Option("--out", hidden=True, help="Old name of --output.")] = None,
     rate: Annotated[float, typer.Option("--rate", "-r", help="Pruning rate, in [0, 1).")] = 0.3,
     method: Annotated[PruneMethod, typer.Option(
         "--method", "-m", help="Pruning method: magnitude (the original plan's per-layer rule) or global zero "
@@ -34,10 +38,10 @@ def run(
     finetune_steps: Annotated[Optional[int], typer.Option(
         "--finetune-steps", min=0, show_default=False,
         help="Distillation steps after pruning (default: the method's, see tbopt prune --help).")] = None,
-    weights: Annotated[str, typer.Option(
-        "--weights",
-        help=f"Weight storage in TinyBeauty.mlmodel: {'|'.join(WEIGHT_MODES)}.")] = "int8",
-    package_weights: Annotated[Optional[str], typer.Option(
+    weights: Annotated[WeightModeChoice, typer.Option(
+        "--weights", help="Weight storage in TinyBeauty.mlmodel (as tbopt export --weights).")
+    ] = WeightModeChoice("int8"),  # type: ignore[valid-type]
+    package_weights: Annotated[Optional[WeightModeChoice], typer.Option(  # type: ignore[valid-type]
         "--package-weights", show_default=False,
         help="Weight storage in TinyBeauty.mlpackage (default: as --weights).")] = None,
     data: DataOpt = None,
@@ -47,8 +51,8 @@ def run(
     limit: LimitOpt = None,
     calib_count: Annotated[int, typer.Option("--calib-count", min=1, help="int8 calibration images.",
                                              rich_help_panel="Data")] = 32,
-    backend: Annotated[str, typer.Option("--backend", help="int8 engine: auto|x86|qnnpack|onednn|fbgemm "
-                                         "(auto: the fastest that keeps fidelity).")] = "auto",
+    backend: Annotated[BackendChoice, typer.Option(  # type: ignore[valid-type]
+        "--backend", help="int8 engine (auto: the fastest that keeps fidelity).")] = BackendChoice("auto"),
     min_psnr: Annotated[float, typer.Option(
         "--min-psnr", help="int8 fidelity to reach against the pruned float model, in dB (layers stay float "
                            "until it is met). Higher than tbopt quantize's 45: int8 noise adds to the model's own "
@@ -62,14 +66,18 @@ def run(
 ) -> None:
     """Prune, quantize to int8 and export to Core ML, then measure every stage on the same images.
 
-    Writes tinybeauty_pruned.pt, tinybeauty_optimized.pt (int8), TinyBeauty.mlmodel (iOS 13+), TinyBeauty.mlpackage, optimization_results.png, results.json and results.md into --out.
+    Writes tinybeauty_pruned.pt, tinybeauty_optimized.pt (int8), TinyBeauty.mlmodel (iOS 13+), TinyBeauty.mlpackage, optimization_results.png, results.json and results.md into --output.
     """
     from ..flow.pipeline import run_pipeline  # noqa: PLC0415 - torch and coremltools, only when the command runs
 
     ui = _output.Output(json_mode=json_out, quiet=quiet)
-    cfg = RunConfig(rate=rate, method=method.value, finetune_steps=finetune_steps, weights=weights,
-                    package_weights=package_weights, data=data, calib=calib, limit=limit, runs=runs,
-                    threads=threads, calib_count=calib_count, backend=backend, min_psnr_db=min_psnr)
+    if output is not None and out_old is not None and output != out_old:
+        raise UsageError("--out is the old name of --output; give one of them")
+    out = output or out_old or DEFAULT_OUTPUT
+    cfg = RunConfig(rate=rate, method=method.value, finetune_steps=finetune_steps, weights=weights.value,
+                    package_weights=package_weights.value if package_weights else None, data=data, calib=calib,
+                    limit=limit, runs=runs, threads=threads, calib_count=calib_count, backend=backend.value,
+                    min_psnr_db=min_psnr)
     path = checkpoint or demo_checkpoint()
 
     def on_stage(number: int, total: int, name: str) -> None:

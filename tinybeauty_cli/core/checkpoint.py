@@ -39,9 +39,18 @@ from .artifact import (
     load_state_dict_checked,
 )
 from .contexts import quantized_engine
-from .errors import ArchitectureMismatchError, ConfigError, InputError, UnsafeCheckpointError, UnsupportedError
+from .errors import (
+    ArchitectureMismatchError,
+    ConfigError,
+    InputError,
+    NotImageModelError,
+    UnsafeCheckpointError,
+    UnsupportedError,
+    UnusableModelError,
+)
 from .files import require_file
 from .model import config_from_state_dict, looks_like_tinybeauty
+from .sanity import nonfinite_tensors, nonfinite_weights_problem, output_problem, probe_input
 
 #: Name of the JSON metadata file embedded in TorchScript archives written by tbopt.
 TORCHSCRIPT_META = "tbopt.json"
@@ -66,6 +75,9 @@ class LoadedModel:
     quantized_engine: str | None = None
     #: The file's bytes as read (once) by :func:`load_model`; empty for a model built in memory.
     content: bytes = field(default=b"", repr=False)
+    #: Why the model cannot be right (NaN/Inf weights or outputs), one line each; only
+    #: ``load_model(..., check=False)`` (``tbopt info``) returns a model that has any.
+    problems: list[str] = field(default_factory=list)
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -271,8 +283,17 @@ def load_model(
     arch: str | None = None,
     arch_kwargs: str | Mapping[str, Any] | None = None,
     trust_pickle: bool = False,
+    check: bool = True,
 ) -> LoadedModel:
-    """Open any supported model file, build the network and say what was found."""
+    """Open any supported model file, build the network and say what was found.
+
+    The model is checked (:func:`check_model`): a network that does not take and return one
+    3-channel image is refused; one whose weights or probe output hold NaN or Inf is refused
+    unless ``check`` is False, which records the problem in ``problems`` (``tbopt info``).
+    """
+    if Path(path).suffix.lower() in (".mlpackage", ".mlmodel"):
+        raise NotImageModelError(f"{path} is a Core ML model; this command takes a PyTorch model (a checkpoint, "
+                                 f"a tbopt artifact or TorchScript)", hint="give the checkpoint it was exported from")
     path = require_file(Path(path), "checkpoint")
     data = path.read_bytes()  # the one read of the file: hash, format and weights all come from these bytes
     digest = hashlib.sha256(data).hexdigest()
@@ -294,8 +315,9 @@ def load_model(
                 raise InputError(f"{path}: its embedded {TORCHSCRIPT_META} metadata is not valid JSON") from None
         what = meta.get("kind_description") or "a TorchScript archive"
         module.eval()
-        return LoadedModel(path, "torchscript", f"{what}{' with tbopt metadata' if meta else ''}",
-                           digest, module=module, metadata=meta, quantized_engine=engine, content=data)
+        loaded = LoadedModel(path, "torchscript", f"{what}{' with tbopt metadata' if meta else ''}",
+                             digest, module=module, metadata=meta, quantized_engine=engine, content=data)
+        return check_model(loaded, check)
 
     obj = _torch_load(path, data, trust_pickle)
     if isinstance(obj, Mapping) and obj.get("format") == ARTIFACT_FORMAT:
@@ -325,6 +347,59 @@ def load_model(
     module.eval()
     if not artifact.source:
         artifact.source = {"path": str(path), "sha256": digest, "found": found}
-    return LoadedModel(path, "float", found, digest, artifact=artifact, module=module, content=data)
+    return check_model(LoadedModel(path, "float", found, digest, artifact=artifact, module=module, content=data),
+                       check)
+
+
+def _probe(loaded: LoadedModel) -> Any:
+    """The module's output on :func:`~.sanity.probe_input` (its int8 engine borrowed)."""
+    x = torch.from_numpy(probe_input(loaded.preprocessing.size))
+    borrow = quantized_engine(loaded.quantized_engine) if loaded.quantized_engine else contextlib.nullcontext()
+    with borrow, torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = loaded.module(x)
+    return y.float().numpy() if isinstance(y, torch.Tensor) else y
+
+
+def _last_line_of_reason(exc: Exception) -> str:
+    """What went wrong, from a module's error: TorchScript puts the interpreter's traceback first and
+    the reason (e.g. ``mat1 and mat2 shapes cannot be multiplied``) on the last line."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    return (last if ":" in last.split(" ")[0] else f"{type(exc).__name__}: {last}")[:200]
+
+
+def check_model(loaded: LoadedModel, strict: bool = True) -> LoadedModel:
+    """Refuse a model that is not one image in, one image out (always) or whose weights or output on a
+    test image hold NaN or Inf (``strict``; otherwise it is kept, the problem in ``loaded.problems``)."""
+    label = loaded.path
+    tensors: dict[str, Any] = dict(loaded.artifact.state_dict) if loaded.artifact is not None else {}
+    if loaded.artifact is None and loaded.module is not None:
+        try:
+            tensors = dict(loaded.module.state_dict())
+        except Exception:  # noqa: BLE001 - some scripted modules have no state dict; the probe still runs
+            tensors = {}
+    bad = nonfinite_tensors(tensors)
+    problems = [nonfinite_weights_problem(label, bad)] if bad else []
+    size = loaded.preprocessing.size
+    try:
+        y = _probe(loaded)
+    except Exception as exc:  # noqa: BLE001 - whatever the network raises, it does not take this image
+        what = "a TorchScript module" if loaded.kind == "torchscript" else f"a {loaded.artifact.arch.describe()}"
+        raise NotImageModelError(
+            f"{label} holds {what} that cannot run on a (1, 3, {size}, {size}) image "
+            f"({_last_line_of_reason(exc)}); tbopt needs a network that takes "
+            f"one 3-channel image and returns one") from None
+    found = output_problem(label, y, size)
+    if found is not None:
+        kind, message = found
+        if kind is NotImageModelError:
+            raise NotImageModelError(message)
+        if not problems:
+            problems.append(message)
+    if problems and strict:
+        raise UnusableModelError(problems[0], hint="retrain or re-export the model; tbopt info shows what it holds")
+    loaded.problems = problems
+    return loaded
 
 

@@ -15,14 +15,14 @@ class TbOptError(Exception):
         self.hint = hint
 
 
-class ConfigError(TbOptError):
-    """A configuration value is invalid."""
-
-
 class UsageError(TbOptError):
     """Options that do not fit together (exit code 2, like a CLI usage error)."""
 
     exit_code = 2
+
+
+class ConfigError(UsageError):
+    """An option's or configuration's value is invalid (exit code 2: a usage error, however it is detected)."""
 
 
 class InputError(TbOptError):
@@ -58,9 +58,22 @@ class OutputExistsError(TbOptError):
         super().__init__(f"{path} already exists", hint="pass --force to overwrite it")
 
 
+class OutputError(TbOptError):
+    """An output cannot be written where it was asked: under a file, in a folder that cannot be
+    made or written, or on a full disk. Nothing partial is left behind."""
+
+
 class ImageError(InputError):
     """An image cannot be read or a folder holds no usable images."""
 
 
 class UnsupportedError(TbOptError):
     """A valid request this tool cannot carry out (e.g. an op a runner does not know)."""
+
+
+class UnusableModelError(InputError):
+    """Weights that cannot be right: NaN or Inf in a tensor, or in what the model computes."""
+
+
+class NotImageModelError(InputError):
+    """A model file, but not of an image-to-image network (one 3-channel image in, one out)."""

@@ -1,22 +1,60 @@
-"""Files on disk: atomic outputs, hashes, sizes (on disk and zipped)."""
+"""Files on disk: output places checked, atomic outputs (fsync, rename, nothing partial left), a private
+temporary folder, hashes, sizes (on disk and zipped)."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import InputError, OutputExistsError
+from .errors import InputError, OutputError, OutputExistsError, TbOptError
+
+#: errno values that can only mean the output could not be written (not an input that could not be read).
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _nearest_existing(folder: Path) -> Path:
+    folder = Path(folder) if str(folder) else Path(".")
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def check_folder(folder: Path, what: str = "output") -> None:
+    """Refuse, before any work, a folder that cannot hold outputs: one under a file, or one whose
+    nearest existing folder is not writable (permissions or a read-only file system)."""
+    folder = Path(folder) if str(folder) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"cannot write the {what} into {folder}: it is a file, not a folder")
+    base = _nearest_existing(folder)
+    if not base.is_dir():
+        raise OutputError(f"cannot write the {what} into {folder}: {base} is a file, not a folder",
+                          hint="choose an output path under a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        why = "a read-only file system" if _read_only(base) else "permission denied"
+        raise OutputError(f"cannot write the {what} into {folder}: {base} is not writable ({why})",
+                          hint="choose another output path with -o")
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
 
 
 def check_output(path: Path, force: bool, inputs: tuple[Path, ...] = ()) -> None:
-    """Refuse, before any work is done, an output that exists (without ``force``) or is an input."""
+    """Refuse, before any work is done, an output that exists (without ``force``), is an input, or
+    lies where nothing can be written (see :func:`check_folder`)."""
     path = Path(path)
     for src in inputs:
         if src is not None and path.resolve() == Path(src).resolve():
@@ -24,38 +62,164 @@ def check_output(path: Path, force: bool, inputs: tuple[Path, ...] = ()) -> None
                              hint="choose another output path with -o")
     if path.exists() and not force:
         raise OutputExistsError(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
-        raise InputError(f"cannot write {path}: {parent} is not a directory")
+    check_folder(path.parent if str(path.parent) else Path("."), what=f"output {path.name}")
+
+
+def output_error(path: Path, exc: OSError) -> OutputError:
+    """An OS error met while writing ``path``, as one line."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError(f"cannot write {path}: no space left on its disk ({exc.strerror})",
+                           hint="free some space or write elsewhere with -o; nothing partial was left")
+    return OutputError(f"cannot write {path}: {exc.strerror or exc}", hint="nothing partial was left behind")
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """``mkdir -p folder``; returns the folders it made (deepest last), to remove them if the work fails."""
+    folder = Path(folder)
+    missing = []
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            if not d.is_dir():
+                remove_empty_folders(missing)
+                raise OutputError(f"cannot make the folder {folder}: {d} is a file") from None
+        except OSError as exc:
+            remove_empty_folders(missing)
+            raise output_error(folder, exc) from None
+    return list(reversed(missing))
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove the folders :func:`make_folders` made, deepest first, where they are still empty."""
+    for d in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush a written file, or every file and folder of a written folder, to the disk."""
+    paths = [path] if not path.is_dir() else [*sorted(p for p in path.rglob("*")), path]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_folder(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # some file systems cannot fsync a folder; the rename is still done
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) for a few system calls, so that an interrupt lands after them.
+
+    Python runs signal handlers in the main thread only; the handler is swapped for one that
+    notes the signal, and the interrupt is raised once the block is done.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            if callable(previous):
+                previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
+
+
+def _disk_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 64 * 1024
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
 def atomic_output(path: Path, force: bool = False, directory: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it into place.
+    """Yield a temporary path beside ``path``; on success flush it to disk and rename it into place.
 
-    The temporary file (or folder, for ``directory=True``, e.g. an ``.mlpackage``)
-    lives in the target's folder so the final rename is atomic; if the body raises
-    or is interrupted, it is removed and ``path`` is left as it was.
+    The temporary file (or folder, for ``directory=True``, e.g. an ``.mlpackage``) lives in a
+    hidden temporary folder in the target's folder, so the final rename is atomic. Missing folders
+    are made. If the body raises or is interrupted, the temporary folder and the folders made
+    for it are removed and ``path`` is left as it was; an OS error while writing (a full disk, a
+    read-only file system) becomes an :class:`OutputError`.
     """
     path = Path(path)
     if path.exists() and not force:
         raise OutputExistsError(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    tmp = tmp_dir / path.name
+    check_folder(path.parent, what=f"output {path.name}")
+    made = make_folders(path.parent)
     try:
-        yield tmp
-        if not tmp.exists():
-            raise RuntimeError(f"nothing was written to the temporary output for {path}")
-        if path.exists() and (path.is_dir() and not path.is_symlink()):
-            # A folder cannot be replaced atomically: move the old one aside first.
-            old = tmp_dir / (path.name + ".old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-        else:
-            os.replace(tmp, path)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        remove_empty_folders(made)
+        raise output_error(path, exc) from None
+    tmp = tmp_dir / path.name
+    done = False
+    try:
+        try:
+            yield tmp
+            if not tmp.exists():
+                raise RuntimeError(f"nothing was written to the temporary output for {path}")
+            _fsync_tree(tmp)
+        except (TbOptError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if isinstance(exc, OSError) and (exc.errno in _WRITE_ERRNOS or str(tmp_dir) in str(exc.filename or "")):
+                raise output_error(path, exc) from None
+            if _disk_full(path.parent):  # writers in C++ (torch.save) or copytree report a full disk as anything
+                raise output_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from exc
+            raise
+        with _interrupts_held():
+            if path.exists() and (path.is_dir() or directory) and not path.is_symlink():
+                # A folder cannot be replaced atomically: move the old one aside, put it back on failure.
+                old = tmp_dir / (path.name + ".old")
+                os.replace(path, old)
+                try:
+                    os.replace(tmp, path)
+                except OSError:
+                    os.replace(old, path)
+                    raise
+            else:
+                os.replace(tmp, path)
+        _fsync_folder(path.parent)
+        done = True
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        if not done:
+            remove_empty_folders(made)
+
+
+@contextlib.contextmanager
+def scratch_tempdir() -> Iterator[Path]:
+    """A private temporary folder for the block: ``tempfile`` (and so coremltools' temporary
+    packages and converter folders) writes there, and it is removed with everything in it at the
+    end, on success, error or Ctrl-C. The previous ``tempfile.tempdir`` is restored."""
+    old = tempfile.tempdir
+    folder = Path(tempfile.mkdtemp(prefix="tbopt-"))
+    tempfile.tempdir = str(folder)
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir = old
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def sha256_file(path: Path) -> str:

@@ -55,3 +55,11 @@ class Runner:
 
     def info(self) -> dict[str, Any]:
         return {}
+
+    @property
+    def label(self) -> str:
+        """How messages name the model: its file when it has one, else its engine."""
+        loaded = getattr(self, "loaded", None)
+        model = getattr(self, "model", None)
+        path = getattr(loaded, "path", None) or getattr(model, "path", None)
+        return str(path) if path is not None else f"the {self.kind} model ({self.engine})"

@@ -16,6 +16,7 @@ any run and machine.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -226,11 +227,14 @@ def portrait(seed: int, index: int, size: int = 256) -> Portrait:
     return Portrait(bare.astype(np.uint8), made_up.astype(np.uint8))
 
 
-def portraits(seed: int, count: int, size: int = 256, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` pairs as two uint8 arrays (N, H, W, 3): (bare, made_up)."""
+def portraits(seed: int, count: int, size: int = 256, start: int = 0,
+              on_each: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` pairs as two uint8 arrays (N, H, W, 3): (bare, made_up); ``on_each()`` after each."""
     bare = np.empty((count, size, size, 3), np.uint8)
     made = np.empty_like(bare)
     for i in range(count):
         p = portrait(seed, start + i, size)
         bare[i], made[i] = p.bare, p.made_up
+        if on_each is not None:
+            on_each()
     return bare, made

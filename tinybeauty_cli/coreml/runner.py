@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.errors import InputError, UnsupportedError
+from ..core.errors import InputError, NotImageModelError, TbOptError, UnsupportedError, UnusableModelError
 from ..core.runner import Runner
-from .spec import CoreMLModelFile, coremltools, load_program, read_coreml
+from ..core.sanity import output_problem, probe_input
+from .spec import CoreMLModelFile, coremltools, load_program, private_copy, read_coreml
 from .units import ComputeUnits, parse_compute_units
 from .weights import stored_weights
 
@@ -106,8 +107,14 @@ class ReferenceBackend(_Backend):
         return y.numpy()
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def load_device_model(path: Path, compute_units: ComputeUnits) -> Any:
-    """``coremltools.models.MLModel`` loaded (compiled) for prediction with ``compute_units``."""
+    """``coremltools.models.MLModel`` loaded (compiled) for prediction with ``compute_units``. ``path`` is a
+    private copy (:func:`~.spec.private_copy`): coremltools rewrites the ``Manifest.json`` of a package it opens."""
     ct = coremltools()
     return ct.models.MLModel(str(path), compute_units=compute_units.coreml())
 
@@ -121,10 +128,13 @@ class DeviceBackend(_Backend):
         self.model = model
         self.notes = []
         self.compute_units = compute_units
+        copy, self._copy = private_copy(model.path)  # kept (and removed) with this backend
         try:
-            self.mlmodel = load_device_model(model.path, compute_units)
-        except Exception as exc:  # noqa: BLE001
-            raise InputError(f"Core ML cannot load {model.path}: {exc}") from exc
+            self.mlmodel = load_device_model(Path(copy), compute_units)
+        except Exception as exc:  # noqa: BLE001 - Core ML raises anything: one line that names the file
+            if self._copy is not None:
+                self._copy.cleanup()
+            raise InputError(f"Core ML cannot load {model.path} ({compute_units.value}): {_first_line(exc)}") from exc
         self.engine = f"Core ML on device ({compute_units.value})"
 
     def run(self, feed: np.ndarray) -> np.ndarray:
@@ -135,7 +145,11 @@ class DeviceBackend(_Backend):
             value: Any = Image.fromarray(feed[0].transpose(1, 2, 0).astype(np.uint8), "RGB")
         else:
             value = feed.reshape(inp.shape).astype(np.float16 if inp.dtype == "fp16" else np.float32)
-        result = self.mlmodel.predict({inp.name: value})[out.name]
+        try:
+            result = self.mlmodel.predict({inp.name: value})[out.name]
+        except Exception as exc:  # noqa: BLE001 - Core ML raises anything: one line that names the file
+            raise InputError(f"Core ML prediction failed on {self.model.path.name} ({self.compute_units.value}): "
+                             f"{_first_line(exc)}") from exc
         if out.kind == "image":
             return np.asarray(result.convert("RGB"), np.float32).transpose(2, 0, 1)[None]
         return np.asarray(result, np.float32)
@@ -157,6 +171,8 @@ class CoreMLRunner(Runner):
     kind: str = "coreml"
     batch_size: int = 8
     notes: list[str] = field(default_factory=list)
+    #: Why the model cannot be right (NaN or Inf out of a test image); empty unless opened with check=False.
+    problems: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.preprocessing = self.model.preprocessing
@@ -172,14 +188,18 @@ class CoreMLRunner(Runner):
     def off_device(self) -> bool:
         return not self.on_device
 
+    def _feed(self, x: np.ndarray) -> np.ndarray:
+        """Model-space (1, 3, S, S) -> what the backend takes: an 8-bit pixel buffer for an image input, as
+        the app hands it to Core ML; the values themselves for a tensor input."""
+        if self.model.input.kind == "image":
+            lo, hi = self.preprocessing.value_range
+            return np.clip(np.rint((x - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.float32)
+        return x
+
     def _one(self, x: np.ndarray) -> np.ndarray:
         """(1, 3, S, S) model-space input -> residual."""
         lo, hi = self.preprocessing.value_range
-        if self.model.input.kind == "image":  # an 8-bit pixel buffer, as the app hands it to Core ML
-            feed = np.clip(np.rint((x - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.float32)
-        else:
-            feed = x
-        y = self.backend.run(feed)
+        y = self.backend.run(self._feed(x))
         s = self.preprocessing.size
         if y.size != 3 * s * s:
             raise UnsupportedError(f"{self.model.path}: output {self.model.output.name!r} has shape {y.shape}, "
@@ -223,6 +243,10 @@ def describe_coreml(runner: CoreMLRunner) -> dict[str, Any]:
             d["coreml_ops"] = f"not listed ({exc})"
     if reader is not None:
         d["precision"] = reader.precision
+        if m.format == "mlprogram" and reader.precision == "fp16":
+            fp32 = reader.executor.fp32_op_counts()
+            if fp32:  # e.g. the image scaling and post-processing of an fp16 image file
+                d["precision"] = "fp16; in fp32: " + ", ".join(f"{k} x{v}" for k, v in sorted(fp32.items()))
         counts = reader.executor.op_counts()
         d["coreml_ops"] = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
         summary = reader.executor.weight_summary()
@@ -245,13 +269,15 @@ def describe_coreml(runner: CoreMLRunner) -> dict[str, Any]:
 def open_coreml_runner(path: Path | str, *, compute_units: str | ComputeUnits | None = None,
                        fp16_emulation: bool = False, round_image_output: bool = True,
                        use_device: bool | None = None, arch: str | None = None, arch_kwargs: str | None = None,
-                       trust_pickle: bool = False) -> CoreMLRunner:
+                       trust_pickle: bool = False, check: bool = True) -> CoreMLRunner:
     """Open a ``.mlpackage`` / ``.mlmodel`` as a :class:`CoreMLRunner`.
 
     ``use_device``: None picks Core ML where it can run (macOS) and the reference
     executor elsewhere; False forces the reference executor; True requires Core ML.
     ``arch``, ``arch_kwargs`` and ``trust_pickle`` concern checkpoints and are ignored (a
     Core ML file carries its own graph), so commands can pass one set of options to a mix.
+    The model is run once on a test image: an output that is not one 3-channel image is refused;
+    NaN or Inf in it is refused too, unless ``check`` is False (then it is kept in ``problems``).
     """
     del arch, arch_kwargs, trust_pickle
     units = parse_compute_units(compute_units)
@@ -271,4 +297,33 @@ def open_coreml_runner(path: Path | str, *, compute_units: str | ComputeUnits | 
             notes.append(f"--compute-units {units.value} has no effect: Core ML prediction needs macOS, so this run "
                          "uses the reference executor on the CPU")
     notes.extend(backend.notes)
-    return CoreMLRunner(model, backend, round_image_output=round_image_output, notes=notes)
+    runner = CoreMLRunner(model, backend, round_image_output=round_image_output, notes=notes)
+    runner.problems = _probe(runner)
+    if runner.problems and check:
+        raise UnusableModelError(runner.problems[0], hint="re-export the model; tbopt info shows what it holds")
+    return runner
+
+
+def _probe(runner: CoreMLRunner) -> list[str]:
+    """Run the model once on :func:`~..core.sanity.probe_input`: a wrong-shaped output is refused here;
+    NaN or Inf in it is returned as a problem."""
+    size = runner.preprocessing.size
+    try:
+        y = runner.backend.run(runner._feed(probe_input(size)))
+    except TbOptError as exc:  # e.g. an op the reference executor does not know: say which file
+        if type(exc) not in (UnsupportedError, InputError) or str(runner.model.path) in str(exc):
+            raise
+        raise type(exc)(f"{runner.model.path}: {exc}", exc.hint) from None
+    except Exception as exc:  # noqa: BLE001 - whatever the graph raises, it does not run on this image
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise NotImageModelError(f"{runner.model.path} cannot run on a {size}x{size} RGB image "
+                                 f"({type(exc).__name__}: {first})") from None
+    if np.asarray(y).size == 3 * size * size:
+        y = np.asarray(y).reshape(1, 3, size, size)
+    found = output_problem(runner.model.path, y, size)
+    if found is None:
+        return []
+    kind, message = found
+    if kind is NotImageModelError:
+        raise NotImageModelError(message)
+    return [message]

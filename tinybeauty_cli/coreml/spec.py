@@ -15,6 +15,8 @@ import functools
 import io
 import json
 import logging
+import shutil
+import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..core.artifact import Preprocessing
-from ..core.errors import ConfigError, InputError, UnsupportedError
+from ..core.errors import ConfigError, InputError, NotImageModelError, UnsupportedError
 
 #: Where an ML Program package keeps its graph description and weights.
 PACKAGE_DATA = Path("Data") / "com.apple.CoreML"
@@ -60,11 +62,51 @@ def coremltools() -> Any:
     return ct
 
 
+def private_copy(path: Path | str) -> tuple[str, tempfile.TemporaryDirectory | None]:
+    """A path coremltools may open in place of ``path``, and the temporary folder holding it (or None).
+
+    coremltools opens an ``.mlpackage`` through its ModelPackage library, which rewrites the
+    package's ``Manifest.json`` (and needs write access to it) even just to read the spec, even when
+    the read then fails. tbopt never writes its inputs, so a package is opened from a private copy
+    (files copied, permissions not: the copy is writable). A ``.mlmodel`` file is only read, in place.
+    The caller keeps the folder while coremltools needs the copy and cleans it up after.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return str(path), None
+    holder = tempfile.TemporaryDirectory(prefix="tbopt-read-")
+    try:
+        copy = Path(holder.name) / path.name
+        copy.mkdir()
+        for src in sorted(path.rglob("*")):
+            dst = copy / src.relative_to(path)
+            if src.is_dir():
+                dst.mkdir(parents=True, exist_ok=True)
+            elif src.is_file():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)
+    except BaseException:
+        holder.cleanup()
+        raise
+    return str(copy), holder
+
+
+@contextlib.contextmanager
+def readable(path: Path | str) -> Iterator[str]:
+    """:func:`private_copy` for the length of a block: the path to hand coremltools, removed after."""
+    copy, holder = private_copy(path)
+    try:
+        yield copy
+    finally:
+        if holder is not None:
+            holder.cleanup()
+
+
 def load_spec(path: Path | str) -> Any:
-    """The protobuf specification of a ``.mlmodel`` / ``.mlpackage``."""
+    """The protobuf specification of a ``.mlmodel`` / ``.mlpackage`` (the file is only read)."""
     ct = coremltools()
-    with quiet():
-        return ct.utils.load_spec(str(path))
+    with quiet(), readable(path) as copy:
+        return ct.utils.load_spec(copy)
 
 
 def load_program(path: Path | str) -> Any:
@@ -72,18 +114,49 @@ def load_program(path: Path | str) -> Any:
     (its constants are readable on Linux)."""
     ct = coremltools()
     try:
-        with quiet():
-            from coremltools.converters.mil.frontend.milproto.load import load  # noqa: PLC0415
-
-            model = ct.models.MLModel(str(path), skip_model_load=True)
-            spec = model.get_spec()
-            if spec.WhichOneof("Type") != "mlProgram":
-                raise InputError(f"{path} is not an ML Program (it holds a {spec.WhichOneof('Type')} model)")
-            return load(spec, spec.specificationVersion, file_weights_dir=model.weights_dir)
+        with quiet(), readable(path) as copy:  # a private copy: coremltools rewrites what it opens
+            model = ct.models.MLModel(copy, skip_model_load=True)
+            kind = model.get_spec().WhichOneof("Type")
+            if kind != "mlProgram":
+                raise InputError(f"{path} is not an ML Program (it holds a {kind} model)")
+            return mil_program(model)  # weights are read here, while the copy exists
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - coremltools raises many kinds on a corrupt package
         raise InputError(f"cannot read the ML Program {path}: {exc}") from exc
+
+
+def mil_program(mlmodel: Any) -> Any:
+    """The MIL program of an ML Program ``MLModel`` (written or still in memory), with its weights,
+    read by coremltools' own loader."""
+    coremltools()
+    from coremltools.converters.mil.frontend.milproto.load import load  # noqa: PLC0415
+
+    spec = mlmodel.get_spec()
+    with quiet():
+        return load(spec, spec.specificationVersion, file_weights_dir=mlmodel.weights_dir)
+
+
+def constexpr_values(function: Any) -> dict[str, Any]:
+    """Every ``constexpr_*`` output of a MIL function by variable name, decompressed by coremltools'
+    own ``materialized_val_inference`` in program order. An op fed by another constexpr op (a
+    palette whose table is itself scaled or quantized, as coremltools writes per-channel-scale
+    palettes) is given that op's value first, as coremltools' ``WeightDecompressor`` pass does by
+    turning each decompressed op into a ``const``."""
+    values: dict[str, Any] = {}
+    for op in function.operations:
+        if not op.op_type.startswith("constexpr_"):
+            continue
+        for var in op.inputs.values():
+            if getattr(var, "name", None) in values and var.val is None:
+                known = var.sym_type()
+                known.val = values[var.name]
+                var._sym_val = known  # what a const in its place would hold
+        with quiet():
+            vals = op.materialized_val_inference()
+        for out, v in zip(op.outputs, vals if isinstance(vals, tuple) else (vals,)):
+            values[out.name] = v
+    return values
 
 
 # ---------------------------------------------------------------- what the file declares
@@ -129,7 +202,7 @@ def feature(desc: Any, role: str) -> Feature:
         if not shape and t.WhichOneof("ShapeFlexibility") == "enumeratedShapes":
             shape = tuple(int(d) for d in t.enumeratedShapes.shapes[0].shape)
         return Feature(desc.name, "tensor", shape, _ARRAY_TYPES.get(t.dataType, str(t.dataType)))
-    raise UnsupportedError(f"the model's {role} {desc.name!r} is a {kind}; tbopt runs image-to-image models")
+    raise NotImageModelError(f"the model's {role} {desc.name!r} is a {kind}; tbopt runs image-to-image models")
 
 
 def _maybe_json(text: str) -> Any:
@@ -194,8 +267,8 @@ def read_coreml(path: Path | str) -> CoreMLModelFile:
         raise InputError(f"{path} is not a folder; a .mlpackage is a folder with a Manifest.json")
     ct = coremltools()
     try:
-        model = ct.models.MLModel(str(path), skip_model_load=True)
-        spec = model.get_spec()
+        with quiet(), readable(path) as copy:
+            spec = ct.models.MLModel(copy, skip_model_load=True).get_spec()
     except Exception as exc:  # noqa: BLE001 - coremltools raises many kinds on a corrupt file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"cannot read Core ML model {path}: {first}") from exc
@@ -205,20 +278,41 @@ def read_coreml(path: Path | str) -> CoreMLModelFile:
     elif kind in ("neuralNetwork", "neuralNetworkRegressor"):
         fmt = "neuralnetwork"
     else:
-        raise UnsupportedError(f"{path} holds a Core ML {kind} model; tbopt runs ML Programs and NeuralNetworks")
+        raise NotImageModelError(f"{path} holds a Core ML {kind} model; tbopt runs image-to-image ML Programs "
+                                 f"and NeuralNetworks")
     ins, outs = list(spec.description.input), list(spec.description.output)
     if len(ins) != 1 or len(outs) != 1:
-        raise UnsupportedError(f"{path} has {len(ins)} inputs and {len(outs)} outputs; tbopt runs models with one "
+        raise NotImageModelError(f"{path} has {len(ins)} inputs and {len(outs)} outputs; tbopt runs models with one "
                                "image (or tensor) in and one out")
-    inp, out = feature(ins[0], "input"), feature(outs[0], "output")
+    try:
+        inp, out = feature(ins[0], "input"), feature(outs[0], "output")
+    except NotImageModelError as exc:
+        raise NotImageModelError(f"{path}: {exc}") from None
     if inp.kind == "image" and inp.shape[1] != 3:
-        raise UnsupportedError(f"{path}: the input image is {inp.color}; tbopt feeds RGB faces")
+        raise NotImageModelError(f"{path}: the input image is {inp.color}; tbopt feeds RGB faces")
     if len(inp.shape) < 3 or inp.shape[-3] != 3 or inp.shape[-1] != inp.shape[-2] or \
             int(np.prod(inp.shape[:-3])) != 1:
-        raise UnsupportedError(f"{path}: input {inp.describe()} is not one square 3-channel image")
+        raise NotImageModelError(f"{path}: input {inp.describe()} is not one square 3-channel image; tbopt needs "
+                                 f"a model that takes one 3-channel image and returns one")
+    _check_output(path, inp, out)
     user = dict(spec.description.metadata.userDefined)
-    weights_dir = getattr(model, "weights_dir", None) if fmt == "mlprogram" else None
+    weights = path / PACKAGE_DATA / "weights"
+    weights_dir = str(weights) if fmt == "mlprogram" and weights.is_dir() else None
     return CoreMLModelFile(path, spec, fmt, inp, out, user, weights_dir)
+
+
+def _check_output(path: Path, inp: Feature, out: Feature) -> None:
+    """Refuse a declared output that is not one 3-channel image the size of the input."""
+    size = inp.shape[-1]
+    if out.kind == "image":
+        if out.shape[1] != 3 or out.shape[2:] != (size, size):
+            raise NotImageModelError(f"{path}: output {out.describe()} is not a 3-channel {size}x{size} image; "
+                                     f"tbopt needs one image out the size of the image in")
+        return
+    if out.shape and (int(np.prod(out.shape)) != 3 * size * size or len(out.shape) < 3
+                      or tuple(out.shape[-3:]) != (3, size, size)):
+        raise NotImageModelError(f"{path}: output {out.describe()} is not one 3x{size}x{size} image; "
+                                 f"tbopt needs one image out the size of the image in")
 
 
 def graph_op_counts(spec: Any) -> Counter:

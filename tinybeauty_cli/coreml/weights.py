@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..core.errors import UnsupportedError
-from .spec import coremltools, load_program, load_spec, quiet
+from .spec import constexpr_values, coremltools, load_program, load_spec
 
 _CONV_KINDS = ("conv", "conv_transpose", "convolution")
 
@@ -61,44 +61,65 @@ def stored_weights(path: Path | str) -> list[StoredWeight]:
 
 # ---------------------------------------------------------------- ML Program
 
+def _linear_label(op: Any) -> str:
+    """"int8 linear", "int4 linear per-block", ...: the integer type and whether the scales are per
+    output channel or per block (more than one axis of the scale larger than one)."""
+    from coremltools.converters.mil.mil import types  # noqa: PLC0415
+
+    data = next((op.inputs[k] for k in ("quantized_data", "data", "nonzero_data") if op.inputs.get(k) is not None), None)
+    dtype = types.builtin_to_string(data.dtype) if data is not None else "int8"
+    scale = op.inputs.get("scale")
+    blocks = sum(1 for d in (scale.shape if scale is not None else ()) if d != 1)
+    return f"{dtype} linear" + (" per-block" if blocks > 1 else "")
+
+
+def _float_data(op: Any) -> bool:
+    from coremltools.converters.mil.mil import types  # noqa: PLC0415
+
+    data = op.inputs.get("data")
+    return data is not None and types.is_float(data.dtype)
+
+
 def _storage_of(op: Any) -> str:
-    """How a decompressed weight is stored, from the chain of constexpr ops that produce it."""
+    """How a decompressed weight is stored, from the chain of constexpr ops that produce it:
+    "palettized 4-bit", "palettized 4-bit (6 tables)" (per group of channels), "+per-channel
+    scale", "int8 linear", "int4 linear per-block", "sparse+...", ..."""
     kinds: list[str] = []
     pending = [op]
     while pending:
         cur = pending.pop()
         t = cur.op_type
         lut = cur.inputs.get("lut")
+        inner = [v.op for v in cur.inputs.values()
+                 if v is not None and v.op is not None and v.op.op_type.startswith("constexpr_")]
         if lut is not None:
             entries = lut.shape[0] if lut.rank == 1 else lut.shape[-2]
-            kinds.append(f"palettized {int(np.log2(entries))}-bit")
+            tables = int(np.prod(lut.shape[:-2])) if lut.rank > 2 else 1
+            kinds.append(f"palettized {int(np.log2(entries))}-bit" + (f" ({tables} tables)" if tables > 1 else ""))
+        elif "shift_scale" in t and _float_data(cur):
+            kinds.append("per-channel scale")  # float tables or weights scaled, not integers dequantized
         elif "affine_dequantize" in t or "shift_scale" in t:
-            kinds.append("int8 linear")
+            kinds.append(_linear_label(cur))
         if "sparse" in t:
             kinds.append("sparse")
-        pending.extend(v.op for v in cur.inputs.values()
-                       if v is not None and v.op is not None and v.op.op_type.startswith("constexpr_"))
-    return "+".join(sorted(dict.fromkeys(kinds), key=lambda k: k != "sparse"))
+        pending.extend(inner)
+    return "+".join(sorted(dict.fromkeys(kinds), key=lambda k: (k != "sparse", k == "per-channel scale")))
 
 
 def _is_data(op: Any) -> bool:
     return op.op_type == "const" or op.op_type.startswith("constexpr_")
 
 
-def _stored_value(var: Any) -> tuple[Any, str | None]:
+def _stored_value(var: Any, decompressed: dict[str, Any]) -> tuple[Any, str | None]:
     """The value of a ``const`` / ``constexpr_*`` output and its storage (None: the value's own dtype)."""
-    op = var.op
-    if op.op_type == "const":
+    if var.op.op_type == "const":
         return var.val, None
-    with quiet():
-        value = op.materialized_val_inference()
-    if isinstance(value, tuple):
-        value = value[list(op.outputs).index(var)]
-    return value, _storage_of(op)
+    return decompressed[var.name], _storage_of(var.op)
 
 
 def _program_weights(path: Path) -> list[StoredWeight]:
     fn = load_program(path).functions["main"]
+    decompressed = constexpr_values(fn)
     weights: list[StoredWeight] = []
     seen: set[str] = set()
     for op in fn.operations:
@@ -109,7 +130,7 @@ def _program_weights(path: Path) -> list[StoredWeight]:
                 if var is None or var.op is None or not _is_data(var.op) or var.name in seen:
                     continue
                 seen.add(var.name)
-                value, storage = _stored_value(var)
+                value, storage = _stored_value(var, decompressed)
                 if not isinstance(value, np.ndarray) or value.dtype.kind != "f" or value.ndim == 0:
                     continue
                 weights.append(StoredWeight(op.name, op.op_type, key, value.astype(np.float32),

@@ -12,7 +12,17 @@ from ..core.errors import ConfigError, TbOptError, UsageError
 
 CONFIG_VERSION = 1
 TARGETS = ("iOS13", "iOS14", "iOS15", "iOS16", "iOS17", "iOS18")
-WEIGHT_MODES = ("fp16", "int8", "pal8", "pal6", "pal4", "pal3", "pal2")
+WEIGHT_MODES = ("fp16", "int8", "int4", "pal8", "pal6", "pal4", "pal3", "pal2")
+#: Palette granularities (``--granularity``): one table per tensor, or per group of output channels.
+GRANULARITIES = ("per-tensor", "per-grouped-channel")
+#: Activation storage (``--activations``): float as computed, or int8 (quantize/dequantize pairs).
+ACTIVATION_MODES = ("int8",)
+#: Defaults of ``--block-size`` (int4: input channels per scale) and ``--group-size`` (output
+#: channels per palette); a layer whose channels they do not divide gets the largest common divisor.
+DEFAULT_BLOCK_SIZE = 8
+DEFAULT_GROUP_SIZE = 1
+#: Calibration images for ``--activations int8`` when ``--calib-count`` is not given.
+DEFAULT_CALIB_COUNT = 16
 FORMAT_BY_SUFFIX = {".mlmodel": "neuralnetwork", ".mlpackage": "mlprogram"}
 FORMAT_NAMES = {"neuralnetwork": "NeuralNetwork (.mlmodel)", "mlprogram": "ML Program (.mlpackage)"}
 #: A checkpoint with at least this share of zero weights counts as pruned (``--sparse auto``).
@@ -68,6 +78,13 @@ class ExportConfig:
     license: str | None = None
     model_version: str = "1.0"
     version: int = CONFIG_VERSION
+    activations: str | None = None  # None: float activations; "int8": quantize/dequantize pairs (iOS17+)
+    calib: str | None = None  # calibration images for int8 activations (None: synthetic portraits)
+    calib_count: int = DEFAULT_CALIB_COUNT
+    block_size: int | None = None  # int4: input channels per scale (None: DEFAULT_BLOCK_SIZE)
+    granularity: str = "per-tensor"  # palettes: one table per tensor or per group of output channels
+    group_size: int | None = None  # per-grouped-channel: output channels per table (None: DEFAULT_GROUP_SIZE)
+    per_channel_scale: bool = False  # palettes: each output channel scaled to [-1, 1] first (iOS18)
 
     def __post_init__(self) -> None:
         if self.format not in FORMAT_NAMES:
@@ -86,11 +103,61 @@ class ExportConfig:
             raise ConfigError(f"--io must be image or tensor, got {self.io!r}")
         if self.size is not None and (self.size < 8 or self.size % 4):
             raise ConfigError(f"--size must be a multiple of 4 and >= 8, got {self.size}")
+        self._check_compression()
         if self.format == "neuralnetwork" and self.target is not None and _target_index(self.target) > 1:
             raise UsageError(
                 f"--target {self.target} with a .mlmodel: the NeuralNetwork format is written for iOS13 or "
                 f"iOS14 (it also runs on later iOS)",
                 hint="write an .mlpackage (ML Program) for an iOS15+ target")
+
+    def _check_compression(self) -> None:
+        """int4, grouped palettes, per-channel scales and int8 activations: only where they apply."""
+        program = self.format == "mlprogram"
+        if self.activations is not None:
+            if self.activations not in ACTIVATION_MODES:
+                raise ConfigError(f"--activations must be int8, got {self.activations!r}")
+            if not program:
+                raise UsageError("--activations int8 needs an ML Program: int8 activations (quantize/dequantize "
+                                 "pairs) exist from iOS 17 on", hint="write an .mlpackage")
+        elif self.calib is not None:
+            raise UsageError("--calib calibrates int8 activations", hint="add --activations int8, or drop --calib")
+        if self.calib_count < 1:
+            raise ConfigError(f"--calib-count must be >= 1, got {self.calib_count}")
+        if self.weights == "int4" and not program:
+            raise UsageError("--weights int4 (per-block) needs an ML Program for iOS 18", hint="write an .mlpackage")
+        if self.block_size is not None:
+            if self.weights != "int4":
+                raise UsageError("--block-size applies to --weights int4", hint="add --weights int4")
+            if self.block_size < 1:
+                raise ConfigError(f"--block-size must be >= 1, got {self.block_size}")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        palettes = self.weights is not None and self.weights.startswith("pal")
+        if self.granularity != "per-tensor" or self.per_channel_scale:
+            what = "--granularity per-grouped-channel" if self.granularity != "per-tensor" else "--per-channel-scale"
+            if not palettes:
+                raise UsageError(f"{what} applies to palettes", hint="add --weights pal4 (or another palN)")
+            if not program:
+                raise UsageError(f"{what} needs an ML Program for iOS 18", hint="write an .mlpackage")
+        if self.group_size is not None:
+            if self.granularity != "per-grouped-channel":
+                raise UsageError("--group-size applies to --granularity per-grouped-channel",
+                                 hint="add --granularity per-grouped-channel")
+            if self.group_size < 1:
+                raise ConfigError(f"--group-size must be >= 1, got {self.group_size}")
+
+    @property
+    def int4_block_size(self) -> int:
+        return self.block_size or DEFAULT_BLOCK_SIZE
+
+    @property
+    def palette_group_size(self) -> int:
+        return self.group_size or DEFAULT_GROUP_SIZE
+
+    @property
+    def grouped(self) -> bool:
+        """Palettes per group of output channels (iOS18)."""
+        return self.granularity == "per-grouped-channel"
 
     @property
     def weight_mode(self) -> str:
@@ -117,14 +184,23 @@ class ExportConfig:
 # --- what the format and the compression need --------------------------------------------------------
 
 
-def requirements(fmt: str, weight_mode: str, sparse: bool) -> list[tuple[str, str]]:
+def requirements(fmt: str, weight_mode: str, sparse: bool, *, activations: str | None = None, grouped: bool = False,
+                 per_channel_scale: bool = False) -> list[tuple[str, str]]:
     """(minimum target, why) for each feature an export uses."""
     if fmt == "neuralnetwork":
         return [("iOS13", "the NeuralNetwork format as tbopt writes it")]
     needs = [("iOS15", "an ML Program")]
     bits = int(weight_mode[3:]) if weight_mode.startswith("pal") else None
+    if activations == "int8":
+        needs.append(("iOS17", "int8 activations (quantize/dequantize pairs)"))
     if weight_mode == "int8":
         needs.append(("iOS16", "int8 per-channel weights in an ML Program"))
+    if weight_mode == "int4":
+        needs.append(("iOS18", "int4 per-block weights"))
+    if grouped:
+        needs.append(("iOS18", "palettes per group of output channels"))
+    if per_channel_scale:
+        needs.append(("iOS18", "palettes with per-channel scales"))
     if bits is not None:
         if bits == 3:
             needs.append(("iOS18", "3-bit palettes in an ML Program"))
@@ -132,7 +208,7 @@ def requirements(fmt: str, weight_mode: str, sparse: bool) -> list[tuple[str, st
             needs.append(("iOS16", "palettized weights in an ML Program"))
     if sparse:
         needs.append(("iOS16", "sparse weights"))
-        if weight_mode in ("int8",) or bits is not None:
+        if weight_mode in ("int8", "int4") or bits is not None:
             needs.append(("iOS18", f"sparse weights stored jointly with {weight_mode} compression"))
     return needs
 
@@ -153,7 +229,7 @@ def tensor_dtype(config: ExportConfig, target: str) -> str:
 
 
 def storage_bits(weight_mode: str) -> int:
-    return {"fp32": 32, "fp16": 16, "int8": 8}.get(weight_mode) or int(weight_mode[3:])
+    return {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}.get(weight_mode) or int(weight_mode[3:])
 
 
 def sparse_threshold(weight_mode: str) -> float:
@@ -181,7 +257,11 @@ def plan_export(config: ExportConfig, tensor_zeros: list[tuple[int, int]]) -> Ex
                          f"which sparse storage beats {config.weight_mode}; stored dense")
         else:
             sparse = True
-    needs = requirements(config.format, config.weight_mode, sparse)
+    if sparse and config.per_channel_scale:  # coremltools 9 cannot scale the non-zero values of a sparse tensor
+        raise UsageError("--per-channel-scale cannot be stored jointly with sparse weights",
+                         hint="pass --sparse off to store the pruned weights dense")
+    needs = requirements(config.format, config.weight_mode, sparse, activations=config.activations,
+                         grouped=config.grouped, per_channel_scale=config.per_channel_scale)
     target, why = max(needs, key=lambda n: _target_index(n[0]))
     if config.target is not None:
         if _target_index(config.target) < _target_index(target):

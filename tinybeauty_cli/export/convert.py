@@ -4,13 +4,18 @@ and metadata. :func:`export_module` is the transform: module in, Core ML model o
 no file (:meth:`ExportedModel.save` does, where the caller wants it).
 
 Only convolution and linear weights are compressed; biases and norm scales stay at float
-precision. Palettes are k-means look-up tables per tensor (:func:`.palettes.kmeans_lut`; on the
-NeuralNetwork format through coremltools' own ``quantize_weights(..., "custom_lut")``, because
-its built-in k-means path crashes on numpy 2).
+precision. Palettes are k-means look-up tables (:func:`.palettes.kmeans_lut`) per tensor, or per
+group of output channels with optional per-channel scales (iOS 18, through coremltools'
+``OpPalettizerConfig``); on the NeuralNetwork format through coremltools' own
+``quantize_weights(..., "custom_lut")``, because its built-in k-means path crashes on numpy 2.
+int4 weights are linear per block of input channels (``OpLinearQuantizerConfig``, iOS 18).
+int8 activations (:mod:`.activations`) are calibrated on the float program, before the weights
+are compressed, as coremltools' W8A8 recipe orders it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,8 +27,10 @@ from torch import nn
 from ..core.artifact import ArchSpec, HistoryStep, Preprocessing
 from ..core.counts import input_channels
 from ..core.errors import TbOptError, UnsupportedError
+from ..core.images import synthetic_unlabeled
 from ..coreml.compact import compact_neural_network, compact_program, inline_small_weights
-from ..coreml.spec import coremltools, quiet
+from ..coreml.spec import coremltools, mil_program, quiet
+from .activations import ActivationReport, int8_activations
 from .config import (
     _WEIGHT_OPS,
     IMAGE_IN,
@@ -58,6 +65,33 @@ def _io_types(ct: Any, config: ExportConfig, plan: ExportPlan, prep: Preprocessi
     return inputs, [ct.ImageType(name=IMAGE_OUT, color_layout=ct.colorlayout.RGB)]
 
 
+#: Elementwise ops that may follow the network in an image-I/O graph: ``x + r``, the clip, ``+ 1``, ``* 127.5``.
+_IMAGE_TAIL_OPS = frozenset({"add", "sub", "mul", "real_div", "clip", "maximum", "minimum"})
+
+
+def in_image_tail(op: Any) -> bool:
+    """True for a MIL op of the elementwise tail that turns the network's output into the image
+    output: it is one of :data:`_IMAGE_TAIL_OPS` and everything it feeds is such an op or the output.
+
+    In fp16 these ops cost ~20 dB of fidelity before 8-bit rounding (fp16's step is 0.125 above
+    128 in 0..255, and ``x + r`` would add the fp16-rounded input); kept in fp32 they read the
+    fp32 input the image scaling gives and the network's fp16 output cast to fp32.
+    """
+    if op.op_type not in _IMAGE_TAIL_OPS:
+        return False
+    return all(in_image_tail(child) for out in op.outputs for child in out.child_ops)
+
+
+def _compute_precision(ct: Any, config: ExportConfig) -> Any:
+    """fp32, or fp16 for every op but the image tail (:func:`in_image_tail`) of an image-I/O program."""
+    if config.precision == "fp32":
+        return ct.precision.FLOAT32
+    if config.io != "image":
+        return ct.precision.FLOAT16
+    # coremltools' own fp16 pass, told which ops to cast (it casts the tail's fp16 operands back to fp32)
+    return ct.transform.FP16ComputePrecision(op_selector=lambda op: not in_image_tail(op))
+
+
 def _convert(traced: torch.jit.ScriptModule, config: ExportConfig, plan: ExportPlan, prep: Preprocessing,
              size: int, channels: int) -> Any:
     ct = coremltools()
@@ -66,8 +100,7 @@ def _convert(traced: torch.jit.ScriptModule, config: ExportConfig, plan: ExportP
                                   minimum_deployment_target=getattr(ct.target, plan.target),
                                   skip_model_load=True)
     if config.format == "mlprogram":
-        kwargs.update(convert_to="mlprogram",
-                      compute_precision=ct.precision.FLOAT16 if config.precision == "fp16" else ct.precision.FLOAT32)
+        kwargs.update(convert_to="mlprogram", compute_precision=_compute_precision(ct, config))
     else:
         kwargs.update(convert_to="neuralnetwork")
     try:
@@ -78,10 +111,31 @@ def _convert(traced: torch.jit.ScriptModule, config: ExportConfig, plan: ExportP
                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
 
 
+def _weight_dims(mlmodel: Any) -> dict[str, tuple[int, int]]:
+    """(input channels, output channels) of the constant weight of every conv/linear op, by op name."""
+    dims: dict[str, tuple[int, int]] = {}
+    for op in mil_program(mlmodel).functions["main"].operations:
+        weight = op.inputs.get("weight") if op.op_type in _WEIGHT_OPS else None
+        if weight is None or weight.shape is None or len(weight.shape) < 2:
+            continue
+        shape = [int(d) for d in weight.shape]
+        # coremltools' axes (optimize._utils.select_input_output_channel_axis): conv_transpose
+        # weights are (C_in, C_out/groups, ...), the others (C_out, C_in/groups, ...)
+        dims[op.name] = (shape[0], shape[1]) if op.op_type == "conv_transpose" else (shape[1], shape[0])
+    return dims
+
+
+def _per_layer(config_for: Callable[[int], Any], wanted: int, sizes: dict[str, int]) -> dict[str, Any]:
+    """Op-name configs for the layers whose channel count ``wanted`` does not divide: the largest
+    common divisor there (coremltools would leave such a layer uncompressed, with a warning)."""
+    return {name: config_for(math.gcd(n, wanted)) for name, n in sizes.items() if n % wanted}
+
+
 def _compress_program(mlmodel: Any, config: ExportConfig, plan: ExportPlan) -> Any:
     ct = coremltools()
     opt = ct.optimize.coreml
     mode = config.weight_mode
+    dims = _weight_dims(mlmodel) if mode == "int4" or config.grouped else {}
     with quiet():
         if plan.sparse:
             # Exact zeros only (threshold far below fp16 resolution); a tensor is stored sparse
@@ -96,16 +150,34 @@ def _compress_program(mlmodel: Any, config: ExportConfig, plan: ExportPlan) -> A
                                               weight_threshold=0)
             mlmodel = opt.linear_quantize_weights(mlmodel, opt.OptimizationConfig(
                 op_type_configs={t: cfg for t in _WEIGHT_OPS}), joint_compression=joint)
+        elif mode == "int4":
+            def int4(block: int) -> Any:
+                return opt.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block",
+                                                   block_size=block, weight_threshold=0)
+
+            block = config.int4_block_size
+            by_name = _per_layer(int4, block, {name: c_in for name, (c_in, _) in dims.items()})
+            mlmodel = opt.linear_quantize_weights(mlmodel, opt.OptimizationConfig(
+                op_type_configs={t: int4(block) for t in _WEIGHT_OPS}, op_name_configs=by_name),
+                joint_compression=joint)
         elif config.palette_bits is not None:
             bits = config.palette_bits
+
             def lut_function(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-                lut, indices = kmeans_lut(weights, bits)
+                lut, indices = kmeans_lut(weights, bits)  # one table per tensor, or per group of channels
                 return lut.astype(weights.dtype), indices
 
-            cfg = opt.OpPalettizerConfig(mode="custom", lut_function=lut_function,
-                                         granularity="per_tensor", weight_threshold=0)
+            def palettes(group: int | None) -> Any:
+                grouping = ({"granularity": "per_grouped_channel", "group_size": group} if group
+                            else {"granularity": "per_tensor"})
+                return opt.OpPalettizerConfig(mode="custom", lut_function=lut_function, weight_threshold=0,
+                                              enable_per_channel_scale=config.per_channel_scale, **grouping)
+
+            group = config.palette_group_size if config.grouped else None
+            by_name = _per_layer(palettes, group, {name: c_out for name, (_, c_out) in dims.items()}) if group else {}
             mlmodel = opt.palettize_weights(mlmodel, opt.OptimizationConfig(
-                op_type_configs={t: cfg for t in _WEIGHT_OPS}), joint_compression=joint)
+                op_type_configs={t: palettes(group) for t in _WEIGHT_OPS}, op_name_configs=by_name),
+                joint_compression=joint)
     return mlmodel
 
 
@@ -162,6 +234,7 @@ class ExportedModel:
     module: nn.Module  # what the graph computes, as PyTorch (the file's weights go into a copy of it)
     preprocessing: Preprocessing
     history: list[HistoryStep]  # the model's history, this export last
+    activations: ActivationReport | None = None  # int8 activations: how they were calibrated
 
     def save(self, path: Path | str) -> None:
         """Write the ``.mlmodel`` / ``.mlpackage`` to ``path`` (callers make it atomic)."""
@@ -178,12 +251,15 @@ def plan_for(model: nn.Module, config: ExportConfig) -> ExportPlan:
 
 def export_module(model: nn.Module, config: ExportConfig, *, preprocessing: Preprocessing,
                   history: list[HistoryStep], arch: ArchSpec | None = None, source_sha256: str | None = None,
-                  plan: ExportPlan | None = None, advance: Callable[..., None] | None = None) -> ExportedModel:
+                  plan: ExportPlan | None = None, advance: Callable[..., None] | None = None,
+                  calibration: np.ndarray | None = None) -> ExportedModel:
     """Convert a float model (eval mode) to a Core ML model as ``config`` asks; no file is written.
 
     ``preprocessing``, ``history``, ``arch`` and ``source_sha256`` describe the model in the
     file's metadata; ``plan`` is :func:`plan_for` when the caller checked it already;
     ``advance`` moves the caller's progress bar once per step (trace, convert, compress).
+    ``calibration``: uint8 (N, H, W, 3) images at the export size for ``activations="int8"``
+    (default: ``config.calib_count`` synthetic portraits, never the test set).
     """
     advance = advance or (lambda n=1, **fields: None)
     size = config.size or preprocessing.size
@@ -202,6 +278,11 @@ def export_module(model: nn.Module, config: ExportConfig, *, preprocessing: Prep
     with inline_small_weights():
         mlmodel = _convert(traced, config, plan, preprocessing, size, channels)
         advance(1)
+        activations = None
+        if config.activations == "int8":  # calibrated on the float program, before weight compression
+            if calibration is None:
+                calibration = synthetic_unlabeled(config.calib_count, size).inputs
+            mlmodel, activations = int8_activations(mlmodel, calibration, config.io, preprocessing.value_range)
         try:
             if config.format == "mlprogram":
                 mlmodel = _compress_program(mlmodel, config, plan)
@@ -225,4 +306,4 @@ def export_module(model: nn.Module, config: ExportConfig, *, preprocessing: Prep
     step = HistoryStep.now("export", "tbopt export", config.to_dict(), {"target": plan.target, "sparse": plan.sparse})
     history = [*history, step]
     describe(spec, config, plan, size, preprocessing, history, arch=arch, source_sha256=source_sha256)
-    return ExportedModel(mlmodel, spec, config, plan, size, channels, module, preprocessing, history)
+    return ExportedModel(mlmodel, spec, config, plan, size, channels, module, preprocessing, history, activations)

@@ -15,9 +15,44 @@ from .config import META_PREFIX, ExportConfig, ExportPlan
 def compression_label(config: ExportConfig, sparse: bool) -> str:
     """How conv/linear weights are stored, in words (e.g. "4-bit palettized (k-means LUT per tensor), sparse")."""
     mode = config.weight_mode
-    label = {"fp16": "fp16", "fp32": "fp32", "int8": "int8 per-channel (linear)"}.get(
-        mode, f"{config.palette_bits}-bit palettized (k-means LUT per tensor)")
+    if mode == "int4":
+        label = f"int4 per-block (linear, a scale per {config.int4_block_size} input channels)"
+    elif config.palette_bits is not None:
+        tables = f"per group of {config.palette_group_size} output channels" if config.grouped else "per tensor"
+        scales = ", per-channel scales" if config.per_channel_scale else ""
+        label = f"{config.palette_bits}-bit palettized (k-means LUT {tables}{scales})"
+    else:
+        label = {"fp16": "fp16", "fp32": "fp32", "int8": "int8 per-channel (linear)"}[mode]
     return label + (", sparse" if sparse else "")
+
+
+def compute_label(config: ExportConfig) -> str:
+    """The compute precision a file fixes, with a separator ("" for a NeuralNetwork, whose precision
+    the device picks when it loads the model: fp32 on the CPU, fp16 on the GPU and Neural Engine)."""
+    if config.format != "mlprogram":
+        return ""
+    if config.precision == "fp16" and config.io == "image":
+        return "fp16 compute, image post-processing in fp32; "
+    return f"{config.precision} compute, "
+
+
+def file_preprocessing(config: ExportConfig, prep: Preprocessing, size: int) -> dict[str, Any]:
+    """``tbopt.preprocessing`` of a file: what goes in and what the file (not the network) gives out.
+
+    An image-I/O file outputs the made-up image ("output": "image", in 0..255) whatever its network
+    returns; "network_output" keeps what the network inside returns. Earlier files said "residual"
+    for image I/O: readers take an image output as the made-up image whatever the label says
+    (``coreml.spec.CoreMLModelFile.preprocessing``).
+    """
+    d = {**prep.to_dict(), "size": size}
+    if config.io == "image":
+        d.update(output="image", network_output=prep.output)
+    return d
+
+
+def activations_label(config: ExportConfig) -> str:
+    """How activations are stored: "float" or "int8 (quantize/dequantize pairs, calibrated)"."""
+    return "int8 (quantize/dequantize pairs, calibrated)" if config.activations == "int8" else "float"
 
 
 def describe(spec: Any, config: ExportConfig, plan: ExportPlan, size: int, prep: Preprocessing,
@@ -34,16 +69,20 @@ def describe(spec: Any, config: ExportConfig, plan: ExportPlan, size: int, prep:
     md.license = config.license or "not specified by the checkpoint"
     md.versionString = config.model_version
     lo, hi = prep.value_range
+    compute = compute_label(config)
     if config.io == "image":
         md.shortDescription = (f"{net}: a {size}x{size} RGB face crop in, the made-up face out "
-                               f"({config.precision} compute, {compression_label(config, plan.sparse)} weights).")
+                               f"({compute}{compression_label(config, plan.sparse)} weights"
+                               f"{', int8 activations' if config.activations else ''}).")
         in_desc = f"RGB face crop, {size}x{size}; Core ML scales it so the network sees [{lo:g}, {hi:g}]"
+        made_up = "clamp(r" if prep.output == "image" else "clamp(x + r"
         out_desc = (f"made-up face, {size}x{size} RGB, computed in the graph as "
-                    f"(clamp(x + r, {lo:g}, {hi:g}) - {lo:g}) * {255 / (hi - lo):g}")
+                    f"({made_up}, {lo:g}, {hi:g}) - {lo:g}) * {255 / (hi - lo):g}")
     else:
         md.shortDescription = (f"{net}: a (1, 3, {size}, {size}) float array in [{lo:g}, {hi:g}] in, "
                                f"the {'image' if prep.output == 'image' else 'residual'} out "
-                               f"({config.precision} compute, {compression_label(config, plan.sparse)} weights).")
+                               f"({compute}{compression_label(config, plan.sparse)} weights"
+                               f"{', int8 activations' if config.activations else ''}).")
         in_desc = f"float32 (1, 3, {size}, {size}), RGB scaled to [{lo:g}, {hi:g}]"
         out_desc = ("made-up image in the input's range" if prep.output == "image" else
                     f"residual r in ({lo:g}, {hi:g}); the made-up face is clamp(input + r, {lo:g}, {hi:g})")
@@ -57,6 +96,6 @@ def describe(spec: Any, config: ExportConfig, plan: ExportPlan, size: int, prep:
     if arch is not None:
         user[META_PREFIX + "architecture"] = arch.describe()
         user[META_PREFIX + "arch"] = json.dumps(arch.to_dict(), **compact)
-    user[META_PREFIX + "preprocessing"] = json.dumps({**prep.to_dict(), "size": size}, **compact)
+    user[META_PREFIX + "preprocessing"] = json.dumps(file_preprocessing(config, prep, size), **compact)
     user[META_PREFIX + "history"] = json.dumps([h.to_dict() for h in history], **compact)
     user[META_PREFIX + "export"] = json.dumps(config.to_dict(), **compact)

@@ -18,8 +18,9 @@ from ..core.errors import InputError
 from ..core.files import atomic_output, check_output
 from ..core.images import model_to_uint8, read_image, to_model_size, uint8_to_model
 from ..core.progress import Progress, SilentProgress
-from ..core.quality import psnr_db
+from ..core.quality import made_up, psnr_db
 from ..core.runner import Runner
+from ..core.sanity import require_finite_output
 
 
 @dataclass
@@ -48,7 +49,9 @@ def makeup_full_resolution(runner: Runner, photo: np.ndarray) -> np.ndarray:
     s = runner.size
     small = np.asarray(Image.fromarray(photo).resize((s, s), Image.BICUBIC), np.uint8)
     x = uint8_to_model(small[None])
-    residual = runner.residual(x)[0]
+    residual = runner.residual(x)
+    require_finite_output(runner.label, residual)
+    residual = residual[0]
     full = photo.astype(np.float32) / 127.5 - 1.0 + _resize_channels(residual, w, h)
     return np.clip(np.round((np.clip(full, -1.0, 1.0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
@@ -56,7 +59,9 @@ def makeup_full_resolution(runner: Runner, photo: np.ndarray) -> np.ndarray:
 def makeup_model_size(runner: Runner, photo: np.ndarray) -> np.ndarray:
     """uint8 photo -> made-up uint8 (S, S, 3) image of its centre square."""
     x = uint8_to_model(to_model_size(Image.fromarray(photo), runner.size)[None])
-    return model_to_uint8(runner.predict(x))[0]
+    residual = runner.residual(x)
+    require_finite_output(runner.label, residual)
+    return model_to_uint8(made_up(x, residual))[0]
 
 
 def output_paths(images: list[Path], out_dir: Path) -> list[Path]:

@@ -24,6 +24,7 @@ from ..export.config import FORMAT_BY_SUFFIX, FORMAT_NAMES, ExportConfig, format
 from ..export.convert import export_module, plan_for
 from ..export.metadata import compression_label
 from ..export.validate import validate_export
+from .quantize import calibration_images
 
 
 @dataclass
@@ -53,6 +54,7 @@ class ExportResult:
     config: dict[str, Any]
     source: str
     source_sha256: str
+    activations: dict[str, Any] | None = None  # int8 activations: calibration source, images, pairs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,9 +106,15 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
     model = loaded.module.eval()
     plan = plan_for(model, config)  # a target too low is refused before any work
 
-    with progress.task("exporting", total=4) as advance:
+    calibration, calib_source = None, None
+    if config.activations:
+        calib_set, _skipped = calibration_images(Path(config.calib) if config.calib else None, config.calib_count,
+                                                 config.size or artifact.preprocessing.size, progress)
+        calibration, calib_source = calib_set.inputs, calib_set.source
+    with progress.task(f"exporting {output.name}", total=4) as advance:
         exported = export_module(model, config, preprocessing=artifact.preprocessing, history=artifact.history,
-                                 arch=artifact.arch, source_sha256=loaded.sha256, plan=plan, advance=advance)
+                                 arch=artifact.arch, source_sha256=loaded.sha256, plan=plan, advance=advance,
+                                 calibration=calibration)
         with atomic_output(output, force=force, directory=config.format == "mlprogram") as tmp:
             exported.save(tmp)
             validation, inputs, outputs = validate_export(tmp, exported, model)
@@ -121,7 +129,9 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
         casts=ops.get("cast", 0), parameters=params, zero_fraction=round(plan.zero_fraction, 4),
         sparse_tensors=ops.get("constexpr_sparse_to_dense", 0), validation=validation,
         seconds=round(time.perf_counter() - started, 2), notes=plan.notes, config=config.to_dict(),
-        source=str(loaded.path), source_sha256=loaded.sha256)
+        source=str(loaded.path), source_sha256=loaded.sha256,
+        activations=None if exported.activations is None else {
+            "dtype": config.activations, "calibration": calib_source, **exported.activations.to_dict()})
 
 
 def export_file(path: Path | str, output: Path | str, config: ExportConfig, *, force: bool = False,

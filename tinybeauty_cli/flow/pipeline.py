@@ -34,8 +34,8 @@ from .. import __version__
 from ..core.artifact import ARTIFACT_VERSION, artifact_found
 from ..core.checkpoint import LoadedModel, load_model
 from ..core.contexts import torch_threads
-from ..core.errors import InputError, OutputExistsError, TbOptError, UsageError
-from ..core.files import atomic_output
+from ..core.errors import InputError, OutputError, OutputExistsError, TbOptError, UsageError
+from ..core.files import atomic_output, check_folder, make_folders, remove_empty_folders
 from ..core.images import load_images
 from ..core.progress import Progress, SilentProgress
 from ..measure.bench import BenchResult, BenchRow, Entry, measure_entries
@@ -136,11 +136,12 @@ def output_paths(out: Path) -> dict[str, Path]:
 def check_outputs(out: Path, checkpoint: Path, force: bool) -> dict[str, Path]:
     """Refuse, before any work, an output folder that is a file, holds the input, or has earlier outputs."""
     if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file, not a folder")
+        raise OutputError(f"--output {out} is a file, not a folder")
+    check_folder(out, what="run's outputs")
     paths = output_paths(out)
     if any(p.resolve() == checkpoint.resolve() for p in paths.values()):
         raise InputError(f"{checkpoint} is one of the files the run writes; inputs are never modified",
-                         hint="choose another --out folder")
+                         hint="choose another --output folder")
     existing = [p.name for p in paths.values() if p.exists()]
     if existing and not force:
         raise OutputExistsError(f"{out}/{existing[0]}" + (f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""))
@@ -206,15 +207,24 @@ def run_pipeline(checkpoint: Path | str, out: Path | str, config: RunConfig | No
         return result
 
     t_start = time.perf_counter()
+    made = make_folders(out)
+    try:
+        return _run(loaded, checkpoint, out, cfg, paths, force, progress, stage, write, seconds, command, t_start)
+    except BaseException:
+        remove_empty_folders(made)  # a folder made for a run that wrote nothing is not left behind
+        raise
+
+
+def _run(loaded: LoadedModel, checkpoint: Path, out: Path, cfg: RunConfig, paths: dict[str, Path], force: bool,
+         progress: Progress, stage: Callable, write: Callable, seconds: dict[str, float], command: str,
+         t_start: float) -> RunResult:
     prep = loaded.preprocessing
     with torch_threads(cfg.threads):
         # The evaluation images, loaded once; every model is run on them once (see Scores).
-        scores = Scores(load_images(cfg.data, prep.size, cfg.limit), progress)
+        scores = Scores(load_images(cfg.data, prep.size, cfg.limit, progress), progress)
 
         def score_module(module: nn.Module, reference: np.ndarray | None, description: str) -> Evaluation:
             return scores.score(module, TorchRunner(module.eval(), prep), description, reference)
-
-        out.mkdir(parents=True, exist_ok=True)
 
         def prune_stage() -> tuple[PruneReport, LoadedModel, bytes]:
             artifact, module, report = prune_loaded(loaded, cfg.prune_config(), data=cfg.calib,

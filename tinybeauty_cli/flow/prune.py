@@ -21,9 +21,9 @@ from torch import nn
 from ..core.artifact import ArchSpec, Artifact, HistoryStep, Preprocessing, save_artifact
 from ..core.checkpoint import LoadedModel, load_model
 from ..core.contexts import torch_threads
-from ..core.errors import ConfigError, UnsupportedError, UsageError
+from ..core.errors import ImageError, InputError, UnsupportedError, UsageError
 from ..core.files import check_output, size_on_disk, zipped_size, zipped_size_of_bytes
-from ..core.images import ImageSet, builtin_test_set, load_folder, synthetic_unlabeled, uint8_to_model
+from ..core.images import ImageSet, builtin_test_set, load_folder, read_unlabeled, synthetic_unlabeled, uint8_to_model
 from ..core.model import config_from_state_dict
 from ..core.progress import Progress, SilentProgress
 from ..measure.evaluate import Evaluation, evaluate
@@ -44,12 +44,22 @@ def default_output_name(source: Path, cfg: PruneConfig) -> Path:
     return Path(f"{source.stem}_pruned-{cfg.method}-{percent}.pt")
 
 
-def unlabeled_images(data: Path | None, size: int, count: int) -> ImageSet:
-    """Distillation / calibration images: a folder (pairs: inputs only) or synthetic portraits."""
+def unlabeled_images(data: Path | None, size: int, count: int, progress: Progress | None = None) -> ImageSet:
+    """Distillation / calibration images: every readable image of a folder (pairs: inputs only; files
+    that cannot be read are skipped, with a note), or ``count`` synthetic portraits."""
     if data is None:
-        return synthetic_unlabeled(count, size)
-    images = load_folder(Path(data), size)
-    return ImageSet(images.names, images.inputs, None, images.source)
+        return synthetic_unlabeled(count, size, progress=progress)
+    images, skipped, files = read_unlabeled(Path(data), size)
+    if images is None:
+        what = f"{files} image file(s), none readable" if files else "no image files"
+        raise ImageError(f"fine-tuning folder {data} has no readable images ({what})",
+                         hint="give a folder of face photos (png, jpg, ...) or leave it out to use synthetic "
+                              "portraits")
+    if skipped:
+        (progress or SilentProgress()).note(
+            f"fine-tuning images: skipped {len(skipped)} unreadable file(s): {', '.join(skipped[:3])}"
+            f"{' ...' if len(skipped) > 3 else ''}")
+    return images
 
 
 def torch_scorer(preprocessing: Preprocessing, images: ImageSet, progress: Progress | None = None) -> Scorer:
@@ -111,15 +121,15 @@ def prune_loaded(loaded: LoadedModel, cfg: PruneConfig, *, data: Path | None = N
     original = loaded.module.eval()
     excluded_layers(require_conv_layers(original), cfg.exclude)  # refuse a bad --exclude before any work
     size = loaded.preprocessing.size
-    eval_images = eval_images or builtin_test_set(size)
+    eval_images = eval_images or builtin_test_set(size, progress=progress)
     if eval_images.inputs.shape[1] != size:
-        raise ConfigError(f"evaluation images are {eval_images.inputs.shape[1]}px but the model takes {size}px")
+        raise InputError(f"evaluation images are {eval_images.inputs.shape[1]}px but the model takes {size}px")
 
     pool: torch.Tensor | None = None
     pool_source = None
     if cfg.rate > 0 and (cfg.steps > 0 or cfg.method == PruneMethod.channel.value):
         count = max(cfg.finetune_images, cfg.calibration_images) if cfg.steps > 0 else cfg.calibration_images
-        images = unlabeled_images(data, size, count)
+        images = unlabeled_images(data, size, count, progress)
         pool = torch.from_numpy(uint8_to_model(images.inputs))
         pool_source = images.source
 
@@ -192,7 +202,7 @@ def _prune_file(path: Path, cfg: PruneConfig, output: Path | str | None, force: 
         raise UsageError(f"--limit must be >= 1, got {eval_limit}")
     loaded = load_model(path, **model_options)
     size = loaded.preprocessing.size
-    eval_images = (builtin_test_set(size, eval_limit) if eval_data is None
+    eval_images = (builtin_test_set(size, eval_limit, progress) if eval_data is None
                    else load_folder(Path(eval_data), size, eval_limit))
     artifact, _model, report = prune_loaded(loaded, cfg, data=data, eval_images=eval_images, progress=progress)
     write_pruned(artifact, loaded, report, out_path, force=force)

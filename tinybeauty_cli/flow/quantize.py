@@ -9,13 +9,13 @@ memory (the pipeline's pruned model) and never re-reads its path. The quantizati
 
 from __future__ import annotations
 
+import io
 import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 
 from .. import __version__
@@ -25,16 +25,7 @@ from ..core.contexts import quantized_engine
 from ..core.counts import count_macs, count_parameters
 from ..core.errors import ImageError, InputError, UnsupportedError
 from ..core.files import atomic_output, check_output, sha256_file, size_on_disk, zipped_size, zipped_size_of_bytes
-from ..core.images import (
-    PAIR_DIRS,
-    ImageSet,
-    builtin_test_set,
-    list_images,
-    read_image,
-    synthetic_unlabeled,
-    to_model_size,
-    uint8_to_model,
-)
+from ..core.images import ImageSet, builtin_test_set, load_images, read_unlabeled, synthetic_unlabeled, uint8_to_model
 from ..core.progress import Progress, SilentProgress
 from ..measure.evaluate import Scores
 from ..quantize.config import CALIB_BATCH, TORCHSCRIPT_FORMAT, TORCHSCRIPT_FORMAT_VERSION, QuantizeConfig
@@ -108,34 +99,20 @@ def calibration_images(calib: Path | None, count: int, size: int, progress: Prog
     (``input``/``target``) is calibrated on its inputs.
     """
     if calib is None:
-        return synthetic_unlabeled(count, size), []
-    folder = Path(calib)
-    if folder.is_dir():
-        for a, _b in PAIR_DIRS:
-            if (folder / a).is_dir() and not list_images(folder):
-                folder = folder / a
-                break
-    files = list_images(folder)  # raises ImageError for a missing folder or a file
-    arrays, names, skipped = [], [], []
-    for path in files:
-        if len(arrays) >= count:
-            break
-        try:
-            arrays.append(to_model_size(read_image(path), size))
-            names.append(path.stem)
-        except ImageError:
-            skipped.append(path.name)
-    if not arrays:
-        what = f"{len(files)} image file(s), none readable" if files else "no image files"
+        return synthetic_unlabeled(count, size, progress=progress), []
+    images, skipped, files = read_unlabeled(Path(calib), size, count)
+    if images is None:
+        what = f"{files} image file(s), none readable" if files else "no image files"
         raise ImageError(f"calibration folder {calib} has no readable images ({what})",
                          hint="give --calib a folder of face photos (png, jpg, ...) or leave it out "
                               "to calibrate on synthetic portraits")
+    arrays = images.inputs
     if skipped:
         progress.note(f"calibration: skipped {len(skipped)} unreadable file(s): {', '.join(skipped[:3])}"
                       f"{' ...' if len(skipped) > 3 else ''}")
     if len(arrays) < count:
         progress.note(f"calibration: {calib} has {len(arrays)} readable image(s), fewer than --calib-count {count}")
-    return ImageSet(names, np.stack(arrays), None, f"{calib} ({len(arrays)} images)"), skipped
+    return ImageSet(images.names, arrays, None, f"{calib} ({len(arrays)} images)"), skipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,14 +122,19 @@ def calibration_images(calib: Path | None, count: int, size: int, progress: Prog
 def quantize_file(source: Path | str, output: Path | str, config: QuantizeConfig | None = None, *,
                   force: bool = False, progress: Progress | None = None, command: str = "",
                   arch: str | None = None, arch_kwargs: str | Mapping[str, Any] | None = None,
-                  trust_pickle: bool = False) -> QuantizeResult:
-    """Quantize the float model in ``source`` to an int8 TorchScript file at ``output``."""
+                  trust_pickle: bool = False, data: Path | None = None) -> QuantizeResult:
+    """Quantize the float model in ``source`` to an int8 TorchScript file at ``output``; the report
+    scores ``data`` (a folder; default: the built-in test set)."""
     t_start = time.perf_counter()
     source, output = Path(source), Path(output)
+    cfg = config or QuantizeConfig()
     check_output(output, force, inputs=(source,))
     loaded = load_model(source, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
-    return _quantize(loaded, output, config or QuantizeConfig(), force=force, progress=progress, command=command,
-                     eval_images=None, source_bytes=None, scores=None, t_start=t_start)
+    eval_images = None
+    if data is not None:
+        eval_images = load_images(Path(data), loaded.preprocessing.size, cfg.eval_limit, progress)
+    return _quantize(loaded, output, cfg, force=force, progress=progress, command=command,
+                     eval_images=eval_images, source_bytes=None, scores=None, t_start=t_start)
 
 
 def quantize_loaded(loaded: LoadedModel, output: Path | str, config: QuantizeConfig | None = None, *,
@@ -202,13 +184,16 @@ def _quantize(loaded: LoadedModel, output: Path, cfg: QuantizeConfig, *, force: 
     with quantized_engine(outcome.backend):
         with atomic_output(output, force=force) as tmp:
             plain = tmp.parent / "plain.pt"
-            torch.jit.save(script, str(plain))
+            # through memory: torch.jit.save's own file writer aborts the process on a full disk
+            buffer = io.BytesIO()
+            torch.jit.save(script, buffer)
+            plain.write_bytes(buffer.getvalue())
             stripped = tmp.parent / "stripped.pt"
             write_torchscript(plain, stripped, {})
             with quiet():
                 reloaded = torch.jit.load(str(stripped), map_location="cpu").eval()
             if scores is None:
-                test = eval_images if eval_images is not None else builtin_test_set(prep.size, cfg.eval_limit)
+                test = eval_images if eval_images is not None else builtin_test_set(prep.size, cfg.eval_limit, progress)
                 scores = Scores(test, progress)
             test = scores.images
             float_runner = TorchRunner(model, prep, loaded=loaded)

@@ -98,7 +98,7 @@ class RunConfig:
         return d
 
     def command_line(self, checkpoint: str, out: str) -> str:
-        parts = [f"tbopt run {checkpoint} --out {out} --rate {self.rate:g} --method {self.method}",
+        parts = [f"tbopt run {checkpoint} --output {out} --rate {self.rate:g} --method {self.method}",
                  f"--weights {self.weights}"]
         if self.package_weights:
             parts.append(f"--package-weights {self.package_weights}")

@@ -20,7 +20,7 @@ from ..runtime.runners import open_runner
 from ..runtime.timing import Latency, measure_latency
 from .describe import describe
 from .evaluate import Scores, score_outputs
-from .metrics import ssim
+from .metrics import SsimReference
 
 BENCH_VERSION = 1
 
@@ -121,7 +121,7 @@ class _ScoreSets:
 
     def get(self, size: int) -> Scores:
         if size not in self.sets:
-            self.sets[size] = Scores(load_images(self.cfg.data, size, self.cfg.limit), self.progress)
+            self.sets[size] = Scores(load_images(self.cfg.data, size, self.cfg.limit, self.progress), self.progress)
         return self.sets[size]
 
 
@@ -189,7 +189,7 @@ def measure_entries(entries: list[Entry], cfg: BenchConfig, *, ref_path: Path, r
         else:
             idx = next(i for i, e in enumerate(entries) if e.path.resolve() == ref_path.resolve())
             ref_outputs, ref_size = outputs[idx], entries[idx].runner.size
-        ref_u8 = model_to_uint8(ref_outputs)
+        ssim_ref: SsimReference | None = None  # built at the first model compared with the reference
 
         rows = []
         for e, out in zip(entries, outputs):
@@ -201,7 +201,8 @@ def measure_entries(entries: list[Entry], cfg: BenchConfig, *, ref_path: Path, r
             if runner.size == ref_size and not is_ref:
                 fid = fidelity_psnr_db(out, ref_outputs)
                 worst = worst_fidelity_db(out, ref_outputs)
-                ss = float(np.mean(ssim(model_to_uint8(out), ref_u8)))
+                ssim_ref = ssim_ref or SsimReference(model_to_uint8(ref_outputs))
+                ss = float(np.mean(ssim_ref.score(model_to_uint8(out))))
             elif runner.size != ref_size:
                 notes.append(f"{e.path.name} runs at {runner.size}px, the reference at {ref_size}px: no fidelity")
             latency = None

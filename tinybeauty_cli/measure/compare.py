@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..core.contexts import torch_threads
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, InputError
 from ..core.files import atomic_output, check_output
 from ..core.images import load_images, model_to_uint8
 from ..core.progress import Progress, SilentProgress
@@ -136,11 +136,11 @@ def compare(path_a: Path, path_b: Path, cfg: CompareConfig, *, out_dir: Path | N
         check_output(figure_path, force)
     ra, rb = open_runner(path_a, **open_options), open_runner(path_b, **open_options)
     if ra.size != rb.size:
-        raise ConfigError(f"{Path(path_a).name} runs at {ra.size}px and {Path(path_b).name} at {rb.size}px: "
+        raise InputError(f"{Path(path_a).name} runs at {ra.size}px and {Path(path_b).name} at {rb.size}px: "
                           f"their outputs cannot be compared pixel for pixel")
     bcfg = cfg.bench_config()
     with torch_threads(bcfg.effective_threads):
-        images = load_images(cfg.data, ra.size, cfg.limit)
+        images = load_images(cfg.data, ra.size, cfg.limit, progress)
         ea = evaluate(ra, images, progress=progress, description=f"scoring {Path(path_a).name}")
         eb = evaluate(rb, images, progress=progress, description=f"scoring {Path(path_b).name}")
         la = lb = None

@@ -33,9 +33,12 @@ def model_figures(loaded: LoadedModel) -> dict[str, Any]:
 def describe(path: Path | str, runner: Runner | None = None, **options: Any) -> dict[str, Any]:
     """Everything ``tbopt info`` shows, as a dict (the same dict ``--json`` prints)."""
     path = Path(path)
-    runner = runner or open_runner(path, **options)
+    runner = runner or open_runner(path, check=False, **options)  # info describes a broken model, and says so
     loaded = runner.loaded if isinstance(runner, TorchRunner) else None
     info: dict[str, Any] = {"path": str(path), "kind": runner.kind, "engine": runner.engine}
+    problems = loaded.problems if loaded is not None else list(getattr(runner, "problems", ()))
+    if problems:
+        info["problems"] = problems
     if loaded is not None and loaded.content and Path(loaded.path) == path:
         # the file was read (and hashed) when it was opened: its bytes are not read again
         info.update(size_bytes=len(loaded.content), zipped_bytes=zipped_size_of_bytes(loaded.content, path.name),

@@ -19,6 +19,7 @@ from ..core.images import ImageSet, model_to_uint8, uint8_to_model
 from ..core.progress import Progress, SilentProgress
 from ..core.quality import fidelity_psnr_db, mean_psnr_db, worst_fidelity_db
 from ..core.runner import Runner
+from ..core.sanity import require_finite_output
 
 
 def target_psnr_db(outputs: np.ndarray, targets_u8: np.ndarray) -> float:
@@ -66,6 +67,7 @@ def evaluate(runner: Runner, images: ImageSet, reference: np.ndarray | None = No
     x = uint8_to_model(images.inputs)
     with progress.task(description, total=len(x)) as advance:
         outputs = runner.predict_all(x, on_batch=advance)
+    require_finite_output(runner.label, outputs, images.names)  # a NaN would score as a number, silently
     return score_outputs(outputs, images, reference)
 
 

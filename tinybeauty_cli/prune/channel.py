@@ -13,13 +13,14 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..core.errors import UnsupportedError
 from ..core.model import LayerNorm
+from ..core.progress import Progress, SilentProgress
 from .layers import PRUNABLE_TYPES, require_conv_layers
 from .report import ChannelGroup
 
@@ -174,7 +175,8 @@ def _positions(shape: torch.Size, count: int, seed: int) -> tuple[torch.Tensor, 
 @torch.no_grad()
 def reconstruct_layers(pruned: nn.Module, original: nn.Module, images: torch.Tensor,
                        removed_outputs: Mapping[str, set[int]], *, batch_size: int = 4,
-                       rows_per_batch: int = 4096, ridge: float = 1e-3) -> list[str]:
+                       rows_per_batch: int = 4096, ridge: float = 1e-3,
+                       on_layer: Callable[[], None] | None = None) -> list[str]:
     """Refit every plain conv of ``pruned``, in execution order, to reproduce ``original``'s outputs.
 
     For each conv: its input as the pruned network now computes it (earlier layers
@@ -182,7 +184,7 @@ def reconstruct_layers(pruned: nn.Module, original: nn.Module, images: torch.Ten
     output channels only), and a ridge-regularised least-squares fit of weights and
     bias, pulled toward the current weights. Pruning errors then stop compounding
     from layer to layer, which is most of what a channel cut costs before fine-tuning.
-    Returns the names of the refitted layers.
+    Returns the names of the refitted layers; ``on_layer()`` is called after each.
     """
     names = [n for n, m in pruned.named_modules() if _plain_conv(m)]
     modules_p = dict(pruned.named_modules())
@@ -245,6 +247,8 @@ def reconstruct_layers(pruned: nn.Module, original: nn.Module, images: torch.Ten
         conv.weight.copy_(solution[:-1].T.reshape(conv.weight.shape).to(conv.weight.dtype))
         if conv.bias is not None:
             conv.bias.copy_(solution[-1].to(conv.bias.dtype))
+        if on_layer is not None:
+            on_layer()
     return order
 
 
@@ -292,7 +296,8 @@ def _removal_count(channels: int, rate: float) -> int:
 
 
 def prune_channels(model: nn.Module, rate: float, calibration: torch.Tensor, *,
-                   exclude: Iterable[str] = (), reconstruct: bool = True) -> list[ChannelGroup]:
+                   exclude: Iterable[str] = (), reconstruct: bool = True,
+                   progress: Progress | None = None) -> list[ChannelGroup]:
     """Remove ``rate`` of the channels of every prunable group of ``model``, in place.
 
     Groups come from torch-pruning's DepGraph, so everything that shares channels is
@@ -302,7 +307,9 @@ def prune_channels(model: nn.Module, rate: float, calibration: torch.Tensor, *,
     :func:`channel_importance` on ``calibration`` images. With ``reconstruct``, every
     conv is then refitted so that, given what the pruned layers before it now produce,
     it reproduces the original conv's output on those images (:func:`reconstruct_layers`).
+    ``progress`` reports the ranking and the refit.
     """
+    progress = progress or SilentProgress()
     tp = _torch_pruning()
     layers = require_conv_layers(model)
     names = {m: n for n, m in model.named_modules()}
@@ -313,8 +320,10 @@ def prune_channels(model: nn.Module, rate: float, calibration: torch.Tensor, *,
     original = copy.deepcopy(model).eval() if reconstruct else None
     with torch.no_grad():
         out_shape_before = tuple(model(example).shape)
-    rms = input_channel_rms(model, calibration)
-    with warnings.catch_warnings(), torch.enable_grad():  # DepGraph traces the autograd graph
+    with progress.task("channel pruning: activations for ranking", total=None):
+        rms = input_channel_rms(model, calibration)
+    with warnings.catch_warnings(), torch.enable_grad(), \
+            progress.task("channel pruning: dependency graph", total=None):  # DepGraph traces the autograd graph
         warnings.simplefilter("ignore")  # its notes on unwrapped parameters and tracing
         graph = tp.DependencyGraph().build_dependency(
             model, example_inputs=example, customized_pruners={LayerNorm: layer_norm_pruner()})
@@ -360,5 +369,7 @@ def prune_channels(model: nn.Module, rate: float, calibration: torch.Tensor, *,
             f"channel pruning changed the network's output from {out_shape_before} to {out_shape_after}",
             hint="keep the layers that produce the output with --exclude")
     if reconstruct and plans:
-        reconstruct_layers(model, original, calibration, producer_cuts)
+        convs = sum(1 for m in model.modules() if _plain_conv(m))
+        with progress.task("channel pruning: refitting convs", total=convs) as advance:
+            reconstruct_layers(model, original, calibration, producer_cuts, on_layer=advance)
     return [plan for _, _, plan in plans]

@@ -69,7 +69,7 @@ def prune_module(model: nn.Module, config: PruneConfig, data: torch.Tensor | Non
             if config.rate > 0:
                 calibration = _required(data, "channel pruning ranks and refits channels on them")
                 groups = prune_channels(pruned, config.rate, calibration[: config.calibration_images],
-                                        exclude=excluded)
+                                        exclude=excluded, progress=progress)
         else:
             thresholds = prune_magnitude(pruned, config.rate, exclude=excluded,
                                          global_threshold=config.method == PruneMethod.global_.value)

@@ -261,7 +261,7 @@ def plan_backend(q: Quantizer, backend: str, cfg: QuantizeConfig, forced: set[st
             if g in alone:
                 decisions[g].reason = f"int8 (alone: {alone[g]:.2f} dB)"
     timings["keep_float_s"] = timings.get("keep_float_s", 0.0) + time.perf_counter() - t0
-    with quantized_engine(backend):
+    with quantized_engine(backend), progress.task(f"lowering to TorchScript ({backend})", total=None):
         script = lower_to_torchscript(q.convert(cal, backend, quantize), sens_x[:1])
     ordered = [decisions[layer.graph_name] for layer in q.layers]
     return Plan(backend, quantize, fid, math.nan, script, ordered, steps)

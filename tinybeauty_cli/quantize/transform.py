@@ -52,7 +52,8 @@ def quantize_module(model: nn.Module, config: QuantizeConfig, calib: torch.Tenso
     model = model.eval()
 
     try:
-        graph, rewrites = optimize_graph(model, calib[:2], images=calib[:EQUALIZE_IMAGES])
+        with progress.task("graph rewrites (exact, checked on calibration images)", total=None):
+            graph, rewrites = optimize_graph(model, calib[:2], images=calib[:EQUALIZE_IMAGES])
     except TraceError as exc:
         raise UnsupportedError(f"the network cannot be traced into a static graph for quantization ({exc})",
                                hint="FX graph-mode quantization needs a forward() without data-dependent "

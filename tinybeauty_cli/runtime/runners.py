@@ -66,7 +66,9 @@ def open_runner(path: Path | str, **options: Any) -> Runner:
     """Open any artifact tbopt knows as a :class:`Runner`.
 
     ``options`` are passed to the opener: ``arch``, ``arch_kwargs``, ``trust_pickle``
-    for checkpoints; Core ML openers take their own (``compute_units``, ``fp16_emulation``).
+    for checkpoints; Core ML openers take their own (``compute_units``, ``fp16_emulation``);
+    ``check=False`` (both) keeps a model whose weights or test output hold NaN or Inf, with the
+    problem in its ``problems`` (for ``tbopt info``; every other command refuses it).
     Each opener ignores the others' options, so one set of options serves a mix of files
     (``tbopt bench a.pt b.mlpackage --compute-units cpu``).
     """
@@ -77,7 +79,7 @@ def open_runner(path: Path | str, **options: Any) -> Runner:
 
 def open_checkpoint_runner(path: Path, **options: Any) -> Runner:
     """A checkpoint, tbopt artifact or TorchScript file, opened by :func:`load_model`."""
-    ckpt_opts = {k: options[k] for k in ("arch", "arch_kwargs", "trust_pickle") if k in options}
+    ckpt_opts = {k: options[k] for k in ("arch", "arch_kwargs", "trust_pickle", "check") if k in options}
     return runner_for(load_model(path, **ckpt_opts))
 
 

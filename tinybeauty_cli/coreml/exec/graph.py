@@ -35,6 +35,8 @@ class Step:
     rounded: tuple[int, ...] = ()
     #: Slots no later step reads: released after this step to keep memory flat.
     release: tuple[int, ...] = ()
+    #: The model's names of ``outputs`` (what an observer of the run is told).
+    names: tuple[str, ...] = ()
 
 
 @dataclass
@@ -47,7 +49,10 @@ class OpGraph:
     n_slots: int
     constants: dict[int, torch.Tensor] = field(default_factory=dict)  # outputs that are constants
 
-    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def run(self, feeds: dict[str, torch.Tensor],
+            observe: Callable[[str, torch.Tensor], None] | None = None) -> dict[str, torch.Tensor]:
+        """The outputs for ``feeds``; ``observe(name, value)`` sees every op's output as it is made
+        (activation calibration records their ranges)."""
         env: list[Any] = [None] * self.n_slots
         for slot, value in self.constants.items():
             env[slot] = value
@@ -65,6 +70,9 @@ class OpGraph:
                     else:
                         for k, (slot, value) in enumerate(zip(step.outputs, out)):
                             env[slot] = round_fp16(value) if k in step.rounded else value
+                    if observe is not None:
+                        for name, slot in zip(step.names, step.outputs):
+                            observe(name, env[slot])
                     for slot in step.release:
                         env[slot] = None
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
@@ -101,7 +109,7 @@ class GraphBuilder:
             elif i not in self.slots:
                 raise UnsupportedError(f"{kind} {name!r} reads {i!r}, which no earlier op produces")
         self.steps.append(Step(name, kind, fn, tuple(self.slots[i] for i in inputs),
-                               tuple(self.slot(o) for o in outputs), tuple(rounded)))
+                               tuple(self.slot(o) for o in outputs), tuple(rounded), names=tuple(outputs)))
 
     def finish(self, inputs: Sequence[str], outputs: Sequence[str]) -> OpGraph:
         """Resolve outputs (an output may be a constant or a graph input) and plan slot release."""

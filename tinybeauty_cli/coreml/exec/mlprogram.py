@@ -10,45 +10,49 @@ compute op is then compiled once into a PyTorch call with its constant operands
 variant of one it cannot reproduce exactly, is refused with its name: never a silent
 approximation.
 
-With ``fp16_emulation=True`` every value the program types as fp16 (inputs and op
-outputs) is rounded to fp16 after it is produced, as fp16 hardware stores it; the
-arithmetic inside one op still runs in fp32.
+An input the program declares fp16 (tensor I/O of fp16 programs for iOS 16+) is rounded to
+fp16 in every mode, as Core ML converts the caller's array, and so is an output declared fp16.
+With ``fp16_emulation=True`` every op output the program types as fp16 is rounded to fp16
+after it is produced, as fp16 hardware stores it; ops typed fp32 (the image tail of tbopt's
+fp16 image files) stay fp32, and the arithmetic inside one op runs in fp32.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ...core.errors import InputError, UnsupportedError
+from ..spec import constexpr_values
 from .graph import GraphBuilder, OpGraph, as_tensor, round_fp16
 from .mil_ops import CONST_OPS, OPS, Ctx, dtype_name
+from .quant_ops import QUANT_OPS
+
+
+def _builder(op_type: str) -> Any:
+    """The builder of an op type: the float ops' table, then the activation quantization ops' (looked
+    up at compile time, so either table can be patched)."""
+    return OPS.get(op_type) or QUANT_OPS.get(op_type)
 
 # ---------------------------------------------------------------- the compiler
 
 def materialize_constants(function: Any) -> dict[str, Any]:
     """Every constant of a MIL function by variable name: ``const`` values and decompressed
     ``constexpr_*`` outputs (coremltools' own decompression, in program order)."""
-    consts: dict[str, Any] = {}
-    for op in function.operations:
-        if op.op_type in CONST_OPS:
-            consts[op.outputs[0].name] = op.outputs[0].val
-        elif op.op_type.startswith("constexpr_"):
-            try:
-                vals = op.materialized_val_inference()
-            except Exception as exc:  # noqa: BLE001
-                raise UnsupportedError(f"cannot decompress {op.op_type} {op.name!r}: {exc}") from exc
-            vals = vals if isinstance(vals, tuple) else (vals,)
-            for out, v in zip(op.outputs, vals):
-                consts[out.name] = v
+    consts: dict[str, Any] = {op.outputs[0].name: op.outputs[0].val for op in function.operations
+                              if op.op_type in CONST_OPS}
+    try:
+        consts.update(constexpr_values(function))
+    except Exception as exc:  # noqa: BLE001 - coremltools raises anything on a malformed constexpr op
+        raise UnsupportedError(f"cannot decompress the file's weights: {type(exc).__name__}: {exc}") from exc
     return consts
 
 
 def compile_function(function: Any, fp16_emulation: bool = False) -> OpGraph:
     """Compile a MIL function into an :class:`OpGraph` (unknown ops raise :class:`UnsupportedError`)."""
     unknown = sorted({op.op_type for op in function.operations
-                      if op.op_type not in OPS and op.op_type not in CONST_OPS
+                      if _builder(op.op_type) is None and op.op_type not in CONST_OPS
                       and not op.op_type.startswith("constexpr_")})
     if unknown:
         raise UnsupportedError(f"the Core ML reference executor does not implement MIL op(s) {', '.join(unknown)}",
@@ -63,7 +67,7 @@ def compile_function(function: Any, fp16_emulation: bool = False) -> OpGraph:
         if getattr(op, "blocks", None):
             raise UnsupportedError(f"{op.op_type} {op.name!r}: control flow is not supported by the reference executor")
         try:
-            fn, dyn = OPS[op.op_type](op, Ctx(g.consts, op))
+            fn, dyn = _builder(op.op_type)(op, Ctx(g.consts, op))
         except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
             raise UnsupportedError(f"{op.op_type} {op.name!r}: cannot compile its parameters ({exc})") from exc
         outs = [o.name for o in op.outputs]
@@ -88,11 +92,15 @@ class MLProgramExecutor:
         self.fp16_emulation = fp16_emulation
         self.graph = compile_function(self.function, fp16_emulation)
         self.input_dtypes = {n: dtype_name(v) for n, v in self.function.inputs.items()}
+        self.output_dtypes = {v.name: dtype_name(v) for v in self.function.outputs}
 
-    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.fp16_emulation:
-            feeds = {n: round_fp16(t) if self.input_dtypes.get(n) == "fp16" else t for n, t in feeds.items()}
-        return self.graph.run(feeds)
+    def run(self, feeds: dict[str, torch.Tensor],
+            observe: Callable[[str, torch.Tensor], None] | None = None) -> dict[str, torch.Tensor]:
+        """The outputs for ``feeds``; ``observe(name, value)`` sees every op's output (see :meth:`OpGraph.run`)."""
+        # an input declared fp16 holds fp16 values whatever the caller passes: Core ML rounds it
+        feeds = {n: round_fp16(t) if self.input_dtypes.get(n) == "fp16" else t for n, t in feeds.items()}
+        outs = self.graph.run(feeds, observe)  # and an output declared fp16 is handed back as fp16 values
+        return {n: round_fp16(t) if self.output_dtypes.get(n) == "fp16" else t for n, t in outs.items()}
 
     def op_counts(self) -> dict[str, int]:
         """Compute ops by type (constants folded at compile time are not counted)."""
@@ -105,6 +113,16 @@ class MLProgramExecutor:
         heavy = [op for op in ops if op.op_type in ("conv", "conv_transpose", "linear", "matmul")] or ops
         kinds = {dtype_name(op.outputs[0]) for op in heavy} & {"fp16", "fp32"}
         return "mixed" if len(kinds) > 1 else (kinds.pop() if kinds else "fp32")
+
+    def fp32_op_counts(self) -> dict[str, int]:
+        """Compute ops typed fp32 by type (casts aside): in an fp16 program, the image scaling and
+        the image post-processing tbopt keeps in fp32."""
+        counts: dict[str, int] = {}
+        for op in self.function.operations:
+            if (op.op_type not in CONST_OPS and not op.op_type.startswith("constexpr_") and op.op_type != "cast"
+                    and op.outputs and dtype_name(op.outputs[0]) == "fp32"):
+                counts[op.op_type] = counts.get(op.op_type, 0) + 1
+        return counts
 
     def weight_summary(self) -> dict[str, Any]:
         """How the weights are stored: op types of the compressed ones, element counts."""
