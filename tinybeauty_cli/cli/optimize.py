@@ -52,8 +52,8 @@ def optimize(
         "--for", help=f"Where the model will run (repeatable): ios13 ({TARGET_FILES['ios13']}), ios16/ios17/ios18 "
                       f"(.mlpackage), cpu (int8 TorchScript). Default: {', '.join(DEFAULT_TARGETS)}.",
         show_default=False)] = None,
-    out: Annotated[Path, typer.Option("--out", help="Folder for the chosen files, search.json, search.md, "
-                                                    "pareto.png and the search cache.")] = Path("optimized_model"),
+    out: Annotated[Path, typer.Option("--output", "-o", "--out", help="Folder for the chosen files, search.json, "
+                                                    "search.md, pareto.png and the search cache (made if missing).")] = Path("optimized_model"),
     data: DataOpt = None,
     calib: Annotated[Optional[Path], typer.Option(
         "--calib", help="Folder of unlabeled images for channel ranking, distillation and int8 calibration. "
@@ -63,7 +63,7 @@ def optimize(
         "--time-budget", min=0.01, help="Minutes: no new step starts after this; the result lists what was not "
                                         "tried.", show_default=False)] = None,
     resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue the search in --out: finished candidates are read from its cache, not redone.")
+        "--resume", help="Continue the search in --output: finished candidates are read from its cache, not redone.")
     ] = False,
     rates: Annotated[str, typer.Option(
         "--rates", help="Channel-pruning rates to try after the unpruned model (comma-separated).",
@@ -90,7 +90,7 @@ def optimize(
     """Find the smallest Core ML file per iOS target and the fastest int8 CPU file within a quality budget.
 
     Searches channel pruning (rate 0 first), distillation length, Core ML weight storage and int8, cheap
-    steps first, and writes the chosen files, search.json, search.md and pareto.png into --out.
+    steps first, and writes the chosen files, search.json, search.md and pareto.png into --output.
     """
     from ..flow.optimize import optimize as run_search  # noqa: PLC0415 - torch and coremltools, only when run
 
