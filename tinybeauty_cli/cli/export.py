@@ -81,6 +81,16 @@ def export(
     size: Annotated[Optional[int], typer.Option(
         "--size", min=8, help="Input size N (N x N). Default: the model's own (256).", rich_help_panel=PANEL,
         show_default=False)] = None,
+    fit_palettes: Annotated[int, typer.Option(
+        "--fit-palettes", min=0, metavar="N", help="With --weights palN: first fine-tune the model onto its palettes "
+        "for N steps (every weight keeps its k-means cluster, the palette values are trained to reproduce the "
+        "model's own made-up images).", rich_help_panel="Palette fitting")] = 0,
+    data: Annotated[Optional[Path], typer.Option(
+        "--data", help="Folder of unlabeled images for --fit-palettes (of pairs, only the inputs). Default: "
+                       "synthetic portraits, never the test set.", rich_help_panel="Palette fitting",
+        show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of --fit-palettes (same seed, same threads: same "
+                                                     "weights).", rich_help_panel="Palette fitting")] = 0,
     author: Annotated[Optional[str], typer.Option("--author", help="Author in the model's metadata.",
                                                   rich_help_panel="Metadata", show_default=False)] = None,
     license_: Annotated[Optional[str], typer.Option("--license", help="Licence in the model's metadata.",
@@ -102,7 +112,8 @@ def export(
     config = ExportConfig.for_output(
         output, precision="fp16" if fp16 else "fp32", weights=weights.value if weights else None,
         sparse=sparse.value, target=target.value if target else None, io=io.value, size=size,
-        author=author, license=license_, model_version=model_version)
+        author=author, license=license_, model_version=model_version, fit_palettes=fit_palettes,
+        fit_data=str(data) if data is not None else None, seed=seed)
     result = export_file(path, output, config, force=force, progress=out,
                           **model_options(arch, arch_kwargs, trust_pickle))
     out.emit(result, render_export)
@@ -138,5 +149,13 @@ def render_export(out: _output.Output, r: ExportResult) -> None:
                        f"read back (largest error {v['max_weight_error']:.2%} in {v['max_weight_error_tensor']})"),
         "weights fidelity": (f"{v['fidelity_psnr_db']:.1f} dB (worst {v['worst_fidelity_db']:.1f} dB) on "
                              f"{v['images']} images: PyTorch with the file's decompressed weights vs the float model"),
+        **({"palettes fitted": _palette_fit(r.palette_fit)} if r.palette_fit else {}),
         "time": f"{r.seconds:.1f} s",
+        "rebuild": r.command,
     })
+
+
+def _palette_fit(f: dict) -> str:
+    return (f"{f['steps']} steps on {f['images']} images in {f['seconds']:.1f} s; palette error (mean |difference| "
+            f"of made-up images vs the model before) {f['palette_error_before']:.5f} snapped -> "
+            f"{f['palette_error_after']:.5f} fitted")

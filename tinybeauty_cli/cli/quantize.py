@@ -20,7 +20,6 @@ from ._options import (
     JsonOpt,
     OutputOpt,
     QuietOpt,
-    ThreadsOpt,
     TrustPickleOpt,
     model_options,
 )
@@ -52,7 +51,9 @@ def quantize(
     limit: Annotated[Optional[int], typer.Option(
         "--limit", help="Score on at most N images of the built-in test set (default: all 100).",
         rich_help_panel="Data")] = None,
-    threads: ThreadsOpt = None,
+    threads: Annotated[Optional[int], typer.Option(
+        "--threads", min=1, help="CPU threads the int8 file will run with: engines are ranked and latency is "
+                                 "measured at them (default: all cores).", rich_help_panel="Timing")] = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,

@@ -4,6 +4,7 @@ coremltools here: the CLI imports it."""
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -67,6 +68,15 @@ class ExportConfig:
     author: str | None = None
     license: str | None = None
     model_version: str = "1.0"
+    #: Steps of fine-tuning onto the palettes before export (``--fit-palettes``; palN only): a
+    #: distillation from the model itself on unlabeled images (``fit_data``, a folder; default
+    #: ``fit_images`` synthetic portraits), ``fit_batch_size`` images a step, Adam from ``fit_lr``.
+    fit_palettes: int = 0
+    fit_data: str | None = None
+    seed: int = 0
+    fit_images: int = 64
+    fit_batch_size: int = 2
+    fit_lr: float = 1e-4
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -86,6 +96,17 @@ class ExportConfig:
             raise ConfigError(f"--io must be image or tensor, got {self.io!r}")
         if self.size is not None and (self.size < 8 or self.size % 4):
             raise ConfigError(f"--size must be a multiple of 4 and >= 8, got {self.size}")
+        if self.fit_palettes < 0:
+            raise UsageError(f"--fit-palettes must be >= 0, got {self.fit_palettes}")
+        if self.fit_palettes and self.palette_bits is None:
+            raise UsageError(f"--fit-palettes fits weights onto palettes, but the weights are stored as "
+                             f"{self.weight_mode}", hint="add --weights pal8|pal6|pal4|pal3|pal2")
+        if self.fit_data is not None and not self.fit_palettes:
+            raise UsageError("--data gives the images --fit-palettes trains on; without it nothing uses them")
+        if self.fit_images < 1 or self.fit_batch_size < 1 or not self.fit_lr > 0:
+            raise ConfigError("fit_images and fit_batch_size must be >= 1 and fit_lr > 0")
+        if self.fit_data is not None:
+            self.fit_data = str(self.fit_data)
         if self.format == "neuralnetwork" and self.target is not None and _target_index(self.target) > 1:
             raise UsageError(
                 f"--target {self.target} with a .mlmodel: the NeuralNetwork format is written for iOS13 or "
@@ -107,6 +128,23 @@ class ExportConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def command_line(self, source: str | None = None, output: str | None = None) -> str:
+        """The ``tbopt export`` command that writes this configuration again."""
+        default = ExportConfig(format=self.format)
+        parts = ["tbopt export"] + ([shlex.quote(str(source))] if source else [])
+        if output:
+            parts.append(f"-o {shlex.quote(str(output))}")
+        if self.precision != default.precision:
+            parts.append("--fp32")
+        for attr, flag in (("weights", "--weights"), ("sparse", "--sparse"), ("target", "--target"), ("io", "--io"),
+                           ("size", "--size"), ("fit_palettes", "--fit-palettes"), ("fit_data", "--data"),
+                           ("seed", "--seed"), ("author", "--author"), ("license", "--license"),
+                           ("model_version", "--model-version")):
+            value = getattr(self, attr)
+            if value != getattr(default, attr):
+                parts.append(f"{flag} {shlex.quote(str(value))}")
+        return " ".join(parts)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ExportConfig":
