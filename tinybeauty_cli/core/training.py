@@ -105,7 +105,7 @@ def distillation_batches(teacher: nn.Module, images: torch.Tensor, batch_size: i
         x = images[idx]
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x).contiguous()
         keys = [(int(i), bool(f)) for i, f in zip(idx, flip)]
-        missing = [j for j, k in enumerate(keys) if k not in targets]
+        missing = list({k: j for j, k in reversed(list(enumerate(keys))) if k not in targets}.values())
         if missing:
             with torch.no_grad():
                 y = made_up(x[missing], teacher(x[missing]))
