@@ -14,7 +14,7 @@
    an .mlpackage (<= 50 KB asked), scored against the targets of the built-in test set with
    the exact decompressed weights (within 0.3 dB of the float original asked) -- palettized
    straight from the pruned weights, and after fine-tuning onto the palettes
-   (`tests/coreml_helpers.fit_palettes`), which the export then stores exactly.
+   (`tinybeauty_cli.export.palettes.fit_palettes`, what `tbopt export --fit-palettes` runs), which the export then stores exactly.
 
 fp16 image files (``--only image-fp16``): the made-up image of fp16 ML Program image files as
 written before (``x + r``, the clip, ``+ 1``, ``* 127.5`` in fp16) and now (those ops in fp32), of
@@ -50,7 +50,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.coreml_helpers import decompressed_model, fit_palettes  # noqa: E402
+from tests.coreml_helpers import decompressed_model  # noqa: E402
 from tinybeauty_cli.core import synthetic  # noqa: E402
 from tinybeauty_cli.core.artifact import Artifact, HistoryStep, save_artifact
 from tinybeauty_cli.core.checkpoint import load_model
@@ -64,6 +64,7 @@ from tinybeauty_cli.coreml.runner import open_coreml_runner  # noqa: E402
 from tinybeauty_cli.coreml.spec import coremltools, package_parts, quiet  # noqa: E402
 from tinybeauty_cli.export import convert as export_convert  # noqa: E402
 from tinybeauty_cli.export.config import ExportConfig  # noqa: E402
+from tinybeauty_cli.export.palettes import fit_palettes  # noqa: E402
 from tinybeauty_cli.flow.export import export_file  # noqa: E402
 from tinybeauty_cli.measure.evaluate import evaluate  # noqa: E402
 from tinybeauty_cli.prune.channel import layer_norm_pruner  # noqa: E402  (torch-pruning rule for the LayerNorm)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 
 import numpy as np
 import pytest
@@ -20,11 +21,11 @@ from tinybeauty_cli.coreml.compact import compact_program
 from tinybeauty_cli.coreml.spec import coremltools, load_program, quiet
 from tinybeauty_cli.coreml.weights import stored_weights
 from tinybeauty_cli.export.config import ExportConfig, ExportError, plan_export
-from tinybeauty_cli.export.palettes import kmeans_lut
+from tinybeauty_cli.export.palettes import fit_palettes, kmeans_lut, palettes_fitted
 from tinybeauty_cli.flow.export import export_file
 
 from .conftest import REAL_CKPT, small_tinybeauty
-from .coreml_helpers import decompressed_model, fit_palettes
+from .coreml_helpers import decompressed_model
 from .test_cli import assert_one_line_error
 
 runner = CliRunner()
@@ -160,6 +161,69 @@ def test_fit_palettes_leaves_weights_the_export_stores_exactly(tmp_path, small_a
     for k, w in sd.items():
         if w.dim() == 4:  # the palette is the fitted values, rounded to fp16: nothing re-clustered
             assert torch.equal(exact[k], w.half().float())
+
+
+def test_palettes_fitted_lowers_the_palette_error_and_leaves_the_input(small_artifact):
+    model = load_model(small_artifact).module
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.rand(6, 3, SIZE, SIZE) * 2 - 1
+    fitted, fit = palettes_fitted(model, 2, images, steps=40, lr=3e-3, seed=0)
+    assert fit.steps == 40 and len(fit.losses) == 40 and fit.images == 6 and fit.layers == 10
+    assert fit.error_after < fit.error_before  # fitting wins back part of what snapping cost
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # module in, module out
+    for k, w in fitted.state_dict().items():
+        if w.dim() == 4:
+            assert len(torch.unique(w)) <= 4
+    again, _ = palettes_fitted(model, 2, images, steps=40, lr=3e-3, seed=0)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in fitted.state_dict().items())
+
+
+def test_fit_palettes_needs_palettes():
+    with pytest.raises(UsageError, match="--fit-palettes"):
+        ExportConfig(weights="int8", fit_palettes=10)
+    with pytest.raises(UsageError, match="fit_data"):
+        ExportConfig(weights="pal4", fit_data="photos")
+    cfg = ExportConfig(format="mlprogram", weights="pal4", fit_palettes=300, seed=2, size=64)
+    assert cfg.command_line("m.pt", "o.mlpackage") == ("tbopt export m.pt -o o.mlpackage --weights pal4 --size 64 "
+                                                       "--fit-palettes 300 --seed 2")
+    fitted_on = ExportConfig(format="mlprogram", weights="pal4", fit_palettes=30, fit_data="photos")
+    assert fitted_on.command_line("m.pt") == "tbopt export m.pt --weights pal4 --fit-palettes 30 --calib photos"
+    w8a8 = ExportConfig(format="mlprogram", weights="int4", block_size=16, activations="int8", calib="faces")
+    assert w8a8.command_line("m.pt") == ("tbopt export m.pt --weights int4 --block-size 16 --activations int8 "
+                                         "--calib faces")
+
+
+def _stored(path):
+    return {w.name: w.value for w in stored_weights(path)}
+
+
+def test_cli_fit_palettes_is_recorded_and_rebuilds_the_same_weights(tmp_path, small_artifact):
+    """The command the export prints (and records in the file) rebuilds the same weights; another seed does not."""
+    out = tmp_path / "fitted.mlpackage"
+    r = run("export", small_artifact, "-o", out, "--weights", "pal2", "--fit-palettes", 15, "--seed", 3,
+            "--size", SIZE, "--json")
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    fit = d["palette_fit"]
+    assert fit["steps"] == 15 and fit["palette_error_before"] > 0 and fit["palette_error_after"] > 0
+    assert "--fit-palettes 15" in d["command"] and "--seed 3" in d["command"] and "--weights pal2" in d["command"]
+    history = json.loads(spec_of(out).description.metadata.userDefined["tbopt.history"])
+    assert [h["step"] for h in history][-2:] == ["fit-palettes", "export"]
+    assert history[-1]["command"] == history[-2]["command"] == d["command"]
+    assert history[-2]["figures"]["palette_error_after"] == fit["palette_error_after"]
+
+    args = shlex.split(d["command"])[1:]
+    args[args.index("-o") + 1] = str(tmp_path / "again.mlpackage")
+    assert run(*args, "--quiet").exit_code == 0
+    first, again = _stored(out), _stored(tmp_path / "again.mlpackage")
+    assert first.keys() == again.keys() and all(np.array_equal(first[k], again[k]) for k in first)
+
+    r = run("export", small_artifact, "-o", tmp_path / "other.mlpackage", "--weights", "pal2", "--fit-palettes", 15,
+            "--seed", 4, "--size", SIZE)
+    assert r.exit_code == 0, r.stderr
+    assert "rebuild" in r.stdout and "--seed 4" in r.stdout  # the table prints the command too
+    other = _stored(tmp_path / "other.mlpackage")
+    assert any(not np.array_equal(first[k], other[k]) for k in first)
 
 
 # --- exports ---------------------------------------------------------------------------------------------

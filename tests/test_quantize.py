@@ -333,8 +333,17 @@ def test_auto_backend_excludes_engines_that_warn_and_times_the_rest(tmp_path, mo
     real = qz.accuracy_warning
     monkeypatch.setattr(qz, "accuracy_warning",
                         lambda b: "may have accuracy issues on CPU without VNNI" if b == "onednn" else real(b))
+    ranked_at = []
+    real_fastest = qz.fastest_runs
+    monkeypatch.setattr(qz, "fastest_runs", lambda fns, threads, **kw: ranked_at.append(threads)
+                        or real_fastest(fns, threads, **kw))
     src = save_small(tmp_path / "s.pt")
-    r = quantize_file(src, tmp_path / "q.pt", fast_config(backend="auto", keep_float="none"))
+    r = quantize_file(src, tmp_path / "q.pt", fast_config(backend="auto", keep_float="none", threads=2))
+    # ranked at the threads the file will run with, and the result and the file say so
+    assert ranked_at and set(ranked_at) == {2} and r.ranking["threads"] == 2
+    assert "fastest at 2 thread(s)" in r.backend_reason
+    meta = load_model(tmp_path / "q.pt").metadata
+    assert meta["ranking"]["threads"] == 2 and meta["history"][-1]["figures"]["ranking_threads"] == 2
     trials = {t.backend: t for t in r.backends}
     if "onednn" in torch.backends.quantized.supported_engines:
         assert trials["onednn"].status == "excluded" and "VNNI" in trials["onednn"].note
@@ -348,7 +357,6 @@ def test_auto_backend_excludes_engines_that_warn_and_times_the_rest(tmp_path, mo
             assert "already slower than" in t.note
         elif t.backend != r.backend and t.latency_ms is not None and t.status == "meets target":
             assert t.latency_ms >= chosen[0].latency_ms
-    assert "fastest of" in r.backend_reason
 
 
 def test_explicit_backend_that_warns_is_used_with_a_warning(monkeypatch):

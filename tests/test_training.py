@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from tinybeauty_cli.core.training import FitConfig, fit
+from tinybeauty_cli.core.quality import made_up
+from tinybeauty_cli.core.training import FitConfig, distillation_batches, fit
 
 from .conftest import small_tinybeauty
 
@@ -35,3 +36,18 @@ def test_training_is_deterministic_and_l1_needs_parameters():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     with pytest.raises(ValueError):
         fit(small_tinybeauty(dim=4), _batch_fn, FitConfig(steps=1, l1=1e-3))
+
+
+def test_distillation_batches_target_the_teachers_made_up_images_once_per_image_and_flip():
+    calls = []
+    teacher = small_tinybeauty(dim=4, n_res=1)
+    teacher.register_forward_hook(lambda m, a, o: calls.append(len(a[0])))
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    batch = distillation_batches(teacher, images, batch_size=4)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(20):
+        x, y = batch(step, gen)
+        with torch.no_grad():
+            assert torch.allclose(y, made_up(x, teacher(x)), atol=1e-6)  # exactly the teacher's, flips included
+        calls.pop()  # the check's own call
+    assert sum(calls) <= 6  # each of 3 images, flipped or not, went through the teacher once at most

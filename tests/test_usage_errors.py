@@ -45,7 +45,7 @@ def assert_error_look(r, code: int, command: str | None = None, match: str | Non
 # (command line, where the value is refused) -- Typer's parser or the library's checks.
 TYPER = [
     ("run --rate abc", "rate"), ("run --method foo", "method"), ("run --weights pal5", "weights"),
-    ("run --package-weights int4", "package-weights"), ("run --backend gpu", "backend"), ("run --runs 0", "runs"),
+    ("run --weights int4", "weights"), ("run --package-weights int3", "package-weights"), ("run --backend gpu", "backend"), ("run --runs 0", "runs"),
     ("run --limit 0", "limit"), ("run --calib-count 0", "calib-count"), ("run --threads 0", "threads"),
     ("run --finetune-steps -1", "finetune-steps"), ("run --no-such-option", "no-such-option"),
     ("prune --rate abc", "rate"), ("prune --rate 0.3 --method foo", "method"), ("prune", "rate"),

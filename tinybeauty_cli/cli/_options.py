@@ -19,8 +19,11 @@ def choices(name: str, values: Iterable[str]) -> type[Enum]:
     return Enum(name, {v: v for v in values}, type=str)  # type: ignore[return-value]
 
 
-#: Core ML weight storage (``tbopt run --weights``), as ``tbopt export --weights`` takes it.
+#: Core ML weight storage of an ML Program (``tbopt run --package-weights``), as ``tbopt export --weights``.
 WeightModeChoice = choices("WeightModeChoice", WEIGHT_MODES)
+#: ... and of a NeuralNetwork ``.mlmodel`` (``tbopt run --weights``): every mode but int4, which only
+#: an ML Program for iOS 18 stores.
+ModelWeightModeChoice = choices("ModelWeightModeChoice", tuple(m for m in WEIGHT_MODES if m != "int4"))
 #: The int8 engine (``--backend`` of ``tbopt quantize`` and ``tbopt run``).
 BackendChoice = choices("BackendChoice", ("auto", *BACKENDS))
 

@@ -100,8 +100,9 @@ def export(
                               "executor. Default: float activations.", rich_help_panel=PANEL,
         show_default=False)] = None,
     calib: Annotated[Optional[Path], typer.Option(
-        "--calib", help="--activations int8: folder of calibration photos (never the test set). Default: synthetic "
-                        "portraits.", rich_help_panel=PANEL, show_default=False)] = None,
+        "--calib", help="--activations int8 and --fit-palettes: folder of unlabeled photos, never the test set "
+                        "(of pairs, only the inputs). Default: synthetic portraits.", rich_help_panel=PANEL,
+        show_default=False)] = None,
     calib_count: Annotated[int, typer.Option(
         "--calib-count", min=1, help="--activations int8: calibration images to use.",
         rich_help_panel=PANEL)] = DEFAULT_CALIB_COUNT,
@@ -118,6 +119,12 @@ def export(
     size: Annotated[Optional[int], typer.Option(
         "--size", min=8, help="Input size N (N x N). Default: the model's own (256).", rich_help_panel=PANEL,
         show_default=False)] = None,
+    fit_palettes: Annotated[int, typer.Option(
+        "--fit-palettes", min=0, metavar="N", help="With --weights palN: first fine-tune the model onto its palettes "
+        "for N steps (every weight keeps its k-means cluster, the palette values are trained to reproduce the "
+        "model's own made-up images).", rich_help_panel="Palette fitting")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of --fit-palettes (same seed, same threads: same "
+                                                     "weights).", rich_help_panel="Palette fitting")] = 0,
     author: Annotated[Optional[str], typer.Option("--author", help="Author in the model's metadata.",
                                                   rich_help_panel="Metadata", show_default=False)] = None,
     license_: Annotated[Optional[str], typer.Option("--license", help="Licence in the model's metadata.",
@@ -140,9 +147,10 @@ def export(
         output, precision="fp16" if fp16 else "fp32", weights=weights.value if weights else None,
         sparse=sparse.value, target=target.value if target else None, io=io.value, size=size,
         author=author, license=license_, model_version=model_version,
-        activations=activations.value if activations else None, calib=str(calib) if calib else None,
-        calib_count=calib_count, block_size=block_size, granularity=granularity.value, group_size=group_size,
-        per_channel_scale=per_channel_scale)
+        activations=activations.value if activations else None,
+        calib=str(calib) if calib and activations else None, calib_count=calib_count, block_size=block_size,
+        granularity=granularity.value, group_size=group_size, per_channel_scale=per_channel_scale,
+        fit_palettes=fit_palettes, fit_data=str(calib) if calib and fit_palettes else None, seed=seed)
     result = export_file(path, output, config, force=force, progress=out,
                           **model_options(arch, arch_kwargs, trust_pickle))
     out.emit(result, render_export)
@@ -181,5 +189,13 @@ def render_export(out: _output.Output, r: ExportResult) -> None:
         ("fidelity" if r.activations else "weights fidelity"): (
             f"{v['fidelity_psnr_db']:.1f} dB (worst {v['worst_fidelity_db']:.1f} dB) on {v['images']} images: "
             f"{v['numerical_check'].split(' (')[0]}"),
+        **({"palettes fitted": _palette_fit(r.palette_fit)} if r.palette_fit else {}),
         "time": f"{r.seconds:.1f} s",
+        "rebuild": r.command,
     })
+
+
+def _palette_fit(f: dict) -> str:
+    return (f"{f['steps']} steps on {f['images']} images in {f['seconds']:.1f} s; palette error (mean |difference| "
+            f"of made-up images vs the model before) {f['palette_error_before']:.5f} snapped -> "
+            f"{f['palette_error_after']:.5f} fitted")

@@ -23,7 +23,6 @@ from ._options import (
     LimitOpt,
     OutputOpt,
     QuietOpt,
-    ThreadsOpt,
     TrustPickleOpt,
     model_options,
 )
@@ -52,7 +51,9 @@ def quantize(
     output: OutputOpt = None,
     data: DataOpt = None,
     limit: LimitOpt = None,
-    threads: ThreadsOpt = None,
+    threads: Annotated[Optional[int], typer.Option(
+        "--threads", min=1, help="CPU threads the int8 file will run with: engines are ranked and latency is "
+                                 "measured at them (default: all cores).", rich_help_panel="Timing")] = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,

@@ -13,7 +13,17 @@ from ..flow.run_config import OUTPUT_FILES, RunConfig
 from ..prune.config import PruneMethod
 from . import _output
 from ._errors import handle_errors
-from ._options import BackendChoice, DataOpt, ForceOpt, JsonOpt, LimitOpt, QuietOpt, ThreadsOpt, WeightModeChoice
+from ._options import (
+    BackendChoice,
+    DataOpt,
+    ForceOpt,
+    JsonOpt,
+    LimitOpt,
+    ModelWeightModeChoice,
+    QuietOpt,
+    ThreadsOpt,
+    WeightModeChoice,
+)
 
 DEFAULT_OUTPUT = Path("optimized_model")
 
@@ -38,9 +48,9 @@ def run(
     finetune_steps: Annotated[Optional[int], typer.Option(
         "--finetune-steps", min=0, show_default=False,
         help="Distillation steps after pruning (default: the method's, see tbopt prune --help).")] = None,
-    weights: Annotated[WeightModeChoice, typer.Option(
+    weights: Annotated[ModelWeightModeChoice, typer.Option(  # type: ignore[valid-type]
         "--weights", help="Weight storage in TinyBeauty.mlmodel (as tbopt export --weights).")
-    ] = WeightModeChoice("int8"),  # type: ignore[valid-type]
+    ] = ModelWeightModeChoice("int8"),  # type: ignore[valid-type]
     package_weights: Annotated[Optional[WeightModeChoice], typer.Option(  # type: ignore[valid-type]
         "--package-weights", show_default=False,
         help="Weight storage in TinyBeauty.mlpackage (default: as --weights).")] = None,

@@ -4,6 +4,7 @@ coremltools here: the CLI imports it."""
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -77,6 +78,15 @@ class ExportConfig:
     author: str | None = None
     license: str | None = None
     model_version: str = "1.0"
+    #: Steps of fine-tuning onto the palettes before export (``--fit-palettes``; palN only): a
+    #: distillation from the model itself on unlabeled images (``fit_data``, a folder; default
+    #: ``fit_images`` synthetic portraits), ``fit_batch_size`` images a step, Adam from ``fit_lr``.
+    fit_palettes: int = 0
+    fit_data: str | None = None
+    seed: int = 0
+    fit_images: int = 64
+    fit_batch_size: int = 2
+    fit_lr: float = 1e-4
     version: int = CONFIG_VERSION
     activations: str | None = None  # None: float activations; "int8": quantize/dequantize pairs (iOS17+)
     calib: str | None = None  # calibration images for int8 activations (None: synthetic portraits)
@@ -104,6 +114,17 @@ class ExportConfig:
         if self.size is not None and (self.size < 8 or self.size % 4):
             raise ConfigError(f"--size must be a multiple of 4 and >= 8, got {self.size}")
         self._check_compression()
+        if self.fit_palettes < 0:
+            raise UsageError(f"--fit-palettes must be >= 0, got {self.fit_palettes}")
+        if self.fit_palettes and self.palette_bits is None:
+            raise UsageError(f"--fit-palettes fits weights onto palettes, but the weights are stored as "
+                             f"{self.weight_mode}", hint="add --weights pal8|pal6|pal4|pal3|pal2")
+        if self.fit_data is not None and not self.fit_palettes:
+            raise UsageError("fit_data gives the images --fit-palettes trains on; without it nothing uses them")
+        if self.fit_images < 1 or self.fit_batch_size < 1 or not self.fit_lr > 0:
+            raise ConfigError("fit_images and fit_batch_size must be >= 1 and fit_lr > 0")
+        if self.fit_data is not None:
+            self.fit_data = str(self.fit_data)
         if self.format == "neuralnetwork" and self.target is not None and _target_index(self.target) > 1:
             raise UsageError(
                 f"--target {self.target} with a .mlmodel: the NeuralNetwork format is written for iOS13 or "
@@ -120,7 +141,8 @@ class ExportConfig:
                 raise UsageError("--activations int8 needs an ML Program: int8 activations (quantize/dequantize "
                                  "pairs) exist from iOS 17 on", hint="write an .mlpackage")
         elif self.calib is not None:
-            raise UsageError("--calib calibrates int8 activations", hint="add --activations int8, or drop --calib")
+            raise UsageError("--calib calibrates int8 activations", hint="add --activations int8, or drop --calib "
+                                                                         "(with --fit-palettes it is also the fit's images)")
         if self.calib_count < 1:
             raise ConfigError(f"--calib-count must be >= 1, got {self.calib_count}")
         if self.weights == "int4" and not program:
@@ -174,6 +196,30 @@ class ExportConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def command_line(self, source: str | None = None, output: str | None = None) -> str:
+        """The ``tbopt export`` command that writes this configuration again."""
+        default = ExportConfig(format=self.format)
+        parts = ["tbopt export"] + ([shlex.quote(str(source))] if source else [])
+        if output:
+            parts.append(f"-o {shlex.quote(str(output))}")
+        if self.precision != default.precision:
+            parts.append("--fp32")
+        for attr, flag in (("weights", "--weights"), ("sparse", "--sparse"), ("target", "--target"), ("io", "--io"),
+                           ("size", "--size"), ("block_size", "--block-size"), ("granularity", "--granularity"),
+                           ("group_size", "--group-size"), ("activations", "--activations"),
+                           ("calib_count", "--calib-count"), ("fit_palettes", "--fit-palettes"),
+                           ("seed", "--seed"), ("author", "--author"), ("license", "--license"),
+                           ("model_version", "--model-version")):
+            value = getattr(self, attr)
+            if value != getattr(default, attr):
+                parts.append(f"{flag} {shlex.quote(str(value))}")
+        if self.per_channel_scale:
+            parts.append("--per-channel-scale")
+        images = self.calib or self.fit_data  # one --calib folder serves calibration and palette fitting
+        if images:
+            parts.append(f"--calib {shlex.quote(str(images))}")
+        return " ".join(parts)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ExportConfig":

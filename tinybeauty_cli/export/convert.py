@@ -252,7 +252,7 @@ def plan_for(model: nn.Module, config: ExportConfig) -> ExportPlan:
 def export_module(model: nn.Module, config: ExportConfig, *, preprocessing: Preprocessing,
                   history: list[HistoryStep], arch: ArchSpec | None = None, source_sha256: str | None = None,
                   plan: ExportPlan | None = None, advance: Callable[..., None] | None = None,
-                  calibration: np.ndarray | None = None) -> ExportedModel:
+                  calibration: np.ndarray | None = None, command: str | None = None) -> ExportedModel:
     """Convert a float model (eval mode) to a Core ML model as ``config`` asks; no file is written.
 
     ``preprocessing``, ``history``, ``arch`` and ``source_sha256`` describe the model in the
@@ -260,6 +260,8 @@ def export_module(model: nn.Module, config: ExportConfig, *, preprocessing: Prep
     ``advance`` moves the caller's progress bar once per step (trace, convert, compress).
     ``calibration``: uint8 (N, H, W, 3) images at the export size for ``activations="int8"``
     (default: ``config.calib_count`` synthetic portraits, never the test set).
+    ``command`` is the history's record of how the file is made (default: the configuration's
+    :meth:`~.config.ExportConfig.command_line`).
     """
     advance = advance or (lambda n=1, **fields: None)
     size = config.size or preprocessing.size
@@ -303,7 +305,8 @@ def export_module(model: nn.Module, config: ExportConfig, *, preprocessing: Prep
             out_type = spec.description.output[0].type.multiArrayType
             del out_type.shape[:]
             out_type.shape.extend([1, channels, size, size])  # a residual: the input's shape
-    step = HistoryStep.now("export", "tbopt export", config.to_dict(), {"target": plan.target, "sparse": plan.sparse})
+    step = HistoryStep.now("export", command or config.command_line(), config.to_dict(),
+                           {"target": plan.target, "sparse": plan.sparse})
     history = [*history, step]
     describe(spec, config, plan, size, preprocessing, history, arch=arch, source_sha256=source_sha256)
     return ExportedModel(mlmodel, spec, config, plan, size, channels, module, preprocessing, history, activations)

@@ -15,15 +15,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
+from torch import nn
+
+from ..core.artifact import HistoryStep
 from ..core.checkpoint import LoadedModel, load_model
 from ..core.errors import InputError, UnsupportedError, UsageError
 from ..core.files import atomic_output, check_output, size_on_disk, zipped_size
+from ..core.images import uint8_to_model
 from ..core.progress import Progress, SilentProgress
 from ..coreml.spec import graph_op_counts, load_spec, neural_network_weight_bytes, package_parts
 from ..export.config import FORMAT_BY_SUFFIX, FORMAT_NAMES, ExportConfig, format_for_path
 from ..export.convert import export_module, plan_for
 from ..export.metadata import compression_label
+from ..export.palettes import palettes_fitted
 from ..export.validate import validate_export
+from .prune import unlabeled_images
 from .quantize import calibration_images
 
 
@@ -55,6 +62,8 @@ class ExportResult:
     source: str
     source_sha256: str
     activations: dict[str, Any] | None = None  # int8 activations: calibration source, images, pairs
+    command: str = ""  # the tbopt export command that writes this file again
+    palette_fit: dict[str, Any] | None = None  # what --fit-palettes did (PaletteFit.to_dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,6 +114,14 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
     assert artifact is not None and loaded.module is not None
     model = loaded.module.eval()
     plan = plan_for(model, config)  # a target too low is refused before any work
+    command = config.command_line(loaded.path, output)
+    history = list(artifact.history)
+    palette_fit = None
+    if config.fit_palettes:
+        model, fit = _fit_palettes(model, config, config.size or artifact.preprocessing.size, progress)
+        palette_fit = fit.to_dict()
+        history.append(HistoryStep.now("fit-palettes", command, config.to_dict(), palette_fit))
+        plan = plan_for(model, config)  # trained palette values: a cluster of zeros may be zero no more
 
     calibration, calib_source = None, None
     if config.activations:
@@ -112,9 +129,9 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
                                                  config.size or artifact.preprocessing.size, progress)
         calibration, calib_source = calib_set.inputs, calib_set.source
     with progress.task(f"exporting {output.name}", total=4) as advance:
-        exported = export_module(model, config, preprocessing=artifact.preprocessing, history=artifact.history,
+        exported = export_module(model, config, preprocessing=artifact.preprocessing, history=history,
                                  arch=artifact.arch, source_sha256=loaded.sha256, plan=plan, advance=advance,
-                                 calibration=calibration)
+                                 calibration=calibration, command=command)
         with atomic_output(output, force=force, directory=config.format == "mlprogram") as tmp:
             exported.save(tmp)
             validation, inputs, outputs = validate_export(tmp, exported, model)
@@ -129,9 +146,17 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
         casts=ops.get("cast", 0), parameters=params, zero_fraction=round(plan.zero_fraction, 4),
         sparse_tensors=ops.get("constexpr_sparse_to_dense", 0), validation=validation,
         seconds=round(time.perf_counter() - started, 2), notes=plan.notes, config=config.to_dict(),
-        source=str(loaded.path), source_sha256=loaded.sha256,
+        source=str(loaded.path), source_sha256=loaded.sha256, command=command, palette_fit=palette_fit,
         activations=None if exported.activations is None else {
             "dtype": config.activations, "calibration": calib_source, **exported.activations.to_dict()})
+
+
+def _fit_palettes(model: nn.Module, config: ExportConfig, size: int, progress: Progress) -> tuple[nn.Module, Any]:
+    """``model`` fitted onto its palettes (:func:`..export.palettes.palettes_fitted`) on the fit images."""
+    images = unlabeled_images(Path(config.fit_data) if config.fit_data else None, size, config.fit_images)
+    pool = torch.from_numpy(uint8_to_model(images.inputs))
+    return palettes_fitted(model, config.palette_bits, pool, steps=config.fit_palettes, seed=config.seed,
+                           lr=config.fit_lr, batch_size=config.fit_batch_size, progress=progress)
 
 
 def export_file(path: Path | str, output: Path | str, config: ExportConfig, *, force: bool = False,

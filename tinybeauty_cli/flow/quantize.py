@@ -233,7 +233,7 @@ def _quantize(loaded: LoadedModel, output: Path, cfg: QuantizeConfig, *, force: 
                 "float_target_psnr_db": quality["float_target_psnr_db"],
                 "int8_target_psnr_db": quality["int8_target_psnr_db"],
                 "float_latency_ms": rounded(lat["float"].p50_ms), "int8_latency_ms": rounded(lat["int8"].p50_ms),
-                "threads": threads,
+                "threads": threads, "ranking_threads": outcome.ranking.get("threads"),
             }
             step = HistoryStep.now("quantize", command, cfg.to_dict(), figures)
             meta = {
@@ -248,6 +248,8 @@ def _quantize(loaded: LoadedModel, output: Path, cfg: QuantizeConfig, *, force: 
                 "macs": outcome.macs, "float_macs": count_macs(model, prep.size),
                 "stored_weights": outcome.stored_weights,
                 "configuration": cfg.to_dict(),
+                # the engine was chosen for this thread count: at another, another engine may be faster
+                "ranking": dict(outcome.ranking),
                 "calibration": calibration,
                 "layers": [d.to_dict() for d in decisions],
                 "rewrites": outcome.rewrites.to_dict(),

@@ -11,7 +11,8 @@ from typing import Any, Mapping
 from ..core.errors import ConfigError, UsageError
 
 CONFIG_VERSION = 1
-#: Fine-tuning steps ``channel`` pruning takes when none are asked for: ~0.13 s a step on 2 cores.
+#: Fine-tuning steps ``channel`` pruning takes when none are asked for: ~0.13 s a step on 2 cores
+#: (timed before the teacher's targets were computed once per image instead of once per step).
 #: On the demo at rate 0.3, 300 steps leave PSNR 0.8 dB below the original's, 2500 steps 0.1 dB
 #: (benchmarks/prune_figures.py --steps N).
 DEFAULT_CHANNEL_FINETUNE_STEPS = 2500

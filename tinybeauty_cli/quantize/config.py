@@ -34,7 +34,7 @@ class QuantizeConfig:
     calib_count: int = 32
     keep_float: str | tuple[str, ...] = "auto"  # "auto" | "none" | layer names
     min_psnr_db: float = 45.0
-    threads: int | None = None  # for latency measurements (default: PyTorch's current setting)
+    threads: int | None = None  # threads of use: engines ranked and latency measured at them (default: PyTorch's)
     runs: int = 30
     warmup: int = 5
     sensitivity_images: int = 8  # calibration images used to measure per-layer sensitivity

@@ -7,7 +7,8 @@ concatenation and padding stay float (channels-last): their quantized kernels we
 plain FX int8 of TinyBeauty slower than fp32. With ``keep_float="auto"`` each layer is quantized
 alone to measure its sensitivity, and the most sensitive layers stay float until the fidelity
 target is met. With ``backend="auto"`` every quantized engine this PyTorch supports, except one
-that warns about accuracy on this CPU, is timed; the fastest that meets the target wins.
+that warns about accuracy on this CPU, is timed at the threads the file will run with; the fastest
+that meets the target wins.
 Fidelity is measured on calibration images only.
 """
 
@@ -267,19 +268,16 @@ def plan_backend(q: Quantizer, backend: str, cfg: QuantizeConfig, forced: set[st
     return Plan(backend, quantize, fid, math.nan, script, ordered, steps)
 
 
-#: Engines are ranked single-threaded. On a shared machine a multi-threaded batch-1 run waits at
-#: every parallel region for a thread the OS has given to another process, and its time swings 10x
-#: (measured here: 6 ms to 800 ms for the same model within minutes); single-threaded times keep
-#: the engines' order. The latency in the report is measured with the requested threads.
-RANKING_THREADS = 1
-
-
 def choose_backend(q: Quantizer, backends: list[str], trials: list[BackendTrial], cfg: QuantizeConfig,
                    forced: set[str], calib: torch.Tensor, sens_x: torch.Tensor, sens_ref: np.ndarray,
                    float_model: nn.Module, threads: int, progress: Progress,
                    timings: dict[str, float]) -> tuple[Plan, str, list[str], float | None]:
     """The plan to write, why, notes, and the float model's time in the same comparison.
 
+    ``threads`` are the threads the file will run with: engines are timed at them, because their
+    order changes with the thread count (on a 2-core AVX2 CPU without VNNI, ``x86`` and ``fbgemm``
+    tied single-threaded, and at 2 threads the ``x86`` file took nearly twice the ``fbgemm`` file's
+    time); the fastest of several interleaved runs keeps a busy machine's noise out of the ranking.
     Every engine's all-int8 model is timed first (interleaved, with the float model); then, fastest
     first, each engine is calibrated and gets its float layers. Keeping layers float only adds time,
     so an engine whose all-int8 model is already slower than the best finished plan is skipped.
@@ -334,8 +332,8 @@ def choose_backend(q: Quantizer, backends: list[str], trials: list[BackendTrial]
         if match is not None:
             trial.latency_ms = match.latency_ms
     if best is not None:
-        reason = (f"fastest of the {len(backends)} engines timed that meets {cfg.min_psnr_db:g} dB "
-                  f"(best of {SELECTION_RUNS} runs, {threads} thread(s))")
+        reason = (f"fastest at {threads} thread(s) of the {len(backends)} engines timed that meets "
+                  f"{cfg.min_psnr_db:g} dB (best of {SELECTION_RUNS} interleaved runs)")
         return best, reason, notes, float_ms
     plan = max(done, key=lambda p: p.fidelity_db)
     notes.append(_missed(plan, cfg))

@@ -109,17 +109,19 @@ class PixelInterleave(nn.Module):
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         c = self.channels
         n, h, w = y.shape[0], y.shape[2] - 1, y.shape[3] - 1
-        phases = y.permute(0, 2, 3, 1)  # N, H+1, W+1, 4C: a view when y is channels-last
+        # N, H+1, W+1, 4, C: a view when y is channels-last
+        phases = y.permute(0, 2, 3, 1).unflatten(3, (4, c))
         out = torch.empty((n, h, 2, w, 2, c), dtype=y.dtype, device=y.device)
         scale, shift = self.scale, self.shift
-        for di in range(2):
-            for dj in range(2):
-                k = 2 * di + dj
-                src = phases[:, di:di + h, dj:dj + w, k * c:(k + 1) * c]
-                if scale is not None and shift is not None:
-                    torch.addcmul(shift, src, scale, out=out[:, :, di, :, dj, :])
-                else:
-                    out[:, :, di, :, dj, :] = src
+        # A loop over a list, not two unrolled range loops with index arithmetic: TorchScript's freeze
+        # folds such constant arithmetic in an order that changes with the process's hash seed, and
+        # the saved file would then differ from run to run for the same model.
+        for di, dj, k in [(0, 0, 0), (0, 1, 1), (1, 0, 2), (1, 1, 3)]:
+            src = phases[:, di:di + h, dj:dj + w, k]
+            if scale is not None and shift is not None:
+                torch.addcmul(shift, src, scale, out=out[:, :, di, :, dj, :])
+            else:
+                out[:, :, di, :, dj, :] = src
         return out.reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
 
 

@@ -29,7 +29,7 @@ from ..core.errors import ConfigError, UnsupportedError
 from ..core.progress import Progress, SilentProgress
 from ..core.quality import made_up
 from .config import EQUALIZE_IMAGES, SELECTION_RUNS, QuantizeConfig
-from .engines import RANKING_THREADS, Quantizer, choose_backend, layers_of, resolve_keep_float, usable_backends
+from .engines import Quantizer, choose_backend, layers_of, resolve_keep_float, usable_backends
 from .graph_rewrites import TraceError, optimize_graph
 from .lowering import engine_label
 from .results import QuantizeOutcome, rounded
@@ -74,8 +74,9 @@ def quantize_module(model: nn.Module, config: QuantizeConfig, calib: torch.Tenso
 
     t0 = time.perf_counter()
     backends, trials = usable_backends(cfg.backend, progress)
+    threads = cfg.effective_threads  # the threads of use: the engine is chosen where the file will run
     plan, reason, more_notes, float_ms = choose_backend(
-        quantizer, backends, trials, cfg, forced, calib, sens_x, sens_ref, model, RANKING_THREADS, progress, timings)
+        quantizer, backends, trials, cfg, forced, calib, sens_x, sens_ref, model, threads, progress, timings)
     notes.extend(more_notes)
     if float_ms is not None and plan.latency_ms >= float_ms:
         notes.append(f"the chosen {plan.backend} int8 model ({plan.latency_ms:.1f} ms) was not faster than the "
@@ -92,6 +93,6 @@ def quantize_module(model: nn.Module, config: QuantizeConfig, calib: torch.Tenso
         calibration_fidelity_db=plan.fidelity_db, sensitivity_images=len(sens_x),
         macs=count_macs(graph, calib.shape[-1]), stored_weights=sum(p.numel() for p in graph.parameters()),
         timings=timings, notes=notes,
-        ranking={"threads": RANKING_THREADS, "runs": SELECTION_RUNS, "float_ms": rounded(float_ms),
+        ranking={"threads": threads, "runs": SELECTION_RUNS, "float_ms": rounded(float_ms),
                  "measure": "fastest of the runs, engines interleaved with each other and the float model"})
     return plan.script, outcome
