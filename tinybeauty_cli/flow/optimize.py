@@ -57,13 +57,10 @@ from .prune import prune_loaded
 from .quantize import quantize_loaded
 
 
-def with_fitted_palettes(config: ExportConfig, steps: int) -> ExportConfig:
+def with_fitted_palettes(config: ExportConfig, steps: int, calib: Path | None = None) -> ExportConfig:
     """The export configuration that fits the palettes for ``steps`` steps before palettizing
-    (``tbopt export --fit-palettes N``). The one place the search reaches palette fitting: an
-    export without that option raises, and the search lists fitted palettes as not tried."""
-    if "fit_palettes" not in ExportConfig.__dataclass_fields__:
-        raise UnsupportedError("this tbopt's export cannot fit palettes (tbopt export --fit-palettes)")
-    return dataclasses.replace(config, fit_palettes=steps)  # type: ignore[call-arg]
+    (``tbopt export --fit-palettes N [--calib DIR]``), on the search's unlabeled images."""
+    return dataclasses.replace(config, fit_palettes=steps, fit_data=str(calib) if calib else None)
 
 
 def _shown(path: Path) -> str:
@@ -245,7 +242,7 @@ class _Search:
     def _coreml(self, recipe: Recipe, model: LoadedModel, path: Path) -> Candidate:
         config = recipe.export_config()
         if recipe.fit_steps:
-            config = with_fitted_palettes(config, recipe.fit_steps)
+            config = with_fitted_palettes(config, recipe.fit_steps, self.cfg.calib)
         result = export_loaded(model, path, config, force=True, progress=self.progress)
         ev = self.score(file_twin(model, path, config.format), f"scoring {recipe.key}")
         return self._measured(recipe, path, ev, notes=list(result.notes), scored_with=TWIN)

@@ -113,7 +113,7 @@ class Recipe:
         deterministic).
         """
         threads_opt = ["--threads", str(threads)]
-        data = ["--data", str(cfg.calib)] if cfg.calib else []
+        data = ["--calib", str(cfg.calib)] if cfg.calib else []  # the unlabeled images, as prune names them
         lines: list[list[str]] = []
         source = checkpoint
         stem = Path(checkpoint).stem
@@ -140,7 +140,7 @@ class Recipe:
             if self.weights != "fp16":
                 line += ["--weights", self.weights]
             if self.fit_steps:
-                line += ["--fit-palettes", str(self.fit_steps)]
+                line += ["--fit-palettes", str(self.fit_steps), *data]
             lines.append(line + ["--target", coreml_target(self.target), "-o", output])
         return [shlex.join(line) for line in lines]
 
