@@ -45,10 +45,20 @@ def untimed(obj):
 
 
 def twice(tmp_path: Path, name: str, *args) -> tuple[Path, Path]:
-    outs = tmp_path / f"1-{name}", tmp_path / f"2-{name}"
-    for out in outs:
-        run(*args, "-o", out)
-    return outs
+    """Run ``tbopt ARGS -o NAME`` twice, each time from its own folder: the same command line (it is
+    recorded in the history), two outputs."""
+    outs = []
+    here = Path.cwd()
+    try:
+        for k in ("1", "2"):
+            folder = tmp_path / k
+            folder.mkdir()
+            os.chdir(folder)
+            run(*args, "-o", name)
+            outs.append(folder / name)
+    finally:
+        os.chdir(here)
+    return outs[0], outs[1]
 
 
 @pytest.mark.parametrize("method, extra", [("magnitude", ()), ("global", ()),

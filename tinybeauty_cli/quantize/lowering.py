@@ -62,7 +62,19 @@ def lower_to_torchscript(converted: nn.Module, example: torch.Tensor) -> torch.j
             scripted = torch.jit.script(wrapped)
         except Exception:  # noqa: BLE001 - a user's network may use Python that only tracing understands
             scripted = torch.jit.trace(wrapped, example, check_trace=False)
-        return torch.jit.freeze(scripted.eval())
+        frozen = torch.jit.freeze(scripted.eval())
+        # freeze folds constants and merges common subexpressions in an order that follows the
+        # process's hash seed, and may stop short of either; doing both again until nothing changes
+        # gives one graph, so the same model is saved as the same bytes in every run.
+        graph = frozen.graph
+        for _ in range(8):
+            before = str(graph)
+            torch._C._jit_pass_constant_propagation(graph)
+            torch._C._jit_pass_cse(graph)
+            torch._C._jit_pass_dce(graph)
+            if str(graph) == before:
+                break
+        return frozen
 
 
 def write_torchscript(script_path: Path, out_path: Path, metadata: Mapping[str, Any]) -> None:
