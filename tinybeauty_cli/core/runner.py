@@ -10,6 +10,7 @@ The implementations live with what they run: ``runtime.runners`` (PyTorch) and
 
 from __future__ import annotations
 
+import abc
 from typing import Any, Callable
 
 import numpy as np
@@ -18,7 +19,7 @@ from .artifact import Preprocessing
 from .quality import made_up
 
 
-class Runner:
+class Runner(abc.ABC):
     """Base class: subclasses implement :meth:`residual` (and may override :meth:`predict`)."""
 
     #: "float" | "int8" | "coreml"
@@ -38,8 +39,9 @@ class Runner:
     def size(self) -> int:
         return self.preprocessing.size
 
-    def residual(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def residual(self, x: np.ndarray) -> np.ndarray:
+        """What the network adds to the batch ``x`` (see the module docstring)."""
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return made_up(x, self.residual(x))

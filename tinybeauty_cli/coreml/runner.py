@@ -16,6 +16,7 @@ the model's tbopt metadata says it returns the made-up image.
 
 from __future__ import annotations
 
+import abc
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,7 @@ def coreml_available() -> bool:
 
 # ---------------------------------------------------------------- backends
 
-class _Backend:
+class _Backend(abc.ABC):
     """Runs one (1, 3, S, S) example: an image input gets 0..255 RGB pixels, a tensor input the
     model-space values; returns image outputs as 0..255 RGB floats, tensors as they come."""
 
@@ -58,8 +59,9 @@ class _Backend:
     #: True when Core ML itself computes (device latency); False for the reference executor.
     on_device: bool = False
 
-    def run(self, feed: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def run(self, feed: np.ndarray) -> np.ndarray:
+        """The model's output for one example."""
 
 
 class ReferenceBackend(_Backend):
