@@ -221,6 +221,13 @@ def test_enospc_from_each_writer_in_process(inputs, tmp_path, scratch, monkeypat
 # ------------------------------------------------------------------------------------------ interrupts
 
 
+def _ctrl_c_as_usual() -> None:
+    """In the child, before Python starts: SIGINT does what it does in a terminal. A shell without job
+    control starts background jobs (and so these tests, and their children) with SIGINT ignored, and
+    Python keeps an ignored SIGINT ignored: the child would never see the interrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt(args: list[str], trigger: str, tmp_path: Path, python_flags: tuple[str, ...] = (),
                timeout: float = 300) -> tuple[int, list[str]]:
     """Run ``python -m tinybeauty_cli ARGS``, send SIGINT once a stderr line matches ``trigger``.
@@ -233,7 +240,7 @@ def _interrupt(args: list[str], trigger: str, tmp_path: Path, python_flags: tupl
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(scratch), "NO_COLOR": "1", "COLUMNS": "200"}
     env.pop("TBOPT_DEBUG", None)
     proc = subprocess.Popen([sys.executable, *python_flags, "-m", "tinybeauty_cli", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_as_usual)
     lines: list[str] = []
     sent = threading.Event()
 
