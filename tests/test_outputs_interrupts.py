@@ -385,11 +385,17 @@ def test_interrupt_during_the_swap_is_held_until_it_is_done(tmp_path):
             time.sleep(0.05)
         return real_replace(a, b)
 
-    with pytest.raises(KeyboardInterrupt):
-        with pytest.MonkeyPatch.context() as m:
-            m.setattr(os, "replace", replace)
-            with atomic_output(target, force=True, directory=True) as tmp:
-                tmp.mkdir()
-                (tmp / "new").write_text("new")
+    # Python's own Ctrl-C handler, whatever this process was started with (a shell without job control
+    # starts background jobs with SIGINT ignored, and an ignored interrupt is rightly not raised).
+    usual = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with pytest.MonkeyPatch.context() as m:
+                m.setattr(os, "replace", replace)
+                with atomic_output(target, force=True, directory=True) as tmp:
+                    tmp.mkdir()
+                    (tmp / "new").write_text("new")
+    finally:
+        signal.signal(signal.SIGINT, usual)
     assert len(calls) == 2 and sorted(p.name for p in target.iterdir()) == ["new"]
     assert [p.name for p in tmp_path.iterdir()] == ["pkg.mlpackage"]
