@@ -189,7 +189,8 @@ def test_missing_folders_are_made_and_nothing_temporary_is_left(name, inputs, tm
 def _fail_after_writing_part(monkeypatch, target, attr: str, folder: bool = False) -> None:
     """Make a writer put part of its output down, then fail as a full disk does."""
     def writer(self_or_obj, path, *args, **kwargs):
-        path = Path(getattr(path, "name", path))
+        # a path, or an open file (whose .name is its path); a Path's own .name is only its last part
+        path = Path(path) if isinstance(path, (str, os.PathLike)) else Path(path.name)
         if folder:
             path.mkdir(parents=True, exist_ok=True)
             (path / "part").write_bytes(b"x" * 100)
