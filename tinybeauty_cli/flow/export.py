@@ -150,13 +150,17 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
             ops = graph_op_counts(load_spec(tmp))
         advance(1)
     params = sum(p.numel() for p in model.parameters())
+    notes = list(plan.notes)
+    if allocation is not None and allocation.predicted_error > allocation.uniform_error:
+        notes.append(f"bits by layer: no choice within the budget (its record in the file included) beats "
+                     f"{allocation.uniform_bits} bits everywhere on the calibration images; the closest is kept")
     return ExportResult(
         path=str(output), format=config.format, target=plan.target, precision=config.precision,
         weights=compression_label(config, plan.sparse), sparse=plan.sparse, io=config.io, size=exported.size,
         inputs=inputs, outputs=outputs, **sizes, ops=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
         casts=ops.get("cast", 0), parameters=params, zero_fraction=round(plan.zero_fraction, 4),
         sparse_tensors=ops.get("constexpr_sparse_to_dense", 0), validation=validation,
-        seconds=round(time.perf_counter() - started, 2), notes=plan.notes, config=config.to_dict(),
+        seconds=round(time.perf_counter() - started, 2), notes=notes, config=config.to_dict(),
         source=str(loaded.path), source_sha256=loaded.sha256, command=command, palette_fit=palette_fit,
         bits_by_layer=None if exported.bits_by_layer is None else {
             "calibration": calib_source, **exported.bits_by_layer.to_dict()},
