@@ -25,8 +25,10 @@ their tensor-I/O twins and of NeuralNetwork files, against the fp32 network on r
    face through tbopt's reference executor), the demo checkpoint's W8A8 file scored by
    `tbopt bench` on the built-in test set; then int4 per-block weights and 4-bit palettes per
    group of output channels (with and without per-channel scales) beside today's per-tensor
-   pal4: size on disk and fidelity on the real face (reference executor) and on 8 test images,
-   and the best fidelity at no more than pal4's size.
+   pal4, and palette bits chosen per layer within pal4's size (`--bits-by-layer auto`, alone and
+   with `--fit-palettes`): size on disk and fidelity on the real face (reference executor) and on
+   8 test images, and the best fidelity within 2% of pal4's size (`--only quant --no-w8a8`: the
+   weights table alone).
 
 Export must be quick (it runs inside `tbopt run`): every export's time is printed.
 """
@@ -404,7 +406,8 @@ def coreml_fidelity(path: Path, images, reference) -> tuple[float, float]:
     return ev.fidelity_psnr_db, ev.worst_fidelity_db
 
 
-def quant_section(released: Path, demo: Path, work: Path, face_dir: Path) -> None:
+def quant_section(released: Path, demo: Path, work: Path, face_dir: Path, fit_steps: int = 150,
+                  w8a8: bool = True) -> None:
     from tinybeauty_cli.core.images import load_folder
 
     print(f"\n== 4. int8 activations (W8A8, iOS 17) and iOS 18 weights ({load_note()})")
@@ -414,6 +417,12 @@ def quant_section(released: Path, demo: Path, work: Path, face_dir: Path) -> Non
     face_ref = evaluate(TorchRunner(original.module), face).outputs
     test_ref = evaluate(TorchRunner(original.module), test8).outputs
 
+    if w8a8:
+        w8a8_files(released, demo, work, face, face_ref, test8, test_ref)
+    weights_table(released, work, face, face_ref, test8, test_ref, fit_steps)
+
+
+def w8a8_files(released: Path, demo: Path, work: Path, face, face_ref, test8, test_ref) -> None:
     out = work / "released_w8a8.mlpackage"
     args = ["export", str(released), "-o", str(out), "--weights", "int8", "--activations", "int8", "--force"]
     d, wall = tbopt(*args)
@@ -440,15 +449,26 @@ def quant_section(released: Path, demo: Path, work: Path, face_dir: Path) -> Non
           f"{row['worst_fidelity_db']:.2f} dB), PSNR vs targets {row['target_psnr_db']:.2f} dB (float "
           f"{b['rows'][0]['target_psnr_db']:.2f} dB)  {'>= 40 dB: yes' if row['fidelity_psnr_db'] >= 40 else 'BELOW'}")
 
+
+def weights_table(released: Path, work: Path, face, face_ref, test8, test_ref, fit_steps: int) -> None:
+    """iOS 18 weights beside per-tensor pal4: size, fidelity on the face and on 8 test images."""
     variants = [("pal4 per tensor (today)", dict(weights="pal4"))]
     variants += [(f"int4 per-block {b}", dict(weights="int4", block_size=b)) for b in (24, 8, 4)]
     variants += [(f"pal4 groups of {g}", dict(weights="pal4", granularity="per-grouped-channel", group_size=g))
                  for g in (8, 4, 2, 1)]
     variants += [("pal4 per-channel scale", dict(weights="pal4", per_channel_scale=True)),
                  ("pal3 groups of 1", dict(weights="pal3", granularity="per-grouped-channel", group_size=1))]
+    # bits chosen per layer within pal4's size (sensitivities on synthetic portraits, never the test images),
+    # alone and fitted onto the palettes; uniform pal4 fitted as the fitting's own baseline
+    variants += [("pal4 bits by layer", dict(weights="pal4", bits_by_layer="auto")),
+                 (f"pal4 fitted {fit_steps}", dict(weights="pal4", fit_palettes=fit_steps)),
+                 (f"pal4 bits by layer fitted {fit_steps}", dict(weights="pal4", bits_by_layer="auto",
+                                                                  fit_palettes=fit_steps))]
     print(f"  released checkpoint, .mlpackage, image I/O; fidelity vs the float model through the reference "
           f"executor (8-bit output), on {face.names[0]} and on 8 built-in test images")
-    print(f"  {'weights':28s} {'target':6s} {'size B':>9s} {'weights B':>9s} {'graph B':>8s} {'face dB':>8s} "
+    print("  (twin dB: PyTorch with the file's weights vs the model exported -- for the fitted rows, the fitted "
+          "model, not the float original)")
+    print(f"  {'weights':34s} {'target':6s} {'size B':>9s} {'weights B':>9s} {'graph B':>8s} {'face dB':>8s} "
           f"{'test dB':>8s} {'twin dB':>8s} {'export':>7s}")
     rows = []
     for name, kw in variants:
@@ -457,22 +477,32 @@ def quant_section(released: Path, demo: Path, work: Path, face_dir: Path) -> Non
         face_db, _ = coreml_fidelity(path, face, face_ref)
         test_db, _ = coreml_fidelity(path, test8, test_ref)
         rows.append((name, r, face_db, test_db))
-        print(f"  {name:28s} {r.target:6s} {kb(r.size_bytes)} {kb(r.weight_bytes)} {r.graph_bytes:8,} "
+        print(f"  {name:34s} {r.target:6s} {kb(r.size_bytes)} {kb(r.weight_bytes)} {r.graph_bytes:8,} "
               f"{face_db:8.2f} {test_db:8.2f} {r.validation['fidelity_psnr_db']:8.2f} {r.seconds:6.1f}s", flush=True)
+        if r.bits_by_layer:
+            bits = [f"{'.'.join(layer['layer'].split('.')[-2:])} {layer['bits']}" for layer in r.bits_by_layer["layers"]
+                    if layer["bits"] != r.bits_by_layer["uniform_bits"]]
+            print(f"      bits by layer: {', '.join(bits)}, the other layers {r.bits_by_layer['uniform_bits']} (predicted "
+                  f"{r.bits_by_layer['predicted_gain_db']:+.2f} dB on the calibration images)")
     base = rows[0]
     print(f"  against pal4 per tensor ({base[1].size_bytes:,} B):")
     base_twin = base[1].validation["fidelity_psnr_db"]
     for name, r, face_db, test_db in rows[1:]:
-        print(f"    {name:28s} size x{r.size_bytes / base[1].size_bytes:.3f}, face {face_db - base[2]:+.2f} dB, "
+        print(f"    {name:34s} size x{r.size_bytes / base[1].size_bytes:.3f}, face {face_db - base[2]:+.2f} dB, "
               f"test images {test_db - base[3]:+.2f} dB, twin {r.validation['fidelity_psnr_db'] - base_twin:+.2f} dB")
     fits = [row for row in rows[1:] if row[1].size_bytes <= base[1].size_bytes * 1.02]
     if fits:
         best = max(fits, key=lambda row: row[3])
-        gain = best[3] - base[3]
-        print(f"  within 2% of pal4's size: best {best[0]} ({best[1].size_bytes:,} B), {gain:+.2f} dB on the test "
-              f"images: {'>= +3 dB: yes' if gain >= 3 else 'below the +3 dB asked'}")
+        gain, face_gain = best[3] - base[3], best[2] - base[2]
+        print(f"  within 2% of pal4's size: best {best[0]} ({best[1].size_bytes:,} B, x"
+              f"{best[1].size_bytes / base[1].size_bytes:.3f}), {gain:+.2f} dB on the test images "
+              f"({'>= +3 dB: yes' if gain >= 3 else 'below the +3 dB asked'}), {face_gain:+.2f} dB on the face "
+              f"({'>= +3 dB: yes' if face_gain >= 3 else 'below the +3 dB asked'})")
+        best_face = max(fits, key=lambda row: row[2])
+        print(f"  within 2% of pal4's size, best on the face: {best_face[0]}, {best_face[2] - base[2]:+.2f} dB")
     else:
         print(f"  no variant is within 2% of pal4 per tensor's size ({base[1].size_bytes:,} B)")
+    print(f"  ({load_note()} at the end)")
 
 
 def main() -> int:
@@ -489,6 +519,8 @@ def main() -> int:
     ap.add_argument("--faces", type=Path, nargs="+", default=[ROOT.parent / "shared" / "realdata" / "face_01.png"],
                     help="real faces for the fp16 image files (default: ../shared/realdata/face_01.png)")
     ap.add_argument("--only", choices=("released", "demo", "preset", "image-fp16", "quant"), action="append")
+    ap.add_argument("--no-w8a8", action="store_true", help="section 4: only the weights table (no W8A8 files)")
+    ap.add_argument("--fit-steps", type=int, default=150, help="section 4: --fit-palettes steps of the fitted rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="export_figures_"))
@@ -513,7 +545,7 @@ def main() -> int:
             print(f"\n== fp16 image files: skipped: {args.released} or the faces are absent")
     if "quant" in only:
         if args.released.is_file():
-            quant_section(args.released, ckpt, work, args.released.parent)
+            quant_section(args.released, ckpt, work, args.released.parent, args.fit_steps, not args.no_w8a8)
         else:
             print(f"\n== 4. skipped: {args.released} is absent")
     return 0

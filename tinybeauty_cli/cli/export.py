@@ -42,6 +42,10 @@ class GranularityChoice(str, Enum):
     per_grouped_channel = "per-grouped-channel"
 
 
+class BitsByLayerChoice(str, Enum):
+    auto = "auto"
+
+
 class ActivationsChoice(str, Enum):
     int8 = "int8"
 
@@ -94,17 +98,24 @@ def export(
         "--per-channel-scale", help="Palettes: scale the weights to [-1, 1] along the output channels before "
                                     "clustering, the scales stored beside the tables (iOS18).",
         rich_help_panel=PANEL)] = False,
+    bits_by_layer: Annotated[Optional[BitsByLayerChoice], typer.Option(
+        "--bits-by-layer", help="With --weights palN (ML Program): auto chooses each layer's palette size (1-8 bits) "
+                                "from its measured sensitivity on the calibration images (--calib), the weights no "
+                                "larger than N bits everywhere; the choice is recorded in the file (iOS18; with a "
+                                "lower --target, 3 bits are left out).", rich_help_panel=PANEL,
+        show_default=False)] = None,
     activations: Annotated[Optional[ActivationsChoice], typer.Option(
         "--activations", help="int8: quantize/dequantize pairs around convolutions and additions (W8A8 with "
                               "--weights int8; ML Program, iOS17+), ranges calibrated with tbopt's reference "
                               "executor. Default: float activations.", rich_help_panel=PANEL,
         show_default=False)] = None,
     calib: Annotated[Optional[Path], typer.Option(
-        "--calib", help="--activations int8 and --fit-palettes: folder of unlabeled photos, never the test set "
+        "--calib", help="--activations int8, --bits-by-layer and --fit-palettes: folder of unlabeled photos, never "
+                        "the test set "
                         "(of pairs, only the inputs). Default: synthetic portraits.", rich_help_panel=PANEL,
         show_default=False)] = None,
     calib_count: Annotated[int, typer.Option(
-        "--calib-count", min=1, help="--activations int8: calibration images to use.",
+        "--calib-count", min=1, help="--activations int8 and --bits-by-layer: calibration images to use.",
         rich_help_panel=PANEL)] = DEFAULT_CALIB_COUNT,
     sparse: Annotated[SparseChoice, typer.Option(
         "--sparse", help="auto: a pruned checkpoint (>= 10% zero weights) is stored sparse in an ML Program "
@@ -148,7 +159,8 @@ def export(
         sparse=sparse.value, target=target.value if target else None, io=io.value, size=size,
         author=author, license=license_, model_version=model_version,
         activations=activations.value if activations else None,
-        calib=str(calib) if calib and activations else None, calib_count=calib_count, block_size=block_size,
+        calib=str(calib) if calib and (activations or bits_by_layer) else None, calib_count=calib_count,
+        block_size=block_size, bits_by_layer=bits_by_layer.value if bits_by_layer else None,
         granularity=granularity.value, group_size=group_size, per_channel_scale=per_channel_scale,
         fit_palettes=fit_palettes, fit_data=str(calib) if calib and fit_palettes else None, seed=seed)
     result = export_file(path, output, config, force=force, progress=out,
@@ -189,10 +201,23 @@ def render_export(out: _output.Output, r: ExportResult) -> None:
         ("fidelity" if r.activations else "weights fidelity"): (
             f"{v['fidelity_psnr_db']:.1f} dB (worst {v['worst_fidelity_db']:.1f} dB) on {v['images']} images: "
             f"{v['numerical_check'].split(' (')[0]}"),
+        **({"bits by layer": _bits_by_layer(r.bits_by_layer)} if r.bits_by_layer else {}),
         **({"palettes fitted": _palette_fit(r.palette_fit)} if r.palette_fit else {}),
         "time": f"{r.seconds:.1f} s",
         "rebuild": r.command,
     })
+
+
+def _bits_by_layer(b: dict) -> str:
+    groups: dict[int, list[str]] = {}
+    for layer in b["layers"]:
+        groups.setdefault(layer["bits"], []).append(".".join(layer["layer"].split(".")[-2:]))
+    parts = [f"{bits}-bit: " + (", ".join(names) if bits != b["uniform_bits"] else f"{len(names)} layers")
+             for bits, names in sorted(groups.items(), reverse=True)]
+    gain = b["predicted_gain_db"]
+    return (f"{'; '.join(parts)} ({b['weight_bytes']:,} B of weights, {b['uniform_bytes']:,} B at "
+            f"{b['uniform_bits']} bits everywhere; sensitivities on {b['calibration_images']} images, predicted "
+            f"{'+' if gain is not None and gain >= 0 else ''}{gain} dB)")
 
 
 def _palette_fit(f: dict) -> str:

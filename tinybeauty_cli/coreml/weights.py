@@ -221,12 +221,13 @@ def float_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _convs_in_run_order(module: nn.Module, example: torch.Tensor) -> list[nn.Module]:
-    """The (transposed) convolutions of ``module`` in the order a forward pass first runs them:
-    the order of the file's graph."""
+def layers_in_run_order(module: nn.Module, example: torch.Tensor,
+                        kinds: tuple[type, ...] = (nn.modules.conv._ConvNd,)) -> list[nn.Module]:
+    """The layers of ``module`` of ``kinds`` (default: (transposed) convolutions) in the order a
+    forward pass first runs them: the order of the file's graph."""
     order: list[nn.Module] = []
     hooks = [m.register_forward_hook(lambda mod, _i, _o: order.append(mod) if mod not in order else None)
-             for m in module.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+             for m in module.modules() if isinstance(m, kinds)]
     try:
         with torch.inference_mode():
             module(example)
@@ -270,7 +271,7 @@ def match_weights(module: nn.Module, weights: list[StoredWeight], example: torch
             convs.append([w, None])
         elif w.conv == "bias" and convs and convs[-1][0].op == w.op:
             convs[-1][1] = w
-    layers = _convs_in_run_order(module, example)
+    layers = layers_in_run_order(module, example)
     if len(layers) != len(convs):
         raise UnsupportedError(f"the model runs {len(layers)} convolutions, the Core ML file has {len(convs)}")
     for layer, (weight, bias) in zip(layers, convs):

@@ -16,6 +16,10 @@ TARGETS = ("iOS13", "iOS14", "iOS15", "iOS16", "iOS17", "iOS18")
 WEIGHT_MODES = ("fp16", "int8", "int4", "pal8", "pal6", "pal4", "pal3", "pal2")
 #: Palette granularities (``--granularity``): one table per tensor, or per group of output channels.
 GRANULARITIES = ("per-tensor", "per-grouped-channel")
+#: ``--bits-by-layer``: palette bits chosen per layer within the size of N bits everywhere.
+BITS_BY_LAYER_MODES = ("auto",)
+#: Palette sizes coremltools writes (3 bits from iOS18 on).
+PALETTE_BITS = (1, 2, 3, 4, 6, 8)
 #: Activation storage (``--activations``): float as computed, or int8 (quantize/dequantize pairs).
 ACTIVATION_MODES = ("int8",)
 #: Defaults of ``--block-size`` (int4: input channels per scale) and ``--group-size`` (output
@@ -43,6 +47,13 @@ class ExportError(TbOptError):
 
 def _target_index(target: str) -> int:
     return TARGETS.index(target)
+
+
+def palette_bits_for(target: str | None) -> tuple[int, ...]:
+    """Palette sizes a file for ``target`` may hold (None: any, 3 bits included)."""
+    if target is None or _target_index(target) >= _target_index("iOS18"):
+        return PALETTE_BITS
+    return tuple(b for b in PALETTE_BITS if b != 3)
 
 
 def normalize_target(target: str | None) -> str | None:
@@ -95,6 +106,9 @@ class ExportConfig:
     granularity: str = "per-tensor"  # palettes: one table per tensor or per group of output channels
     group_size: int | None = None  # per-grouped-channel: output channels per table (None: DEFAULT_GROUP_SIZE)
     per_channel_scale: bool = False  # palettes: each output channel scaled to [-1, 1] first (iOS18)
+    #: None: palN everywhere; "auto": 1-8 bits per layer from measured sensitivities (calibration
+    #: images as for int8 activations), the weights no larger than palN everywhere
+    bits_by_layer: str | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMAT_NAMES:
@@ -140,9 +154,10 @@ class ExportConfig:
             if not program:
                 raise UsageError("--activations int8 needs an ML Program: int8 activations (quantize/dequantize "
                                  "pairs) exist from iOS 17 on", hint="write an .mlpackage")
-        elif self.calib is not None:
-            raise UsageError("--calib calibrates int8 activations", hint="add --activations int8, or drop --calib "
-                                                                         "(with --fit-palettes it is also the fit's images)")
+        elif self.calib is not None and self.bits_by_layer is None:
+            raise UsageError("--calib calibrates int8 activations and --bits-by-layer",
+                             hint="add --activations int8, or drop --calib (with --fit-palettes it is also the "
+                                  "fit's images)")
         if self.calib_count < 1:
             raise ConfigError(f"--calib-count must be >= 1, got {self.calib_count}")
         if self.weights == "int4" and not program:
@@ -161,6 +176,13 @@ class ExportConfig:
                 raise UsageError(f"{what} applies to palettes", hint="add --weights pal4 (or another palN)")
             if not program:
                 raise UsageError(f"{what} needs an ML Program for iOS 18", hint="write an .mlpackage")
+        if self.bits_by_layer is not None:
+            if self.bits_by_layer not in BITS_BY_LAYER_MODES:
+                raise ConfigError(f"--bits-by-layer must be auto, got {self.bits_by_layer!r}")
+            if not palettes:
+                raise UsageError("--bits-by-layer chooses palette sizes", hint="add --weights pal4 (or another palN)")
+            if not program:
+                raise UsageError("--bits-by-layer needs an ML Program", hint="write an .mlpackage")
         if self.group_size is not None:
             if self.granularity != "per-grouped-channel":
                 raise UsageError("--group-size applies to --granularity per-grouped-channel",
@@ -207,7 +229,8 @@ class ExportConfig:
             parts.append("--fp32")
         for attr, flag in (("weights", "--weights"), ("sparse", "--sparse"), ("target", "--target"), ("io", "--io"),
                            ("size", "--size"), ("block_size", "--block-size"), ("granularity", "--granularity"),
-                           ("group_size", "--group-size"), ("activations", "--activations"),
+                           ("group_size", "--group-size"), ("bits_by_layer", "--bits-by-layer"),
+                           ("activations", "--activations"),
                            ("calib_count", "--calib-count"), ("fit_palettes", "--fit-palettes"),
                            ("seed", "--seed"), ("author", "--author"), ("license", "--license"),
                            ("model_version", "--model-version")):
@@ -308,6 +331,8 @@ def plan_export(config: ExportConfig, tensor_zeros: list[tuple[int, int]]) -> Ex
                          hint="pass --sparse off to store the pruned weights dense")
     needs = requirements(config.format, config.weight_mode, sparse, activations=config.activations,
                          grouped=config.grouped, per_channel_scale=config.per_channel_scale)
+    if config.bits_by_layer and config.target is None:  # a lower --target leaves 3 bits out of the choice
+        needs.append(("iOS18", "3-bit palettes among the bits chosen per layer"))
     target, why = max(needs, key=lambda n: _target_index(n[0]))
     if config.target is not None:
         if _target_index(config.target) < _target_index(target):

@@ -27,7 +27,7 @@ from torch import nn
 from ..core.artifact import ArchSpec, HistoryStep, Preprocessing
 from ..core.counts import input_channels
 from ..core.errors import TbOptError, UnsupportedError
-from ..core.images import synthetic_unlabeled
+from ..core.images import synthetic_unlabeled, uint8_to_model
 from ..coreml.compact import compact_neural_network, compact_program, inline_small_weights
 from ..coreml.spec import coremltools, mil_program, quiet
 from .activations import ActivationReport, int8_activations
@@ -35,6 +35,7 @@ from .config import (
     _WEIGHT_OPS,
     IMAGE_IN,
     IMAGE_OUT,
+    META_PREFIX,
     TENSOR_IN,
     TENSOR_OUT,
     ExportConfig,
@@ -44,7 +45,8 @@ from .config import (
     tensor_dtype,
 )
 from .metadata import describe
-from .palettes import kmeans_lut
+from .mixed import BitAllocation, allocate_bits, pair_with_ops
+from .palettes import PALETTIZED, kmeans_lut
 from .prepare import CoreMLIO, coreml_ready_module, tensor_zeros
 
 
@@ -125,17 +127,30 @@ def _weight_dims(mlmodel: Any) -> dict[str, tuple[int, int]]:
     return dims
 
 
+def _weight_shapes(mlmodel: Any) -> dict[str, tuple[int, ...]]:
+    """The constant weight shape of every conv/linear op, by op name, in graph order."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for op in mil_program(mlmodel).functions["main"].operations:
+        weight = op.inputs.get("weight") if op.op_type in _WEIGHT_OPS else None
+        if weight is not None and weight.shape is not None and len(weight.shape) >= 2:
+            shapes[op.name] = tuple(int(d) for d in weight.shape)
+    return shapes
+
+
 def _per_layer(config_for: Callable[[int], Any], wanted: int, sizes: dict[str, int]) -> dict[str, Any]:
     """Op-name configs for the layers whose channel count ``wanted`` does not divide: the largest
     common divisor there (coremltools would leave such a layer uncompressed, with a warning)."""
     return {name: config_for(math.gcd(n, wanted)) for name, n in sizes.items() if n % wanted}
 
 
-def _compress_program(mlmodel: Any, config: ExportConfig, plan: ExportPlan) -> Any:
+def _compress_program(mlmodel: Any, config: ExportConfig, plan: ExportPlan,
+                      layer_bits: dict[str, int] | None = None) -> Any:
+    """Compress the program's conv/linear weights as ``config`` says; ``layer_bits`` (op name ->
+    palette bits, ``--bits-by-layer``) overrides the palette size op by op."""
     ct = coremltools()
     opt = ct.optimize.coreml
     mode = config.weight_mode
-    dims = _weight_dims(mlmodel) if mode == "int4" or config.grouped else {}
+    dims = _weight_dims(mlmodel) if mode == "int4" or config.grouped or layer_bits else {}
     with quiet():
         if plan.sparse:
             # Exact zeros only (threshold far below fp16 resolution); a tensor is stored sparse
@@ -161,20 +176,24 @@ def _compress_program(mlmodel: Any, config: ExportConfig, plan: ExportPlan) -> A
                 op_type_configs={t: int4(block) for t in _WEIGHT_OPS}, op_name_configs=by_name),
                 joint_compression=joint)
         elif config.palette_bits is not None:
-            bits = config.palette_bits
+            def lut_function(bits: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+                def table(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                    lut, indices = kmeans_lut(weights, bits)  # one table per tensor, or per group of channels
+                    return lut.astype(weights.dtype), indices
+                return table
 
-            def lut_function(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-                lut, indices = kmeans_lut(weights, bits)  # one table per tensor, or per group of channels
-                return lut.astype(weights.dtype), indices
-
-            def palettes(group: int | None) -> Any:
+            def palettes(group: int | None, bits: int = config.palette_bits) -> Any:
                 grouping = ({"granularity": "per_grouped_channel", "group_size": group} if group
                             else {"granularity": "per_tensor"})
-                return opt.OpPalettizerConfig(mode="custom", lut_function=lut_function, weight_threshold=0,
+                # mode 'custom' takes no nbits: the table ``lut_function`` returns sets the size
+                return opt.OpPalettizerConfig(mode="custom", lut_function=lut_function(bits), weight_threshold=0,
                                               enable_per_channel_scale=config.per_channel_scale, **grouping)
 
             group = config.palette_group_size if config.grouped else None
             by_name = _per_layer(palettes, group, {name: c_out for name, (_, c_out) in dims.items()}) if group else {}
+            for name, bits in (layer_bits or {}).items():  # --bits-by-layer: one config per op
+                c_out = dims[name][1]
+                by_name[name] = palettes(math.gcd(c_out, group) if group else None, bits)
             mlmodel = opt.palettize_weights(mlmodel, opt.OptimizationConfig(
                 op_type_configs={t: palettes(group) for t in _WEIGHT_OPS}, op_name_configs=by_name),
                 joint_compression=joint)
@@ -235,6 +254,7 @@ class ExportedModel:
     preprocessing: Preprocessing
     history: list[HistoryStep]  # the model's history, this export last
     activations: ActivationReport | None = None  # int8 activations: how they were calibrated
+    bits_by_layer: BitAllocation | None = None  # --bits-by-layer: the palette bits of each layer
 
     def save(self, path: Path | str) -> None:
         """Write the ``.mlmodel`` / ``.mlpackage`` to ``path`` (callers make it atomic)."""
@@ -252,7 +272,8 @@ def plan_for(model: nn.Module, config: ExportConfig) -> ExportPlan:
 def export_module(model: nn.Module, config: ExportConfig, *, preprocessing: Preprocessing,
                   history: list[HistoryStep], arch: ArchSpec | None = None, source_sha256: str | None = None,
                   plan: ExportPlan | None = None, advance: Callable[..., None] | None = None,
-                  calibration: np.ndarray | None = None, command: str | None = None) -> ExportedModel:
+                  calibration: np.ndarray | None = None, command: str | None = None,
+                  allocation: BitAllocation | None = None) -> ExportedModel:
     """Convert a float model (eval mode) to a Core ML model as ``config`` asks; no file is written.
 
     ``preprocessing``, ``history``, ``arch`` and ``source_sha256`` describe the model in the
@@ -261,7 +282,9 @@ def export_module(model: nn.Module, config: ExportConfig, *, preprocessing: Prep
     ``calibration``: uint8 (N, H, W, 3) images at the export size for ``activations="int8"``
     (default: ``config.calib_count`` synthetic portraits, never the test set).
     ``command`` is the history's record of how the file is made (default: the configuration's
-    :meth:`~.config.ExportConfig.command_line`).
+    :meth:`~.config.ExportConfig.command_line`). ``allocation``: the palette bits of each layer
+    for ``bits_by_layer="auto"`` (:func:`bits_for_export`; default: chosen here on the calibration
+    images).
     """
     advance = advance or (lambda n=1, **fields: None)
     size = config.size or preprocessing.size
@@ -271,6 +294,10 @@ def export_module(model: nn.Module, config: ExportConfig, *, preprocessing: Prep
     module = coreml_ready_module(model, size, config.format, channels)
     wrapped = CoreMLIO(module, config.io, preprocessing).eval()
     example = torch.zeros(1, channels, size, size)
+    if config.bits_by_layer and allocation is None:
+        if calibration is None:
+            calibration = synthetic_unlabeled(config.calib_count, size).inputs
+        allocation = bits_for_export(module, config, plan, calibration, preprocessing)
     try:
         with torch.no_grad(), quiet():
             traced = torch.jit.trace(wrapped, example, check_trace=False)
@@ -287,7 +314,8 @@ def export_module(model: nn.Module, config: ExportConfig, *, preprocessing: Prep
             mlmodel, activations = int8_activations(mlmodel, calibration, config.io, preprocessing.value_range)
         try:
             if config.format == "mlprogram":
-                mlmodel = _compress_program(mlmodel, config, plan)
+                layer_bits = pair_with_ops(allocation, _weight_shapes(mlmodel)) if allocation is not None else None
+                mlmodel = _compress_program(mlmodel, config, plan, layer_bits)
             else:
                 mlmodel = _compress_neural_network(mlmodel, config)
         except TbOptError:
@@ -308,5 +336,30 @@ def export_module(model: nn.Module, config: ExportConfig, *, preprocessing: Prep
     step = HistoryStep.now("export", command or config.command_line(), config.to_dict(),
                            {"target": plan.target, "sparse": plan.sparse})
     history = [*history, step]
-    describe(spec, config, plan, size, preprocessing, history, arch=arch, source_sha256=source_sha256)
-    return ExportedModel(mlmodel, spec, config, plan, size, channels, module, preprocessing, history, activations)
+    describe(spec, config, plan, size, preprocessing, history, arch=arch, source_sha256=source_sha256,
+             bits_by_layer=allocation.record() if allocation is not None else None)
+    return ExportedModel(mlmodel, spec, config, plan, size, channels, module, preprocessing, history, activations,
+                         allocation)
+
+
+#: Bytes kept from the budget of ``--bits-by-layer`` for what the choice adds to the file besides
+#: its record: the option in the recorded configuration and command line, the longer description.
+_RECORD_SLACK = 96
+
+
+def bits_for_export(model: nn.Module, config: ExportConfig, plan: ExportPlan, calibration: np.ndarray,
+                    preprocessing: Preprocessing, progress: Any = None) -> BitAllocation:
+    """The palette bits of each layer of ``model`` for ``config.bits_by_layer="auto"``: within the
+    bytes of ``config.palette_bits`` everywhere, less what the file's record of the choice costs
+    (the file is then no larger than uniform palettes with the same other options).
+    ``calibration``: uint8 (N, H, W, 3) images at the export size."""
+    lo, hi = preprocessing.value_range
+    x = uint8_to_model(calibration)
+    if (lo, hi) != (-1.0, 1.0):
+        x = (x + 1.0) / 2.0 * (hi - lo) + lo
+    model = model.eval()
+    n_layers = sum(1 for m in model.modules() if isinstance(m, PALETTIZED))
+    reserve = len(META_PREFIX + "bits_by_layer") + 2 * n_layers + 1 + _RECORD_SLACK
+    return allocate_bits(model, config.palette_bits, torch.from_numpy(np.ascontiguousarray(x)), target=plan.target,
+                         group_size=config.palette_group_size if config.grouped else None,
+                         lut_itemsize=2 if config.precision == "fp16" else 4, reserve=reserve, progress=progress)

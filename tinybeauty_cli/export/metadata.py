@@ -20,7 +20,9 @@ def compression_label(config: ExportConfig, sparse: bool) -> str:
     elif config.palette_bits is not None:
         tables = f"per group of {config.palette_group_size} output channels" if config.grouped else "per tensor"
         scales = ", per-channel scales" if config.per_channel_scale else ""
-        label = f"{config.palette_bits}-bit palettized (k-means LUT {tables}{scales})"
+        bits = (f"palettized, bits by layer within the {config.palette_bits}-bit size" if config.bits_by_layer
+                else f"{config.palette_bits}-bit palettized")
+        label = f"{bits} (k-means LUT {tables}{scales})"
     else:
         label = {"fp16": "fp16", "fp32": "fp32", "int8": "int8 per-channel (linear)"}[mode]
     return label + (", sparse" if sparse else "")
@@ -56,8 +58,10 @@ def activations_label(config: ExportConfig) -> str:
 
 
 def describe(spec: Any, config: ExportConfig, plan: ExportPlan, size: int, prep: Preprocessing,
-             history: list[HistoryStep], *, arch: ArchSpec | None = None, source_sha256: str | None = None) -> None:
-    """Write the description and tbopt's metadata into ``spec`` (in place)."""
+             history: list[HistoryStep], *, arch: ArchSpec | None = None, source_sha256: str | None = None,
+             bits_by_layer: str | None = None) -> None:
+    """Write the description and tbopt's metadata into ``spec`` (in place). ``bits_by_layer``: the
+    palette bits of the conv/linear weights in graph order (``--bits-by-layer``), e.g. "[6,4,3]"."""
     is_tinybeauty = arch is not None and arch.name == "tinybeauty"
     if is_tinybeauty:
         net = "TinyBeauty facial makeup"
@@ -99,3 +103,5 @@ def describe(spec: Any, config: ExportConfig, plan: ExportPlan, size: int, prep:
     user[META_PREFIX + "preprocessing"] = json.dumps(file_preprocessing(config, prep, size), **compact)
     user[META_PREFIX + "history"] = json.dumps([h.to_dict() for h in history], **compact)
     user[META_PREFIX + "export"] = json.dumps(config.to_dict(), **compact)
+    if bits_by_layer is not None:
+        user[META_PREFIX + "bits_by_layer"] = bits_by_layer

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -76,7 +76,7 @@ class PaletteFit:
     """What fitting onto palettes did. The palette error is the mean absolute difference between
     the made-up images of the palettized model and of the model before (fit images, [-1, 1])."""
 
-    bits: int
+    bits: int | dict[str, int]  # one size, or each layer's (``--bits-by-layer``)
     layers: int
     steps: int = 0
     losses: list[float] = field(default_factory=list)
@@ -87,16 +87,19 @@ class PaletteFit:
 
     def to_dict(self) -> dict[str, Any]:
         r = (lambda v: None if v is None else round(float(v), 6))
-        return {"bits": self.bits, "layers": self.layers, "steps": self.steps, "images": self.images,
+        # bits by layer: the sizes in the model's layer order (names would cost the file a line each)
+        bits = self.bits if isinstance(self.bits, int) else list(self.bits.values())
+        return {"bits": bits, "layers": self.layers, "steps": self.steps, "images": self.images,
                 "palette_error_before": r(self.error_before), "palette_error_after": r(self.error_after),
                 "first_loss": r(self.losses[0]) if self.losses else None,
                 "final_loss": r(self.losses[-1]) if self.losses else None, "seconds": round(self.seconds, 2)}
 
 
-def fit_palettes(model: nn.Module, bits: int, batch_fn: BatchFn, cfg: FitConfig,
+def fit_palettes(model: nn.Module, bits: int | Mapping[str, int], batch_fn: BatchFn, cfg: FitConfig,
                  on_step: Callable[[int, float], None] | None = None,
                  snapped: Callable[[nn.Module], None] | None = None) -> PaletteFit:
     """Cluster every conv/linear weight of ``model`` to ``2**bits`` values and fine-tune, in place.
+    ``bits`` is one size for every layer or a size by layer name (``model.named_modules()``).
 
     Clusters come from :func:`kmeans_lut` on the fp16-rounded weights (what the export
     sees); exact zeros stay in a cluster of their own only if the k-means puts them there.
@@ -105,10 +108,11 @@ def fit_palettes(model: nn.Module, bits: int, batch_fn: BatchFn, cfg: FitConfig,
     ``snapped`` is called with the model once its weights are snapped, before training.
     With ``cfg.steps == 0`` the weights are only snapped.
     """
-    layers = [m for m in model.modules() if isinstance(m, PALETTIZED)]
-    for layer in layers:
+    named = [(name, m) for name, m in model.named_modules() if isinstance(m, PALETTIZED)]
+    layers = [m for _, m in named]
+    for name, layer in named:
         w = layer.weight.detach()
-        lut, idx = kmeans_lut(w.numpy().astype(np.float16), bits)
+        lut, idx = kmeans_lut(w.numpy().astype(np.float16), bits if isinstance(bits, int) else bits[name])
         palette = _Palette(torch.from_numpy(lut).to(w.dtype), torch.from_numpy(idx.astype(np.int64)), tuple(w.shape))
         parametrize.register_parametrization(layer, "weight", palette, unsafe=True)
     trainable = [p for n, p in model.named_parameters() if not n.endswith(".original")]
@@ -122,10 +126,11 @@ def fit_palettes(model: nn.Module, bits: int, batch_fn: BatchFn, cfg: FitConfig,
         for layer in layers:
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
         model.eval()
-    return PaletteFit(bits, len(layers), cfg.steps, losses)
+    return PaletteFit(bits if isinstance(bits, int) else dict(bits), len(layers), cfg.steps, losses)
 
 
-def palettes_fitted(model: nn.Module, bits: int, images: torch.Tensor, *, steps: int, seed: int = 0,
+def palettes_fitted(model: nn.Module, bits: int | Mapping[str, int], images: torch.Tensor, *, steps: int,
+                    seed: int = 0,
                     lr: float = 1e-4, batch_size: int = 2,
                     progress: Progress | None = None) -> tuple[nn.Module, PaletteFit]:
     """A copy of ``model`` fitted onto ``2**bits``-value palettes by distillation from ``model``.
@@ -135,7 +140,8 @@ def palettes_fitted(model: nn.Module, bits: int, images: torch.Tensor, *, steps:
     each step draws ``batch_size`` of them (randomly flipped) and trains the palettes so the
     copy's made-up images match ``model``'s (L1; Adam, warm-up then cosine decay from ``lr``).
     Deterministic for ``seed`` and the number of threads. The copy's conv weights take at
-    most ``2**bits`` distinct values each, which the export then stores exactly.
+    most ``2**bits`` distinct values each (``bits`` by layer name for ``--bits-by-layer``),
+    which the export then stores exactly.
     """
     progress = progress or SilentProgress()
     t0 = time.perf_counter()
@@ -151,7 +157,8 @@ def palettes_fitted(model: nn.Module, bits: int, images: torch.Tensor, *, steps:
 
     before: list[float] = []
     cfg = FitConfig(steps=steps, lr=lr, lr_min=lr / 100, warmup=min(10, steps // 5), seed=seed)
-    with progress.task(f"fitting {bits}-bit palettes", total=steps) as advance:
+    what = f"{bits}-bit palettes" if isinstance(bits, int) else "palettes of bits by layer"
+    with progress.task(f"fitting {what}", total=steps) as advance:
         result = fit_palettes(student, bits, distillation_batches(teacher, images, batch_size), cfg,
                               on_step=lambda step, loss: advance(1, loss=loss),
                               snapped=lambda m: before.append(error(m)))

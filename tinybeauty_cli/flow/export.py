@@ -20,15 +20,18 @@ from torch import nn
 
 from ..core.artifact import HistoryStep
 from ..core.checkpoint import LoadedModel, load_model
+from ..core.counts import input_channels
 from ..core.errors import InputError, UnsupportedError, UsageError
 from ..core.files import atomic_output, check_output, size_on_disk, zipped_size
 from ..core.images import uint8_to_model
 from ..core.progress import Progress, SilentProgress
 from ..coreml.spec import graph_op_counts, load_spec, neural_network_weight_bytes, package_parts
 from ..export.config import FORMAT_BY_SUFFIX, FORMAT_NAMES, ExportConfig, format_for_path
-from ..export.convert import export_module, plan_for
+from ..export.convert import bits_for_export, export_module, plan_for
 from ..export.metadata import compression_label
+from ..export.mixed import bits_by_name
 from ..export.palettes import palettes_fitted
+from ..export.prepare import coreml_ready_module
 from ..export.validate import validate_export
 from .prune import unlabeled_images
 from .quantize import calibration_images
@@ -64,6 +67,7 @@ class ExportResult:
     activations: dict[str, Any] | None = None  # int8 activations: calibration source, images, pairs
     command: str = ""  # the tbopt export command that writes this file again
     palette_fit: dict[str, Any] | None = None  # what --fit-palettes did (PaletteFit.to_dict)
+    bits_by_layer: dict[str, Any] | None = None  # --bits-by-layer: each layer's bits (BitAllocation.to_dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,22 +120,29 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
     plan = plan_for(model, config)  # a target too low is refused before any work
     command = config.command_line(loaded.path, output)
     history = list(artifact.history)
+    size = config.size or artifact.preprocessing.size
+    calibration, calib_source = None, None
+    if config.activations or config.bits_by_layer:
+        calib_set, _skipped = calibration_images(Path(config.calib) if config.calib else None, config.calib_count,
+                                                 size, progress)
+        calibration, calib_source = calib_set.inputs, calib_set.source
+    allocation = None
+    if config.bits_by_layer:  # chosen on the float model, before any fitting: the fit keeps each layer's bits
+        ready = coreml_ready_module(model, size, config.format, input_channels(model))
+        allocation = bits_for_export(ready, config, plan, calibration, artifact.preprocessing, progress)
     palette_fit = None
     if config.fit_palettes:
-        model, fit = _fit_palettes(model, config, config.size or artifact.preprocessing.size, progress)
+        bits = config.palette_bits if allocation is None else bits_by_name(
+            model, allocation, torch.zeros(1, input_channels(model), size, size))
+        model, fit = _fit_palettes(model, config, bits, size, progress)
         palette_fit = fit.to_dict()
         history.append(HistoryStep.now("fit-palettes", command, config.to_dict(), palette_fit))
         plan = plan_for(model, config)  # trained palette values: a cluster of zeros may be zero no more
 
-    calibration, calib_source = None, None
-    if config.activations:
-        calib_set, _skipped = calibration_images(Path(config.calib) if config.calib else None, config.calib_count,
-                                                 config.size or artifact.preprocessing.size, progress)
-        calibration, calib_source = calib_set.inputs, calib_set.source
     with progress.task(f"exporting {output.name}", total=4) as advance:
         exported = export_module(model, config, preprocessing=artifact.preprocessing, history=history,
                                  arch=artifact.arch, source_sha256=loaded.sha256, plan=plan, advance=advance,
-                                 calibration=calibration, command=command)
+                                 calibration=calibration, command=command, allocation=allocation)
         with atomic_output(output, force=force, directory=config.format == "mlprogram") as tmp:
             exported.save(tmp)
             validation, inputs, outputs = validate_export(tmp, exported, model)
@@ -139,23 +150,31 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
             ops = graph_op_counts(load_spec(tmp))
         advance(1)
     params = sum(p.numel() for p in model.parameters())
+    notes = list(plan.notes)
+    if allocation is not None and allocation.predicted_error > allocation.uniform_error:
+        notes.append(f"bits by layer: no choice within the budget (its record in the file included) beats "
+                     f"{allocation.uniform_bits} bits everywhere on the calibration images; the closest is kept")
     return ExportResult(
         path=str(output), format=config.format, target=plan.target, precision=config.precision,
         weights=compression_label(config, plan.sparse), sparse=plan.sparse, io=config.io, size=exported.size,
         inputs=inputs, outputs=outputs, **sizes, ops=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
         casts=ops.get("cast", 0), parameters=params, zero_fraction=round(plan.zero_fraction, 4),
         sparse_tensors=ops.get("constexpr_sparse_to_dense", 0), validation=validation,
-        seconds=round(time.perf_counter() - started, 2), notes=plan.notes, config=config.to_dict(),
+        seconds=round(time.perf_counter() - started, 2), notes=notes, config=config.to_dict(),
         source=str(loaded.path), source_sha256=loaded.sha256, command=command, palette_fit=palette_fit,
+        bits_by_layer=None if exported.bits_by_layer is None else {
+            "calibration": calib_source, **exported.bits_by_layer.to_dict()},
         activations=None if exported.activations is None else {
             "dtype": config.activations, "calibration": calib_source, **exported.activations.to_dict()})
 
 
-def _fit_palettes(model: nn.Module, config: ExportConfig, size: int, progress: Progress) -> tuple[nn.Module, Any]:
-    """``model`` fitted onto its palettes (:func:`..export.palettes.palettes_fitted`) on the fit images."""
+def _fit_palettes(model: nn.Module, config: ExportConfig, bits: int | dict[str, int], size: int,
+                  progress: Progress) -> tuple[nn.Module, Any]:
+    """``model`` fitted onto its palettes of ``bits`` (one size, or by layer name) on the fit images
+    (:func:`..export.palettes.palettes_fitted`)."""
     images = unlabeled_images(Path(config.fit_data) if config.fit_data else None, size, config.fit_images)
     pool = torch.from_numpy(uint8_to_model(images.inputs))
-    return palettes_fitted(model, config.palette_bits, pool, steps=config.fit_palettes, seed=config.seed,
+    return palettes_fitted(model, bits, pool, steps=config.fit_palettes, seed=config.seed,
                            lr=config.fit_lr, batch_size=config.fit_batch_size, progress=progress)
 
 

@@ -1,0 +1,201 @@
+"""tbopt export --bits-by-layer auto: palette bits chosen per layer from measured sensitivities --
+the choice is the cheapest sum, it respects the byte budget of uniform palettes, the file holds
+the bits it records, the reference executor runs it closer to the float model than uniform
+palettes, fitting keeps each layer's bits, and the recorded command makes the same file."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shlex
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tinybeauty_cli.cli.app import app
+from tinybeauty_cli.core.artifact import Artifact, Preprocessing, save_artifact
+from tinybeauty_cli.core.errors import UsageError
+from tinybeauty_cli.core.images import builtin_test_set, uint8_to_model
+from tinybeauty_cli.core.quality import fidelity_psnr_db, made_up
+from tinybeauty_cli.coreml.runner import open_coreml_runner
+from tinybeauty_cli.coreml.spec import load_spec
+from tinybeauty_cli.coreml.weights import stored_weights
+from tinybeauty_cli.export.config import ExportConfig, palette_bits_for, plan_export
+from tinybeauty_cli.export.mixed import _blob, _cheapest_sum, palette_bytes
+from tinybeauty_cli.export.palettes import PALETTIZED, palettes_fitted
+from tinybeauty_cli.flow.export import export_file
+
+from .conftest import small_tinybeauty
+from .test_repeatability import _core_ml_parts, untimed
+
+runner = CliRunner()
+SIZE = 32
+
+
+def export(src, out, **kw):
+    return export_file(src, out, ExportConfig.for_output(out, size=SIZE, calib_count=2, **kw))
+
+
+@pytest.fixture
+def sensitive_artifact(tmp_path):
+    """A small TinyBeauty (width 16) whose first convolution carries most of the palette error, as
+    a trained network's often does: its weights spread wide, the others narrow."""
+    model = small_tinybeauty(seed=1, dim=16)
+    with torch.no_grad():
+        model.content_encoder.conv_first.conv.weight.mul_(4.0)
+    path = tmp_path / "sensitive.pt"
+    save_artifact(Artifact.for_tinybeauty(model.config, model.state_dict(), preprocessing=Preprocessing(size=SIZE)),
+                  path)
+    return path
+
+
+def _palette_bits(path):
+    """The palette size of every conv weight of a file, in graph order (read from its ops)."""
+    bits = []
+    for w in stored_weights(path):
+        if w.kind == "conv" and w.field == "weight":
+            assert w.storage.startswith("palettized "), w.storage
+            bits.append(int(w.storage.split()[1].split("-")[0]))
+    return bits
+
+
+# --- the options ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("out, kw, match", [
+    ("m.mlpackage", {"bits_by_layer": "auto"}, "--bits-by-layer chooses palette sizes"),
+    ("m.mlpackage", {"weights": "int8", "bits_by_layer": "auto"}, "--bits-by-layer chooses palette sizes"),
+    ("m.mlmodel", {"weights": "pal4", "bits_by_layer": "auto"}, "needs an ML Program"),
+])
+def test_bits_by_layer_only_with_palettes_in_an_ml_program(out, kw, match):
+    with pytest.raises(UsageError, match=match):
+        ExportConfig.for_output(out, **kw)
+
+
+def test_the_target_decides_whether_3_bits_are_a_choice():
+    auto = ExportConfig(format="mlprogram", weights="pal4", bits_by_layer="auto")
+    assert plan_export(auto, [(0, 100)]).target == "iOS18"
+    lower = ExportConfig(format="mlprogram", weights="pal4", bits_by_layer="auto", target="iOS16")
+    assert plan_export(lower, [(0, 100)]).target == "iOS16"
+    assert 3 in palette_bits_for("iOS18") and 3 not in palette_bits_for("iOS16")
+    assert ExportConfig(format="mlprogram", weights="pal4", bits_by_layer="auto", calib="photos").calib == "photos"
+
+
+def test_the_command_line_names_the_option():
+    cfg = ExportConfig(format="mlprogram", weights="pal4", bits_by_layer="auto", calib="photos", calib_count=4)
+    line = cfg.command_line("m.pt", "m.mlpackage")
+    assert "--weights pal4 --bits-by-layer auto" in line and "--calib photos" in line and "--calib-count 4" in line
+    assert ExportConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# --- the choice ----------------------------------------------------------------------------------------------
+
+
+def test_the_cheapest_sum_is_the_best_choice_under_the_budget():
+    rng = np.random.default_rng(0)
+    costs = [list(rng.integers(50, 400, 4)) for _ in range(5)]
+    values = [list(rng.random(4)) for _ in range(5)]
+    budget = 900
+    picks = _cheapest_sum(costs, values, budget)
+    best = min((sum(v[i] for v, i in zip(values, choice)), choice)
+               for choice in itertools.product(range(4), repeat=5)
+               if sum(c[i] for c, i in zip(costs, choice)) <= budget)
+    assert sum(c[i] for c, i in zip(costs, picks)) <= budget
+    assert sum(v[i] for v, i in zip(values, picks)) == pytest.approx(best[0])
+
+
+# --- the file ------------------------------------------------------------------------------------------------
+
+
+def test_the_file_holds_the_recorded_bits_within_the_size_of_uniform_palettes(tmp_path, sensitive_artifact):
+    uniform = export(sensitive_artifact, tmp_path / "u.mlpackage", weights="pal4")  # iOS16
+    out = tmp_path / "auto.mlpackage"
+    r = export(sensitive_artifact, out, weights="pal4", bits_by_layer="auto")
+    assert r.target == "iOS18"
+    assert r.size_bytes <= uniform.size_bytes
+    chosen = [layer["bits"] for layer in r.bits_by_layer["layers"]]
+    assert _palette_bits(out) == chosen and len(set(chosen)) > 1  # the ops hold the bits chosen, in graph order
+    assert json.loads(load_spec(out).description.metadata.userDefined["tbopt.bits_by_layer"]) == chosen
+    assert r.bits_by_layer["weight_bytes"] <= r.bits_by_layer["budget_bytes"] < r.bits_by_layer["uniform_bytes"]
+    assert r.bits_by_layer["uniform_bytes"] == sum(palette_bytes(int(np.prod(layer["shape"])), layer["shape"][0], 4)
+                                                   for layer in r.bits_by_layer["layers"])
+    assert chosen[0] > 4  # the first convolution, where the error is, gets more bits
+    assert r.bits_by_layer["predicted_gain_db"] > 0 and set(chosen) <= set(palette_bits_for("iOS18"))
+    assert "--bits-by-layer auto" in r.command
+    # the estimate of the bytes is the file's: the weight files differ by the index blobs it predicts (tables
+    # this small stay in the graph description), but for the padding of the last blob, which is not padded
+    def blobs(bits):
+        return sum(_blob(-(-int(np.prod(layer["shape"])) * b // 8)) for layer, b in zip(r.bits_by_layer["layers"], bits))
+
+    assert abs((r.weight_bytes - uniform.weight_bytes) - (blobs(chosen) - blobs([4] * len(chosen)))) < 64
+
+    # the reference executor runs it, closer to the float model than uniform palettes
+    from tinybeauty_cli.core.checkpoint import load_model
+
+    model = load_model(sensitive_artifact).module
+    x = uint8_to_model(builtin_test_set(SIZE, limit=4).inputs)
+    with torch.no_grad():
+        want = made_up(torch.from_numpy(x), model(torch.from_numpy(x))).numpy()
+    got = {p: made_up(x, open_coreml_runner(p, use_device=False, round_image_output=False).residual(x))
+           for p in (out, tmp_path / "u.mlpackage")}
+    assert fidelity_psnr_db(got[out], want) > fidelity_psnr_db(got[tmp_path / "u.mlpackage"], want) + 0.5
+
+
+def test_fitting_keeps_each_layers_bits(sensitive_artifact):
+    from tinybeauty_cli.core.checkpoint import load_model
+
+    model = load_model(sensitive_artifact).module
+    names = [n for n, m in model.named_modules() if isinstance(m, PALETTIZED)]
+    bits = {n: b for n, b in zip(names, itertools.cycle((6, 3, 4)))}
+    x = torch.from_numpy(uint8_to_model(builtin_test_set(SIZE, limit=4).inputs))
+    fitted, fit = palettes_fitted(model, bits, x, steps=2, batch_size=2)
+    assert fit.bits == bits
+    for name in names:
+        assert len(np.unique(fitted.get_submodule(name).weight.detach().numpy())) <= 2 ** bits[name]
+
+
+def test_fitted_bits_by_layer_export_stores_the_fitted_values(tmp_path, sensitive_artifact):
+    out = tmp_path / "fit.mlpackage"
+    r = export(sensitive_artifact, out, weights="pal4", bits_by_layer="auto", fit_palettes=2, fit_images=4)
+    assert r.palette_fit["bits"] == [layer["bits"] for layer in r.bits_by_layer["layers"]]
+    assert _palette_bits(out) == [layer["bits"] for layer in r.bits_by_layer["layers"]]
+    assert r.validation["max_weight_error"] < 1e-3  # fitted values: stored as they are (fp16), not re-clustered
+
+
+def test_the_recorded_command_makes_the_same_file(tmp_path, sensitive_artifact):
+    here = os.getcwd()
+    first, second = tmp_path / "1", tmp_path / "2"
+    first.mkdir()
+    second.mkdir()
+    try:
+        os.chdir(first)
+        r = runner.invoke(app, ["export", str(sensitive_artifact), "-o", "m.mlpackage", "--weights", "pal4",
+                                "--bits-by-layer", "auto", "--calib-count", "2", "--json"])
+        assert r.exit_code == 0, r.stderr
+        command = json.loads(r.stdout)["command"]
+        assert command.startswith("tbopt export ")
+        os.chdir(second)
+        r = runner.invoke(app, shlex.split(command)[1:] + ["--quiet"])
+        assert r.exit_code == 0, r.stderr
+    finally:
+        os.chdir(here)
+    ga, ma, fa = _core_ml_parts(first / "m.mlpackage")
+    gb, mb, fb = _core_ml_parts(second / "m.mlpackage")
+    assert ga == gb and fa == fb  # the ops, their bits and the weight file
+    history = "tbopt.history"
+    assert {k: v for k, v in ma.items() if k != history} == {k: v for k, v in mb.items() if k != history}
+    assert untimed(json.loads(ma[history])) == untimed(json.loads(mb[history]))
+
+
+def test_a_model_with_nothing_to_win_says_so(tmp_path, small_artifact):
+    """A random network's layers are equally sensitive: the record of the choice costs bytes that
+    uniform palettes need, so the closest choice under the budget is kept, and the report says so."""
+    # no larger than uniform palettes for the same target (iOS18 ops take a few bytes more each than iOS16's)
+    uniform = export(small_artifact, tmp_path / "u.mlpackage", weights="pal4", target="iOS18")
+    r = export(small_artifact, tmp_path / "a.mlpackage", weights="pal4", bits_by_layer="auto")
+    assert r.size_bytes <= uniform.size_bytes
+    assert r.bits_by_layer["predicted_gain_db"] < 0
+    assert any("no choice within the budget" in n for n in r.notes)
