@@ -127,3 +127,9 @@ def test_first_test_portrait_is_pinned():
 def test_to_model_size_keeps_small_square_images_untouched():
     arr = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)
     assert np.array_equal(to_model_size(Image.fromarray(arr), 16), arr)
+
+
+def test_bare_portraits_are_the_bare_half_of_the_pairs():
+    bare, _ = synthetic.portraits(5, 3, 64)
+    assert np.array_equal(synthetic.bare_portraits(5, 3, 64), bare)
+    assert synthetic.portrait(5, 0, 64, bare_only=True).made_up is None

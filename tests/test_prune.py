@@ -52,8 +52,11 @@ def test_config_round_trips_and_resolves_default_steps():
     assert PruneConfig.from_dict(d) == PruneConfig(rate=0.3, method="channel", exclude=("upconv1",),
                                                        finetune_steps=DEFAULT_CHANNEL_FINETUNE_STEPS)
     assert PruneConfig(rate=0.3).steps == 0
+    assert d["loss"] == "l2" and PruneConfig.from_dict({**d, "loss": "l1"}).loss == "l1"
     with pytest.raises(UsageError):
         PruneConfig(rate=0.3, method="random")
+    with pytest.raises(ConfigError, match="loss"):
+        PruneConfig(rate=0.3, loss="huber")
 
 
 # --- magnitude ------------------------------------------------------------------------------------
@@ -322,7 +325,7 @@ def test_prune_loaded_scores_every_model_through_the_scorer(small_artifact):
     _, _, report = prune_loaded(loaded, cfg, eval_images=images, scorer=scorer)
     assert calls == [("scoring the input model", True), ("scoring before fine-tuning", False),
                      ("scoring the pruned model", False)]
-    assert list(report.seconds) == ["evaluate", "prune", "finetune", "total"]
+    assert list(report.seconds) == ["images", "evaluate", "prune", "finetune", "total"]
     assert report.input == str(small_artifact) and report.finetune["images"].startswith("synthetic")
 
 

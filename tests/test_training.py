@@ -51,3 +51,18 @@ def test_distillation_batches_target_the_teachers_made_up_images_once_per_image_
             assert torch.allclose(y, made_up(x, teacher(x)), atol=1e-6)  # exactly the teacher's, flips included
         calls.pop()  # the check's own call
     assert sum(calls) <= 6  # each of 3 images, flipped or not, went through the teacher once at most
+
+
+def test_the_l2_loss_is_the_mean_squared_difference_and_other_losses_are_refused():
+    model = small_tinybeauty(seed=1, dim=4)
+    x, target = _batch_fn(0, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = float((made_up(x, model(x)) - target).square().mean())
+    # lr 0 so that nothing moves: the one reported loss is the model's before any update
+    losses = fit(model, lambda step, gen: (x, target), FitConfig(steps=1, lr=1e-12, warmup=1, loss="l2")).losses
+    assert losses[0] == pytest.approx(expected, rel=1e-5)
+    l1 = fit(small_tinybeauty(seed=1, dim=4), lambda step, gen: (x, target),
+             FitConfig(steps=1, lr=1e-12, warmup=1)).losses[0]
+    assert l1 != pytest.approx(losses[0])
+    with pytest.raises(ValueError, match="l1' or 'l2"):
+        FitConfig(steps=1, loss="huber")

@@ -128,9 +128,9 @@ def render_prune(out: _output.Output, r: PruneReport) -> None:
     ft = r.finetune
     if ft.get("steps"):
         quality["fine-tuning"] = (f"{ft['steps']} steps of {ft['batch_size']} on {ft['images']}, "
-                                  f"L1 {ft['first_loss']:.4f} -> {ft['last_loss']:.4f}")
+                                  f"{ft.get('loss', 'l1').upper()} {ft['first_loss']:.6f} -> {ft['last_loss']:.6f}")
     s = r.seconds
-    order = ["prune", "finetune", "evaluate", "write", "total"]
+    order = ["images", "prune", "finetune", "evaluate", "write", "total"]
     quality["time"] = ", ".join(f"{k} {s[k]:.1f} s" for k in sorted(s, key=lambda k: (order + [k]).index(k)))
     out.fields("quality", quality)
     for note in r.notes:

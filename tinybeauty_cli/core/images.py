@@ -268,7 +268,7 @@ def synthetic_unlabeled(count: int, size: int = 256, seed: int = synthetic.TRAIN
                         progress: Progress | None = None) -> ImageSet:
     """Unlabeled synthetic portraits (calibration / distillation), never the test set's seed."""
     with (progress or SilentProgress()).task("drawing synthetic portraits", total=count) as advance:
-        bare, _ = synthetic.portraits(seed, count, size, on_each=advance)
+        bare = synthetic.bare_portraits(seed, count, size, on_each=advance)
     return ImageSet([f"portrait_{i:03d}" for i in range(count)], bare, None,
                     f"synthetic portraits ({count}, seed {seed})")
 

@@ -48,10 +48,11 @@ LINER = np.array([20, 12, 16], dtype=np.float32)
 
 @dataclass(frozen=True)
 class Portrait:
-    """A bare portrait and its made-up version, both uint8 (H, W, 3)."""
+    """A bare portrait and its made-up version, both uint8 (H, W, 3); ``made_up`` is None when only
+    the bare portrait was drawn."""
 
     bare: np.ndarray
-    made_up: np.ndarray
+    made_up: np.ndarray | None
 
 
 def _smoothstep(t: np.ndarray) -> np.ndarray:
@@ -102,8 +103,11 @@ def _blend(img: np.ndarray, colour: np.ndarray, alpha: np.ndarray) -> np.ndarray
     return img * (1.0 - a) + colour * a
 
 
-def portrait(seed: int, index: int, size: int = 256) -> Portrait:
-    """Draw portrait ``index`` of the family ``seed`` at ``size`` x ``size``."""
+def portrait(seed: int, index: int, size: int = 256, bare_only: bool = False) -> Portrait:
+    """Draw portrait ``index`` of the family ``seed`` at ``size`` x ``size``.
+
+    ``bare_only`` skips the makeup (about half the work): the bare portrait is the same either way,
+    since the makeup draws nothing from the random generator."""
     rng = np.random.default_rng([seed, index])
     s = float(size)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -207,6 +211,8 @@ def portrait(seed: int, index: int, size: int = 256) -> Portrait:
     grain = rng.normal(0.0, 2.6, (size, size, 1)).astype(np.float32)
     img = img + grain + 4.0 * _lowfreq(rng, size, 24)[..., None]
     bare = np.clip(np.round(img), 0, 255)
+    if bare_only:
+        return Portrait(bare.astype(np.uint8), None)
 
     # --- makeup, a fixed style applied where the features are
     mk = bare.astype(np.float32)
@@ -238,3 +244,14 @@ def portraits(seed: int, count: int, size: int = 256, start: int = 0,
         if on_each is not None:
             on_each()
     return bare, made
+
+
+def bare_portraits(seed: int, count: int, size: int = 256, start: int = 0,
+                   on_each: Callable[[], None] | None = None) -> np.ndarray:
+    """The bare portraits of :func:`portraits` alone (uint8, (N, H, W, 3)), for unlabeled images."""
+    bare = np.empty((count, size, size, 3), np.uint8)
+    for i in range(count):
+        bare[i] = portrait(seed, start + i, size, bare_only=True).bare
+        if on_each is not None:
+            on_each()
+    return bare

@@ -127,14 +127,16 @@ def prune_loaded(loaded: LoadedModel, cfg: PruneConfig, *, data: Path | None = N
 
     pool: torch.Tensor | None = None
     pool_source = None
+    seconds: dict[str, float] = {}
     if cfg.rate > 0 and (cfg.steps > 0 or cfg.method == PruneMethod.channel.value):
+        t_images = time.perf_counter()
         count = max(cfg.finetune_images, cfg.calibration_images) if cfg.steps > 0 else cfg.calibration_images
         images = unlabeled_images(data, size, count, progress)
         pool = torch.from_numpy(uint8_to_model(images.inputs))
         pool_source = images.source
+        seconds["images"] = round(time.perf_counter() - t_images, 2)  # drawn or read: part of the recovery
 
     score = scorer or torch_scorer(loaded.preprocessing, eval_images, progress)
-    seconds: dict[str, float] = {}
 
     def timed_score(module: nn.Module, reference: np.ndarray | None, description: str) -> Evaluation:
         t0 = time.perf_counter()

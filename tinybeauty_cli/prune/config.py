@@ -11,11 +11,11 @@ from typing import Any, Mapping
 from ..core.errors import ConfigError, UsageError
 
 CONFIG_VERSION = 1
-#: Fine-tuning steps ``channel`` pruning takes when none are asked for: ~0.13 s a step on 2 cores
-#: (timed before the teacher's targets were computed once per image instead of once per step).
-#: On the demo at rate 0.3, 300 steps leave PSNR 0.8 dB below the original's, 2500 steps 0.1 dB
-#: (benchmarks/prune_figures.py --steps N).
-DEFAULT_CHANNEL_FINETUNE_STEPS = 2500
+#: Fine-tuning steps ``channel`` pruning takes when none are asked for. On the demo at rate 0.3
+#: with the defaults below (L2 loss, 192 images, a warm-up of a quarter of the steps), 750 steps
+#: leave PSNR 0.24 dB below the original's; the whole recovery (ranking, refit, drawing the images,
+#: distillation) took 85 s on 2 idle cores (benchmarks/prune_figures.py).
+DEFAULT_CHANNEL_FINETUNE_STEPS = 750
 
 
 class PruneMethod(str, Enum):
@@ -38,11 +38,18 @@ class PruneConfig:
     finetune_steps: int | None = None
     exclude: tuple[str, ...] = ()
     seed: int = 0
-    #: Whole images per fine-tuning step, and Adam's peak learning rate (cosine schedule).
+    #: Whole images per fine-tuning step, and Adam's peak learning rate (linear warm-up over a
+    #: quarter of the steps, then cosine decay: a refitted model is close enough that a short
+    #: warm-up at this rate first undoes part of the refit).
     batch_size: int = 2
     lr: float = 2e-3
-    #: Distillation images drawn when no ``--data`` folder is given (synthetic portraits).
-    finetune_images: int = 64
+    #: The distillation loss between made-up images: "l2" (squared difference, what PSNR measures)
+    #: or "l1". At rate 0.3 on the demo, 900 steps on 64 images left 0.31 dB with l2, 0.34 with l1.
+    loss: str = "l2"
+    #: Distillation images drawn when no ``--calib`` folder is given (synthetic portraits). More
+    #: images recover more in the same steps (900 steps at rate 0.3: 64 images left 0.31 dB, 128
+    #: 0.24, 256 0.17); each costs its drawing and two teacher passes (it and its mirror image).
+    finetune_images: int = 192
     #: Images on which channel importance is measured.
     calibration_images: int = 16
     version: int = CONFIG_VERSION
@@ -65,6 +72,8 @@ class PruneConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.loss not in ("l1", "l2"):
+            raise ConfigError(f"loss must be 'l1' or 'l2', got {self.loss!r}")
 
     @property
     def steps(self) -> int:

@@ -91,6 +91,7 @@ def prune_module(model: nn.Module, config: PruneConfig, data: torch.Tensor | Non
             losses = distill(pruned, teacher, images, config, progress=progress)
         # "images" says where the images came from: the caller, who knows, fills it in.
         finetune = {"steps": len(losses), "images": None, "batch_size": config.batch_size, "lr": config.lr,
+                    "loss": config.loss,
                     "first_loss": _r6(losses[0]), "last_loss": _r6(float(np.mean(losses[-10:])))}
 
     notes.extend(method_notes(config, layer_rows, groups, excluded))
