@@ -37,7 +37,7 @@ runner = CliRunner()
 def small_space(**kw) -> OptimizeConfig:
     """ios16 only, no pruning, three palettes, no sparse or fitted storage; int8 fast."""
     base = dict(targets=("ios16",), rates=(), palettes=("pal8", "pal4", "pal2"), sparsities=(), fit_steps=0,
-                calib_count=3, backend="x86", runs=2, warmup=0, threads=1)
+                bits_by_layer=False, calib_count=3, backend="x86", runs=2, warmup=0, threads=1)
     return OptimizeConfig(**{**base, **kw})
 
 
@@ -87,6 +87,34 @@ def test_search_picks_the_known_best_candidate_of_a_small_space(tiny, tmp_path):
     assert (out / TARGET_FILES["ios16"]).is_dir()
     for name in REPORT_FILES.values():
         assert (out / name).exists()
+
+
+def test_a_palette_that_missed_is_tried_with_bits_by_layer_and_fitted_in_the_same_bytes(tiny, tmp_path):
+    """The dear phase: the first palette that missed comes back with bits chosen by layer, then fitted,
+    then both; each keeps the plain palette's bytes (within the fit's record), and it goes on down
+    a palette size only while one of them keeps the quality."""
+    d, ckpt = tiny
+    out = tmp_path / "out"
+    cfg = small_space(data=d / "faces", min_fidelity_db=1.0, palettes=("pal6", "pal4", "pal2"))
+    plain = {c.recipe.weights: c for c in optimize(ckpt, out, cfg).candidates}
+    # a budget between pal6 and pal4: pal4 misses as stored plainly
+    threshold = (plain["pal6"].fidelity_psnr_db + plain["pal4"].fidelity_psnr_db) / 2
+    result = optimize(ckpt, out, dataclasses.replace(cfg, min_fidelity_db=threshold, bits_by_layer=True,
+                                                     fit_steps=3), force=True)
+    by_key = {c.recipe.storage: c for c in result.candidates}
+    assert not by_key["pal4"].kept and "pal2" not in by_key  # the plain branch stopped at pal4
+    rescued = [k for k in by_key if k.startswith("pal4+")]
+    assert rescued[0] == "pal4+bits"  # bits by layer first: the same bytes, no training
+    assert by_key["pal4+bits"].size_bytes <= by_key["pal4"].size_bytes
+    for key in rescued:
+        assert by_key[key].size_bytes <= by_key["pal4"].size_bytes + 1500, key  # the fit's history record
+    if any(by_key[k].kept for k in rescued):
+        assert any(k.startswith("pal2+") for k in by_key)  # one kept: down a palette size
+        kept = [c for c in result.candidates if c.kept]
+        assert result.chosen["ios16"]["recipe"]["key"] == min(kept, key=lambda c: c.size_bytes).recipe.key
+    else:
+        assert rescued == ["pal4+bits", "pal4+fit3", "pal4+bits+fit3"]
+        assert not any(k.startswith("pal2") for k in by_key)
 
 
 def test_budget_on_targets_is_respected_and_a_missed_palette_stops_its_branch(tiny, tmp_path):

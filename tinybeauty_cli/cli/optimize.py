@@ -69,8 +69,9 @@ def optimize(
         "--rates", help="Channel-pruning rates to try after the unpruned model (comma-separated).",
         rich_help_panel=SPACE)] = "0.3,0.4,0.5",
     finetune_steps: Annotated[Optional[List[int]], typer.Option(
-        "--finetune-steps", min=0, help="Distillation lengths to try after channel pruning (repeatable). Default: "
-                                        "tbopt prune's.", rich_help_panel=SPACE, show_default=False)] = None,
+        "--finetune-steps", min=0, help="Distillation lengths to try after channel pruning (repeatable); a longer "
+                                        "one only for the rates a shorter one kept. Default: tbopt prune's, then "
+                                        "2000.", rich_help_panel=SPACE, show_default=False)] = None,
     palettes: Annotated[str, typer.Option(
         "--palettes", help="Palette sizes to try, largest first (comma-separated).",
         rich_help_panel=SPACE)] = ",".join(PALETTES),
@@ -78,8 +79,12 @@ def optimize(
         "--sparsities", help="Shares of weights to zero and store sparse in .mlpackage files (comma-separated; "
                              "'' for none).", rich_help_panel=SPACE)] = "0.5,0.75",
     fit_steps: Annotated[int, typer.Option(
-        "--fit-steps", min=0, help="Steps of palette fitting (tbopt export --fit-palettes) below the smallest "
-                                   "plain palette that kept the quality; 0 to skip.", rich_help_panel=SPACE)] = 300,
+        "--fit-steps", min=0, help="Steps of palette fitting (tbopt export --fit-palettes) for the palettes that "
+                                   "missed the budget; 0 to skip.", rich_help_panel=SPACE)] = OptimizeConfig.fit_steps,
+    bits_by_layer: Annotated[bool, typer.Option(
+        "--bits-by-layer/--no-bits-by-layer", help="Also try the palettes that missed the budget with bits chosen "
+                                                   "by layer in the same bytes (tbopt export --bits-by-layer auto).",
+        rich_help_panel=SPACE)] = True,
     runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per int8 file (batch 1).",
                                       rich_help_panel="Timing")] = 30,
     threads: ThreadsOpt = None,
@@ -99,9 +104,10 @@ def optimize(
         max_drop_db=max_drop, min_fidelity_db=min_fidelity,
         targets=tuple(t.value for t in targets) if targets else DEFAULT_TARGETS, data=data, limit=limit,
         calib=calib, time_budget_min=time_budget, rates=_floats(rates, "--rates"),
-        finetune_steps=tuple(finetune_steps) if finetune_steps else (None,),
+        finetune_steps=tuple(finetune_steps) if finetune_steps else OptimizeConfig.finetune_steps,
         palettes=tuple(p.strip() for p in palettes.split(",") if p.strip()),
-        sparsities=_floats(sparsities, "--sparsities"), fit_steps=fit_steps, runs=runs, threads=threads)
+        sparsities=_floats(sparsities, "--sparsities"), fit_steps=fit_steps, bits_by_layer=bits_by_layer, runs=runs,
+        threads=threads)
     path = checkpoint or demo_checkpoint()
     with ui.live_table(f"tbopt optimize: candidates ({path.name})", ROW_COLUMNS, right=ROW_COLUMNS[3:8]) as add:
         result = run_search(path, out, cfg, force=force, resume=resume, progress=ui,

@@ -10,6 +10,7 @@ network sees [-1, 1]) and returns the made-up RGB image, computed inside the gra
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -101,10 +102,13 @@ def file_sizes(path: Path, fmt: str) -> dict[str, int]:
 
 
 def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig, *, force: bool = False,
-                  progress: Progress | None = None) -> ExportResult:
+                  progress: Progress | None = None, fits: dict[tuple, Any] | None = None) -> ExportResult:
     """Export an opened float model to ``output`` (written atomically, validated before it lands).
 
     ``loaded`` may be built in memory: its path is only a label and its ``sha256`` is taken as given.
+    ``fits``: a dict the caller keeps across exports; a palette fit of the same model (``sha256``),
+    bits and fit settings is then done once and reused (``tbopt optimize`` writes one fit for
+    several targets).
     """
     started = time.perf_counter()
     progress = progress or SilentProgress()
@@ -134,7 +138,15 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
     if config.fit_palettes:
         bits = config.palette_bits if allocation is None else bits_by_name(
             model, allocation, torch.zeros(1, input_channels(model), size, size))
-        model, fit = _fit_palettes(model, config, bits, size, progress)
+        key = (loaded.sha256, json.dumps(bits if isinstance(bits, int) else sorted(bits.items())), size,
+               config.fit_palettes, config.fit_data, config.seed, config.fit_images, config.fit_batch_size,
+               config.fit_lr)
+        if fits is not None and key in fits:
+            model, fit = fits[key]
+        else:
+            model, fit = _fit_palettes(model, config, bits, size, progress)
+            if fits is not None:
+                fits[key] = (model, fit)
         palette_fit = fit.to_dict()
         history.append(HistoryStep.now("fit-palettes", command, config.to_dict(), palette_fit))
         plan = plan_for(model, config)  # trained palette values: a cluster of zeros may be zero no more

@@ -3,13 +3,17 @@ the fastest int8 CPU file that keep the quality, and write them with the command
 
 The search, cheap before dear:
 
-1. the original model's weight storage per Core ML target: fp16, int8, palettes from 8 bits
-   down (a branch stops at the first palette that misses the budget), fitted palettes below the
-   smallest plain palette that passed, weights zeroed and stored sparse (ML Programs);
-   then int8 TorchScript for ``cpu`` (timed; the engine ranked by ``tbopt quantize``);
-2. channel pruning, rates ascending, per distillation length: the pruned float model is scored
-   first and a rate that misses the budget stops its branch (higher rates are not pruned); a
-   pruned model that keeps the quality gets the same storage search as the original.
+1. the original model's plain weight storage per Core ML target: fp16, int8, palettes from 8
+   bits down (a branch stops at the first palette that misses the budget), weights zeroed and
+   stored sparse (ML Programs); then int8 TorchScript for ``cpu`` (timed; the engine ranked by
+   ``tbopt quantize``);
+2. channel pruning, rates ascending, per distillation length (a longer one only for the rates a
+   shorter one kept): the pruned float model is scored first and a rate that misses the budget
+   stops its branch (higher rates are not pruned); a pruned model that keeps the quality gets the
+   same storage search as the original;
+3. the dear storage, for the palettes that missed: bits chosen by layer in the same bytes, fitted
+   palettes, both; smallest files first, down a palette size while one keeps the quality, and
+   nothing whose weights alone outweigh the smallest file kept (:meth:`_Search.cannot_beat`).
 
 Every evaluation is cached by recipe in ``--out/.tbopt-search`` (:mod:`.optimize_cache`): the
 pruning, the file and its scores. ``--resume`` reuses them; ``--time-budget`` stops starting new
@@ -36,7 +40,7 @@ from torch import nn
 from ..core.artifact import save_artifact
 from ..core.checkpoint import LoadedModel, load_model
 from ..core.contexts import torch_threads
-from ..core.errors import InputError, OutputExistsError, UnsupportedError, UsageError
+from ..core.errors import InputError, OutputExistsError, TbOptError, UnsupportedError, UsageError
 from ..core.files import atomic_output, size_on_disk, zipped_size
 from ..core.images import ImageSet, load_images, uint8_to_model
 from ..core.progress import Progress, SilentProgress
@@ -111,6 +115,8 @@ class _Search:
         self.models: list[ModelEntry] = []
         self.skipped: list[dict[str, str]] = []
         self.not_tried: list[dict[str, str]] = []
+        self.to_rescue: list[tuple[Recipe, list[str]]] = []  # (model and target, palettes from the first miss)
+        self.fits: dict[tuple, Any] = {}  # palette fits, shared between targets (export_loaded)
         prep = loaded.preprocessing
         self.reference: Evaluation = evaluate(TorchRunner(loaded.module.eval(), prep), images, progress=progress,
                                               description="scoring the original")
@@ -184,18 +190,25 @@ class _Search:
         """True when the float model ``model_key`` was made and misses the budget."""
         return any(m.key == model_key and not m.kept for m in self.models)
 
+    def weight_bytes(self, recipe: Recipe) -> int | None:
+        """A lower bound of ``recipe``'s file size: its conv weights alone at its bits per weight (None
+        when its float model was not made)."""
+        parent = self.model(dataclasses.replace(recipe, sparsity=0.0))
+        if parent is None:
+            return None
+        n = sum(m.weight.numel() for m in parent.module.modules() if isinstance(m, _STORED))
+        bits = storage_bits(recipe.export_config().weight_mode)
+        return int((1.0 - recipe.sparsity) * n * bits / 8 + (n / 8 if recipe.sparsity else 0))
+
     def cannot_beat(self, recipe: Recipe) -> bool:
         """True (and noted) when ``recipe``'s conv weights alone, at its bits per weight, take at least
         as many bytes as the smallest file within the budget found so far for its target."""
         kept = [c for c in self.candidates if c.recipe.target == recipe.target and c.kept]
         if not kept:
             return False
-        parent = self.model(dataclasses.replace(recipe, sparsity=0.0))
-        if parent is None:
+        bound = self.weight_bytes(recipe)
+        if bound is None:
             return False
-        n = sum(m.weight.numel() for m in parent.module.modules() if isinstance(m, _STORED))
-        bits = storage_bits(recipe.export_config().weight_mode)
-        bound = int((1.0 - recipe.sparsity) * n * bits / 8 + (n / 8 if recipe.sparsity else 0))
         best = min(kept, key=lambda c: c.size_bytes)
         if bound < best.size_bytes:
             return False
@@ -243,7 +256,9 @@ class _Search:
         config = recipe.export_config()
         if recipe.fit_steps:
             config = with_fitted_palettes(config, recipe.fit_steps, self.cfg.calib)
-        result = export_loaded(model, path, config, force=True, progress=self.progress)
+        if recipe.bits_by_layer and self.cfg.calib:
+            config = dataclasses.replace(config, calib=str(self.cfg.calib))  # bits are chosen on them
+        result = export_loaded(model, path, config, force=True, progress=self.progress, fits=self.fits)
         ev = self.score(file_twin(model, path, config.format), f"scoring {recipe.key}")
         return self._measured(recipe, path, ev, notes=list(result.notes), scored_with=TWIN)
 
@@ -271,7 +286,8 @@ class _Search:
 
     # -- the order of the search ------------------------------------------------------------------------------
     def storage_branch(self, model_recipe: Recipe, target: str) -> None:
-        """Every storage of one float model for one target, cheap first; a branch stops at its first miss."""
+        """Every plain storage of one float model for one target, cheap first; a branch stops at its
+        first miss, which is remembered for :meth:`rescue` (bits by layer, fitted palettes)."""
         base = dataclasses.replace(model_recipe, target=target)
         if target == "cpu":
             self.candidate(dataclasses.replace(base, weights="int8"))
@@ -282,32 +298,48 @@ class _Search:
             return
         self.candidate(dataclasses.replace(base, weights="int8"))
         modes = self.cfg.storage_modes(target)
-        smallest_kept: int | None = None
         for i, mode in enumerate(modes):
             cand = self.candidate(dataclasses.replace(base, weights=mode))
             if cand is not None and not cand.kept:
                 for rest in modes[i + 1:]:
                     self.skip(dataclasses.replace(base, weights=rest).key, f"{mode} missed the budget")
+                self.to_rescue.append((base, modes[i:]))
                 break
-            if cand is not None:
-                smallest_kept = i
-        self.fitted_branch(base, modes, smallest_kept)
         self.sparse_branch(base)
 
-    def fitted_branch(self, base: Recipe, modes: list[str], smallest_kept: int | None) -> None:
-        """Fitted palettes below the smallest plain palette that kept the quality."""
-        if not self.cfg.fit_steps:
-            return
-        below = modes[(smallest_kept + 1 if smallest_kept is not None else 0):]
-        for i, mode in enumerate(below):
-            recipe = dataclasses.replace(base, weights=mode, fit_steps=self.cfg.fit_steps)
-            cand = self.candidate(recipe)
-            if cand is not None and not cand.kept:
-                for rest in below[i + 1:]:
-                    self.skip(dataclasses.replace(recipe, weights=rest).key, f"fitted {mode} missed the budget")
-                break
-            if cand is None and any(s["key"] == recipe.key for s in self.skipped):
-                break  # fitting is not available: the smaller palettes cannot be fitted either
+    def bits_available(self, recipe: Recipe) -> bool:
+        """True when ``tbopt export`` can choose palette bits by layer for ``recipe``'s file."""
+        try:
+            dataclasses.replace(recipe, bits_by_layer=True).export_config()
+        except TbOptError:
+            return False
+        return True
+
+    def rescue(self) -> None:
+        """The dear part: the palettes that missed the budget stored with bits chosen by layer (same
+        bytes), then fitted (``--fit-palettes``), model by model and target by target, the smallest
+        files first, going down a palette size while one of them keeps the quality. A candidate whose
+        weights alone cannot beat the smallest file kept so far is not made (:meth:`cannot_beat`)."""
+        order = sorted(self.to_rescue, key=lambda item: self.weight_bytes(dataclasses.replace(
+            item[0], weights=item[1][0])) or 0)
+        for base, modes in order:
+            for mode in modes:
+                recipe = dataclasses.replace(base, weights=mode)
+                variants = []
+                if self.cfg.bits_by_layer and self.bits_available(recipe):
+                    variants.append(dataclasses.replace(recipe, bits_by_layer=True))
+                if self.cfg.fit_steps:
+                    variants.append(dataclasses.replace(recipe, fit_steps=self.cfg.fit_steps))
+                    if variants[0].bits_by_layer:
+                        variants.append(dataclasses.replace(recipe, bits_by_layer=True, fit_steps=self.cfg.fit_steps))
+                kept = False
+                for variant in variants:
+                    cand = self.candidate(variant)
+                    if cand is not None and cand.kept:
+                        kept = True
+                        break
+                if not kept:
+                    break
 
     def sparse_branch(self, base: Recipe) -> None:
         """Weights zeroed (global magnitude) and stored sparse in fp16: ML Programs only."""
@@ -327,18 +359,23 @@ class _Search:
         original = Recipe(target=targets[0])
         for target in targets:
             self.storage_branch(original, target)
+        rates = self.cfg.rates
         for steps in self.cfg.resolved_steps():
-            for i, rate in enumerate(self.cfg.rates):
+            kept_rates = []
+            for i, rate in enumerate(rates):
                 recipe = Recipe(target=targets[0], rate=rate, steps=steps)
                 if self.model(recipe) is None:
                     if self.missed(recipe.model_key):
-                        for rest in self.cfg.rates[i + 1:]:
+                        for rest in rates[i + 1:]:
                             self.skip(f"*/{dataclasses.replace(recipe, rate=rest).model_key}/*",
                                       f"channel pruning at {rate:g} already misses the budget")
                         break
                     continue
+                kept_rates.append(rate)
                 for target in targets:
                     self.storage_branch(recipe, target)
+            rates = tuple(kept_rates)  # a longer distillation only where the shorter one kept the quality
+        self.rescue()
 
 
 def check_outputs(out: Path, targets: tuple[str, ...], force: bool, resume: bool) -> None:

@@ -55,6 +55,7 @@ class Recipe:
     sparsity: float = 0.0  # share of weights zeroed (global magnitude) and stored sparse
     weights: str = "fp16"  # Core ML weight mode, or "int8" for cpu
     fit_steps: int = 0  # palettes fitted for this many steps before palettizing (0: plain k-means)
+    bits_by_layer: bool = False  # palette bits chosen per layer within the bytes of ``weights`` everywhere
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -76,7 +77,7 @@ class Recipe:
 
     @property
     def storage(self) -> str:
-        return self.weights + (f"+fit{self.fit_steps}" if self.fit_steps else "")
+        return self.weights + ("+bits" if self.bits_by_layer else "") + (f"+fit{self.fit_steps}" if self.fit_steps else "")
 
     @property
     def key(self) -> str:
@@ -100,7 +101,7 @@ class Recipe:
     def export_config(self) -> ExportConfig:
         fmt = "neuralnetwork" if self.target == "ios13" else "mlprogram"
         return ExportConfig(format=fmt, weights=None if self.weights == "fp16" else self.weights,
-                            target=coreml_target(self.target))
+                            target=coreml_target(self.target), bits_by_layer="auto" if self.bits_by_layer else None)
 
     # -- the commands that rebuild the file -------------------------------------------------------------
     def commands(self, checkpoint: str, output: str, cfg: "OptimizeConfig", threads: int,
@@ -139,8 +140,12 @@ class Recipe:
             line = ["tbopt", "export", source]
             if self.weights != "fp16":
                 line += ["--weights", self.weights]
+            if self.bits_by_layer:
+                line += ["--bits-by-layer", "auto"]
             if self.fit_steps:
-                line += ["--fit-palettes", str(self.fit_steps), *data]
+                line += ["--fit-palettes", str(self.fit_steps)]
+            if self.bits_by_layer or self.fit_steps:
+                line += data  # one --calib folder: the images bits are chosen and palettes fitted on
             lines.append(line + ["--target", coreml_target(self.target), "-o", output])
         return [shlex.join(line) for line in lines]
 
@@ -161,12 +166,15 @@ class OptimizeConfig:
     calib: Path | None = None  # unlabeled images: channel ranking, distillation, int8 calibration
     time_budget_min: float | None = None
     #: The pruning part of the space: channel rates (0 is always tried first) and distillation lengths
-    #: (None: tbopt prune's default for channel pruning).
+    #: (None: tbopt prune's default for channel pruning). A longer distillation is tried only for the
+    #: rates whose shorter one kept the quality: it leaves room for the smaller storage modes.
     rates: tuple[float, ...] = (0.3, 0.4, 0.5)
-    finetune_steps: tuple[int | None, ...] = (None,)
+    finetune_steps: tuple[int | None, ...] = (None, 2000)
     sparsities: tuple[float, ...] = (0.5, 0.75)
     palettes: tuple[str, ...] = PALETTES
-    #: Fitted palettes (tbopt export --fit-palettes N): steps, 0 to not search them.
+    #: For the palettes that missed the budget: bits chosen by layer in the same bytes (tbopt export
+    #: --bits-by-layer auto, where the format has it), fitted palettes (--fit-palettes N; 0: not tried).
+    bits_by_layer: bool = True
     fit_steps: int = 300
     int8_min_psnr_db: float = 50.0  # int8 fidelity to its float model (see tbopt run --min-psnr)
     calib_count: int = 32
