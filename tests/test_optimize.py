@@ -280,3 +280,16 @@ def test_cli_writes_the_chosen_files_and_refuses_an_earlier_search(tiny, tmp_pat
     assert graph_op_counts(load_spec(dest)) == graph_op_counts(load_spec(theirs))
     for x, y in zip(stored_weights(dest), stored_weights(theirs), strict=True):
         assert (x.name, x.storage) == (y.name, y.storage) and np.array_equal(x.value, y.value)
+
+
+def test_a_distillation_expected_to_end_after_the_budget_is_not_started(tiny, tmp_path):
+    """The pace of the first pruned model (seconds per distillation step) predicts the next one: a
+    distillation that would run past the budget is listed as not tried instead of overrunning it."""
+    d, ckpt = tiny
+    cfg = small_space(data=d / "faces", min_fidelity_db=1.0, palettes=("pal4",), rates=(0.5,),
+                      finetune_steps=(4, 40000), time_budget_min=5.0)
+    result = optimize(ckpt, tmp_path / "out", cfg)
+    assert [m.key for m in result.models] == ["channel0.5x4"]
+    assert [n["key"] for n in result.not_tried] == ["channel0.5x40000"]
+    assert result.seconds < 300
+    assert OptimizeConfig().time_budget_min is not None and OptimizeConfig().time_budget_min <= 15

@@ -11,7 +11,14 @@ import typer
 
 from ..core.errors import UsageError
 from ..core.paths import demo_checkpoint
-from ..flow.optimize_config import DEFAULT_TARGETS, PALETTES, REPORT_FILES, TARGET_FILES, OptimizeConfig
+from ..flow.optimize_config import (
+    DEFAULT_TARGETS,
+    DEFAULT_TIME_BUDGET_MIN,
+    PALETTES,
+    REPORT_FILES,
+    TARGET_FILES,
+    OptimizeConfig,
+)
 from . import _output
 from ._errors import handle_errors
 from ._options import DataOpt, ForceOpt, JsonOpt, LimitOpt, QuietOpt, ThreadsOpt
@@ -59,9 +66,10 @@ def optimize(
         "--calib", help="Folder of unlabeled images for channel ranking, distillation and int8 calibration. "
                         "Default: synthetic portraits, never the test set.", rich_help_panel="Data")] = None,
     limit: LimitOpt = None,
-    time_budget: Annotated[Optional[float], typer.Option(
-        "--time-budget", min=0.01, help="Minutes: no new step starts after this; the result lists what was not "
-                                        "tried.", show_default=False)] = None,
+    time_budget: Annotated[float, typer.Option(
+        "--time-budget", min=0, help="Minutes: no new step starts after this (nor a distillation expected to end "
+                                     "after it); the result lists what was not tried. 0: no limit.")
+    ] = DEFAULT_TIME_BUDGET_MIN,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the search in --output: finished candidates are read from its cache, not redone.")
     ] = False,
@@ -103,7 +111,7 @@ def optimize(
     cfg = OptimizeConfig(
         max_drop_db=max_drop, min_fidelity_db=min_fidelity,
         targets=tuple(t.value for t in targets) if targets else DEFAULT_TARGETS, data=data, limit=limit,
-        calib=calib, time_budget_min=time_budget, rates=_floats(rates, "--rates"),
+        calib=calib, time_budget_min=time_budget or None, rates=_floats(rates, "--rates"),
         finetune_steps=tuple(finetune_steps) if finetune_steps else OptimizeConfig.finetune_steps,
         palettes=tuple(p.strip() for p in palettes.split(",") if p.strip()),
         sparsities=_floats(sparsities, "--sparsities"), fit_steps=fit_steps, bits_by_layer=bits_by_layer, runs=runs,
