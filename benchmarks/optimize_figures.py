@@ -10,7 +10,7 @@
 3. The CPU int8 file it chose against ``tbopt quantize`` of the unpruned demo (default options):
    both timed in one process with their runs interleaved (batch 1, all cores), latency ratio
    (<= 0.6), and its PSNR drop by ``tbopt bench``.
-4. ``--resume`` on the finished search redoes nothing; a small search interrupted with SIGINT
+4. ``--resume`` on that search redoes nothing it finished (it may go on with what its time budget left); a small search interrupted with SIGINT
    (Ctrl-C) and resumed does not redo the candidates it had finished.
 5. The released checkpoint with ``face_01.png`` as ``--data`` (no targets: fidelity budget): the
    chosen files and where ``pareto.png`` is, to look at.
@@ -120,14 +120,19 @@ def cpu_ratio(demo: Path, work: Path, data: dict, runs: int) -> None:
           f"runs, {cpu_name()}; PSNR drop {drop:.3f} dB (<= 0.3: {ok(drop <= 0.3)})")
 
 
-def resume_checks(demo: Path, work: Path) -> None:
+def resume_checks(demo: Path, work: Path, first: dict) -> None:
     wall, res = tbopt("optimize", str(demo), "--max-drop", "0.3", "--out", str(work / "demo"), "--json", "--resume")
     data = json.loads(res.stdout)
+    done = {c["recipe"]["key"] for c in first["candidates"]} | {m["key"] for m in first["models"]}
     fresh = [c["recipe"]["key"] for c in data["candidates"] if not c["cached"]]
-    print(f"4. --resume on the finished search: {wall:.0f} s, {len(data['candidates'])} candidates, "
-          f"{len(fresh)} redone (0: {ok(not fresh)})")
+    fresh += [m["key"] for m in data["models"] if not m["cached"]]
+    redone = [k for k in fresh if k in done]
+    print(f"4. --resume on the search above: {wall:.0f} s, {len(data['candidates'])} candidates; of the "
+          f"{len(done)} it had finished, {len(redone)} redone (0: {ok(not redone)}); {len(fresh) - len(redone)} "
+          f"new (what its time budget had left: {', '.join(k for k in fresh if k not in done) or 'none'})")
     out = work / "interrupted"
-    args = ["optimize", str(demo), "--for", "ios13", "--for", "ios16", "--rates", "", "--out", str(out), "--force"]
+    args = ["optimize", str(demo), "--for", "ios13", "--for", "ios16", "--rates", "", "--fit-steps", "0",
+            "--no-bits-by-layer", "--sparsities", "", "--out", str(out), "--force"]  # plain storage only: quick
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "tinybeauty_cli", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -173,14 +178,18 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--skip-realdata", action="store_true")
     p.add_argument("--only-realdata", action="store_true", help="only section 5 (the released checkpoint)")
+    p.add_argument("--only-resume", action="store_true", help="only section 4, on the search already in --work")
     a = p.parse_args()
     work = a.work or Path(tempfile.mkdtemp(prefix="optimize_figures_"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"load average at start {os.getloadavg()}; {os.cpu_count()} cores, {cpu_name()}; outputs in {work}")
+    if a.only_resume:
+        resume_checks(a.checkpoint, work, json.loads((work / "demo" / "search.json").read_text()))
+        return 0
     if not a.only_realdata:
         data = search_and_core_ml(a.checkpoint, work)
         cpu_ratio(a.checkpoint, work, data, a.runs)
-        resume_checks(a.checkpoint, work)
+        resume_checks(a.checkpoint, work, data)
     if not a.skip_realdata:
         realdata(work)
     print(f"load average at end {os.getloadavg()}")
