@@ -508,32 +508,28 @@ def weights_table(released: Path, work: Path, face, face_ref, test8, test_ref, f
     print(f"  ({load_note()} at the end)")
 
 
-def mlmodel_bits_rows(checkpoints: list[Path], work: Path, face, test8, demo: Path | None = None,
-                      threads: int = 1) -> None:
+def mlmodel_bits_rows(checkpoints: list[Path], work: Path, face, test8, pruned: Path | None = None,
+                      demo: Path | None = None, threads: int = 1) -> None:
     """The NeuralNetwork .mlmodel (iOS 13): uniform pal4 against bits chosen per layer within its size,
-    size on disk and fidelity (reference executor) on the face and 8 test images; with ``demo``, the
-    checkpoint it was pruned from, PSNR against the targets of the first 100 test images (`tbopt bench`)."""
+    size on disk and fidelity (reference executor) on the face and 8 test images; the files of
+    ``pruned`` (a pruned ``demo`` checkpoint) also scored against the targets of the first 100 test
+    images (`tbopt bench demo file`)."""
     print(f"\n  .mlmodel (NeuralNetwork, iOS 13), image I/O, fp16; fidelity vs each float model through the "
           f"reference executor (8-bit output), on {face.names[0]} and on 8 built-in test images")
-    print(f"  {'checkpoint':22s} {'weights':22s} {'size B':>9s} {'face dB':>8s} {'test dB':>8s} {'PSNR dB':>8s} "
-          f"{'export':>7s}")
+    print(f"  {'checkpoint':22s} {'weights':22s} {'size B':>9s} {'face dB':>8s} {'test dB':>8s} {'export':>7s}")
     for ckpt in checkpoints:
         original = load_model(ckpt)
         face_ref = evaluate(TorchRunner(original.module), face).outputs
         test_ref = evaluate(TorchRunner(original.module), test8).outputs
-        base = None
+        base, files = None, []
         for name, kw in (("pal4", dict(weights="pal4")), ("pal4 bits by layer", dict(weights="pal4",
                                                                                       bits_by_layer="auto"))):
             path = work / f"{ckpt.stem}_{name.replace(' ', '_')}.mlmodel"
             r = export_file(ckpt, path, ExportConfig.for_output(path, **kw), force=True)
             face_db, _ = coreml_fidelity(path, face, face_ref)
             test_db, _ = coreml_fidelity(path, test8, test_ref)
-            psnr = ""
-            if demo is not None and ckpt != demo:
-                b, _ = tbopt("bench", str(demo), str(path), "--no-timing", "--limit", "100", "--threads",
-                             str(threads))
-                psnr = f"{b['rows'][1]['target_psnr_db']:8.2f}"
-            print(f"  {ckpt.name[:22]:22s} {name:22s} {kb(r.size_bytes)} {face_db:8.2f} {test_db:8.2f} {psnr:>8s} "
+            files.append(path)
+            print(f"  {ckpt.name[:22]:22s} {name:22s} {kb(r.size_bytes)} {face_db:8.2f} {test_db:8.2f} "
                   f"{r.seconds:6.1f}s", flush=True)
             if r.bits_by_layer:
                 print(f"      bits {[layer['bits'] for layer in r.bits_by_layer['layers']]} (predicted "
@@ -541,6 +537,17 @@ def mlmodel_bits_rows(checkpoints: list[Path], work: Path, face, test8, demo: Pa
                       f"{r.size_bytes - base[0]:+,} B, face {face_db - base[1]:+.2f} dB, test images "
                       f"{test_db - base[2]:+.2f} dB")
             base = base or (r.size_bytes, face_db, test_db)
+        if demo is not None and ckpt == pruned:
+            args = ["bench", str(demo), str(ckpt), *map(str, files), "--no-timing", "--limit", "100",
+                    "--threads", str(threads)]
+            b, wall = tbopt(*args)
+            def db(v: float | None) -> str:
+                return "-" if v is None else f"{v:.2f} dB"
+
+            scores = ", ".join(f"{row['name']} {db(row['target_psnr_db'])} (fidelity {db(row['fidelity_psnr_db'])})"
+                               for row in b["rows"])
+            print(f"      tbopt {' '.join(a if '/' not in a else Path(a).name for a in args)} ({wall:.0f} s), PSNR vs "
+                  f"targets on {b['data']}: {scores}")
     print(f"  ({load_note()} at the end)")
 
 
@@ -594,7 +601,7 @@ def main() -> int:
         print(f"\n== 4. bits by layer in the .mlmodel ({load_note()})")
         checkpoints = [p for p in (args.pruned, args.released) if p is not None and p.is_file()]
         mlmodel_bits_rows(checkpoints, work, load_folder(args.faces[0].parent, 256), builtin_test_set(256, limit=8),
-                          demo=ckpt, threads=args.threads)
+                          pruned=args.pruned, demo=ckpt, threads=args.threads)
     return 0
 
 
