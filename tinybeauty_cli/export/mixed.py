@@ -206,6 +206,7 @@ def allocate_bits(model: nn.Module, uniform_bits: int, images: torch.Tensor, *, 
         raise ExportError("the model has no conv or linear weights to palettize")
     candidates = tuple(b for b in palette_bits_for(target) if b >= uniform_bits - BELOW_UNIFORM)
     errors = _sensitivities(model, layers, images, candidates, group_size, progress)
+
     def cost(layer: nn.Module, bits: int) -> int:
         if neural_network:
             return nn_palette_bytes(layer.weight.numel(), bits)
