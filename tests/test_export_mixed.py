@@ -113,6 +113,25 @@ def test_the_cheapest_sum_is_the_best_choice_under_the_budget():
     assert sum(v[i] for v, i in zip(values, picks)) == pytest.approx(best[0])
 
 
+@pytest.mark.parametrize("numel", [300, 1001])
+def test_the_neural_network_bytes_are_those_coremltools_writes(numel):
+    """A weight palettized by coremltools' own NeuralNetwork writer takes the bytes the budget counts."""
+    from coremltools.models import _QUANTIZATION_MODE_CUSTOM_LOOKUP_TABLE
+    from coremltools.models.neural_network import quantization_utils as qu
+    from coremltools.proto import NeuralNetwork_pb2
+
+    from tinybeauty_cli.export.palettes import kmeans_lut
+
+    values = np.random.default_rng(numel).standard_normal(numel).astype(np.float32)
+    for bits in range(1, 9):
+        wp = NeuralNetwork_pb2.WeightParams()
+        wp.floatValue.extend(values)
+        qu._quantize_wp_field(wp, bits, _QUANTIZATION_MODE_CUSTOM_LOOKUP_TABLE, (numel,),
+                              lut_function=lambda n, w: kmeans_lut(w, n))
+        assert wp.quantization.numberOfBits == bits and not len(wp.floatValue)
+        assert wp.ByteSize() == nn_palette_bytes(numel, bits), bits
+
+
 # --- the file ------------------------------------------------------------------------------------------------
 
 
