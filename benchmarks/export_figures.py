@@ -28,7 +28,9 @@ their tensor-I/O twins and of NeuralNetwork files, against the fp32 network on r
    pal4, and palette bits chosen per layer within pal4's size (`--bits-by-layer auto`, alone and
    with `--fit-palettes`): size on disk and fidelity on the real face (reference executor) and on
    8 test images, and the best fidelity within 2% of pal4's size (`--only quant --no-w8a8`: the
-   weights table alone).
+   weights table alone); then the same choice in the NeuralNetwork .mlmodel (iOS 13) against uniform
+   pal4 there (`--only quant-mlmodel [--pruned ARTIFACT]`: those rows alone, of the pruned artifact too,
+   with its PSNR against the targets of 100 test images by `tbopt bench`).
 
 Export must be quick (it runs inside `tbopt run`): every export's time is printed.
 """
@@ -420,6 +422,7 @@ def quant_section(released: Path, demo: Path, work: Path, face_dir: Path, fit_st
     if w8a8:
         w8a8_files(released, demo, work, face, face_ref, test8, test_ref)
     weights_table(released, work, face, face_ref, test8, test_ref, fit_steps)
+    mlmodel_bits_rows([released], work, face, test8)
 
 
 def w8a8_files(released: Path, demo: Path, work: Path, face, face_ref, test8, test_ref) -> None:
@@ -505,6 +508,49 @@ def weights_table(released: Path, work: Path, face, face_ref, test8, test_ref, f
     print(f"  ({load_note()} at the end)")
 
 
+def mlmodel_bits_rows(checkpoints: list[Path], work: Path, face, test8, pruned: Path | None = None,
+                      demo: Path | None = None, threads: int = 1) -> None:
+    """The NeuralNetwork .mlmodel (iOS 13): uniform pal4 against bits chosen per layer within its size,
+    size on disk and fidelity (reference executor) on the face and 8 test images; the files of
+    ``pruned`` (a pruned ``demo`` checkpoint) also scored against the targets of the first 100 test
+    images (`tbopt bench demo file`)."""
+    print(f"\n  .mlmodel (NeuralNetwork, iOS 13), image I/O, fp16; fidelity vs each float model through the "
+          f"reference executor (8-bit output), on {face.names[0]} and on 8 built-in test images")
+    print(f"  {'checkpoint':22s} {'weights':22s} {'size B':>9s} {'face dB':>8s} {'test dB':>8s} {'export':>7s}")
+    for ckpt in checkpoints:
+        original = load_model(ckpt)
+        face_ref = evaluate(TorchRunner(original.module), face).outputs
+        test_ref = evaluate(TorchRunner(original.module), test8).outputs
+        base, files = None, []
+        for name, kw in (("pal4", dict(weights="pal4")), ("pal4 bits by layer", dict(weights="pal4",
+                                                                                      bits_by_layer="auto"))):
+            path = work / f"{ckpt.stem}_{name.replace(' ', '_')}.mlmodel"
+            r = export_file(ckpt, path, ExportConfig.for_output(path, **kw), force=True)
+            face_db, _ = coreml_fidelity(path, face, face_ref)
+            test_db, _ = coreml_fidelity(path, test8, test_ref)
+            files.append(path)
+            print(f"  {ckpt.name[:22]:22s} {name:22s} {kb(r.size_bytes)} {face_db:8.2f} {test_db:8.2f} "
+                  f"{r.seconds:6.1f}s", flush=True)
+            if r.bits_by_layer:
+                print(f"      bits {[layer['bits'] for layer in r.bits_by_layer['layers']]} (predicted "
+                      f"{r.bits_by_layer['predicted_gain_db']:+.2f} dB on the calibration images); against pal4: "
+                      f"{r.size_bytes - base[0]:+,} B, face {face_db - base[1]:+.2f} dB, test images "
+                      f"{test_db - base[2]:+.2f} dB")
+            base = base or (r.size_bytes, face_db, test_db)
+        if demo is not None and ckpt == pruned:
+            args = ["bench", str(demo), str(ckpt), *map(str, files), "--no-timing", "--limit", "100",
+                    "--threads", str(threads)]
+            b, wall = tbopt(*args)
+            def db(v: float | None) -> str:
+                return "-" if v is None else f"{v:.2f} dB"
+
+            scores = ", ".join(f"{row['name']} {db(row['target_psnr_db'])} (fidelity {db(row['fidelity_psnr_db'])})"
+                               for row in b["rows"])
+            print(f"      tbopt {' '.join(a if '/' not in a else Path(a).name for a in args)} ({wall:.0f} s), PSNR vs "
+                  f"targets on {b['data']}: {scores}")
+    print(f"  ({load_note()} at the end)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=None, help="demo checkpoint (default: assets/)")
@@ -518,7 +564,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--faces", type=Path, nargs="+", default=[ROOT.parent / "shared" / "realdata" / "face_01.png"],
                     help="real faces for the fp16 image files (default: ../shared/realdata/face_01.png)")
-    ap.add_argument("--only", choices=("released", "demo", "preset", "image-fp16", "quant"), action="append")
+    ap.add_argument("--only", choices=("released", "demo", "preset", "image-fp16", "quant", "quant-mlmodel"),
+                    action="append", help="quant-mlmodel: section 4's .mlmodel rows alone (with --pruned: of it too)")
     ap.add_argument("--no-w8a8", action="store_true", help="section 4: only the weights table (no W8A8 files)")
     ap.add_argument("--fit-steps", type=int, default=150, help="section 4: --fit-palettes steps of the fitted rows")
     args = ap.parse_args()
@@ -548,6 +595,13 @@ def main() -> int:
             quant_section(args.released, ckpt, work, args.released.parent, args.fit_steps, not args.no_w8a8)
         else:
             print(f"\n== 4. skipped: {args.released} is absent")
+    if "quant-mlmodel" in only:
+        from tinybeauty_cli.core.images import load_folder
+
+        print(f"\n== 4. bits by layer in the .mlmodel ({load_note()})")
+        checkpoints = [p for p in (args.pruned, args.released) if p is not None and p.is_file()]
+        mlmodel_bits_rows(checkpoints, work, load_folder(args.faces[0].parent, 256), builtin_test_set(256, limit=8),
+                          pruned=args.pruned, demo=ckpt, threads=args.threads)
     return 0
 
 

@@ -24,7 +24,7 @@ from tinybeauty_cli.coreml.runner import open_coreml_runner
 from tinybeauty_cli.coreml.spec import load_spec
 from tinybeauty_cli.coreml.weights import stored_weights
 from tinybeauty_cli.export.config import ExportConfig, palette_bits_for, plan_export
-from tinybeauty_cli.export.mixed import _blob, _cheapest_sum, palette_bytes
+from tinybeauty_cli.export.mixed import _blob, _cheapest_sum, nn_palette_bytes, palette_bytes
 from tinybeauty_cli.export.palettes import PALETTIZED, palettes_fitted
 from tinybeauty_cli.flow.export import export_file
 
@@ -53,10 +53,10 @@ def sensitive_artifact(tmp_path):
 
 
 def _palette_bits(path):
-    """The palette size of every conv weight of a file, in graph order (read from its ops)."""
+    """The palette size of every conv weight of a file, in graph order (read from its ops or layers)."""
     bits = []
     for w in stored_weights(path):
-        if w.kind == "conv" and w.field == "weight":
+        if (w.kind, w.field) in (("conv", "weight"), ("convolution", "weights")):
             assert w.storage.startswith("palettized "), w.storage
             bits.append(int(w.storage.split()[1].split("-")[0]))
     return bits
@@ -68,11 +68,17 @@ def _palette_bits(path):
 @pytest.mark.parametrize("out, kw, match", [
     ("m.mlpackage", {"bits_by_layer": "auto"}, "--bits-by-layer chooses palette sizes"),
     ("m.mlpackage", {"weights": "int8", "bits_by_layer": "auto"}, "--bits-by-layer chooses palette sizes"),
-    ("m.mlmodel", {"weights": "pal4", "bits_by_layer": "auto"}, "needs an ML Program"),
+    ("m.mlmodel", {"weights": "int8", "bits_by_layer": "auto"}, "--bits-by-layer chooses palette sizes"),
 ])
-def test_bits_by_layer_only_with_palettes_in_an_ml_program(out, kw, match):
+def test_bits_by_layer_only_with_palettes(out, kw, match):
     with pytest.raises(UsageError, match=match):
         ExportConfig.for_output(out, **kw)
+
+
+def test_a_neural_network_keeps_its_target_and_3_bits():
+    """NeuralNetwork palettes take 1 to 8 bits from iOS 13 on: the choice does not raise the target."""
+    auto = ExportConfig.for_output("m.mlmodel", weights="pal4", bits_by_layer="auto")
+    assert auto.format == "neuralnetwork" and plan_export(auto, [(0, 100)]).target == "iOS13"
 
 
 def test_the_target_decides_whether_3_bits_are_a_choice():
@@ -107,6 +113,25 @@ def test_the_cheapest_sum_is_the_best_choice_under_the_budget():
     assert sum(v[i] for v, i in zip(values, picks)) == pytest.approx(best[0])
 
 
+@pytest.mark.parametrize("numel", [300, 1001])
+def test_the_neural_network_bytes_are_those_coremltools_writes(numel):
+    """A weight palettized by coremltools' own NeuralNetwork writer takes the bytes the budget counts."""
+    from coremltools.models import _QUANTIZATION_MODE_CUSTOM_LOOKUP_TABLE
+    from coremltools.models.neural_network import quantization_utils as qu
+    from coremltools.proto import NeuralNetwork_pb2
+
+    from tinybeauty_cli.export.palettes import kmeans_lut
+
+    values = np.random.default_rng(numel).standard_normal(numel).astype(np.float32)
+    for bits in range(1, 9):
+        wp = NeuralNetwork_pb2.WeightParams()
+        wp.floatValue.extend(values)
+        qu._quantize_wp_field(wp, bits, _QUANTIZATION_MODE_CUSTOM_LOOKUP_TABLE, (numel,),
+                              lut_function=lambda n, w: kmeans_lut(w, n))
+        assert wp.quantization.numberOfBits == bits and not len(wp.floatValue)
+        assert wp.ByteSize() == nn_palette_bytes(numel, bits), bits
+
+
 # --- the file ------------------------------------------------------------------------------------------------
 
 
@@ -133,15 +158,45 @@ def test_the_file_holds_the_recorded_bits_within_the_size_of_uniform_palettes(tm
     assert abs((r.weight_bytes - uniform.weight_bytes) - (blobs(chosen) - blobs([4] * len(chosen)))) < 64
 
     # the reference executor runs it, closer to the float model than uniform palettes
+    assert _fidelity(out, sensitive_artifact) > _fidelity(tmp_path / "u.mlpackage", sensitive_artifact) + 0.5
+
+
+def _fidelity(path, source):
+    """PSNR of the reference executor's made-up images from ``path`` against ``source``'s float model."""
     from tinybeauty_cli.core.checkpoint import load_model
 
-    model = load_model(sensitive_artifact).module
+    model = load_model(source).module
     x = uint8_to_model(builtin_test_set(SIZE, limit=4).inputs)
     with torch.no_grad():
         want = made_up(torch.from_numpy(x), model(torch.from_numpy(x))).numpy()
-    got = {p: made_up(x, open_coreml_runner(p, use_device=False, round_image_output=False).residual(x))
-           for p in (out, tmp_path / "u.mlpackage")}
-    assert fidelity_psnr_db(got[out], want) > fidelity_psnr_db(got[tmp_path / "u.mlpackage"], want) + 0.5
+    got = made_up(x, open_coreml_runner(path, use_device=False, round_image_output=False).residual(x))
+    return fidelity_psnr_db(got, want)
+
+
+def test_a_neural_network_holds_the_recorded_bits_within_the_size_of_uniform_palettes(tmp_path,
+                                                                                     sensitive_artifact):
+    """The .mlmodel (iOS 13): one quantize_weights pass per size, fp32 tables, indices packed to the byte."""
+    uniform = export(sensitive_artifact, tmp_path / "u.mlmodel", weights="pal4")
+    out = tmp_path / "auto.mlmodel"
+    r = export(sensitive_artifact, out, weights="pal4", bits_by_layer="auto")
+    assert r.target == uniform.target == "iOS13"
+    assert r.size_bytes <= uniform.size_bytes
+    chosen = [layer["bits"] for layer in r.bits_by_layer["layers"]]
+    assert _palette_bits(out) == chosen and len(set(chosen)) > 1 and chosen[0] > 4
+    assert _palette_bits(tmp_path / "u.mlmodel") == [4] * len(chosen)
+    spec = load_spec(out)
+    assert json.loads(spec.description.metadata.userDefined["tbopt.bits_by_layer"]) == chosen
+    # the layers the report names are the file's, and each weight takes the bytes the budget counted
+    layers = {layer.name: layer for layer in spec.neuralNetwork.layers}
+    for entry in r.bits_by_layer["layers"]:
+        weights = layers[entry["op"]].convolution.weights
+        assert weights.quantization.numberOfBits == entry["bits"]
+        assert weights.ByteSize() == entry["bytes"] == nn_palette_bytes(int(np.prod(entry["shape"])), entry["bits"])
+    assert r.bits_by_layer["weight_bytes"] <= r.bits_by_layer["budget_bytes"] < r.bits_by_layer["uniform_bytes"]
+    assert r.bits_by_layer["uniform_bytes"] == sum(nn_palette_bytes(int(np.prod(layer["shape"])), 4)
+                                                   for layer in r.bits_by_layer["layers"])
+    assert "--bits-by-layer auto" in r.command and r.bits_by_layer["predicted_gain_db"] > 0
+    assert _fidelity(out, sensitive_artifact) > _fidelity(tmp_path / "u.mlmodel", sensitive_artifact) + 0.5
 
 
 def test_fitting_keeps_each_layers_bits(sensitive_artifact):
@@ -157,22 +212,24 @@ def test_fitting_keeps_each_layers_bits(sensitive_artifact):
         assert len(np.unique(fitted.get_submodule(name).weight.detach().numpy())) <= 2 ** bits[name]
 
 
-def test_fitted_bits_by_layer_export_stores_the_fitted_values(tmp_path, sensitive_artifact):
-    out = tmp_path / "fit.mlpackage"
+@pytest.mark.parametrize("name", ["fit.mlpackage", "fit.mlmodel"])
+def test_fitted_bits_by_layer_export_stores_the_fitted_values(tmp_path, sensitive_artifact, name):
+    out = tmp_path / name
     r = export(sensitive_artifact, out, weights="pal4", bits_by_layer="auto", fit_palettes=2, fit_images=4)
     assert r.palette_fit["bits"] == [layer["bits"] for layer in r.bits_by_layer["layers"]]
     assert _palette_bits(out) == [layer["bits"] for layer in r.bits_by_layer["layers"]]
     assert r.validation["max_weight_error"] < 1e-3  # fitted values: stored as they are (fp16), not re-clustered
 
 
-def test_the_recorded_command_makes_the_same_file(tmp_path, sensitive_artifact):
+@pytest.mark.parametrize("name", ["m.mlpackage", "m.mlmodel"])
+def test_the_recorded_command_makes_the_same_file(tmp_path, sensitive_artifact, name):
     here = os.getcwd()
     first, second = tmp_path / "1", tmp_path / "2"
     first.mkdir()
     second.mkdir()
     try:
         os.chdir(first)
-        r = runner.invoke(app, ["export", str(sensitive_artifact), "-o", "m.mlpackage", "--weights", "pal4",
+        r = runner.invoke(app, ["export", str(sensitive_artifact), "-o", name, "--weights", "pal4",
                                 "--bits-by-layer", "auto", "--calib-count", "2", "--json"])
         assert r.exit_code == 0, r.stderr
         command = json.loads(r.stdout)["command"]
@@ -182,8 +239,8 @@ def test_the_recorded_command_makes_the_same_file(tmp_path, sensitive_artifact):
         assert r.exit_code == 0, r.stderr
     finally:
         os.chdir(here)
-    ga, ma, fa = _core_ml_parts(first / "m.mlpackage")
-    gb, mb, fb = _core_ml_parts(second / "m.mlpackage")
+    ga, ma, fa = _core_ml_parts(first / name)
+    gb, mb, fb = _core_ml_parts(second / name)
     assert ga == gb and fa == fb  # the ops, their bits and the weight file
     history = "tbopt.history"
     assert {k: v for k, v in ma.items() if k != history} == {k: v for k, v in mb.items() if k != history}

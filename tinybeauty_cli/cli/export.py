@@ -99,10 +99,11 @@ def export(
                                     "clustering, the scales stored beside the tables (iOS18).",
         rich_help_panel=PANEL)] = False,
     bits_by_layer: Annotated[Optional[BitsByLayerChoice], typer.Option(
-        "--bits-by-layer", help="With --weights palN (ML Program): auto chooses each layer's palette size (1-8 bits) "
+        "--bits-by-layer", help="With --weights palN: auto chooses each layer's palette size (1-8 bits) "
                                 "from its measured sensitivity on the calibration images (--calib), the weights no "
-                                "larger than N bits everywhere; the choice is recorded in the file (iOS18; with a "
-                                "lower --target, 3 bits are left out).", rich_help_panel=PANEL,
+                                "larger than N bits everywhere; the choice is recorded in the file (ML Program: "
+                                "iOS18, with a lower --target 3 bits are left out; .mlmodel: iOS13).",
+        rich_help_panel=PANEL,
         show_default=False)] = None,
     activations: Annotated[Optional[ActivationsChoice], typer.Option(
         "--activations", help="int8: quantize/dequantize pairs around convolutions and additions (W8A8 with "

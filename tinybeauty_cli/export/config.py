@@ -181,8 +181,6 @@ class ExportConfig:
                 raise ConfigError(f"--bits-by-layer must be auto, got {self.bits_by_layer!r}")
             if not palettes:
                 raise UsageError("--bits-by-layer chooses palette sizes", hint="add --weights pal4 (or another palN)")
-            if not program:
-                raise UsageError("--bits-by-layer needs an ML Program", hint="write an .mlpackage")
         if self.group_size is not None:
             if self.granularity != "per-grouped-channel":
                 raise UsageError("--group-size applies to --granularity per-grouped-channel",
@@ -331,7 +329,8 @@ def plan_export(config: ExportConfig, tensor_zeros: list[tuple[int, int]]) -> Ex
                          hint="pass --sparse off to store the pruned weights dense")
     needs = requirements(config.format, config.weight_mode, sparse, activations=config.activations,
                          grouped=config.grouped, per_channel_scale=config.per_channel_scale)
-    if config.bits_by_layer and config.target is None:  # a lower --target leaves 3 bits out of the choice
+    if config.bits_by_layer and config.target is None and config.format == "mlprogram":
+        # a lower --target leaves 3 bits out of the choice (NeuralNetwork palettes take 1-8 bits on iOS 13)
         needs.append(("iOS18", "3-bit palettes among the bits chosen per layer"))
     target, why = max(needs, key=lambda n: _target_index(n[0]))
     if config.target is not None:

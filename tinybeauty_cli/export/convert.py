@@ -1,5 +1,6 @@
 """From a PyTorch module to a Core ML model in memory: trace, ``ct.convert``, weight compression
-(ML Program: ``coremltools.optimize.coreml``; NeuralNetwork: ``quantize_weights``), compact graph
+(ML Program: ``coremltools.optimize.coreml``; NeuralNetwork: ``quantize_weights``, one pass per
+palette size for ``--bits-by-layer``), compact graph
 and metadata. :func:`export_module` is the transform: module in, Core ML model out; it writes
 no file (:meth:`ExportedModel.save` does, where the caller wants it).
 
@@ -200,21 +201,68 @@ def _compress_program(mlmodel: Any, config: ExportConfig, plan: ExportPlan,
     return mlmodel
 
 
-class _ConvWeightsOnly:
-    """NeuralNetwork quantization selector: conv / inner-product weights, not their biases."""
+#: NeuralNetwork layers whose weights are compressed.
+_NN_WEIGHT_LAYERS = ("convolution", "innerProduct", "batchedMatmul")
 
-    def __init__(self) -> None:
+
+class _ConvWeightsOnly:
+    """NeuralNetwork quantization selector: conv / inner-product weights, not their biases;
+    ``names``: only the layers of these names (one pass of ``--bits-by-layer``)."""
+
+    def __init__(self, names: frozenset[str] | None = None) -> None:
         from coremltools.models.neural_network.quantization_utils import QuantizedLayerSelector  # noqa: PLC0415
 
         self._base = QuantizedLayerSelector()
+        self._names = names
 
     def do_quantize(self, layer: Any, weight_param: str | None = None, **_: Any) -> bool:
-        if layer.WhichOneof("layer") not in ("convolution", "innerProduct", "batchedMatmul"):
+        if layer.WhichOneof("layer") not in _NN_WEIGHT_LAYERS:
+            return False
+        if self._names is not None and layer.name not in self._names:
             return False
         return weight_param != "bias"
 
 
-def _compress_neural_network(mlmodel: Any, config: ExportConfig) -> Any:
+def _nn_weight_shapes(spec: Any) -> dict[str, tuple[int, ...]]:
+    """The float weight shape of every conv / inner-product layer of a NeuralNetwork spec, by layer
+    name, in graph order (the shapes ``quantize_weights`` reads them with)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for layer in spec.neuralNetwork.layers:
+        kind = layer.WhichOneof("layer")
+        if kind not in _NN_WEIGHT_LAYERS:
+            continue
+        p = getattr(layer, kind)
+        if not len(p.weights.floatValue):
+            continue
+        if kind == "convolution":
+            kh, kw = p.kernelSize
+            groups = p.nGroups or 1
+            shapes[layer.name] = ((p.kernelChannels, p.outputChannels // groups, kh, kw) if p.isDeconvolution
+                                  else (p.outputChannels, p.kernelChannels, kh, kw))
+        elif kind == "innerProduct":
+            shapes[layer.name] = (p.outputChannels, p.inputChannels)
+        else:
+            shapes[layer.name] = (p.weightMatrixSecondDimension, p.weightMatrixFirstDimension)
+    return shapes
+
+
+def _nn_palette_sizes(spec: Any) -> dict[str, int]:
+    """The palette bits of every palettized conv / inner-product weight, by layer name."""
+    sizes: dict[str, int] = {}
+    for layer in spec.neuralNetwork.layers:
+        kind = layer.WhichOneof("layer")
+        if kind in _NN_WEIGHT_LAYERS:
+            q = getattr(layer, kind).weights.quantization
+            if q.WhichOneof("QuantizationType") == "lookupTableQuantization":
+                sizes[layer.name] = int(q.numberOfBits)
+    return sizes
+
+
+def _compress_neural_network(mlmodel: Any, config: ExportConfig, allocation: BitAllocation | None = None) -> Any:
+    """Compress the conv/linear weights with coremltools' ``quantize_weights``; ``allocation``
+    (``--bits-by-layer``): each layer's palette bits, one pass per size with a selector of that
+    size's layers by name (``quantize_weights`` takes one size per call and leaves what its
+    selector skips, and weights already quantized, as they are)."""
     ct = coremltools()
     from coremltools.models.neural_network import quantization_utils as qu  # noqa: PLC0415
 
@@ -223,13 +271,24 @@ def _compress_neural_network(mlmodel: Any, config: ExportConfig) -> Any:
         if mode == "int8":
             mlmodel = qu.quantize_weights(mlmodel, 8, "linear", selector=_ConvWeightsOnly())
         elif config.palette_bits is not None:
-            bits = config.palette_bits
-
             def lut_function(nbits: int, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                 return kmeans_lut(weights, nbits)
 
-            mlmodel = qu.quantize_weights(mlmodel, bits, "custom_lut", lut_function=lut_function,
-                                          selector=_ConvWeightsOnly())
+            if allocation is None:
+                passes = [(config.palette_bits, None)]
+            else:
+                layer_bits = pair_with_ops(allocation, _nn_weight_shapes(mlmodel.get_spec()))
+                passes = [(b, frozenset(n for n, nb in layer_bits.items() if nb == b))
+                          for b in sorted(set(layer_bits.values()))]
+            for bits, names in passes:
+                if not isinstance(mlmodel, ct.models.MLModel):
+                    mlmodel = ct.models.MLModel(mlmodel, skip_model_load=True)
+                mlmodel = qu.quantize_weights(mlmodel, bits, "custom_lut", lut_function=lut_function,
+                                              selector=_ConvWeightsOnly(names))
+            if allocation is not None:
+                spec = mlmodel if not isinstance(mlmodel, ct.models.MLModel) else mlmodel.get_spec()
+                if _nn_palette_sizes(spec) != layer_bits:
+                    raise ExportError("the NeuralNetwork's palettes are not the bits chosen by layer")
         if config.precision == "fp16":  # everything still in fp32 (biases, norms, or all weights)
             mlmodel = qu.quantize_weights(mlmodel, 16)
     if not isinstance(mlmodel, ct.models.MLModel):  # quantize_weights returns a spec off macOS 10.14+
@@ -317,7 +376,7 @@ def export_module(model: nn.Module, config: ExportConfig, *, preprocessing: Prep
                 layer_bits = pair_with_ops(allocation, _weight_shapes(mlmodel)) if allocation is not None else None
                 mlmodel = _compress_program(mlmodel, config, plan, layer_bits)
             else:
-                mlmodel = _compress_neural_network(mlmodel, config)
+                mlmodel = _compress_neural_network(mlmodel, config, allocation)
         except TbOptError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -329,6 +388,8 @@ def export_module(model: nn.Module, config: ExportConfig, *, preprocessing: Prep
         compact_program(spec)
     else:
         compact_neural_network(spec)
+        if allocation is not None:  # the layers' names in the file, once shortened
+            allocation.ops = list(_nn_palette_sizes(spec))
         if config.io == "tensor":  # the converter leaves the output shape open; it is fixed
             out_type = spec.description.output[0].type.multiArrayType
             del out_type.shape[:]
@@ -360,6 +421,11 @@ def bits_for_export(model: nn.Module, config: ExportConfig, plan: ExportPlan, ca
     model = model.eval()
     n_layers = sum(1 for m in model.modules() if isinstance(m, PALETTIZED))
     reserve = len(META_PREFIX + "bits_by_layer") + 2 * n_layers + 1 + _RECORD_SLACK
-    return allocate_bits(model, config.palette_bits, torch.from_numpy(np.ascontiguousarray(x)), target=plan.target,
+    nn_format = config.format == "neuralnetwork"
+    if nn_format:  # the weights', the convolution's and the layer's messages hold their lengths as varints
+        reserve += 3 * n_layers  # that may take a byte more each
+    return allocate_bits(model, config.palette_bits, torch.from_numpy(np.ascontiguousarray(x)),
+                         target=None if nn_format else plan.target,  # NeuralNetwork palettes: 1-8 bits on iOS 13
                          group_size=config.palette_group_size if config.grouped else None,
-                         lut_itemsize=2 if config.precision == "fp16" else 4, reserve=reserve, progress=progress)
+                         lut_itemsize=2 if config.precision == "fp16" and not nn_format else 4, reserve=reserve,
+                         neural_network=nn_format, progress=progress)

@@ -11,7 +11,9 @@ of the 14 layers' errors is within 1.5 dB of uniform 4-bit palettes' own error),
 allocation minimizes the sum under the byte budget of uniform N-bit palettes, exactly, by
 dynamic programming over bytes. Layers that carry much of the error get more bits, robust ones
 fewer (on the released and the demo checkpoints the first convolution, whose 3 input channels
-make it cheap, gets 6 bits).
+make it cheap, gets 6 bits). The bytes are counted as the file stores them: 64-byte-aligned blobs
+and small tables in an ML Program (:func:`palette_bytes`), packed indices and fp32 tables in a
+NeuralNetwork ``.mlmodel`` (:func:`nn_palette_bytes`).
 
 Module in, allocation out: nothing here opens or writes a file or scores evaluation images.
 """
@@ -48,6 +50,27 @@ _INLINE_OVERHEAD = 16
 
 def _blob(nbytes: int) -> int:
     return _BLOB_ALIGN + -(-nbytes // _BLOB_ALIGN) * _BLOB_ALIGN
+
+
+def _varint(n: int) -> int:
+    return max(1, -(-n.bit_length() // 7))
+
+
+def _field(tag_bytes: int, nbytes: int) -> int:
+    """A length-delimited protobuf field: its tag, its length as a varint, its data."""
+    return tag_bytes + _varint(nbytes) + nbytes
+
+
+def nn_palette_bytes(numel: int, bits: int) -> int:
+    """Bytes a palettized weight takes in a NeuralNetwork ``.mlmodel`` as coremltools'
+    ``quantize_weights`` writes it: a ``WeightParams`` holding the indices packed ``bits`` to a
+    byte (``rawValue``, field 30) and its ``QuantizationParams`` (field 40: ``numberOfBits``, and the
+    ``2**bits``-entry table as packed fp32 -- ``lookupTableQuantization.floatValue``, fields 102 and
+    1; an fp16 export leaves the table fp32). Field numbers above 15 take two bytes of tag. The
+    message's own tag and length, in its layer's, are not counted."""
+    table = _field(2, _field(1, 4 * (1 << bits)))
+    quantization = 2 + table  # numberOfBits: a tag byte and a one-byte varint
+    return _field(2, max(1, -(-numel * bits // 8))) + _field(2, quantization)
 
 
 def palette_bytes(numel: int, out_channels: int, bits: int, group_size: int | None = None,
@@ -161,14 +184,16 @@ def _cheapest_sum(costs: list[list[int]], values: list[list[float]], budget: int
 
 def allocate_bits(model: nn.Module, uniform_bits: int, images: torch.Tensor, *, target: str | None = None,
                   group_size: int | None = None, lut_itemsize: int = 2, reserve: int = 0,
-                  progress: Progress | None = None) -> BitAllocation:
+                  neural_network: bool = False, progress: Progress | None = None) -> BitAllocation:
     """Bits for each conv/linear weight of ``model`` (eval mode, as exported) within the bytes of
     ``uniform_bits`` everywhere less ``reserve`` (what the file's record of the choice costs).
 
     ``images``: calibration images as the model takes them, float (N, C, S, S); the first
     :data:`SENSITIVITY_IMAGES` are used. Sizes from ``uniform_bits - BELOW_UNIFORM`` to 8 bits are
     tried, among those ``target`` allows (3-bit palettes from iOS18 on; None: all).
-    ``group_size``: palettes per group of output channels, as ``--group-size``. Deterministic:
+    ``group_size``: palettes per group of output channels, as ``--group-size``.
+    ``neural_network``: bytes as a NeuralNetwork ``.mlmodel`` stores them (:func:`nn_palette_bytes`;
+    ``group_size`` and ``lut_itemsize`` do not apply). Deterministic:
     k-means is seeded, and ties go to the choice found first.
     """
     progress = progress or SilentProgress()
@@ -181,10 +206,14 @@ def allocate_bits(model: nn.Module, uniform_bits: int, images: torch.Tensor, *, 
         raise ExportError("the model has no conv or linear weights to palettize")
     candidates = tuple(b for b in palette_bits_for(target) if b >= uniform_bits - BELOW_UNIFORM)
     errors = _sensitivities(model, layers, images, candidates, group_size, progress)
-    costs = [[palette_bytes(m.weight.numel(), m.weight.shape[0], b, group_size, lut_itemsize) for b in candidates]
-             for _, m in layers]
-    uniform = sum(palette_bytes(m.weight.numel(), m.weight.shape[0], uniform_bits, group_size, lut_itemsize)
-                  for _, m in layers)
+
+    def cost(layer: nn.Module, bits: int) -> int:
+        if neural_network:
+            return nn_palette_bytes(layer.weight.numel(), bits)
+        return palette_bytes(layer.weight.numel(), layer.weight.shape[0], bits, group_size, lut_itemsize)
+
+    costs = [[cost(m, b) for b in candidates] for _, m in layers]
+    uniform = sum(cost(m, uniform_bits) for _, m in layers)
     budget = uniform - reserve
     picks = _cheapest_sum(costs, [[errors[n][b] for b in candidates] for n, _ in layers], budget)
     bits = [candidates[i] for i in picks]
@@ -204,9 +233,9 @@ def bits_by_name(model: nn.Module, allocation: BitAllocation, example: torch.Ten
 
 
 def pair_with_ops(allocation: BitAllocation, op_shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
-    """Op name -> bits, pairing the program's weight ops (graph order) with the allocation's layers
-    (the order a forward pass runs them: the order of the graph), shapes checked.
-    ``op_shapes``: each compressed op's weight shape, in graph order."""
+    """Op (or NeuralNetwork layer) name -> bits, pairing the graph's weight ops (graph order) with
+    the allocation's layers (the order a forward pass runs them: the order of the graph), shapes
+    checked. ``op_shapes``: each compressed op's weight shape, in graph order."""
     ops = list(op_shapes)
     if len(ops) != len(allocation.layers):
         raise ExportError(f"the program has {len(ops)} weight ops, the model {len(allocation.layers)} palettized "
