@@ -98,3 +98,25 @@ def test_refusals_write_nothing(tmp_path, cli_quantized):
     assert_one_line_error(run("quantize", src, "-o", out, "--min-psnr", "0"), "--min-psnr", code=2)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "s.pt"]
+
+
+def test_quantize_scores_photos_without_targets(tmp_path):
+    """--data of plain photos (no target/ folder): fidelity only, no PSNR against targets, no crash."""
+    import numpy as np
+    from PIL import Image
+
+    from .test_quantize import SIZE
+
+    src = save_small(tmp_path / "model.pt")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(photos / f"p{i}.png")
+    r = run("quantize", src, "-o", tmp_path / "q.pt", "--data", photos, "--json", *FAST)
+    assert r.exit_code == 0, r.stderr
+    q = json.loads(r.stdout)["quality"]
+    assert q["target_psnr_drop_db"] is None and q["int8_target_psnr_db"] is None and q["fidelity_psnr_db"] > 0
+    table = run("quantize", src, "-o", tmp_path / "q2.pt", "--data", photos, *FAST)
+    assert table.exit_code == 0, table.stderr
+    assert "no targets" in table.stdout

@@ -89,8 +89,9 @@ def render_quantize(out: _output.Output, r: QuantizeResult) -> None:
         ("size on disk (KB)", _output.kb(size["float_bytes"]), _output.kb(size["int8_bytes"]), f"{size['ratio']:.3f}"),
         ("size zipped (KB)", _output.kb(size["float_zipped_bytes"]), _output.kb(size["int8_zipped_bytes"]),
          f"{size['zipped_ratio']:.3f}"),
-        ("PSNR vs targets (dB)", quality["float_target_psnr_db"], quality["int8_target_psnr_db"],
-         f"{-quality['target_psnr_drop_db']:+.3f} dB"),
+        ("PSNR vs targets (dB)", quality["float_target_psnr_db"] or "-", quality["int8_target_psnr_db"] or "-",
+         f"{-quality['target_psnr_drop_db']:+.3f} dB" if quality["target_psnr_drop_db"] is not None
+         else "no targets"),
         ("fidelity vs float (dB)", "ref", quality["fidelity_psnr_db"], f"worst image {quality['worst_fidelity_db']:.2f}"),
         (f"latency p50 (ms, {lat['threads']} thr)", lat["float"]["p50_ms"], lat["int8"]["p50_ms"], f"{lat['ratio']:.3f}"),
     ], caption=f"{quality['images']}; latency: batch 1, {lat['size']}x{lat['size']}, median of "

@@ -212,7 +212,9 @@ def _quantize(loaded: LoadedModel, output: Path, cfg: QuantizeConfig, *, force: 
                 "images": test.source,
                 "float_target_psnr_db": rounded(before.target_psnr_db),
                 "int8_target_psnr_db": rounded(after.target_psnr_db),
-                "target_psnr_drop_db": rounded(before.target_psnr_db - after.target_psnr_db),
+                "target_psnr_drop_db": (rounded(before.target_psnr_db - after.target_psnr_db)
+                                        if before.target_psnr_db is not None and after.target_psnr_db is not None
+                                        else None),  # images without targets (photos): fidelity only
                 "fidelity_psnr_db": rounded(after.fidelity_psnr_db),
                 "worst_fidelity_db": rounded(after.worst_fidelity_db),
                 "calibration_fidelity_db": rounded(outcome.calibration_fidelity_db),
