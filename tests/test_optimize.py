@@ -20,7 +20,7 @@ from tinybeauty_cli.core.errors import OutputExistsError, UsageError
 from tinybeauty_cli.core.images import builtin_test_set, model_to_uint8, uint8_to_model
 from tinybeauty_cli.coreml.spec import graph_op_counts, load_spec
 from tinybeauty_cli.coreml.weights import stored_weights
-from tinybeauty_cli.flow import optimize as flow
+from tinybeauty_cli.flow import optimize_search as flow
 from tinybeauty_cli.flow.optimize import optimize
 from tinybeauty_cli.flow.optimize_config import CACHE_DIR, REPORT_FILES, TARGET_FILES, OptimizeConfig
 from tinybeauty_cli.measure.bench import BenchConfig, bench
