@@ -72,6 +72,26 @@ def test_channel_with_finetuning_on_a_folder(tmp_path, small_artifact, photos):
     assert "width 6" in info["architecture"]
 
 
+def test_group_rate_prunes_the_named_group_harder_and_the_history_rebuilds_it(tmp_path, small_artifact, photos):
+    out = tmp_path / "g.pt"
+    r = run("prune", small_artifact, "--rate", "0.25", "--method", "channel", "--finetune-steps", "0",
+            "--group-rate", "upconv2=0.5", "--calib", photos, "-o", out, "--limit", "2", "--json")
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    widths = {g["layers"][0]: g["channels_after"] for g in d["groups"]}
+    assert widths.pop("upconv2.conv") == 4 and set(widths.values()) == {6}
+    assert d["config"]["group_rates"] == {"upconv2": 0.5}
+    assert load_model(out).history[-1].config["group_rates"] == {"upconv2": 0.5}
+    text = run("prune", small_artifact, "--rate", "0.25", "--method", "channel", "--finetune-steps", "0",
+               "--group-rate", "upconv2=0.5", "--calib", photos, "-o", tmp_path / "t.pt", "--limit", "2")
+    assert "rate 0.25, upconv2 0.5" in text.stdout
+    for bad, what in ((["--group-rate", "upconv2"], "LAYER=RATE"), (["--group-rate", "nope=0.5"], "matches no conv"),
+                      (["--group-rate", "upconv2=1.5"], "in [0, 1)")):
+        assert_one_line_error(run("prune", small_artifact, "--rate", "0.25", "--method", "channel", *bad,
+                                  "-o", tmp_path / "bad.pt"), what, code=2)
+    assert not (tmp_path / "bad.pt").exists()
+
+
 def test_default_output_name_in_the_current_folder(tmp_path, small_artifact, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = run("prune", small_artifact, "--rate", "0.3", "--method", "global", "--limit", "1", "--quiet")

@@ -293,3 +293,33 @@ def test_a_distillation_expected_to_end_after_the_budget_is_not_started(tiny, tm
     assert [n["key"] for n in result.not_tried] == ["channel0.5x40000"]
     assert result.seconds < 300
     assert OptimizeConfig().time_budget_min is not None and OptimizeConfig().time_budget_min <= 15
+
+
+def test_full_resolution_groups_pruned_harder_for_the_cpu_and_the_command_rebuilds_them(tiny, tmp_path, monkeypatch):
+    """After the longest distillation of a kept rate, the same rate with the groups of the
+    full-resolution convs pruned harder (cpu first); its prune command carries the group rates and
+    rebuilds the same float model."""
+    d, ckpt = tiny
+    out = tmp_path / "out"
+    cfg = small_space(targets=("ios16", "cpu"), data=d / "pairs", max_drop_db=100.0, rates=(0.25,),
+                      finetune_steps=(4,), palettes=("pal4",), full_res_rates=(0.5,))
+    result = optimize(ckpt, out, cfg)
+    keys = [m.key for m in result.models]
+    assert keys == ["channel0.25x4", "channel0.25-fullres0.5x4"]
+    full = [c for c in result.candidates if c.recipe.full_res_rate]
+    assert [c.recipe.target for c in full][:1] == ["cpu"] and {c.recipe.target for c in full} == {"cpu", "ios16"}
+    recipe = full[0].recipe
+    assert recipe.full_res == ("content_encoder.conv_first.conv", "upconv2.conv")
+    cached = load_model(out / CACHE_DIR / result.models[1].file)
+    uniform = load_model(out / CACHE_DIR / result.models[0].file)
+    for layer in recipe.full_res:  # fewer channels than at the common rate
+        assert cached.module.get_submodule(layer).out_channels < uniform.module.get_submodule(layer).out_channels
+    assert cached.module.get_submodule("res.model.0.model.0.conv").out_channels == \
+        uniform.module.get_submodule("res.model.0.model.0.conv").out_channels
+    prune_line = recipe.commands(str(ckpt), "x.pt", cfg, 1)[0]
+    assert "--group-rate content_encoder.conv_first.conv=0.5 --group-rate upconv2.conv=0.5" in prune_line
+    rebuilt = _rebuild([prune_line], out / "nothing.pt", tmp_path, monkeypatch)
+    pruned = tmp_path / shlex.split(prune_line)[-1]
+    assert not rebuilt.exists() and pruned.exists()
+    a, b = load_model(pruned).module.state_dict(), cached.module.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -157,6 +157,50 @@ def test_channel_pruning_removes_channels_in_coupled_groups():
     assert torch.equal(rebuilt.eval()(x), model.eval()(x))
 
 
+def test_group_rates_give_the_groups_of_the_named_convs_their_own_rate():
+    model = small_tinybeauty(dim=8, n_res=1)
+    groups = prune_channels(model, 0.25, _images(), group_rates={"content_encoder.conv_first.conv": 0.5,
+                                                                 "upconv2.conv": 0.75})
+    cfg = config_from_state_dict(model.state_dict())
+    assert (cfg.first, cfg.up2) == (4, 2)  # their own rates
+    assert (cfg.down1, cfg.stream, cfg.up1) == (6, 6, 6) and cfg.res_hidden == (6, 6)  # the common rate
+    assert {g.layers[0]: g.channels_after for g in groups}["upconv2.conv"] == 2
+    rebuilt = TinyBeauty(cfg)
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_group_rates_alone_prune_only_their_groups():
+    model = small_tinybeauty(dim=8, n_res=1)
+    groups = prune_channels(model, 0.0, _images(), group_rates={"upconv2.conv": 0.5})
+    cfg = config_from_state_dict(model.state_dict())
+    assert cfg.up2 == 4 and (cfg.first, cfg.down1, cfg.stream, cfg.up1) == (8, 8, 8, 8)
+    assert [g.layers for g in groups] == [["upconv2.conv"]]
+
+
+def test_group_rate_option_is_parsed_checked_and_rebuilt():
+    cfg = PruneConfig(rate=0.3, method="channel", group_rates=("upconv2=0.66", "content_encoder.conv_first=0.5"))
+    assert cfg.group_rates == (("upconv2", 0.66), ("content_encoder.conv_first", 0.5))
+    assert cfg.to_dict()["group_rates"] == {"upconv2": 0.66, "content_encoder.conv_first": 0.5}
+    assert PruneConfig.from_dict(cfg.to_dict()).group_rates == cfg.group_rates
+    assert "--group-rate upconv2=0.66 --group-rate content_encoder.conv_first=0.5" in cfg.command_line()
+    assert "group_rates" not in PruneConfig(rate=0.3, method="channel").to_dict()  # old histories unchanged
+    assert PruneConfig(rate=0.0, method="channel", group_rates=("upconv2=0.5",)).any_pruning
+    for bad in ("upconv2", "upconv2=x", "=0.5", "upconv2=1.0", "upconv2=-0.1"):
+        with pytest.raises(UsageError):
+            PruneConfig(rate=0.3, method="channel", group_rates=(bad,))
+    with pytest.raises(UsageError, match="twice"):
+        PruneConfig(rate=0.3, method="channel", group_rates=("a=0.1", "a=0.2"))
+    with pytest.raises(UsageError, match="channel only"):
+        PruneConfig(rate=0.3, method="magnitude", group_rates=("a=0.1",))
+
+
+def test_group_rate_naming_no_conv_is_a_config_error():
+    model = small_tinybeauty(dim=8, n_res=1)
+    cfg = PruneConfig(rate=0.25, method="channel", finetune_steps=0, group_rates=("nosuchlayer=0.5",), **FAST)
+    with pytest.raises(ConfigError, match="--group-rate 'nosuchlayer' matches no conv layer"):
+        prune_module(model, cfg, _images())
+
+
 def test_coupled_channels_are_cut_at_the_same_index_everywhere(monkeypatch):
     """Silence one channel of every InstanceNorm group, prune exactly those: the output does not change.
 

@@ -50,6 +50,10 @@ def prune(
     exclude: Annotated[Optional[List[str]], typer.Option(
         "--exclude", "-x", help="Conv layer to leave alone: a module name, a parent module, or a glob "
                                 "(e.g. 'upconv*'). Repeatable.", show_default=False)] = None,
+    group_rate: Annotated[Optional[List[str]], typer.Option(
+        "--group-rate", help="--method channel: another rate for the channel group a conv produces, LAYER=RATE "
+                             "(a module name, a parent module or a glob; e.g. 'upconv2=0.66'). Repeatable.",
+        show_default=False)] = None,
     data: DataOpt = None,
     eval_data: Annotated[Optional[Path], typer.Option(
         "--eval-data", hidden=True, help="Old name of --data (the images scored).")] = None,
@@ -75,8 +79,8 @@ def prune(
         raise UsageError("--eval-data is the old name of --data (the images scored); give one of them")
     data = data or eval_data
     cfg = PruneConfig(rate=rate, method=method.value, finetune_steps=finetune_steps, exclude=tuple(exclude or ()),
-                      seed=seed)
-    if data is not None and calib is None and cfg.rate > 0 and (cfg.steps > 0 or method == PruneMethod.channel):
+                      seed=seed, group_rates=tuple(group_rate or ()))
+    if data is not None and calib is None and cfg.any_pruning and (cfg.steps > 0 or method == PruneMethod.channel):
         # --data named the fine-tuning images before it named, as in every command, the images scored.
         out.note(f"Note: --data {data} is scored; channel ranking and fine-tuning use --calib "
                  "(default: synthetic portraits)")
@@ -96,7 +100,8 @@ def render_prune(out: _output.Output, r: PruneReport) -> None:
             shape += f" -> {_shape(layer.shape_after)}"
         rows.append((layer.name, layer.kind, shape, f"{layer.weights_before:,} -> {layer.weights_after:,}",
                      _pct(layer.sparsity), "excluded" if layer.excluded else _pct(layer.removed_fraction)))
-    out.table(f"{cfg.method} pruning, rate {cfg.rate:g}: {Path(r.input).name} -> {r.output}",
+    rates = "".join(f", {pattern} {rate:g}" for pattern, rate in cfg.group_rates)
+    out.table(f"{cfg.method} pruning, rate {cfg.rate:g}{rates}: {Path(r.input).name} -> {r.output}",
               ["layer", "type", "weight shape", "weights", "zeros", "removed"], rows,
               right=("weights", "zeros", "removed"),
               caption="zeros: share of the layer's stored weights that are 0; removed: gone or zeroed, of the original")

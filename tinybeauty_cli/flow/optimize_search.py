@@ -5,6 +5,7 @@ made and scored. Choosing among the candidates and writing the results is :mod:`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import shutil
 import time
@@ -27,6 +28,7 @@ from ..coreml.weights import carry_file_weights, stored_weights
 from ..export.config import ExportConfig, storage_bits
 from ..export.prepare import coreml_ready_module
 from ..measure.evaluate import Evaluation, Scores, evaluate
+from ..prune.layers import full_resolution_convs
 from ..runtime.runners import TorchRunner, runner_for
 from .export import export_loaded
 from .optimize_cache import SearchCache
@@ -103,6 +105,8 @@ class _Search:
                                               description="scoring the original")
         self.budget = Budget(_r(self.reference.target_psnr_db), cfg.max_drop_db, cfg.min_fidelity_db)
         self._models: dict[str, LoadedModel | None] = {"original": loaded}
+        size = prep.size
+        self.full_res = tuple(full_resolution_convs(copy.deepcopy(loaded.module), torch.zeros(1, 3, size, size)))
 
     # -- the clock and the bookkeeping -------------------------------------------------------------------
     def time_left(self, expected_s: float = 0.0) -> bool:
@@ -362,6 +366,20 @@ class _Search:
                               f"sparsity {s:g} missed the budget")
                 break
 
+    def full_res_branch(self, rates: tuple[float, ...], steps: int, targets: list[str]) -> None:
+        """The rates that kept the quality after the longest distillation, again with the groups of the
+        full-resolution convs pruned harder (for the CPU first: that is what it is for)."""
+        if not self.full_res:
+            return
+        for rate in rates:
+            for full_res_rate in (r for r in self.cfg.full_res_rates if r > rate):
+                recipe = Recipe(target=targets[0], rate=rate, steps=steps, full_res_rate=full_res_rate,
+                                full_res=self.full_res)
+                if self.model(recipe) is None:
+                    break  # missed (a harder rate would too) or no time left
+                for target in sorted(targets, key=lambda t: t != "cpu"):
+                    self.storage_branch(recipe, target)
+
     def run(self) -> None:
         targets = [t for t in self.cfg.targets if t != "cpu"] + [t for t in self.cfg.targets if t == "cpu"]
         original = Recipe(target=targets[0])
@@ -383,6 +401,7 @@ class _Search:
                 for target in targets:
                     self.storage_branch(recipe, target)
             rates = tuple(kept_rates)  # a longer distillation only where the shorter one kept the quality
+        self.full_res_branch(rates, max(self.cfg.resolved_steps()), targets)
         self.rescue()
         for base in self.to_sparsify:
             self.sparse_branch(base)

@@ -128,7 +128,7 @@ def prune_loaded(loaded: LoadedModel, cfg: PruneConfig, *, data: Path | None = N
     pool: torch.Tensor | None = None
     pool_source = None
     seconds: dict[str, float] = {}
-    if cfg.rate > 0 and (cfg.steps > 0 or cfg.method == PruneMethod.channel.value):
+    if cfg.any_pruning and (cfg.steps > 0 or cfg.method == PruneMethod.channel.value):
         t_images = time.perf_counter()
         count = max(cfg.finetune_images, cfg.calibration_images) if cfg.steps > 0 else cfg.calibration_images
         images = unlabeled_images(data, size, count, progress)

@@ -297,8 +297,12 @@ def _removal_count(channels: int, rate: float) -> int:
 
 def prune_channels(model: nn.Module, rate: float, calibration: torch.Tensor, *,
                    exclude: Iterable[str] = (), reconstruct: bool = True,
+                   group_rates: Mapping[str, float] | None = None,
                    progress: Progress | None = None) -> list[ChannelGroup]:
     """Remove ``rate`` of the channels of every prunable group of ``model``, in place.
+
+    ``group_rates`` (conv layer name -> rate) gives a group whose channels one of those convs
+    produces its own rate instead.
 
     Groups come from torch-pruning's DepGraph, so everything that shares channels is
     cut together. A group is left whole when one of its convs is excluded, or when it
@@ -314,7 +318,8 @@ def prune_channels(model: nn.Module, rate: float, calibration: torch.Tensor, *,
     layers = require_conv_layers(model)
     names = {m: n for n, m in model.named_modules()}
     excluded_modules = [layers[n] for n in exclude]
-    if rate <= 0:
+    group_rates = dict(group_rates or {})
+    if rate <= 0 and not any(r > 0 for r in group_rates.values()):
         return []
     example = calibration[:1]
     original = copy.deepcopy(model).eval() if reconstruct else None
@@ -336,7 +341,9 @@ def prune_channels(model: nn.Module, rate: float, calibration: torch.Tensor, *,
             continue
         root = group[0].dep.target.module
         channels = len(group[0].idxs)
-        k = _removal_count(channels, rate)
+        producers = [names[dep.target.module] for dep, _ in group
+                     if dep.pruning_fn == tp.pruner.function.prune_conv_out_channels]
+        k = _removal_count(channels, next((group_rates[p] for p in producers if p in group_rates), rate))
         if k <= 0:
             continue
         score, consumers = channel_importance(group, rms)
@@ -344,8 +351,6 @@ def prune_channels(model: nn.Module, rate: float, calibration: torch.Tensor, *,
             continue  # nothing reads these channels through a weight: no way to rank them
         order = torch.argsort(score, stable=True)
         removed = sorted(int(i) for i in order[:k])
-        producers = [names[dep.target.module] for dep, _ in group
-                     if dep.pruning_fn == tp.pruner.function.prune_conv_out_channels]
         for i, (dep, idxs) in enumerate(group):
             if dep.pruning_fn == tp.pruner.function.prune_conv_out_channels:
                 cut = {ix for ix, r in zip(idxs, group[i].root_idxs) if r in set(removed)}

@@ -144,7 +144,7 @@ def method_notes(cfg: PruneConfig, rows: list[LayerReport], groups: list[Channel
             notes.append(f"one threshold for all layers prunes them unevenly: from {lo.sparsity:.1%} "
                          f"({lo.name}, {lo.weights_after:,} weights) to {hi.sparsity:.1%} "
                          f"({hi.name}, {hi.weights_after:,} weights)")
-    if cfg.method == PruneMethod.channel.value and cfg.rate > 0:
+    if cfg.method == PruneMethod.channel.value and cfg.any_pruning:
         if groups:
             kept = sorted({(g.channels_before, g.channels_after) for g in groups})
             shown = ", ".join(f"{b} -> {a}" for b, a in kept)

@@ -66,10 +66,11 @@ def prune_module(model: nn.Module, config: PruneConfig, data: torch.Tensor | Non
     groups: list[ChannelGroup] = []
     with _timer(seconds, "prune"):
         if config.method == PruneMethod.channel.value:
-            if config.rate > 0:
+            if config.any_pruning:
                 calibration = _required(data, "channel pruning ranks and refits channels on them")
                 groups = prune_channels(pruned, config.rate, calibration[: config.calibration_images],
-                                        exclude=excluded, progress=progress)
+                                        exclude=excluded, group_rates=group_rates_of(model, config),
+                                        progress=progress)
         else:
             thresholds = prune_magnitude(pruned, config.rate, exclude=excluded,
                                          global_threshold=config.method == PruneMethod.global_.value)
@@ -101,6 +102,19 @@ def prune_module(model: nn.Module, config: PruneConfig, data: torch.Tensor | Non
         finetune=finetune, seconds=seconds, notes=notes)
     seconds["total"] = round(time.perf_counter() - t_start, 2)
     return pruned, report
+
+
+def group_rates_of(model: nn.Module, config: PruneConfig) -> dict[str, float]:
+    """``config.group_rates`` as conv layer name -> rate (each pattern must match a conv layer;
+    a layer matched by two patterns with different rates is an error)."""
+    layers = require_conv_layers(model)
+    rates: dict[str, float] = {}
+    for pattern, rate in config.group_rates:
+        for name in excluded_layers(layers, [pattern], option="--group-rate"):
+            if name in rates and rates[name] != rate:
+                raise ConfigError(f"--group-rate gives {name} two rates ({rates[name]:g} and {rate:g})")
+            rates[name] = rate
+    return rates
 
 
 def _required(data: torch.Tensor | None, why: str) -> torch.Tensor:

@@ -31,7 +31,7 @@ from ..core.progress import Progress, SilentProgress
 from ..core.quality import fidelity_psnr_db, made_up
 from ..runtime.timing import measure_latencies
 from .config import BACKENDS, CALIB_BATCH, SELECTION_RUNS, QuantizeConfig
-from .fx_passes import fold_relu_into_quantize, inline_quantization_params, isolate_list_inputs
+from .fx_passes import fold_relu_into_quantize, inline_quantization_params, isolate_list_inputs, lean_quantized_convs
 from .graph_rewrites import LEAF_MODULES, RewriteReport, quantizable_layers
 from .lowering import lower_to_torchscript, quiet
 from .results import BackendTrial, LayerDecision, rounded
@@ -183,7 +183,7 @@ class Quantizer:
             mapping.set_module_name(name, qc if name in quantize else None)
         with quiet(), quantized_engine(backend):
             converted = convert_fx(copy.deepcopy(prepared), qconfig_mapping=mapping)
-        return fold_relu_into_quantize(inline_quantization_params(converted))
+        return lean_quantized_convs(fold_relu_into_quantize(inline_quantization_params(converted)))
 
 
 def _fidelity(q: Quantizer, module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,

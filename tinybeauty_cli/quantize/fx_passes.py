@@ -82,6 +82,40 @@ def fold_relu_into_quantize(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+class PackedConv2d(nn.Module):
+    """A converted int8 ``Conv2d`` reduced to its one kernel call.
+
+    ``torch.ao.nn.quantized.Conv2d.forward`` checks the input's rank and padding mode in Python
+    before calling ``quantized::conv2d``; TorchScript runs those checks on every call, a fixed
+    cost per layer (a few microseconds each) that does not shrink with the channels. The graph
+    passes only 4-D tensors here, and the module is made only from zero-padded convolutions.
+    """
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self._packed_params = conv._packed_params
+        self.scale = float(conv.scale)
+        self.zero_point = int(conv.zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.conv2d(x, self._packed_params, self.scale, self.zero_point)
+
+
+def lean_quantized_convs(gm: fx.GraphModule) -> fx.GraphModule:
+    """Replace every converted int8 ``Conv2d`` (zero padding, no fused ReLU) by :class:`PackedConv2d`."""
+    from torch.ao.nn.quantized import Conv2d as QuantizedConv2d
+
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        if type(mod) is QuantizedConv2d and mod.padding_mode == "zeros":
+            parent_name, _, attr = node.target.rpartition(".")
+            setattr(gm.get_submodule(parent_name) if parent_name else gm, attr, PackedConv2d(mod))
+    gm.recompile()
+    return gm
+
+
 def inline_quantization_params(gm: fx.GraphModule) -> fx.GraphModule:
     """Activation scales and zero points as literals instead of 0-d tensor attributes.
 
