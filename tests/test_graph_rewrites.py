@@ -10,6 +10,7 @@ from tinybeauty_cli.quantize.fx_passes import FloatBoundary, isolate_list_inputs
 from tinybeauty_cli.quantize.graph_rewrites import (
     ChannelInstanceNorm,
     FastLayerNorm,
+    SigmoidTanh,
     SubPixelConv2d,
     fidelity_db,
     optimize_graph,
@@ -27,7 +28,8 @@ def test_tinybeauty_rewrites_are_exact_at_other_batch_sizes_and_resolutions():
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     gm, report = optimize_graph(model, x)
     assert report.skipped is None and report.fidelity_db >= 100
-    assert len(report.applied) == 3
+    assert len(report.applied) == 4  # instance norms, layer norms, sub-pixel convs, tanh
+    assert isinstance(gm.get_submodule("out.activation"), SigmoidTanh)
     assert report.subpixel_layers == {"upconv1.conv": "upconv1.conv.conv", "upconv2.conv": "upconv2.conv.conv"}
     assert isinstance(gm.get_submodule("upconv2.conv"), SubPixelConv2d)
     assert isinstance(gm.get_submodule("content_encoder.conv_first.norm"), ChannelInstanceNorm)
@@ -50,7 +52,7 @@ def test_rewrites_on_a_channel_pruned_tinybeauty():
     model = TinyBeauty(cfg).eval()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     gm, report = optimize_graph(model, x)
-    assert report.fidelity_db > 100 and len(report.applied) == 3
+    assert report.fidelity_db > 100 and len(report.applied) == 4
 
 
 @pytest.mark.parametrize("pad", ["reflect", "zeros-module", "zeros-conv", "replicate"])
@@ -159,3 +161,37 @@ def test_equalized_channel_ranges_keep_the_function_and_even_out_the_ranges():
     with torch.no_grad():
         y = torch.rand(3, 3, 48, 40) * 2 - 1
         assert fidelity_db(scripted(y), model(y)) > 100
+
+
+def test_sigmoid_tanh_is_tanh_within_float_rounding():
+    x = torch.linspace(-12, 12, 20001)
+    assert (SigmoidTanh()(x) - torch.tanh(x)).abs().max() < 3e-7
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh()))
+    gm = torch.fx.GraphModule(gm, gm.graph)
+    from tinybeauty_cli.quantize.graph_rewrites import RewriteReport, _rewrite_tanh
+
+    report = RewriteReport()
+    _rewrite_tanh(gm, report)
+    assert isinstance(gm.get_submodule("1"), SigmoidTanh) and report.applied == ["1 tanh -> 2 * sigmoid(2x) - 1 (vectorised on CPU)"]
+
+
+def test_lean_int8_convs_compute_the_same_as_the_converted_modules():
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from tinybeauty_cli.core.contexts import quantized_engine
+    from tinybeauty_cli.quantize.fx_passes import PackedConv2d, lean_quantized_convs
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 3, 3)).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with quantized_engine("x86"):
+        prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), (x,))
+        prepared(x)
+        converted = convert_fx(prepared)
+        want = converted(x)
+        lean = lean_quantized_convs(converted)
+        assert [type(m) for m in lean.modules()].count(PackedConv2d) == 2
+        assert torch.equal(lean(x), want)
+        scripted = torch.jit.script(lean)
+        assert "Input shape" not in scripted.code and torch.equal(scripted(x), want)

@@ -70,7 +70,7 @@ def test_result_figures_and_layers(quantized):
     assert s["float_bytes"] == src.stat().st_size and s["int8_bytes"] == out.stat().st_size
     assert s["int8_zipped_bytes"] > 0
     assert d["calibration"]["images"] == 4 and "synthetic portraits" in d["calibration"]["source"]
-    assert len(d["rewrites"]["applied"]) == 4  # norms, layer norm, sub-pixel, equalized ranges
+    assert len(d["rewrites"]["applied"]) == 5  # norms, layer norm, sub-pixel, tanh, equalized ranges
     assert d["timings"]["total_s"] > 0
     json.dumps(d)  # JSON-ready
 
@@ -419,3 +419,14 @@ def test_measure_latencies_interleaves_and_restores_threads():
     assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up of each, then alternating timed runs
     assert set(lat) == {"a", "b"} and lat["a"].runs == 3 and lat["a"].threads == 1 and lat["a"].min_ms <= lat["a"].p50_ms
     assert torch.get_num_threads() == before
+
+
+def test_timings_say_how_freed_memory_was_handled():
+    import platform
+
+    from tinybeauty_cli.runtime.timing import measure_latency, steady_allocator
+
+    lat = measure_latency(lambda: torch.zeros(1 << 20).sum(), runs=2, warmup=1, threads=1)
+    assert lat.allocator == steady_allocator() and lat.to_dict()["allocator"] == lat.allocator
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert lat.allocator.startswith("glibc malloc keeping freed memory")
