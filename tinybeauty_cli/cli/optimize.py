@@ -80,6 +80,10 @@ def optimize(
         "--finetune-steps", min=0, help="Distillation lengths to try after channel pruning (repeatable); a longer "
                                         "one only for the rates a shorter one kept. Default: tbopt prune's, then "
                                         "2000.", rich_help_panel=SPACE, show_default=False)] = None,
+    full_res_rates: Annotated[str, typer.Option(
+        "--full-res-rates", help="For each rate the longest distillation kept: the same rate with the channel groups of "
+                                 "the full-resolution convs pruned at these rates (tbopt prune --group-rate; "
+                                 "comma-separated, '' for none).", rich_help_panel=SPACE)] = "0.66",
     palettes: Annotated[str, typer.Option(
         "--palettes", help="Palette sizes to try, largest first (comma-separated).",
         rich_help_panel=SPACE)] = ",".join(PALETTES),
@@ -113,6 +117,7 @@ def optimize(
         targets=tuple(t.value for t in targets) if targets else DEFAULT_TARGETS, data=data, limit=limit,
         calib=calib, time_budget_min=time_budget or None, rates=_floats(rates, "--rates"),
         finetune_steps=tuple(finetune_steps) if finetune_steps else OptimizeConfig.finetune_steps,
+        full_res_rates=_floats(full_res_rates, "--full-res-rates"),
         palettes=tuple(p.strip() for p in palettes.split(",") if p.strip()),
         sparsities=_floats(sparsities, "--sparsities"), fit_steps=fit_steps, bits_by_layer=bits_by_layer, runs=runs,
         threads=threads)

@@ -136,3 +136,20 @@ def inline_quantization_params(gm: fx.GraphModule) -> fx.GraphModule:
     graph.lint()
     gm.recompile()
     return gm
+
+
+def pad_input_before_channels_last(gm: fx.GraphModule) -> bool:
+    """When the graph's input goes only to a padding module, make the padded tensor channels-last
+    (instead of the input, which the caller then leaves as it comes); True when done."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1 or len(inputs[0].users) != 1:
+        return False
+    pad = next(iter(inputs[0].users))
+    if not (pad.op == "call_module" and isinstance(gm.get_submodule(pad.target), _PADS)):
+        return False
+    with gm.graph.inserting_after(pad):
+        convert = gm.graph.call_method("contiguous", (pad,), {"memory_format": torch.channels_last})
+    pad.replace_all_uses_with(convert, delete_user_cb=lambda user: user is not convert)
+    gm.graph.lint()
+    gm.recompile()
+    return True

@@ -169,7 +169,7 @@ class SigmoidTanh(nn.Module):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(x * 2.0) * 2.0 - 1.0
+        return torch.sigmoid(x * 2.0).mul_(2.0).sub_(1.0)  # in place: one buffer, not three
 
 
 #: Modules FX must not trace into: replaced as a whole, or (PixelInterleave) not traceable.

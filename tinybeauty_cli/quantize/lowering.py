@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from ..core.checkpoint import TORCHSCRIPT_META
 from .config import _ZIP_TIME, ARCHIVE_FOLDER
+from .fx_passes import pad_input_before_channels_last
 
 
 @contextlib.contextmanager
@@ -40,14 +41,23 @@ def engine_label(backend: str) -> str:
 
 
 class _ChannelsLast(nn.Module):
-    """Channels-last inside (what the int8 kernels use), plain NCHW at the boundary."""
+    """Channels-last inside (what the int8 kernels use), plain NCHW at the boundary.
 
-    def __init__(self, net: nn.Module):
+    When the network's first step is padding its input, the input is padded first and converted
+    after (:func:`~.fx_passes.pad_input_before_channels_last`): ATen pads a 3-channel image about
+    seven times faster laid out NCHW (9 against 71 us at 256 x 256, 2 threads), a fixed cost that
+    pruning does not shrink.
+    """
+
+    def __init__(self, net: nn.Module, converts_input: bool = False):
         super().__init__()
         self.net = net
+        self.converts_input = converts_input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        if not self.converts_input:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x).contiguous()
 
 
 def lower_to_torchscript(converted: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
@@ -56,7 +66,8 @@ def lower_to_torchscript(converted: nn.Module, example: torch.Tensor) -> torch.j
     Call it with ``torch.backends.quantized.engine`` borrowed for the backend the model was
     converted for: freezing packs the weights for the current engine.
     """
-    wrapped = _ChannelsLast(converted).eval()
+    converts_input = isinstance(converted, fx.GraphModule) and pad_input_before_channels_last(converted)
+    wrapped = _ChannelsLast(converted, converts_input).eval()
     with quiet(), torch.no_grad():
         try:
             scripted = torch.jit.script(wrapped)
