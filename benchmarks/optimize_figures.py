@@ -117,14 +117,14 @@ def cpu_ratio(demo: Path, work: Path, data: dict, runs: int, earlier: Path | Non
     ref = rows[demo.name]["target_psnr_db"]
     drop = ref - rows[Path(chosen["file"]).name]["target_psnr_db"]
     print(f"3. CPU int8 {Path(chosen['file']).name} ({chosen['recipe']['key']}, {runners['tbopt optimize cpu'].engine}) "
-          f"{b:.1f} ms vs tbopt quantize of the unpruned demo ({runners['tbopt quantize (unpruned)'].engine}) {a:.1f} ms: "
-          f"ratio {b / a:.2f} (<= 0.6: {ok(b / a <= 0.6)}); batch 1, {threads} threads, median of {runs} interleaved "
+          f"{b:.2f} ms vs tbopt quantize of the unpruned demo ({runners['tbopt quantize (unpruned)'].engine}) {a:.2f} ms: "
+          f"ratio {b / a:.3f} (<= 0.6: {ok(b / a <= 0.6)}); batch 1, {threads} threads, median of {runs} interleaved "
           f"runs, {cpu_name()}; PSNR drop {drop:.3f} dB (<= 0.3: {ok(drop <= 0.3)})")
     print(f"   timed with {lat['tbopt optimize cpu'].allocator}")
     if earlier is not None:
         c = lat["earlier tbopt quantize (unpruned)"].p50_ms
-        print(f"   the same interleaved runs: {earlier} (an earlier tbopt quantize of the unpruned demo) {c:.1f} ms: "
-              f"ratio {b / c:.2f} (<= 0.6: {ok(b / c <= 0.6)})")
+        print(f"   the same interleaved runs: {earlier} (an earlier tbopt quantize of the unpruned demo) {c:.2f} ms: "
+              f"ratio {b / c:.3f} (<= 0.6: {ok(b / c <= 0.6)})")
 
 
 def resume_checks(demo: Path, work: Path, first: dict) -> None:
