@@ -188,10 +188,14 @@ def main() -> int:
                    help="an int8 file of the unpruned demo written by an earlier tbopt quantize, timed beside")
     p.add_argument("--only-realdata", action="store_true", help="only section 5 (the released checkpoint)")
     p.add_argument("--only-resume", action="store_true", help="only section 4, on the search already in --work")
+    p.add_argument("--only-cpu-ratio", action="store_true", help="only section 3, on the search already in --work")
     a = p.parse_args()
     work = a.work or Path(tempfile.mkdtemp(prefix="optimize_figures_"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"load average at start {os.getloadavg()}; {os.cpu_count()} cores, {cpu_name()}; outputs in {work}")
+    if a.only_cpu_ratio:
+        cpu_ratio(a.checkpoint, work, json.loads((work / "demo" / "search.json").read_text()), a.runs, a.earlier_int8)
+        return 0
     if a.only_resume:
         resume_checks(a.checkpoint, work, json.loads((work / "demo" / "search.json").read_text()))
         return 0
