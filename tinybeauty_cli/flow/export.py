@@ -31,6 +31,7 @@ from ..export.config import FORMAT_BY_SUFFIX, FORMAT_NAMES, ExportConfig, format
 from ..export.convert import bits_for_export, export_module, plan_for
 from ..export.metadata import compression_label
 from ..export.mixed import bits_by_name
+from ..export.palette_gptq import calibration_inputs, gptq_palettized
 from ..export.palettes import palettes_fitted
 from ..export.prepare import coreml_ready_module
 from ..export.validate import validate_export
@@ -69,6 +70,7 @@ class ExportResult:
     command: str = ""  # the tbopt export command that writes this file again
     palette_fit: dict[str, Any] | None = None  # what --fit-palettes did (PaletteFit.to_dict)
     bits_by_layer: dict[str, Any] | None = None  # --bits-by-layer: each layer's bits (BitAllocation.to_dict)
+    palette_gptq: dict[str, Any] | None = None  # --palette-method gptq: what it did (GptqReport.to_dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,7 +128,7 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
     history = list(artifact.history)
     size = config.size or artifact.preprocessing.size
     calibration, calib_source = None, None
-    if config.activations or config.bits_by_layer:
+    if config.activations or config.bits_by_layer or config.palette_method == "gptq":
         calib_set, _skipped = calibration_images(Path(config.calib) if config.calib else None, config.calib_count,
                                                  size, progress)
         calibration, calib_source = calib_set.inputs, calib_set.source
@@ -134,13 +136,26 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
     if config.bits_by_layer:  # chosen on the float model, before any fitting: the fit keeps each layer's bits
         ready = coreml_ready_module(model, size, config.format, input_channels(model))
         allocation = bits_for_export(ready, config, plan, calibration, artifact.preprocessing, progress)
-    palette_fit = None
-    if config.fit_palettes:
+    bits = None
+    if config.palette_bits is not None:
         bits = config.palette_bits if allocation is None else bits_by_name(
             model, allocation, torch.zeros(1, input_channels(model), size, size))
+    palette_gptq = None
+    if config.palette_method == "gptq":  # the fit, if any, then trains these tables' values
+        images = calibration_inputs(calibration, artifact.preprocessing.value_range)
+        model, report = gptq_palettized(model, bits, images,
+                                        group_size=config.palette_group_size if config.grouped else None,
+                                        seed=config.seed, progress=progress)
+        palette_gptq = {"calibration": calib_source, **report.to_dict()}
+        # the export step after it records the configuration: this one only what GPTQ did (each byte counts
+        # against the size the tables were chosen for)
+        history.append(HistoryStep.now("gptq-palettes", command, None, report.to_dict()))
+        plan = plan_for(model, config)  # zeros may have moved to other entries
+    palette_fit = None
+    if config.fit_palettes:
         key = (loaded.sha256, json.dumps(bits if isinstance(bits, int) else sorted(bits.items())), size,
                config.fit_palettes, config.fit_data, config.seed, config.fit_images, config.fit_batch_size,
-               config.fit_lr)
+               config.fit_lr, config.palette_method, config.calib, config.calib_count)
         if fits is not None and key in fits:
             model, fit = fits[key]
         else:
@@ -174,6 +189,7 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
         sparse_tensors=ops.get("constexpr_sparse_to_dense", 0), validation=validation,
         seconds=round(time.perf_counter() - started, 2), notes=notes, config=config.to_dict(),
         source=str(loaded.path), source_sha256=loaded.sha256, command=command, palette_fit=palette_fit,
+        palette_gptq=palette_gptq,
         bits_by_layer=None if exported.bits_by_layer is None else {
             "calibration": calib_source, **exported.bits_by_layer.to_dict()},
         activations=None if exported.activations is None else {
