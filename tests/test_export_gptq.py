@@ -128,6 +128,15 @@ def test_a_neural_network_and_grouped_tables(tmp_path, small_artifact):
     assert r.validation["max_weight_error"] < 1e-3 and r.palette_gptq["group_size"] == 4
 
 
+def test_fitting_after_gptq_distils_from_the_float_model(tmp_path, small_artifact):
+    """The fit trains the GPTQ tables towards the float model, not towards the GPTQ model itself
+    (which would be a loss of zero from the first step)."""
+    r = export(small_artifact, tmp_path / "f.mlpackage", weights="pal2", palette_method="gptq", fit_palettes=3)
+    assert r.palette_fit["first_loss"] > 0 and r.palette_fit["palette_error_before"] > 0
+    assert r.validation["max_weight_error"] < 1e-3
+    assert "--palette-method gptq" in r.command and "--fit-palettes 3" in r.command
+
+
 def test_bits_by_layer_then_gptq_keeps_each_layers_bits(small_artifact):
     model = load_model(small_artifact).module
     names = [n for n, m in model.named_modules() if isinstance(m, PALETTIZED)]

@@ -141,6 +141,7 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
         bits = config.palette_bits if allocation is None else bits_by_name(
             model, allocation, torch.zeros(1, input_channels(model), size, size))
     palette_gptq = None
+    original = model
     if config.palette_method == "gptq":  # the fit, if any, then trains these tables' values
         images = calibration_inputs(calibration, artifact.preprocessing.value_range)
         model, report = gptq_palettized(model, bits, images,
@@ -159,7 +160,7 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
         if fits is not None and key in fits:
             model, fit = fits[key]
         else:
-            model, fit = _fit_palettes(model, config, bits, size, progress)
+            model, fit = _fit_palettes(model, config, bits, size, progress, teacher=original)
             if fits is not None:
                 fits[key] = (model, fit)
         palette_fit = fit.to_dict()
@@ -197,13 +198,13 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
 
 
 def _fit_palettes(model: nn.Module, config: ExportConfig, bits: int | dict[str, int], size: int,
-                  progress: Progress) -> tuple[nn.Module, Any]:
+                  progress: Progress, teacher: nn.Module) -> tuple[nn.Module, Any]:
     """``model`` fitted onto its palettes of ``bits`` (one size, or by layer name) on the fit images
-    (:func:`..export.palettes.palettes_fitted`)."""
+    (:func:`..export.palettes.palettes_fitted`), distilled from ``teacher`` (the float model)."""
     images = unlabeled_images(Path(config.fit_data) if config.fit_data else None, size, config.fit_images)
     pool = torch.from_numpy(uint8_to_model(images.inputs))
     return palettes_fitted(model, bits, pool, steps=config.fit_palettes, seed=config.seed,
-                           lr=config.fit_lr, batch_size=config.fit_batch_size, progress=progress)
+                           lr=config.fit_lr, batch_size=config.fit_batch_size, progress=progress, teacher=teacher)
 
 
 def export_file(path: Path | str, output: Path | str, config: ExportConfig, *, force: bool = False,
