@@ -25,9 +25,9 @@ their tensor-I/O twins and of NeuralNetwork files, against the fp32 network on r
    face through tbopt's reference executor), the demo checkpoint's W8A8 file scored by
    `tbopt bench` on the built-in test set; then int4 per-block weights and 4-bit palettes per
    group of output channels (with and without per-channel scales) beside today's per-tensor
-   pal4, and palette bits chosen per layer within pal4's size (`--bits-by-layer auto`, alone and
-   with `--fit-palettes`): size on disk and fidelity on the real face (reference executor) and on
-   8 test images, and the best fidelity within 2% of pal4's size (`--only quant --no-w8a8`: the
+   pal4, palette bits chosen per layer within pal4's size (`--bits-by-layer auto`, alone and
+   with `--fit-palettes`), and palettes chosen by GPTQ (`--palette-method gptq`): size on disk and
+   fidelity on the real face (reference executor) and on 8 test images, and the best fidelity within 2% of pal4's size (`--only quant --no-w8a8`: the
    weights table alone); then the same choice in the NeuralNetwork .mlmodel (iOS 13) against uniform
    pal4 there (`--only quant-mlmodel [--pruned ARTIFACT]`: those rows alone, of the pruned artifact too,
    with its PSNR against the targets of 100 test images by `tbopt bench`).
@@ -467,6 +467,9 @@ def weights_table(released: Path, work: Path, face, face_ref, test8, test_ref, f
                  (f"pal4 fitted {fit_steps}", dict(weights="pal4", fit_palettes=fit_steps)),
                  (f"pal4 bits by layer fitted {fit_steps}", dict(weights="pal4", bits_by_layer="auto",
                                                                   fit_palettes=fit_steps))]
+    # entries chosen by GPTQ and tables refit on each layer's output (16 synthetic portraits): same bytes as pal4
+    variants += [("pal4 GPTQ", dict(weights="pal4", palette_method="gptq")),
+                 ("pal3 GPTQ", dict(weights="pal3", palette_method="gptq"))]
     print(f"  released checkpoint, .mlpackage, image I/O; fidelity vs the float model through the reference "
           f"executor (8-bit output), on {face.names[0]} and on 8 built-in test images")
     print("  (twin dB: PyTorch with the file's weights vs the model exported -- for the fitted rows, the fitted "

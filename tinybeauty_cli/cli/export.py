@@ -46,6 +46,11 @@ class BitsByLayerChoice(str, Enum):
     auto = "auto"
 
 
+class PaletteMethodChoice(str, Enum):
+    kmeans = "kmeans"
+    gptq = "gptq"
+
+
 class ActivationsChoice(str, Enum):
     int8 = "int8"
 
@@ -105,18 +110,24 @@ def export(
                                 "iOS18, with a lower --target 3 bits are left out; .mlmodel: iOS13).",
         rich_help_panel=PANEL,
         show_default=False)] = None,
+    palette_method: Annotated[PaletteMethodChoice, typer.Option(
+        "--palette-method", help="Palettes: kmeans rounds each weight to its nearest k-means table entry; gptq "
+                                 "chooses the entries (GPTQ) and refits the table values for each layer's output "
+                                 "on the calibration images (--calib, --calib-count). Same tables, same bytes.",
+        rich_help_panel=PANEL)] = PaletteMethodChoice.kmeans,
     activations: Annotated[Optional[ActivationsChoice], typer.Option(
         "--activations", help="int8: quantize/dequantize pairs around convolutions and additions (W8A8 with "
                               "--weights int8; ML Program, iOS17+), ranges calibrated with tbopt's reference "
                               "executor. Default: float activations.", rich_help_panel=PANEL,
         show_default=False)] = None,
     calib: Annotated[Optional[Path], typer.Option(
-        "--calib", help="--activations int8, --bits-by-layer and --fit-palettes: folder of unlabeled photos, never "
-                        "the test set "
+        "--calib", help="--activations int8, --bits-by-layer, --palette-method gptq and --fit-palettes: folder "
+                        "of unlabeled photos, never the test set "
                         "(of pairs, only the inputs). Default: synthetic portraits.", rich_help_panel=PANEL,
         show_default=False)] = None,
     calib_count: Annotated[int, typer.Option(
-        "--calib-count", min=1, help="--activations int8 and --bits-by-layer: calibration images to use.",
+        "--calib-count", min=1, help="--activations int8, --bits-by-layer and --palette-method gptq: calibration "
+                                     "images to use.",
         rich_help_panel=PANEL)] = DEFAULT_CALIB_COUNT,
     sparse: Annotated[SparseChoice, typer.Option(
         "--sparse", help="auto: a pruned checkpoint (>= 10% zero weights) is stored sparse in an ML Program "
@@ -160,7 +171,8 @@ def export(
         sparse=sparse.value, target=target.value if target else None, io=io.value, size=size,
         author=author, license=license_, model_version=model_version,
         activations=activations.value if activations else None,
-        calib=str(calib) if calib and (activations or bits_by_layer) else None, calib_count=calib_count,
+        calib=str(calib) if calib and (activations or bits_by_layer or palette_method.value == "gptq") else None,
+        calib_count=calib_count, palette_method=palette_method.value,
         block_size=block_size, bits_by_layer=bits_by_layer.value if bits_by_layer else None,
         granularity=granularity.value, group_size=group_size, per_channel_scale=per_channel_scale,
         fit_palettes=fit_palettes, fit_data=str(calib) if calib and fit_palettes else None, seed=seed)
@@ -203,6 +215,7 @@ def render_export(out: _output.Output, r: ExportResult) -> None:
             f"{v['fidelity_psnr_db']:.1f} dB (worst {v['worst_fidelity_db']:.1f} dB) on {v['images']} images: "
             f"{v['numerical_check'].split(' (')[0]}"),
         **({"bits by layer": _bits_by_layer(r.bits_by_layer)} if r.bits_by_layer else {}),
+        **({"GPTQ palettes": _palette_gptq(r.palette_gptq)} if r.palette_gptq else {}),
         **({"palettes fitted": _palette_fit(r.palette_fit)} if r.palette_fit else {}),
         "time": f"{r.seconds:.1f} s",
         "rebuild": r.command,
@@ -225,3 +238,10 @@ def _palette_fit(f: dict) -> str:
     return (f"{f['steps']} steps on {f['images']} images in {f['seconds']:.1f} s; palette error (mean |difference| "
             f"of made-up images vs the model before) {f['palette_error_before']:.5f} snapped -> "
             f"{f['palette_error_after']:.5f} fitted")
+
+
+def _palette_gptq(g: dict) -> str:
+    kmeans = "" if g["kmeans_layers"] == 0 else f" (+{g['kmeans_layers']} by k-means)"
+    return (f"{g['layers']} layers{kmeans} on {g['calibration']} in {g['seconds']:.1f} s; layer output error "
+            f"(mean over layers) {g['output_error_kmeans_db']} dB with k-means tables -> "
+            f"{g['output_error_gptq_db']} dB")

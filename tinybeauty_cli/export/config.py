@@ -18,6 +18,9 @@ WEIGHT_MODES = ("fp16", "int8", "int4", "pal8", "pal6", "pal4", "pal3", "pal2")
 GRANULARITIES = ("per-tensor", "per-grouped-channel")
 #: ``--bits-by-layer``: palette bits chosen per layer within the size of N bits everywhere.
 BITS_BY_LAYER_MODES = ("auto",)
+#: ``--palette-method``: how palette entries and values are chosen: k-means on the weights alone, or
+#: GPTQ on the calibration images' layer inputs (:mod:`.palette_gptq`; same tables, same bytes).
+PALETTE_METHODS = ("kmeans", "gptq")
 #: Palette sizes coremltools writes (3 bits from iOS18 on).
 PALETTE_BITS = (1, 2, 3, 4, 6, 8)
 #: Activation storage (``--activations``): float as computed, or int8 (quantize/dequantize pairs).
@@ -109,6 +112,9 @@ class ExportConfig:
     #: None: palN everywhere; "auto": 1-8 bits per layer from measured sensitivities (calibration
     #: images as for int8 activations), the weights no larger than palN everywhere
     bits_by_layer: str | None = None
+    #: "kmeans": each weight rounded to its nearest k-means entry; "gptq": entries and table values
+    #: chosen for each layer's output on the calibration images (``calib``, ``calib_count``)
+    palette_method: str = "kmeans"
 
     def __post_init__(self) -> None:
         if self.format not in FORMAT_NAMES:
@@ -154,8 +160,8 @@ class ExportConfig:
             if not program:
                 raise UsageError("--activations int8 needs an ML Program: int8 activations (quantize/dequantize "
                                  "pairs) exist from iOS 17 on", hint="write an .mlpackage")
-        elif self.calib is not None and self.bits_by_layer is None:
-            raise UsageError("--calib calibrates int8 activations and --bits-by-layer",
+        elif self.calib is not None and self.bits_by_layer is None and self.palette_method == "kmeans":
+            raise UsageError("--calib calibrates int8 activations, --bits-by-layer and --palette-method gptq",
                              hint="add --activations int8, or drop --calib (with --fit-palettes it is also the "
                                   "fit's images)")
         if self.calib_count < 1:
@@ -181,6 +187,16 @@ class ExportConfig:
                 raise ConfigError(f"--bits-by-layer must be auto, got {self.bits_by_layer!r}")
             if not palettes:
                 raise UsageError("--bits-by-layer chooses palette sizes", hint="add --weights pal4 (or another palN)")
+        if self.palette_method not in PALETTE_METHODS:
+            raise ConfigError(f"--palette-method must be one of {', '.join(PALETTE_METHODS)}, "
+                              f"got {self.palette_method!r}")
+        if self.palette_method == "gptq":
+            if not palettes:
+                raise UsageError("--palette-method gptq chooses palette entries",
+                                 hint="add --weights pal4 (or another palN)")
+            if self.per_channel_scale:  # coremltools would rescale each channel and cluster the GPTQ tables again
+                raise UsageError("--palette-method gptq fits unscaled tables; it cannot be combined with "
+                                 "--per-channel-scale", hint="drop --per-channel-scale")
         if self.group_size is not None:
             if self.granularity != "per-grouped-channel":
                 raise UsageError("--group-size applies to --granularity per-grouped-channel",
@@ -228,6 +244,7 @@ class ExportConfig:
         for attr, flag in (("weights", "--weights"), ("sparse", "--sparse"), ("target", "--target"), ("io", "--io"),
                            ("size", "--size"), ("block_size", "--block-size"), ("granularity", "--granularity"),
                            ("group_size", "--group-size"), ("bits_by_layer", "--bits-by-layer"),
+                           ("palette_method", "--palette-method"),
                            ("activations", "--activations"),
                            ("calib_count", "--calib-count"), ("fit_palettes", "--fit-palettes"),
                            ("seed", "--seed"), ("author", "--author"), ("license", "--license"),

@@ -28,7 +28,7 @@ from torch import nn
 from ..core.artifact import ArchSpec, HistoryStep, Preprocessing
 from ..core.counts import input_channels
 from ..core.errors import TbOptError, UnsupportedError
-from ..core.images import synthetic_unlabeled, uint8_to_model
+from ..core.images import synthetic_unlabeled
 from ..coreml.compact import compact_neural_network, compact_program, inline_small_weights
 from ..coreml.spec import coremltools, mil_program, quiet
 from .activations import ActivationReport, int8_activations
@@ -47,6 +47,7 @@ from .config import (
 )
 from .metadata import describe
 from .mixed import BitAllocation, allocate_bits, pair_with_ops
+from .palette_gptq import calibration_inputs
 from .palettes import PALETTIZED, kmeans_lut
 from .prepare import CoreMLIO, coreml_ready_module, tensor_zeros
 
@@ -414,17 +415,13 @@ def bits_for_export(model: nn.Module, config: ExportConfig, plan: ExportPlan, ca
     bytes of ``config.palette_bits`` everywhere, less what the file's record of the choice costs
     (the file is then no larger than uniform palettes with the same other options).
     ``calibration``: uint8 (N, H, W, 3) images at the export size."""
-    lo, hi = preprocessing.value_range
-    x = uint8_to_model(calibration)
-    if (lo, hi) != (-1.0, 1.0):
-        x = (x + 1.0) / 2.0 * (hi - lo) + lo
     model = model.eval()
     n_layers = sum(1 for m in model.modules() if isinstance(m, PALETTIZED))
     reserve = len(META_PREFIX + "bits_by_layer") + 2 * n_layers + 1 + _RECORD_SLACK
     nn_format = config.format == "neuralnetwork"
     if nn_format:  # the weights', the convolution's and the layer's messages hold their lengths as varints
         reserve += 3 * n_layers  # that may take a byte more each
-    return allocate_bits(model, config.palette_bits, torch.from_numpy(np.ascontiguousarray(x)),
+    return allocate_bits(model, config.palette_bits, calibration_inputs(calibration, preprocessing.value_range),
                          target=None if nn_format else plan.target,  # NeuralNetwork palettes: 1-8 bits on iOS 13
                          group_size=config.palette_group_size if config.grouped else None,
                          lut_itemsize=2 if config.precision == "fp16" and not nn_format else 4, reserve=reserve,

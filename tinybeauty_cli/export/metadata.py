@@ -22,7 +22,8 @@ def compression_label(config: ExportConfig, sparse: bool) -> str:
         scales = ", per-channel scales" if config.per_channel_scale else ""
         bits = (f"palettized, bits by layer within the {config.palette_bits}-bit size" if config.bits_by_layer
                 else f"{config.palette_bits}-bit palettized")
-        label = f"{bits} (k-means LUT {tables}{scales})"
+        lut = "LUT chosen by GPTQ" if config.palette_method == "gptq" else "k-means LUT"
+        label = f"{bits} ({lut} {tables}{scales})"
     else:
         label = {"fp16": "fp16", "fp32": "fp32", "int8": "int8 per-channel (linear)"}[mode]
     return label + (", sparse" if sparse else "")

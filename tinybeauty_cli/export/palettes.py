@@ -132,8 +132,10 @@ def fit_palettes(model: nn.Module, bits: int | Mapping[str, int], batch_fn: Batc
 def palettes_fitted(model: nn.Module, bits: int | Mapping[str, int], images: torch.Tensor, *, steps: int,
                     seed: int = 0,
                     lr: float = 1e-3, batch_size: int = 2,
-                    progress: Progress | None = None) -> tuple[nn.Module, PaletteFit]:
-    """A copy of ``model`` fitted onto ``2**bits``-value palettes by distillation from ``model``.
+                    progress: Progress | None = None,
+                    teacher: nn.Module | None = None) -> tuple[nn.Module, PaletteFit]:
+    """A copy of ``model`` fitted onto ``2**bits``-value palettes by distillation from ``model``
+    (or from ``teacher``: the float model when ``model`` is already on its palettes, e.g. GPTQ's).
 
     The transform behind ``tbopt export --fit-palettes``: module in, module out (``model`` is
     left as is). ``images``: unlabeled images as the model takes them, float (N, C, S, S);
@@ -147,7 +149,7 @@ def palettes_fitted(model: nn.Module, bits: int | Mapping[str, int], images: tor
     """
     progress = progress or SilentProgress()
     t0 = time.perf_counter()
-    teacher = model.eval()
+    teacher = (teacher if teacher is not None else model).eval()
     student = copy.deepcopy(model)
     held = images[:ERROR_IMAGES]
     with torch.no_grad():

@@ -31,6 +31,7 @@ from ..export.config import FORMAT_BY_SUFFIX, FORMAT_NAMES, ExportConfig, format
 from ..export.convert import bits_for_export, export_module, plan_for
 from ..export.metadata import compression_label
 from ..export.mixed import bits_by_name
+from ..export.palette_gptq import calibration_inputs, gptq_palettized
 from ..export.palettes import palettes_fitted
 from ..export.prepare import coreml_ready_module
 from ..export.validate import validate_export
@@ -69,6 +70,7 @@ class ExportResult:
     command: str = ""  # the tbopt export command that writes this file again
     palette_fit: dict[str, Any] | None = None  # what --fit-palettes did (PaletteFit.to_dict)
     bits_by_layer: dict[str, Any] | None = None  # --bits-by-layer: each layer's bits (BitAllocation.to_dict)
+    palette_gptq: dict[str, Any] | None = None  # --palette-method gptq: what it did (GptqReport.to_dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,7 +128,7 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
     history = list(artifact.history)
     size = config.size or artifact.preprocessing.size
     calibration, calib_source = None, None
-    if config.activations or config.bits_by_layer:
+    if config.activations or config.bits_by_layer or config.palette_method == "gptq":
         calib_set, _skipped = calibration_images(Path(config.calib) if config.calib else None, config.calib_count,
                                                  size, progress)
         calibration, calib_source = calib_set.inputs, calib_set.source
@@ -134,17 +136,31 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
     if config.bits_by_layer:  # chosen on the float model, before any fitting: the fit keeps each layer's bits
         ready = coreml_ready_module(model, size, config.format, input_channels(model))
         allocation = bits_for_export(ready, config, plan, calibration, artifact.preprocessing, progress)
-    palette_fit = None
-    if config.fit_palettes:
+    bits = None
+    if config.palette_bits is not None:
         bits = config.palette_bits if allocation is None else bits_by_name(
             model, allocation, torch.zeros(1, input_channels(model), size, size))
+    palette_gptq = None
+    original = model
+    if config.palette_method == "gptq":  # the fit, if any, then trains these tables' values
+        images = calibration_inputs(calibration, artifact.preprocessing.value_range)
+        model, report = gptq_palettized(model, bits, images,
+                                        group_size=config.palette_group_size if config.grouped else None,
+                                        seed=config.seed, progress=progress)
+        palette_gptq = {"calibration": calib_source, **report.to_dict()}
+        # the export step after it records the configuration: this one only what GPTQ did (each byte counts
+        # against the size the tables were chosen for)
+        history.append(HistoryStep.now("gptq-palettes", command, None, report.to_dict()))
+        plan = plan_for(model, config)  # zeros may have moved to other entries
+    palette_fit = None
+    if config.fit_palettes:
         key = (loaded.sha256, json.dumps(bits if isinstance(bits, int) else sorted(bits.items())), size,
                config.fit_palettes, config.fit_data, config.seed, config.fit_images, config.fit_batch_size,
-               config.fit_lr)
+               config.fit_lr, config.palette_method, config.calib, config.calib_count)
         if fits is not None and key in fits:
             model, fit = fits[key]
         else:
-            model, fit = _fit_palettes(model, config, bits, size, progress)
+            model, fit = _fit_palettes(model, config, bits, size, progress, teacher=original)
             if fits is not None:
                 fits[key] = (model, fit)
         palette_fit = fit.to_dict()
@@ -174,6 +190,7 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
         sparse_tensors=ops.get("constexpr_sparse_to_dense", 0), validation=validation,
         seconds=round(time.perf_counter() - started, 2), notes=notes, config=config.to_dict(),
         source=str(loaded.path), source_sha256=loaded.sha256, command=command, palette_fit=palette_fit,
+        palette_gptq=palette_gptq,
         bits_by_layer=None if exported.bits_by_layer is None else {
             "calibration": calib_source, **exported.bits_by_layer.to_dict()},
         activations=None if exported.activations is None else {
@@ -181,13 +198,13 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
 
 
 def _fit_palettes(model: nn.Module, config: ExportConfig, bits: int | dict[str, int], size: int,
-                  progress: Progress) -> tuple[nn.Module, Any]:
+                  progress: Progress, teacher: nn.Module) -> tuple[nn.Module, Any]:
     """``model`` fitted onto its palettes of ``bits`` (one size, or by layer name) on the fit images
-    (:func:`..export.palettes.palettes_fitted`)."""
+    (:func:`..export.palettes.palettes_fitted`), distilled from ``teacher`` (the float model)."""
     images = unlabeled_images(Path(config.fit_data) if config.fit_data else None, size, config.fit_images)
     pool = torch.from_numpy(uint8_to_model(images.inputs))
     return palettes_fitted(model, bits, pool, steps=config.fit_palettes, seed=config.seed,
-                           lr=config.fit_lr, batch_size=config.fit_batch_size, progress=progress)
+                           lr=config.fit_lr, batch_size=config.fit_batch_size, progress=progress, teacher=teacher)
 
 
 def export_file(path: Path | str, output: Path | str, config: ExportConfig, *, force: bool = False,
