@@ -367,7 +367,7 @@ class _Search:
                 break
 
     def full_res_branch(self, rates: tuple[float, ...], steps: int, targets: list[str]) -> None:
-        """The rates that kept the quality after the longest distillation, again with the groups of the
+        """A rate that kept the quality after the longest distillation, again with the groups of the
         full-resolution convs pruned harder (for the CPU first: that is what it is for)."""
         if not self.full_res:
             return
@@ -386,6 +386,7 @@ class _Search:
         for target in targets:
             self.storage_branch(original, target)
         rates = self.cfg.rates
+        longest = max(self.cfg.resolved_steps())
         for steps in self.cfg.resolved_steps():
             kept_rates = []
             for i, rate in enumerate(rates):
@@ -400,8 +401,9 @@ class _Search:
                 kept_rates.append(rate)
                 for target in targets:
                     self.storage_branch(recipe, target)
+                if steps == longest:  # before the next rate's long distillation: the time budget may end there
+                    self.full_res_branch((rate,), steps, targets)
             rates = tuple(kept_rates)  # a longer distillation only where the shorter one kept the quality
-        self.full_res_branch(rates, max(self.cfg.resolved_steps()), targets)
         self.rescue()
         for base in self.to_sparsify:
             self.sparse_branch(base)
