@@ -102,9 +102,13 @@ def pareto_figure(result: Mapping[str, Any], path: Path) -> None:
                 if c["recipe"]["key"] in chosen:
                     ax.scatter([c[xkey] / scale], [c["quality_db"]], s=180, marker="*", color=colours[t],
                                edgecolor="black", zorder=5)
-                    ax.annotate(c["recipe"]["model_key"] + " " + c["recipe"]["storage"],
-                                (c[xkey] / scale, c["quality_db"]), fontsize=7, xytext=(6, 6),
-                                textcoords="offset points")
+                    # each target's label on its own line above the stars: chosen files of
+                    # different targets often sit side by side just over the budget line
+                    rank = targets.index(t)
+                    ax.annotate(f"{t}: " + c["recipe"]["model_key"] + " " + c["recipe"]["storage"],
+                                (c[xkey] / scale, c["quality_db"]), fontsize=7, xytext=(6, 8 + 11 * rank),
+                                textcoords="offset points", color=colours[t],
+                                arrowprops=dict(arrowstyle="-", color=colours[t], lw=0.6))
         o = result["original"]
         ox = o.get(xkey)
         if ox is not None and o["quality_db"] is not None:
@@ -115,7 +119,7 @@ def pareto_figure(result: Mapping[str, Any], path: Path) -> None:
         ax.set_ylabel(f"{quality} (dB)")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="lower right")
+            ax.legend(fontsize=8, loc="upper left")  # the budget line's label is at the right
         else:
             ax.text(0.5, 0.5, "no candidate for this panel", transform=ax.transAxes, ha="center", color="grey")
 
