@@ -7,8 +7,6 @@ command making the same file, and the released checkpoint's figure on the real f
 from __future__ import annotations
 
 import json
-import os
-import shlex
 from pathlib import Path
 
 import pytest
@@ -31,7 +29,7 @@ from tinybeauty_cli.export.palettes import PALETTIZED
 from tinybeauty_cli.flow.export import export_file
 
 from .conftest import small_tinybeauty
-from .test_repeatability import _core_ml_parts, untimed
+from .test_repeatability import export_and_rebuild_by_its_command
 
 runner = CliRunner()
 SIZE = 32
@@ -155,30 +153,8 @@ def test_the_recorded_command_makes_the_same_file_and_the_commands_take_it(tmp_p
     small_artifact = tmp_path / "small32.pt"  # a model of the file's size: bench compares them image for image
     save_artifact(Artifact.for_tinybeauty(model.config, model.state_dict(), preprocessing=Preprocessing(size=SIZE)),
                   small_artifact)
-    here = os.getcwd()
-    first, second = tmp_path / "1", tmp_path / "2"
-    first.mkdir()
-    second.mkdir()
-    name = "g.mlpackage"
-    try:
-        os.chdir(first)
-        r = runner.invoke(app, ["export", str(small_artifact), "-o", name, "--weights", "pal4",
-                                "--palette-method", "gptq", "--calib-count", "2", "--json"])
-        assert r.exit_code == 0, r.stderr
-        command = json.loads(r.stdout)["command"]
-        os.chdir(second)
-        r = runner.invoke(app, shlex.split(command)[1:] + ["--quiet"])
-        assert r.exit_code == 0, r.stderr
-    finally:
-        os.chdir(here)
-    ga, ma, fa = _core_ml_parts(first / name)
-    gb, mb, fb = _core_ml_parts(second / name)
-    assert ga == gb and fa == fb
-    history = "tbopt.history"
-    assert {k: v for k, v in ma.items() if k != history} == {k: v for k, v in mb.items() if k != history}
-    assert untimed(json.loads(ma[history])) == untimed(json.loads(mb[history]))
-
-    path = first / name
+    path, _ = export_and_rebuild_by_its_command(tmp_path, [str(small_artifact), "--weights", "pal4", "--palette-method",
+                                                           "gptq", "--calib-count", "2"], "g.mlpackage")
     r = runner.invoke(app, ["bench", str(small_artifact), str(path), "--limit", "2", "--no-timing", "--json"])
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["rows"][1]["fidelity_psnr_db"] > 0

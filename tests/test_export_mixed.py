@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import shlex
 
 import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from tinybeauty_cli.cli.app import app
 from tinybeauty_cli.core.artifact import Artifact, Preprocessing, save_artifact
 from tinybeauty_cli.core.errors import UsageError
 from tinybeauty_cli.core.images import builtin_test_set, uint8_to_model
@@ -29,7 +26,7 @@ from tinybeauty_cli.export.palettes import PALETTIZED, palettes_fitted
 from tinybeauty_cli.flow.export import export_file
 
 from .conftest import small_tinybeauty
-from .test_repeatability import _core_ml_parts, untimed
+from .test_repeatability import export_and_rebuild_by_its_command
 
 runner = CliRunner()
 SIZE = 32
@@ -223,28 +220,8 @@ def test_fitted_bits_by_layer_export_stores_the_fitted_values(tmp_path, sensitiv
 
 @pytest.mark.parametrize("name", ["m.mlpackage", "m.mlmodel"])
 def test_the_recorded_command_makes_the_same_file(tmp_path, sensitive_artifact, name):
-    here = os.getcwd()
-    first, second = tmp_path / "1", tmp_path / "2"
-    first.mkdir()
-    second.mkdir()
-    try:
-        os.chdir(first)
-        r = runner.invoke(app, ["export", str(sensitive_artifact), "-o", name, "--weights", "pal4",
-                                "--bits-by-layer", "auto", "--calib-count", "2", "--json"])
-        assert r.exit_code == 0, r.stderr
-        command = json.loads(r.stdout)["command"]
-        assert command.startswith("tbopt export ")
-        os.chdir(second)
-        r = runner.invoke(app, shlex.split(command)[1:] + ["--quiet"])
-        assert r.exit_code == 0, r.stderr
-    finally:
-        os.chdir(here)
-    ga, ma, fa = _core_ml_parts(first / name)
-    gb, mb, fb = _core_ml_parts(second / name)
-    assert ga == gb and fa == fb  # the ops, their bits and the weight file
-    history = "tbopt.history"
-    assert {k: v for k, v in ma.items() if k != history} == {k: v for k, v in mb.items() if k != history}
-    assert untimed(json.loads(ma[history])) == untimed(json.loads(mb[history]))
+    export_and_rebuild_by_its_command(tmp_path, [str(sensitive_artifact), "--weights", "pal4", "--bits-by-layer", "auto",
+                                                 "--calib-count", "2"], name)
 
 
 def test_a_model_with_nothing_to_win_says_so(tmp_path, small_artifact):

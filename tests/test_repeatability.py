@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import zipfile
@@ -106,6 +107,34 @@ def _core_ml_parts(path: Path) -> tuple[bytes, dict, dict[str, bytes]]:
         files = {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
                  if p.is_file() and p.suffix not in (".mlmodel", ".json")}
     return spec.SerializeToString(deterministic=True), meta, files
+
+
+def export_and_rebuild_by_its_command(tmp_path: Path, args: list[str], name: str) -> tuple[Path, dict]:
+    """``tbopt export *args -o name --json`` in one folder, then the command the file records in another;
+    asserts both files have the same graph, weight files and metadata (the history untimed). Returns the
+    first file and its JSON."""
+    here = os.getcwd()
+    first, second = tmp_path / "1", tmp_path / "2"
+    first.mkdir()
+    second.mkdir()
+    try:
+        os.chdir(first)
+        r = runner.invoke(app, ["export", *args, "-o", name, "--json"])
+        assert r.exit_code == 0, r.stderr
+        made = json.loads(r.stdout)
+        assert made["command"].startswith("tbopt export ")
+        os.chdir(second)
+        r = runner.invoke(app, shlex.split(made["command"])[1:] + ["--quiet"])
+        assert r.exit_code == 0, r.stderr
+    finally:
+        os.chdir(here)
+    ga, ma, fa = _core_ml_parts(first / name)
+    gb, mb, fb = _core_ml_parts(second / name)
+    assert ga == gb and fa == fb  # the ops, their bits and the weight file
+    history = "tbopt.history"
+    assert {k: v for k, v in ma.items() if k != history} == {k: v for k, v in mb.items() if k != history}
+    assert untimed(json.loads(ma[history])) == untimed(json.loads(mb[history]))
+    return first / name, made
 
 
 @pytest.mark.parametrize("output, weights", [("m.mlmodel", "int8"), ("m.mlmodel", "pal4"),

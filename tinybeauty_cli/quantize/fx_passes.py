@@ -1,6 +1,7 @@
 """FX passes around int8 conversion: before it, keep the inputs of cat / stack in float
 (:func:`isolate_list_inputs`); after it, clean up the converted graph before it is lowered to
 TorchScript (each removes work or archive records without changing what the model computes).
+Also the small modules these passes and the float rewrites put into graphs.
 (No ``from __future__ import annotations`` here: TorchScript reads :class:`FloatBoundary`.)
 """
 
@@ -22,6 +23,18 @@ class FloatBoundary(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+
+class SigmoidTanh(nn.Module):
+    """``tanh(x)`` computed as ``2 * sigmoid(2x) - 1``.
+
+    The same function (within 2e-7, float rounding), but ATen's CPU ``sigmoid`` is vectorised and
+    its ``tanh`` is not as fast: on the 3 x 256 x 256 output at 2 threads (AMD EPYC, AVX-512), 45 us
+    instead of 205 us, a fixed cost that channel pruning does not shrink.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x * 2.0).mul_(2.0).sub_(1.0)  # in place: one buffer, not three
 
 
 def isolate_list_inputs(gm: fx.GraphModule) -> int:

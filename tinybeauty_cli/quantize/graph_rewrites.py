@@ -37,7 +37,7 @@ from torch import fx, nn
 
 from ..core.model import LayerNorm as MunitLayerNorm
 from ..core.quality import psnr_db
-from .fx_passes import FloatBoundary
+from .fx_passes import FloatBoundary, SigmoidTanh
 
 #: Fidelity (dB, residual outputs, peak-to-peak 2) a rewrite must keep to count as exact.
 EXACT_PSNR_DB = 100.0
@@ -158,18 +158,6 @@ class SubPixelConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.interleave(self.conv(F.pad(x, (1, 1, 1, 1), mode=self.pad_mode)))
-
-
-class SigmoidTanh(nn.Module):
-    """``tanh(x)`` computed as ``2 * sigmoid(2x) - 1``.
-
-    The same function (within 2e-7, float rounding), but ATen's CPU ``sigmoid`` is vectorised and
-    its ``tanh`` is not as fast: on the 3 x 256 x 256 output at 2 threads (AMD EPYC, AVX-512), 45 us
-    instead of 205 us, a fixed cost that channel pruning does not shrink.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(x * 2.0).mul_(2.0).sub_(1.0)  # in place: one buffer, not three
 
 
 #: Modules FX must not trace into: replaced as a whole, or (PixelInterleave) not traceable.
