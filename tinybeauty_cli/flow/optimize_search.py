@@ -366,19 +366,18 @@ class _Search:
                               f"sparsity {s:g} missed the budget")
                 break
 
-    def full_res_branch(self, rates: tuple[float, ...], steps: int, targets: list[str]) -> None:
+    def full_res_branch(self, rate: float, steps: int, targets: list[str]) -> None:
         """A rate that kept the quality after the longest distillation, again with the groups of the
         full-resolution convs pruned harder (for the CPU first: that is what it is for)."""
         if not self.full_res:
             return
-        for rate in rates:
-            for full_res_rate in (r for r in self.cfg.full_res_rates if r > rate):
-                recipe = Recipe(target=targets[0], rate=rate, steps=steps, full_res_rate=full_res_rate,
-                                full_res=self.full_res)
-                if self.model(recipe) is None:
-                    break  # missed (a harder rate would too) or no time left
-                for target in sorted(targets, key=lambda t: t != "cpu"):
-                    self.storage_branch(recipe, target)
+        for full_res_rate in (r for r in self.cfg.full_res_rates if r > rate):
+            recipe = Recipe(target=targets[0], rate=rate, steps=steps, full_res_rate=full_res_rate,
+                            full_res=self.full_res)
+            if self.model(recipe) is None:
+                break  # missed (a harder rate would too) or no time left
+            for target in sorted(targets, key=lambda t: t != "cpu"):
+                self.storage_branch(recipe, target)
 
     def run(self) -> None:
         targets = [t for t in self.cfg.targets if t != "cpu"] + [t for t in self.cfg.targets if t == "cpu"]
@@ -402,7 +401,7 @@ class _Search:
                 for target in targets:
                     self.storage_branch(recipe, target)
                 if steps == longest:  # before the next rate's long distillation: the time budget may end there
-                    self.full_res_branch((rate,), steps, targets)
+                    self.full_res_branch(rate, steps, targets)
             rates = tuple(kept_rates)  # a longer distillation only where the shorter one kept the quality
         self.rescue()
         for base in self.to_sparsify:
