@@ -283,9 +283,13 @@ def load_images(data: Path | None, size: int, limit: int | None = None,
     return load_folder(Path(data), size, limit)
 
 
-def uint8_to_model(batch: np.ndarray) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [-1, 1]."""
-    return (np.ascontiguousarray(batch.transpose(0, 3, 1, 2)).astype(np.float32) / 127.5) - 1.0
+def uint8_to_model(batch: np.ndarray, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [-1, 1], or in a model's own ``value_range``."""
+    x = (np.ascontiguousarray(batch.transpose(0, 3, 1, 2)).astype(np.float32) / 127.5) - 1.0
+    lo, hi = value_range
+    if (lo, hi) != (-1.0, 1.0):
+        x = (x + 1.0) / 2.0 * (hi - lo) + lo
+    return x
 
 
 def model_to_uint8(batch: np.ndarray) -> np.ndarray:

@@ -83,11 +83,7 @@ class GptqReport:
 
 def calibration_inputs(calibration: np.ndarray, value_range: tuple[float, float]) -> torch.Tensor:
     """uint8 (N, H, W, 3) images as the model takes them: float (N, 3, H, W) in ``value_range``."""
-    x = uint8_to_model(calibration)
-    lo, hi = value_range
-    if (lo, hi) != (-1.0, 1.0):
-        x = (x + 1.0) / 2.0 * (hi - lo) + lo
-    return torch.from_numpy(np.ascontiguousarray(x))
+    return torch.from_numpy(uint8_to_model(calibration, value_range))
 
 
 def _handled(layer: nn.Module) -> bool:

@@ -45,10 +45,8 @@ def expected_interface(config: ExportConfig, target: str, size: int, channels: i
 def fidelity(reference: nn.Module, candidate: nn.Module, size: int, prep: Preprocessing, count: int = 2) -> dict:
     """Made-up images of the float model vs the model with the file's weights (PyTorch, fp32)."""
     images = synthetic_unlabeled(count, size, seed=7)
-    x = torch.from_numpy(uint8_to_model(images.inputs))
+    x = torch.from_numpy(uint8_to_model(images.inputs, prep.value_range))
     lo, hi = prep.value_range
-    if (lo, hi) != (-1.0, 1.0):
-        x = (x + 1.0) / 2.0 * (hi - lo) + lo
     with torch.no_grad():
         a, b = reference(x), candidate(x)
     if prep.output != "image":  # the made-up image, clamped to the model's own value range
@@ -65,10 +63,8 @@ def executor_fidelity(path: Path, reference: nn.Module, size: int, prep: Preproc
     from ..coreml.runner import open_coreml_runner  # noqa: PLC0415
 
     images = synthetic_unlabeled(count, size, seed=7)
-    x = uint8_to_model(images.inputs)
+    x = uint8_to_model(images.inputs, prep.value_range)
     lo, hi = prep.value_range
-    if (lo, hi) != (-1.0, 1.0):
-        x = (x + 1.0) / 2.0 * (hi - lo) + lo
     runner = open_coreml_runner(path, use_device=False, round_image_output=False)
     with torch.no_grad():
         out = reference(torch.from_numpy(x)).numpy()
