@@ -21,7 +21,17 @@ from ..flow.optimize_config import (
 )
 from . import _output
 from ._errors import handle_errors
-from ._options import DataOpt, ForceOpt, JsonOpt, LimitOpt, QuietOpt, ThreadsOpt
+from ._options import (
+    ArchKwargsOpt,
+    ArchOpt,
+    DataOpt,
+    ForceOpt,
+    JsonOpt,
+    LimitOpt,
+    QuietOpt,
+    ThreadsOpt,
+    TrustPickleOpt,
+)
 
 if TYPE_CHECKING:
     from ..flow.optimize import OptimizeResult
@@ -103,6 +113,9 @@ def optimize(
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
 ) -> None:
     """Find the smallest Core ML file per iOS target and the fastest int8 CPU file within a quality budget.
 
@@ -120,7 +133,7 @@ def optimize(
         full_res_rates=_floats(full_res_rates, "--full-res-rates"),
         palettes=tuple(p.strip() for p in palettes.split(",") if p.strip()),
         sparsities=_floats(sparsities, "--sparsities"), fit_steps=fit_steps, bits_by_layer=bits_by_layer, runs=runs,
-        threads=threads)
+        threads=threads, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
     path = checkpoint or demo_checkpoint()
     with ui.live_table(f"tbopt optimize: candidates ({path.name})", ROW_COLUMNS, right=ROW_COLUMNS[3:8]) as add:
         result = run_search(path, out, cfg, force=force, resume=resume, progress=ui,

@@ -14,6 +14,8 @@ from ..prune.config import PruneMethod
 from . import _output
 from ._errors import handle_errors
 from ._options import (
+    ArchKwargsOpt,
+    ArchOpt,
     BackendChoice,
     DataOpt,
     ForceOpt,
@@ -22,6 +24,7 @@ from ._options import (
     ModelWeightModeChoice,
     QuietOpt,
     ThreadsOpt,
+    TrustPickleOpt,
     WeightModeChoice,
 )
 
@@ -73,6 +76,9 @@ def run(
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
 ) -> None:
     """Prune, quantize to int8 and export to Core ML, then measure every stage on the same images.
 
@@ -87,7 +93,7 @@ def run(
     cfg = RunConfig(rate=rate, method=method.value, finetune_steps=finetune_steps, weights=weights.value,
                     package_weights=package_weights.value if package_weights else None, data=data, calib=calib,
                     limit=limit, runs=runs, threads=threads, calib_count=calib_count, backend=backend.value,
-                    min_psnr_db=min_psnr)
+                    min_psnr_db=min_psnr, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
     path = checkpoint or demo_checkpoint()
 
     def on_stage(number: int, total: int, name: str) -> None:

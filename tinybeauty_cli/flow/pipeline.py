@@ -179,7 +179,7 @@ def run_pipeline(checkpoint: Path | str, out: Path | str, config: RunConfig | No
         raise InputError(f"--data {cfg.data} is not a folder")
     if cfg.calib is not None and not Path(cfg.calib).is_dir():
         raise InputError(f"--calib {cfg.calib} is not a folder")
-    loaded = load_model(checkpoint)  # a bad checkpoint is refused before the folder is made
+    loaded = load_model(checkpoint, **cfg.model_options())  # a bad checkpoint is refused before the folder is made
     if loaded.kind != "float":
         raise UsageError(f"{checkpoint} is a {loaded.kind} model; tbopt run starts from a float checkpoint")
     command = cfg.command_line(_shown(checkpoint), _shown(out))
