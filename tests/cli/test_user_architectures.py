@@ -204,12 +204,13 @@ def test_export_target_too_low_for_the_networks_ops_is_one_line(corpus, name, tm
 
 
 def test_export_fidelity_is_the_files_own(corpus, exported):
-    """The figure export prints is the one bench measures on the file (not a PyTorch twin's)."""
+    """The converter folds ShuffleNet's 0.1 scale into the head conv: a PyTorch twin carrying the file's
+    weights scored 34 dB, the file itself keeps its quality in export's validation and in bench (whose
+    image output is rounded to 8 bits, as Core ML's is: about 60 dB at most)."""
     d, path = exported("shuffle")
+    assert d["validation"]["fidelity_psnr_db"] > 80  # fp16 weights, fp32 reference executor
     b = ok(run("bench", corpus / "shuffle.pt", path, *arch("shuffle"), "--no-timing", "--json"))
-    coreml = b["rows"][1]
-    assert abs(coreml["fidelity_psnr_db"] - d["validation"]["fidelity_psnr_db"]) < 6
-    assert d["validation"]["fidelity_psnr_db"] > 50
+    assert b["rows"][1]["fidelity_psnr_db"] > 50
 
 
 # ---------------------------------------------------------------- bench, compare, apply
