@@ -113,7 +113,7 @@ def _convert(traced: torch.jit.ScriptModule, config: ExportConfig, plan: ExportP
             return ct.convert(traced, **kwargs)
     except ValueError as exc:
         needed = _target_needed(exc)
-        if needed is None:
+        if needed is None or needed == plan.target:
             raise ExportError(f"coremltools could not convert the model: ValueError: {_first_line(exc)}") from exc
         features = _features_needing(exc)
         if config.target is not None or (config.format == "neuralnetwork" and needed not in TARGETS[:2]):
