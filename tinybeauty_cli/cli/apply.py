@@ -7,7 +7,6 @@ from typing import Annotated, List
 
 import typer
 
-from ..core.paths import demo_checkpoint
 from . import _output
 from ._errors import handle_errors
 from ._notes import warn_runner_notes
@@ -30,7 +29,7 @@ def apply(
     artifact: Annotated[Path, typer.Argument(help="Model file (checkpoint, tbopt artifact, int8 TorchScript, "
                                                   ".mlmodel, .mlpackage), or 'demo' for the bundled demo.")],
     images: Annotated[List[Path], typer.Argument(help="Photos to make up.", show_default=False)],
-    out_dir: Annotated[Path, typer.Option("--output", "-o", help="Folder for the made-up images (<name>.png).")],
+    out_dir: Annotated[Path, typer.Option("--output", "-o", metavar="DIR", help="Folder for the made-up images (<name>.png).")],
     model_size: Annotated[bool, typer.Option("--model-size", help="Write the model-size image of the centre "
                                              "square instead of adding the residual at full resolution.")] = False,
     force: ForceOpt = False,
@@ -47,7 +46,7 @@ def apply(
     from ..runtime.runners import open_runner  # noqa: PLC0415
 
     out = _output.Output(json_mode=json_out, quiet=quiet)
-    path = demo_checkpoint() if str(artifact) == "demo" else artifact
+    path = out.model_or_demo(None) if str(artifact) == "demo" else artifact
     runner = open_runner(path, **model_options(arch, arch_kwargs, trust_pickle),
                          **coreml_options(compute_units, fp16_emulation))
     warn_runner_notes(out, [runner], compute_units is not None, fp16_emulation)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ..core.paths import demo_checkpoint
 from . import _output
 from ._errors import handle_errors
 from ._options import ArchKwargsOpt, ArchOpt, ArtifactArg, JsonOpt, TrustPickleOpt, model_options
@@ -19,9 +18,9 @@ def info(
     """Architecture, parameters, MACs, size on disk and zipped, preprocessing and history of a model."""
     from ..measure.describe import describe  # noqa: PLC0415 - torch, only when the command runs
 
-    path = artifact or demo_checkpoint()
-    data = describe(path, **model_options(arch, arch_kwargs, trust_pickle))
     out = _output.Output(json_mode=json_out)
+    path = out.model_or_demo(artifact)
+    data = describe(path, **model_options(arch, arch_kwargs, trust_pickle))
     for problem in data.get("problems", ()):
         out.warn(f"{problem} (every other tbopt command refuses this model)")
     out.emit(data, render_info)
