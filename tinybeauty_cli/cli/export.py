@@ -103,7 +103,7 @@ def export(
                                     "clustering, the scales stored beside the tables (iOS18).",
         rich_help_panel=PANEL)] = False,
     bits_by_layer: Annotated[Optional[BitsByLayerChoice], typer.Option(
-        "--bits-by-layer", case_sensitive=False, help="With --weights palN: auto chooses each layer's palette size (1-8 bits) "
+        "--bits-by-layer", case_sensitive=False, help="With --weights palN: auto chooses each layer's palette size (N-2 to 8 bits) "
                                 "from its measured sensitivity on the calibration images (--calib), the weights no "
                                 "larger than N bits everywhere; the choice is recorded in the file (ML Program: "
                                 "iOS18, with a lower --target 3 bits are left out; .mlmodel: iOS13).",
