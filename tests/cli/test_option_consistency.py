@@ -105,9 +105,10 @@ def test_export_threads_sets_and_restores_torch_threads(small_artifact, tmp_path
     monkeypatch.setattr(flow_export, "export_file", lambda *a, **k: (seen.append(torch.get_num_threads()),
                                                                      real(*a, **k))[1])
     before = torch.get_num_threads()
-    r = run("export", small_artifact, "-o", tmp_path / "m.mlmodel", "--size", "32", "--threads", "1", "-q")
+    r = run("export", small_artifact, "-o", tmp_path / "m.mlmodel", "--size", "32", "--threads", "1", "--json")
     assert r.exit_code == 0, r.stderr
     assert seen == [1] and torch.get_num_threads() == before
+    assert "--threads 1" in json.loads(r.stdout)["command"]  # the rebuild line gives the same weights
 
 
 def test_timing_defaults_are_the_same_in_every_command():

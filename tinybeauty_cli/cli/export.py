@@ -181,7 +181,8 @@ def export(
         calib_count=calib_count, palette_method=palette_method.value,
         block_size=block_size, bits_by_layer=bits_by_layer.value if bits_by_layer else None,
         granularity=granularity.value, group_size=group_size, per_channel_scale=per_channel_scale,
-        fit_palettes=fit_palettes, fit_data=str(calib) if calib and fit_palettes else None, seed=seed)
+        fit_palettes=fit_palettes, fit_data=str(calib) if calib and fit_palettes else None, seed=seed,
+        threads=threads)
     with torch_threads(threads):
         result = export_file(path, output, config, force=force, progress=out,
                              **model_options(arch, arch_kwargs, trust_pickle))
