@@ -1,6 +1,6 @@
-"""Helpers the Core ML tests and benchmarks share: the PyTorch twin of a Core ML file and its
-convolutions' weights as stored. (Fitting a model onto its palettes is
-``tinybeauty_cli.export.palettes.fit_palettes``, behind ``tbopt export --fit-palettes``.)"""
+"""Helpers the Core ML tests share: a module carrying a Core ML file's weights, its convolutions'
+weights as stored, and an ML Program of any ops. (The twin of a file tbopt export wrote is
+``tinybeauty_cli.flow.export.decompressed_twin``.)"""
 
 from __future__ import annotations
 
@@ -11,13 +11,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from tinybeauty_cli.core.artifact import Artifact
-from tinybeauty_cli.core.checkpoint import LoadedModel
-from tinybeauty_cli.core.errors import UnsupportedError
-from tinybeauty_cli.coreml.spec import read_coreml
+from tinybeauty_cli.coreml.spec import coremltools
 from tinybeauty_cli.coreml.weights import carry_file_weights, stored_weights
-from tinybeauty_cli.export.config import ExportConfig
-from tinybeauty_cli.export.prepare import coreml_ready_module
+
+from tests.helpers import COREML_SIZE
 
 # --- the PyTorch twin of a file ------------------------------------------------------------------------
 
@@ -26,25 +23,6 @@ def with_file_weights(module: nn.Module, path: Path | str, size: int) -> nn.Modu
     """``module`` (changed in place) carrying the weights the Core ML file at ``path`` holds."""
     carry_file_weights(module, stored_weights(path), torch.zeros(1, 3, size, size))
     return module
-
-
-def decompressed_model(coreml_path: Path | str, source: LoadedModel | Artifact) -> nn.Module:
-    """A PyTorch model carrying exactly the weights a file written by ``tbopt export`` holds.
-
-    Palettes are looked up, int8 weights scaled, sparse tensors expanded and fp16 values
-    kept as rounded. The model maps a float (N, 3, S, S) batch in the input range to the
-    residual, like the original network (and is the same function as the Core ML graph
-    apart from the compute precision: it runs in fp32). ``source`` is the float model the
-    file was exported from; it provides the structure.
-    """
-    artifact = source.artifact if isinstance(source, LoadedModel) else source
-    if artifact is None:
-        raise UnsupportedError("decompressed_model needs the float model the file was exported from")
-    meta = read_coreml(coreml_path).tbopt_metadata
-    config = ExportConfig.from_dict(meta["export"])
-    size = int(meta["preprocessing"]["size"])
-    module = coreml_ready_module(artifact.build_model(), size, config.format)
-    return with_file_weights(module, coreml_path, size).eval()
 
 
 @dataclass
@@ -65,3 +43,21 @@ def conv_weights(path: Path | str) -> list[ConvWeights]:
         elif w.conv == "bias" and convs and convs[-1].name == w.op:
             convs[-1].bias = w.value
     return convs
+
+
+def save_mil_program(folder: Path, body, size: int = COREML_SIZE) -> Path:
+    """An fp32 ML Program of one (1, 3, size, size) input whose graph is ``body(mb, x)``, saved as
+    ``folder/custom.mlpackage``: ops tbopt's exporter never writes."""
+    from coremltools.converters.mil import Builder as mb
+
+    ct = coremltools()
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 3, size, size))], opset_version=ct.target.iOS16)
+    def prog(x):
+        return body(mb, x)
+
+    ml = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
+                    compute_precision=ct.precision.FLOAT32)
+    path = folder / "custom.mlpackage"
+    ml.save(str(path))
+    return path
