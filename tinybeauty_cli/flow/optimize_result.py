@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import __version__
+from ..core.load import cores, load_average, load_text, overload_note
 from .optimize_config import Budget, OptimizeConfig, Recipe
 
 
@@ -90,11 +91,18 @@ class OptimizeResult:
     seconds: float
     threads: int
     notes: list[str] = field(default_factory=list)
+    #: the load average when the search ended (its int8 files are timed at the end)
+    load_average: float | None = field(default_factory=load_average)
+
+    def __post_init__(self) -> None:
+        if note := overload_note(self.load_average):
+            self.notes.append(note)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "tbopt_version": __version__, "command": self.command, "checkpoint": self.checkpoint, "out": self.out,
             "config": self.config.to_dict(), "data": self.data, "threads": self.threads,
+            "load_average": self.load_average, "cpus": cores(),
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
             "quality_axis": "PSNR vs targets" if self.budget.uses_targets else "fidelity to the original",
             "budget": {"description": self.budget.describe(), "line_db": round(self.budget.line_db, 3),
@@ -110,6 +118,7 @@ class OptimizeResult:
 def caption(r: OptimizeResult) -> str:
     return (f"Scored on {r.data}. Quality: {r.budget.describe()}. Sizes on disk and zipped (DEFLATE 9). Latency: "
             f"int8 TorchScript files only, batch 1, {r.threads} thread(s), median of {r.config.runs} runs after "
-            f"{r.config.warmup} warm-up, timed side by side with the original (eager fp32) on {platform.machine()}. "
+            f"{r.config.warmup} warm-up, timed side by side with the original (eager fp32) on {platform.machine()} "
+            f"({load_text(r.load_average)} when the search ended). "
             f"Core ML files are scored with tbopt's reference executor off macOS; their device latency needs "
             f"Apple hardware.")

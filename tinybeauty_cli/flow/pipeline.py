@@ -38,6 +38,7 @@ from ..core.errors import InputError, OutputError, OutputExistsError, TbOptError
 from ..core.files import atomic_output, check_folder, make_folders, remove_empty_folders
 from ..core.images import load_images
 from ..core.progress import Progress, SilentProgress
+from ..core.load import highest, load_text, overload_note
 from ..measure.bench import BenchResult, BenchRow, Entry, measure_entries
 from ..measure.evaluate import Evaluation, Scores
 from ..measure.report import StageFigures, results_figure, results_markdown
@@ -157,13 +158,18 @@ def _row_figures(stage: str, row: BenchRow) -> StageFigures:
                         latency_p90_ms=None if lat is None else lat.p90_ms)
 
 
+def run_load(result: RunResult) -> float | None:
+    """The highest load average while the run timed its artifacts."""
+    return highest(r.latency for r in result.bench.rows)
+
+
 def caption(result: RunResult) -> str:
     b = result.bench
     cfg = b.config
     return (f"Measured by `{result.command}` on {b.data_source}. PSNR against the targets; fidelity = PSNR "
             f"against the original model's output. Inference time: batch 1, {cfg.effective_threads} CPU "
             f"thread(s), median of {cfg.runs} runs after {cfg.warmup} warm-up, on this machine "
-            f"({platform.machine()}); the engine of each time is stated. Core ML times from tbopt's reference "
+            f"({platform.machine()}, {load_text(run_load(result))}); the engine of each time is stated. Core ML times from tbopt's reference "
             f"executor are not device latency: that needs Apple hardware.")
 
 
@@ -265,6 +271,8 @@ def _run(loaded: LoadedModel, checkpoint: Path, out: Path, cfg: RunConfig, paths
         files = {role: str(p) for role, p in paths.items()}
         result = RunResult(str(checkpoint), str(out), cfg, stages, measured, pruned_report, quantized, exports,
                            seconds, files, notes=list(measured.notes), command=command)
+        if note := overload_note(run_load(result)):
+            result.notes.append(note)
         stage(5, lambda: _write_reports(result, paths, force))
         seconds["total"] = time.perf_counter() - t_start
         _write_json(result, paths["json"])  # last, so that it holds every stage's time
@@ -288,6 +296,6 @@ def _write_reports(result: RunResult, paths: dict[str, Path], force: bool) -> No
             row.append(ex["targets"][i])
         examples.append((name, row))
     title = (f"TinyBeauty stage 5: {result.config.method} pruning {result.config.rate:g}, int8, Core ML "
-             f"({result.bench.data_source})")
+             f"({result.bench.data_source})\ninference times at {load_text(run_load(result))}")
     with atomic_output(paths["figure"], force=force) as tmp:
         results_figure(result.stages, examples, columns, tmp, title)

@@ -224,6 +224,7 @@ def _quantize(loaded: LoadedModel, output: Path, cfg: QuantizeConfig, *, force: 
                 "float_engine": float_runner.engine, "int8_engine": int8_runner.engine,
                 "ratio": rounded(lat["int8"].p50_ms / lat["float"].p50_ms),
                 "threads": lat["int8"].threads, "batch": 1, "size": prep.size,
+                "load_average": lat["int8"].load_average, "cpus": lat["int8"].cpus,
             }
             calibration = {"source": calib_set.source, "images": len(calib_set), "skipped": skipped,
                            "batch": CALIB_BATCH, "sensitivity_images": outcome.sensitivity_images,
@@ -280,7 +281,7 @@ def _quantize(loaded: LoadedModel, output: Path, cfg: QuantizeConfig, *, force: 
     size["zipped_ratio"] = rounded(size["int8_zipped_bytes"] / size["float_zipped_bytes"])
     timings["total_s"] = time.perf_counter() - t_start
     if after.fidelity_psnr_db is not None and after.fidelity_psnr_db < cfg.min_psnr_db:
-        notes.append(f"fidelity on the test set ({after.fidelity_psnr_db:.2f} dB) is below --min-psnr "
+        notes.append(f"fidelity on the test set ({after.fidelity_psnr_db:.2f} dB) is below --min-fidelity "
                      f"{cfg.min_psnr_db:g} dB although the calibration images reached "
                      f"{outcome.calibration_fidelity_db:.2f} dB; calibrate on images closer to the test set (--calib)")
     if lat["int8"].p50_ms >= lat["float"].p50_ms:

@@ -26,8 +26,8 @@ from .evaluate import evaluate
 class CompareConfig:
     data: Path | None = None
     limit: int | None = None
-    runs: int = 20
-    warmup: int = 3
+    runs: int = 30
+    warmup: int = 5
     threads: int | None = None
     worst: int = 3  # images shown in the PNG
 
