@@ -12,14 +12,12 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from tinybeauty_cli.cli.app import app
 from tinybeauty_cli.coreml import runner as cr
 from tinybeauty_cli.coreml.spec import coremltools
 
-from ..test_cli import assert_one_line_error
-from ..test_coreml_device import StandInMLModel
+from tests.coreml_helpers import StandInMLModel
+from tests.helpers import assert_one_line_error, run
 
 ct = coremltools()
 cp = ct.models.compute_plan
@@ -99,9 +97,6 @@ def device(request, monkeypatch):
                             classmethod(lambda cls, path, compute_units=None: StandInPlan(path)))
     return request.param
 
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.mark.parametrize("name", ["mlprogram/image/fp16", "neuralnetwork/image/fp32"])

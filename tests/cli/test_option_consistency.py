@@ -8,22 +8,18 @@ import re
 
 import pytest
 import typer.main
-from typer.testing import CliRunner
 
 from tinybeauty_cli.cli import _options
 from tinybeauty_cli.cli.app import app
 from tinybeauty_cli.core import load
 
-from ..test_cli import assert_one_line_error
+from tests.helpers import assert_one_line_error, run
 
 GROUP = typer.main.get_command(app)
 #: placeholders for required arguments and options, so that a command line parses
 REQUIRED = {"compare": ["a.pt", "b.pt"], "apply": ["m.pt", "p.png", "-o", "out"], "prune": ["--rate", "0.3"]}
 COMPUTING = ("run", "optimize", "prune", "quantize", "export", "bench", "compare", "apply")
 
-
-def run(*args, env=None):
-    return CliRunner().invoke(app, [str(a) for a in args], env=env)
 
 
 def _choices(p):

@@ -26,7 +26,8 @@ from ..core.errors import InputError, UnsupportedError, UsageError
 from ..core.files import atomic_output, check_output, size_on_disk, zipped_size
 from ..core.images import uint8_to_model
 from ..core.progress import Progress, SilentProgress
-from ..coreml.spec import graph_op_counts, load_spec, neural_network_weight_bytes, package_parts
+from ..coreml.spec import graph_op_counts, load_spec, neural_network_weight_bytes, package_parts, read_coreml
+from ..coreml.weights import carry_file_weights, stored_weights
 from ..export.config import FORMAT_BY_SUFFIX, FORMAT_NAMES, ExportConfig, format_for_path
 from ..export.convert import bits_for_export, export_module, plan_for
 from ..export.metadata import compression_label
@@ -219,3 +220,23 @@ def export_file(path: Path | str, output: Path | str, config: ExportConfig, *, f
     check_output(output, force, inputs=(path,))
     loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
     return export_loaded(loaded, output, config, force=force, progress=progress)
+
+
+def decompressed_twin(coreml_path: Path | str, source: LoadedModel) -> nn.Module:
+    """A PyTorch model carrying exactly the weights a file written by ``tbopt export`` holds.
+
+    Palettes are looked up, int8 weights scaled, sparse tensors expanded and fp16 values kept as
+    rounded. The model maps a float (N, C, S, S) batch in the input range to what the file's graph
+    returns (the same function apart from the compute precision: it runs in fp32). ``source`` is
+    the float model the file was exported from; it gives the structure, the file's metadata the
+    export options.
+    """
+    if source.artifact is None:
+        raise UnsupportedError("the PyTorch twin of a Core ML file needs the float model it was exported from")
+    meta = read_coreml(coreml_path).tbopt_metadata
+    config = ExportConfig.from_dict(meta["export"])
+    size = int(meta["preprocessing"]["size"])
+    model = source.artifact.build_model()
+    module = coreml_ready_module(model, size, config.format, input_channels(model))
+    carry_file_weights(module, stored_weights(coreml_path), torch.zeros(1, input_channels(model), size, size))
+    return module.eval()
