@@ -142,6 +142,7 @@ def test_single_value_choices_read_as_plain_words():
 
 
 def test_short_flags_of_common_options():
+    assert run("-V").stdout.startswith("tbopt ")
     for name, c in GROUP.commands.items():
         opts = {o for p in c.params for o in p.opts}
         for long, short in (("--output", "-o"), ("--force", "-f"), ("--quiet", "-q"), ("--data", "-d"),
