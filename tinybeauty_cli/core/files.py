@@ -207,6 +207,73 @@ def atomic_output(path: Path, force: bool = False, directory: bool = False) -> I
             remove_empty_folders(made)
 
 
+#: The lock file a command holds in the folder it writes into (:func:`folder_lock`).
+LOCK_NAME = ".tbopt.lock"
+
+
+class FolderBusyError(OutputError):
+    """Another tbopt process holds the folder's lock."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, command: str) -> Iterator[None]:
+    """Hold an advisory lock (``flock``) on ``folder`` for the block: one command at a time writes there.
+
+    The lock is a file inside the folder (made if missing, with its missing parents) that records the
+    holder's pid and command. A second command refuses at once, naming the folder and the holder. The
+    kernel releases a ``flock`` when its process ends, however it ends, so a lock file left by a killed
+    process does not block. At the end the lock file is removed, and the folders made for it if empty.
+    """
+    import fcntl  # noqa: PLC0415 - POSIX only, and only for the commands that write into a folder
+
+    folder = Path(folder)
+    made = make_folders(folder)
+    path = folder / LOCK_NAME
+    fd = -1
+    try:
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise output_error(path, exc) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                fd = -1
+                raise FolderBusyError(f"{folder} is in use by another tbopt command ({holder}); one command "
+                                      f"at a time writes into a folder",
+                                      hint="wait for it to end, or choose another output folder") from None
+            # The holder before us may have removed the file after we opened it: lock the file the path names.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+            fd = -1
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}: {command}\n".encode())
+        yield
+    finally:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                path.unlink()  # while still held: nobody else can have locked this file
+            os.close(fd)
+        remove_empty_folders(made)
+
+
+def _lock_holder(fd: int) -> str:
+    """Who holds a lock, as its file records it ("pid 123: tbopt optimize ...")."""
+    try:
+        text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    except OSError:
+        text = ""
+    return text.splitlines()[0] if text else "a process that has not yet written its pid"
+
+
 @contextlib.contextmanager
 def scratch_tempdir() -> Iterator[Path]:
     """A private temporary folder for the block: ``tempfile`` (and so coremltools' temporary
