@@ -22,9 +22,51 @@ from .errors import InputError, OutputError, OutputExistsError, TbOptError
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
+def normalized(path: Path | str) -> Path:
+    """``path`` with ``.`` and ``..`` resolved lexically (``ghost/../g.pt`` is ``g.pt``): the folder
+    checked, made and written is the one the name means, not a detour through a folder that is not there."""
+    text = os.fspath(path)
+    return Path(os.path.normpath(text)) if text else Path(".")
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(_nearest_existing(folder), "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def check_names(path: Path, what: str = "output") -> None:
+    """Refuse, before any work, a path the file system cannot hold: a part longer than its longest name
+    (255 bytes on most file systems) or a path longer than its longest path."""
+    path = normalized(path)
+    limit = _name_max(path.parent)
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > limit:
+            shown = part if len(part) <= 40 else f"{part[:20]}...{part[-12:]}"
+            raise OutputError(f"cannot write the {what}: the name {shown!r} is {size} bytes, longer than the "
+                              f"{limit} bytes a file name may have here", hint="choose a shorter name with -o")
+    try:
+        path_max = os.pathconf(_nearest_existing(path.parent), "PC_PATH_MAX")
+    except (OSError, ValueError):
+        path_max = 4096
+    if len(os.fsencode(os.path.abspath(path))) >= path_max:
+        raise OutputError(f"cannot write the {what}: its path is longer than the {path_max} bytes a path may "
+                          f"have here", hint="choose a shorter path with -o")
+
+
+def _exists(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError:  # missing, under a file, or a name too long to look up
+        return False
+    return True
+
+
 def _nearest_existing(folder: Path) -> Path:
     folder = Path(folder) if str(folder) else Path(".")
-    while not folder.exists() and folder != folder.parent:
+    while not _exists(folder) and folder != folder.parent:
         folder = folder.parent
     return folder
 
@@ -32,7 +74,8 @@ def _nearest_existing(folder: Path) -> Path:
 def check_folder(folder: Path, what: str = "output") -> None:
     """Refuse, before any work, a folder that cannot hold outputs: one under a file, or one whose
     nearest existing folder is not writable (permissions or a read-only file system)."""
-    folder = Path(folder) if str(folder) else Path(".")
+    folder = normalized(folder)
+    check_names(folder, what)
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"cannot write the {what} into {folder}: it is a file, not a folder")
     base = _nearest_existing(folder)
@@ -55,14 +98,15 @@ def _read_only(folder: Path) -> bool:
 def check_output(path: Path, force: bool, inputs: tuple[Path, ...] = ()) -> None:
     """Refuse, before any work is done, an output that exists (without ``force``), is an input, or
     lies where nothing can be written (see :func:`check_folder`)."""
-    path = Path(path)
+    path = normalized(path)
     for src in inputs:
         if src is not None and path.resolve() == Path(src).resolve():
             raise InputError(f"output {path} is the input; inputs are never modified",
                              hint="choose another output path with -o")
+    check_names(path)
     if path.exists() and not force:
         raise OutputExistsError(path)
-    check_folder(path.parent if str(path.parent) else Path("."), what=f"output {path.name}")
+    check_folder(path.parent, what=f"output {path.name}")
 
 
 def output_error(path: Path, exc: OSError) -> OutputError:
@@ -75,7 +119,7 @@ def output_error(path: Path, exc: OSError) -> OutputError:
 
 def make_folders(folder: Path) -> list[Path]:
     """``mkdir -p folder``; returns the folders it made (deepest last), to remove them if the work fails."""
-    folder = Path(folder)
+    folder = normalized(folder)
     missing = []
     probe = folder
     while not probe.exists() and probe != probe.parent:
@@ -156,18 +200,22 @@ def atomic_output(path: Path, force: bool = False, directory: bool = False) -> I
     """Yield a temporary path beside ``path``; on success flush it to disk and rename it into place.
 
     The temporary file (or folder, for ``directory=True``, e.g. an ``.mlpackage``) lives in a
-    hidden temporary folder in the target's folder, so the final rename is atomic. Missing folders
+    hidden temporary folder of a short name (``.tbopt-XXXXXXXX.tmp``) in the target's folder, so the
+    final rename is atomic and any name the file system accepts can be written. ``path`` is
+    normalized first (:func:`normalized`). Missing folders
     are made. If the body raises or is interrupted, the temporary folder and the folders made
     for it are removed and ``path`` is left as it was; an OS error while writing (a full disk, a
     read-only file system) becomes an :class:`OutputError`.
     """
-    path = Path(path)
+    path = normalized(path)
+    check_names(path)
     if path.exists() and not force:
         raise OutputExistsError(path)
     check_folder(path.parent, what=f"output {path.name}")
     made = make_folders(path.parent)
     try:
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        # a short name of its own (not the output's, which may be as long as a name can be)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=".tbopt-", suffix=".tmp", dir=path.parent))
     except OSError as exc:
         remove_empty_folders(made)
         raise output_error(path, exc) from None
@@ -190,7 +238,7 @@ def atomic_output(path: Path, force: bool = False, directory: bool = False) -> I
         with _interrupts_held():
             if path.exists() and (path.is_dir() or directory) and not path.is_symlink():
                 # A folder cannot be replaced atomically: move the old one aside, put it back on failure.
-                old = tmp_dir / (path.name + ".old")
+                old = tmp_dir / ("old" if path.name != "old" else "old-1")
                 os.replace(path, old)
                 try:
                     os.replace(tmp, path)
