@@ -274,7 +274,7 @@ def folder_lock(folder: Path, command: str) -> Iterator[None]:
     """
     import fcntl  # noqa: PLC0415 - POSIX only, and only for the commands that write into a folder
 
-    folder = Path(folder)
+    folder = normalized(folder)
     made = make_folders(folder)
     path = folder / LOCK_NAME
     fd = -1

@@ -37,7 +37,7 @@ import torch
 from ..core.checkpoint import load_model
 from ..core.contexts import torch_threads
 from ..core.errors import InputError, OutputError, OutputExistsError, UsageError
-from ..core.files import atomic_output, check_folder, folder_lock, sha256_file, size_on_disk, zipped_size
+from ..core.files import atomic_output, check_folder, folder_lock, normalized, sha256_file, size_on_disk, zipped_size
 from ..core.images import ImageSet, load_images, uint8_to_model
 from ..core.progress import Progress, SilentProgress
 from ..measure.search_report import pareto_figure, pareto_front, search_markdown
@@ -68,7 +68,7 @@ def optimize(checkpoint: Path | str, out: Path | str, cfg: OptimizeConfig | None
     """Search, choose, write (see the module docstring). ``on_row`` sees every model and candidate as it comes."""
     cfg = cfg or OptimizeConfig()
     progress = progress or SilentProgress()
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint, out = Path(checkpoint), normalized(out)
     if force and resume:
         raise UsageError("--resume continues the search in --out; --force starts it afresh: pass one of them")
     if out.exists() and not out.is_dir():

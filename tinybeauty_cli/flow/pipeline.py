@@ -35,7 +35,7 @@ from ..core.artifact import ARTIFACT_VERSION, artifact_found
 from ..core.checkpoint import LoadedModel, load_model
 from ..core.contexts import torch_threads
 from ..core.errors import InputError, OutputError, OutputExistsError, TbOptError, UsageError
-from ..core.files import atomic_output, check_folder, folder_lock
+from ..core.files import atomic_output, check_folder, folder_lock, normalized
 from ..core.images import load_images
 from ..core.progress import Progress, SilentProgress
 from ..measure.bench import BenchResult, BenchRow, Entry, measure_entries
@@ -173,7 +173,7 @@ def run_pipeline(checkpoint: Path | str, out: Path | str, config: RunConfig | No
     """Run every stage into ``out`` and return the measured table (see the module docstring)."""
     cfg = config or RunConfig()
     progress = progress or SilentProgress()
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint, out = Path(checkpoint), normalized(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--output {out} is a file, not a folder")
     check_folder(out, what="run's outputs")
