@@ -95,9 +95,10 @@ def _read_only(folder: Path) -> bool:
         return False
 
 
-def check_output(path: Path, force: bool, inputs: tuple[Path, ...] = ()) -> None:
-    """Refuse, before any work is done, an output that exists (without ``force``), is an input, or
-    lies where nothing can be written (see :func:`check_folder`)."""
+def check_output(path: Path, force: bool, inputs: tuple[Path, ...] = ()) -> Path:
+    """Refuse, before any work is done, an output that exists (without ``force``), is an input, has a
+    name the file system cannot hold, or lies where nothing can be written (see :func:`check_folder`).
+    Returns the path to write, normalized (:func:`normalized`)."""
     path = normalized(path)
     for src in inputs:
         if src is not None and path.resolve() == Path(src).resolve():
@@ -107,6 +108,7 @@ def check_output(path: Path, force: bool, inputs: tuple[Path, ...] = ()) -> None
     if path.exists() and not force:
         raise OutputExistsError(path)
     check_folder(path.parent, what=f"output {path.name}")
+    return path
 
 
 def output_error(path: Path, exc: OSError) -> OutputError:

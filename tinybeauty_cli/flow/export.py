@@ -121,7 +121,7 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
         raise UsageError(f"{output.name} is a {FORMAT_NAMES[format_for_path(output)]} file but the configuration "
                          f"asks for {FORMAT_NAMES[config.format]}")
     _refuse_torchscript(loaded)
-    check_output(output, force, inputs=(loaded.path,))
+    output = check_output(output, force, inputs=(loaded.path,))
     artifact = loaded.artifact
     assert artifact is not None and loaded.module is not None
     model = loaded.module.eval()
@@ -222,6 +222,6 @@ def export_file(path: Path | str, output: Path | str, config: ExportConfig, *, f
     if path.suffix.lower() in FORMAT_BY_SUFFIX:
         raise InputError(f"{path} is already a Core ML model; tbopt export converts float PyTorch models",
                          hint="give the checkpoint or tbopt artifact it was exported from")
-    check_output(output, force, inputs=(path,))
+    output = check_output(output, force, inputs=(path,))
     loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
     return export_loaded(loaded, output, config, force=force, progress=progress)
