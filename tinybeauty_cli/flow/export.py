@@ -10,6 +10,7 @@ network sees [-1, 1]) and returns the made-up RGB image, computed inside the gra
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -23,6 +24,7 @@ from ..core.artifact import HistoryStep
 from ..core.checkpoint import LoadedModel, load_model
 from ..core.counts import input_channels
 from ..core.errors import InputError, UnsupportedError, UsageError
+from ..core.fingerprint import weights_fingerprint
 from ..core.files import atomic_output, check_output, size_on_disk, zipped_size
 from ..core.images import uint8_to_model
 from ..core.progress import Progress, SilentProgress
@@ -109,8 +111,8 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
     """Export an opened float model to ``output`` (written atomically, validated before it lands).
 
     ``loaded`` may be built in memory: its path is only a label and its ``sha256`` is taken as given.
-    ``fits``: a dict the caller keeps across exports; a palette fit of the same model (``sha256``),
-    bits and fit settings is then done once and reused (``tbopt optimize`` writes one fit for
+    ``fits``: a dict the caller keeps across exports; a palette fit of the same weights (their
+    fingerprint), bits and fit settings is then done once and reused (``tbopt optimize`` writes one fit for
     several targets).
     """
     started = time.perf_counter()
@@ -120,7 +122,7 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
         raise UsageError(f"{output.name} is a {FORMAT_NAMES[format_for_path(output)]} file but the configuration "
                          f"asks for {FORMAT_NAMES[config.format]}")
     _refuse_torchscript(loaded)
-    check_output(output, force, inputs=(loaded.path,))
+    output = check_output(output, force, inputs=(loaded.path,))
     artifact = loaded.artifact
     assert artifact is not None and loaded.module is not None
     model = loaded.module.eval()
@@ -155,15 +157,19 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
         plan = plan_for(model, config)  # zeros may have moved to other entries
     palette_fit = None
     if config.fit_palettes:
-        key = (loaded.sha256, json.dumps(bits if isinstance(bits, int) else sorted(bits.items())), size,
+        # keyed by the weights themselves (the model about to be fitted and its teacher), not by a name
+        # or a hash taken as given; each export gets its own copy of the fitted model
+        key = (weights_fingerprint(model), weights_fingerprint(original),
+               json.dumps(bits if isinstance(bits, int) else sorted(bits.items())), size,
                config.fit_palettes, config.fit_data, config.seed, config.fit_images, config.fit_batch_size,
                config.fit_lr, config.palette_method, config.calib, config.calib_count)
         if fits is not None and key in fits:
-            model, fit = fits[key]
+            fitted, fit = fits[key]
+            model = copy.deepcopy(fitted)  # the kept one is never handed out, so never edited
         else:
             model, fit = _fit_palettes(model, config, bits, size, progress, teacher=original)
             if fits is not None:
-                fits[key] = (model, fit)
+                fits[key] = (copy.deepcopy(model), fit)
         palette_fit = fit.to_dict()
         history.append(HistoryStep.now("fit-palettes", command, config.to_dict(), palette_fit))
         plan = plan_for(model, config)  # trained palette values: a cluster of zeros may be zero no more
@@ -217,7 +223,7 @@ def export_file(path: Path | str, output: Path | str, config: ExportConfig, *, f
     if path.suffix.lower() in FORMAT_BY_SUFFIX:
         raise InputError(f"{path} is already a Core ML model; tbopt export converts float PyTorch models",
                          hint="give the checkpoint or tbopt artifact it was exported from")
-    check_output(output, force, inputs=(path,))
+    output = check_output(output, force, inputs=(path,))
     loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
     return export_loaded(loaded, output, config, force=force, progress=progress)
 

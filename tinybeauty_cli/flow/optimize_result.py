@@ -47,9 +47,14 @@ class Candidate:
 
     @classmethod
     def from_record(cls, record: dict[str, Any], budget: Budget) -> "Candidate":
-        """A cached evaluation, judged by ``budget`` (the budget is not part of the evaluation)."""
-        d = {k: v for k, v in record.items() if k in cls.__dataclass_fields__}
+        """A cached evaluation, judged by ``budget`` (the budget is not part of the evaluation); a
+        record lacking a field, or holding one of another type, raises ``ValueError``."""
+        d = checked_fields(cls, record, skip=("recipe", "quality_db", "kept", "cached", "pareto"))
+        if not isinstance(record.get("recipe"), dict):
+            raise ValueError("'recipe' is missing or not an object")
         d["recipe"] = Recipe.from_dict(record["recipe"])
+        if d["recipe"].key != record.get("key"):
+            raise ValueError(f"its recipe is {d['recipe'].key}, not {record.get('key')}")
         psnr, fid = d["target_psnr_db"], d["fidelity_psnr_db"]
         return cls(**{**d, "quality_db": budget.quality(psnr, fid), "kept": budget.keeps(psnr, fid),
                       "cached": True, "pareto": False})
@@ -70,6 +75,48 @@ class ModelEntry:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "ModelEntry":
+        """A cached float model's entry; ``ValueError`` when a field is missing or of another type."""
+        if not isinstance(record.get("entry"), dict):
+            raise ValueError("'entry' is missing or not an object")
+        d = checked_fields(cls, record["entry"], skip=("quality_db", "kept", "cached"))
+        if d["file"] != record.get("file") or d["key"] != record.get("key"):
+            raise ValueError("its entry names another file or model than its record")
+        return cls(**{**d, "quality_db": None, "kept": False})
+
+
+#: The JSON types a record's field may take, by the field's declared type.
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "list[str]": (list,),
+}
+
+
+def checked_fields(cls: Any, record: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields of the dataclass ``cls`` read from ``record``, each of its declared type (``ValueError``
+    naming the first that is missing or is not); fields in ``skip`` are left out. ``A | None`` may be null;
+    fields with a default may be absent."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        if f.name not in record:
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                continue
+            raise ValueError(f"field {f.name!r} is missing")
+        value, declared = record[f.name], str(f.type)
+        optional = declared.endswith(" | None")
+        kinds = _JSON_TYPES[declared.removesuffix(" | None")]
+        if value is None and optional:
+            out[f.name] = value
+            continue
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise ValueError(f"field {f.name!r} is {value!r}, not a {declared}")
+        if declared == "list[str]" and not all(isinstance(v, str) for v in value):
+            raise ValueError(f"field {f.name!r} is not a list of strings")
+        out[f.name] = value
+    return out
 
 
 @dataclass

@@ -35,7 +35,7 @@ from ..core.artifact import ARTIFACT_VERSION, artifact_found
 from ..core.checkpoint import LoadedModel, load_model
 from ..core.contexts import torch_threads
 from ..core.errors import InputError, OutputError, OutputExistsError, TbOptError, UsageError
-from ..core.files import atomic_output, check_folder, make_folders, remove_empty_folders
+from ..core.files import atomic_output, check_folder, folder_lock, normalized
 from ..core.images import load_images
 from ..core.progress import Progress, SilentProgress
 from ..core.load import highest, load_text, overload_note
@@ -179,7 +179,16 @@ def run_pipeline(checkpoint: Path | str, out: Path | str, config: RunConfig | No
     """Run every stage into ``out`` and return the measured table (see the module docstring)."""
     cfg = config or RunConfig()
     progress = progress or SilentProgress()
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint, out = Path(checkpoint), normalized(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--output {out} is a file, not a folder")
+    check_folder(out, what="run's outputs")
+    with folder_lock(out, f"tbopt run --output {out}"):  # the folder made for it goes if nothing is written
+        return _locked_run(checkpoint, out, cfg, force, progress, on_stage)
+
+
+def _locked_run(checkpoint: Path, out: Path, cfg: RunConfig, force: bool, progress: Progress,
+                on_stage: Callable[[int, int, str], None] | None) -> RunResult:
     paths = check_outputs(out, checkpoint, force)
     if cfg.data is not None and not Path(cfg.data).is_dir():
         raise InputError(f"--data {cfg.data} is not a folder")
@@ -213,12 +222,7 @@ def run_pipeline(checkpoint: Path | str, out: Path | str, config: RunConfig | No
         return result
 
     t_start = time.perf_counter()
-    made = make_folders(out)
-    try:
-        return _run(loaded, checkpoint, out, cfg, paths, force, progress, stage, write, seconds, command, t_start)
-    except BaseException:
-        remove_empty_folders(made)  # a folder made for a run that wrote nothing is not left behind
-        raise
+    return _run(loaded, checkpoint, out, cfg, paths, force, progress, stage, write, seconds, command, t_start)
 
 
 def _run(loaded: LoadedModel, checkpoint: Path, out: Path, cfg: RunConfig, paths: dict[str, Path], force: bool,

@@ -24,7 +24,7 @@ from ..core.checkpoint import LoadedModel, load_model
 from ..core.contexts import quantized_engine
 from ..core.counts import count_macs, count_parameters
 from ..core.errors import ImageError, InputError, UnsupportedError
-from ..core.files import atomic_output, check_output, sha256_file, size_on_disk, zipped_size, zipped_size_of_bytes
+from ..core.files import atomic_output, check_output, normalized, sha256_file, size_on_disk, zipped_size, zipped_size_of_bytes
 from ..core.images import ImageSet, builtin_test_set, load_images, read_unlabeled, synthetic_unlabeled, uint8_to_model
 from ..core.progress import Progress, SilentProgress
 from ..measure.evaluate import Scores
@@ -128,7 +128,7 @@ def quantize_file(source: Path | str, output: Path | str, config: QuantizeConfig
     t_start = time.perf_counter()
     source, output = Path(source), Path(output)
     cfg = config or QuantizeConfig()
-    check_output(output, force, inputs=(source,))
+    output = check_output(output, force, inputs=(source,))
     loaded = load_model(source, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
     eval_images = None
     if data is not None:
@@ -152,7 +152,7 @@ def quantize_loaded(loaded: LoadedModel, output: Path | str, config: QuantizeCon
     The result's ``written`` is the int8 file as :func:`load_model` would open it, so a flow can
     measure it without reading it back.
     """
-    return _quantize(loaded, Path(output), config or QuantizeConfig(), force=force, progress=progress,
+    return _quantize(loaded, normalized(output), config or QuantizeConfig(), force=force, progress=progress,
                      command=command, eval_images=eval_images, source_bytes=source_bytes, scores=scores,
                      t_start=time.perf_counter())
 

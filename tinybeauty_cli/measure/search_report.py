@@ -45,6 +45,9 @@ def search_markdown(result: Mapping[str, Any]) -> str:
         lines.append(f"| {target} | `{c['file']}` | {c['size_bytes']:,} | {c['zipped_bytes']:,} | "
                      f"{_fmt(c['quality_db'])} | {_fmt(c['fidelity_psnr_db'])} | {_fmt(c.get('latency_ms'))} | "
                      f"{c['recipe']['key']} |")
+    hashes = [f"- {target}: `{c['sha256']}`" for target, c in result["chosen"].items() if c.get("sha256")]
+    if hashes:
+        lines += ["", "SHA-256 of each chosen file, read back from the folder once written:", "", *hashes]
     lines += ["", "Commands that rebuild each chosen file (same weights and graph):", ""]
     for target, c in result["chosen"].items():
         if c.get("commands"):
