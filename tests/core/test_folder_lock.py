@@ -73,9 +73,11 @@ def ckpt(tmp_path_factory):
 
 PAIRS = [("optimize", "optimize"), ("optimize", "optimize --resume"), ("optimize", "optimize --force"),
          ("run", "run"), ("run", "run --force"), ("optimize", "run"), ("run", "optimize --resume")]
+QUICK = {("optimize", "optimize --resume"), ("run", "run --force")}  # the rest: -m slow (each starts two processes)
 
 
-@pytest.mark.parametrize(("first", "second"), PAIRS, ids=[f"{a}+{b}" for a, b in PAIRS])
+@pytest.mark.parametrize(("first", "second"), [
+    pytest.param(a, b, id=f"{a}+{b}", marks=[] if (a, b) in QUICK else [pytest.mark.slow]) for a, b in PAIRS])
 def test_a_second_command_into_a_busy_folder_refuses_at_once(ckpt, tmp_path, first, second):
     out = tmp_path / "out"
     holder = tbopt(*long_command(first, ckpt, out))
@@ -99,7 +101,7 @@ def test_a_second_command_into_a_busy_folder_refuses_at_once(ckpt, tmp_path, fir
         stop(holder)
 
 
-@pytest.mark.parametrize("kind", ["optimize", "run"])
+@pytest.mark.parametrize("kind", ["optimize", pytest.param("run", marks=pytest.mark.slow)])
 def test_a_lock_left_by_a_killed_process_does_not_block(ckpt, tmp_path, kind):
     out = tmp_path / "out"
     first = tbopt(*long_command(kind, ckpt, out))

@@ -109,7 +109,8 @@ def _close(reported, measured, what):
 
 PRUNES = [
     pytest.param(["--method", "magnitude", "--rate", "0.3", "--finetune-steps", "4"], id="magnitude-finetune"),
-    pytest.param(["--method", "global", "--rate", "0.3", "--finetune-steps", "4"], id="global-finetune"),
+    pytest.param(["--method", "global", "--rate", "0.3", "--finetune-steps", "4"], id="global-finetune",
+                 marks=pytest.mark.slow),
     pytest.param(["--method", "channel", "--rate", "0.3", "--finetune-steps", "4"], id="channel-finetune"),
     pytest.param(["--method", "channel", "--rate", "0.3", "--finetune-steps", "0"], id="channel-refit-only"),
 ]
@@ -137,7 +138,7 @@ def test_quantize_reports_the_written_model(src, tmp_path):
 
 RUNS = [
     pytest.param(["--method", "channel", "--finetune-steps", "4"], id="channel-finetune"),
-    pytest.param(["--method", "magnitude", "--finetune-steps", "4"], id="magnitude-finetune"),
+    pytest.param(["--method", "magnitude", "--finetune-steps", "4"], id="magnitude-finetune", marks=pytest.mark.slow),
 ]
 
 

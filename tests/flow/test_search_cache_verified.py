@@ -135,7 +135,12 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("corrupt", CASES)
+QUICK = {"mlmodel-cut-short", "mlpackage-weights-changed", "record-cut-short", "record-without-hash",
+         "size-a-string", "pruned-model-cut-short"}  # the rest: -m slow (each resumes a search)
+
+
+@pytest.mark.parametrize("corrupt", [
+    pytest.param(*case.values, id=case.id, marks=[] if case.id in QUICK else [pytest.mark.slow]) for case in CASES])
 def test_a_cache_entry_that_fails_its_check_is_redone(finished, tmp_path, corrupt):
     ckpt, done, data = finished
     out = tmp_path / "out"

@@ -304,8 +304,11 @@ def folder_lock(folder: Path, command: str) -> Iterator[None]:
                 break
             os.close(fd)
             fd = -1
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}: {command}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}: {command}\n".encode())
+        except OSError as exc:  # a full disk
+            raise output_error(path, exc) from None
         yield
     finally:
         if fd >= 0:
