@@ -106,22 +106,17 @@ for _name, _fn in _UNARY.items():
     OPS[_name] = _unary(_fn)
 
 
-@_op("rsqrt")
-def _rsqrt(op, c):
-    eps = float(c.param("epsilon", 1e-12))
-    return (lambda x: torch.rsqrt(x + eps)), [op.x]
+def _with_epsilon(fn, default: float):
+    """A unary op of ``x + epsilon`` (MIL's default epsilon when the op does not set one)."""
+    def make(op, c):
+        eps = float(c.param("epsilon", default))
+        return (lambda x: fn(x + eps)), [op.x]
+    return make
 
 
-@_op("inverse")
-def _inverse(op, c):
-    eps = float(c.param("epsilon", 1e-4))
-    return (lambda x: torch.reciprocal(x + eps)), [op.x]
-
-
-@_op("log")
-def _log(op, c):
-    eps = float(c.param("epsilon", 1e-45))
-    return (lambda x: torch.log(x + eps)), [op.x]
+for _name, (_fn, _eps) in {"rsqrt": (torch.rsqrt, 1e-12), "inverse": (torch.reciprocal, 1e-4),
+                           "log": (torch.log, 1e-45)}.items():
+    OPS[_name] = _with_epsilon(_fn, _eps)
 
 
 @_op("clip")
