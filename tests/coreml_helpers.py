@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import torch
 from torch import nn
 
-from tinybeauty_cli.coreml.spec import coremltools
+from tinybeauty_cli.coreml import runner as cr
+from tinybeauty_cli.coreml.spec import coremltools, read_coreml
 from tinybeauty_cli.coreml.weights import carry_file_weights, stored_weights
 
 from tests.helpers import COREML_SIZE
@@ -61,3 +63,46 @@ def save_mil_program(folder: Path, body, size: int = COREML_SIZE) -> Path:
     path = folder / "custom.mlpackage"
     ml.save(str(path))
     return path
+
+
+# --- Core ML itself, stood in for off macOS ------------------------------------------------------------
+
+ct = coremltools()
+_REAL_MLMODEL = ct.models.MLModel
+
+
+class StandInMLModel(_REAL_MLMODEL):
+    """coremltools' MLModel with ``predict`` computed by the reference executor (no Core ML needed)."""
+
+    loads: list["StandInMLModel"] = []
+    fail_load: str | None = None
+    fail_predict: str | None = None
+
+    def __init__(self, model, *args, skip_model_load: bool = False, compute_units=None, **kwargs):
+        super().__init__(model, *args, skip_model_load=True,
+                         compute_units=ct.ComputeUnit.ALL if compute_units is None else compute_units, **kwargs)
+        self.feeds: list[dict] = []
+        if skip_model_load or not isinstance(model, (str, Path)):  # read only, or a spec being built
+            return
+        if StandInMLModel.fail_load:
+            raise RuntimeError(StandInMLModel.fail_load)
+        self.reference = cr.ReferenceBackend(read_coreml(model))
+        StandInMLModel.loads.append(self)
+
+    def predict(self, data: dict, **_: object) -> dict:
+        if StandInMLModel.fail_predict:
+            raise RuntimeError(StandInMLModel.fail_predict)
+        self.feeds.append(data)
+        m = self.reference.model
+        value = data[m.input.name]  # a KeyError, as Core ML refuses a missing input
+        if m.input.kind == "image":
+            assert isinstance(value, Image.Image) and value.mode == "RGB"
+            assert value.size == (m.input.shape[3], m.input.shape[2])
+            feed = np.asarray(value, np.float32).transpose(2, 0, 1)[None]
+        else:
+            feed = np.asarray(value, np.float32)
+        out = self.reference.run(feed)
+        if m.output.kind == "image":
+            pixels = np.clip(np.rint(out[0].transpose(1, 2, 0)), 0, 255).astype(np.uint8)
+            return {m.output.name: Image.fromarray(pixels, "RGB")}
+        return {m.output.name: out.astype(np.float16 if m.output.dtype == "fp16" else np.float32)}

@@ -85,7 +85,7 @@ def test_refusals_write_nothing(tmp_path, cli_quantized):
     (empty / "readme.txt").write_text("no images here")
     assert_one_line_error(run("quantize", src, "-o", out, "--calib", empty, *FAST), "no readable images")
     assert_one_line_error(run("quantize", src, "-o", out, "--backend", "gpu"), "--backend", code=2)
-    assert_one_line_error(run("quantize", src, "-o", out, "--min-psnr", "0"), "--min-psnr", code=2)
+    assert_one_line_error(run("quantize", src, "-o", out, "--min-psnr", "0"), "--min-fidelity", code=2)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "s.pt"]
 

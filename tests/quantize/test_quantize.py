@@ -215,7 +215,7 @@ def test_unreachable_fidelity_target_is_an_error(tmp_path):
     art = Artifact(ArchSpec.custom("tests.archs:TinyUNet", {"width": 4}), TinyUNet(4).state_dict(),
                    preprocessing=Preprocessing(size=32))
     save_artifact(art, tmp_path / "unet.pt")
-    with pytest.raises(UnsupportedError, match="fidelity stays below --min-psnr"):
+    with pytest.raises(UnsupportedError, match="fidelity stays below --min-fidelity"):
         quantize_file(tmp_path / "unet.pt", tmp_path / "q.pt", fast_config(min_psnr_db=149.0))
     assert not (tmp_path / "q.pt").exists()
 
@@ -225,7 +225,7 @@ def test_config_validation():
         QuantizeConfig(calib_count=0)
     with pytest.raises(ConfigError, match="--backend"):
         QuantizeConfig(backend="tpu")
-    with pytest.raises(ConfigError, match="--min-psnr"):
+    with pytest.raises(ConfigError, match="--min-fidelity"):
         QuantizeConfig(min_psnr_db=-3)
     with pytest.raises(ConfigError, match="--keep-float"):
         QuantizeConfig(keep_float="a,,b")

@@ -25,6 +25,7 @@ from ..core.checkpoint import LoadedModel, load_model
 from ..core.counts import input_channels
 from ..core.errors import InputError, UnsupportedError, UsageError
 from ..core.files import atomic_output, check_output
+from ..core.fingerprint import weights_fingerprint
 from ..core.images import uint8_to_model
 from ..core.progress import Progress, SilentProgress
 from ..core.written import WrittenFile
@@ -100,9 +101,9 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
     """Export an opened float model to ``output`` (written atomically, validated before it lands).
 
     ``loaded`` may be built in memory: its path is only a label and its ``sha256`` is taken as given.
-    ``fits``: a dict the caller keeps across exports; a palette fit of the same model (``sha256``),
-    bits and fit settings is then done once and reused (``tbopt optimize`` writes one fit for
-    several targets). The result's ``file`` is the file as written (read once, in its temporary place).
+    ``fits``: a dict the caller keeps across exports; a palette fit of the same weights (their
+    fingerprint), bits and fit settings is then done once and reused (``tbopt optimize`` writes one fit
+    for several targets). The result's ``file`` is the file as written (read once, in its temporary place).
     """
     started = time.perf_counter()
     progress = progress or SilentProgress()
@@ -111,7 +112,7 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
         raise UsageError(f"{output.name} is a {FORMAT_NAMES[format_for_path(output)]} file but the configuration "
                          f"asks for {FORMAT_NAMES[config.format]}")
     _refuse_torchscript(loaded)
-    check_output(output, force, inputs=(loaded.path,))
+    output = check_output(output, force, inputs=(loaded.path,))
     assert loaded.artifact is not None and loaded.module is not None
     prepared = _prepare(loaded, config, config.command_line(loaded.path, output), fits, progress)
     artifact, model, plan = loaded.artifact, prepared.model, prepared.plan
@@ -193,15 +194,19 @@ def _prepare(loaded: LoadedModel, config: ExportConfig, command: str, fits: dict
         p.history.append(HistoryStep.now("gptq-palettes", command, None, report.to_dict()))
         p.plan = plan_for(p.model, config)  # zeros may have moved to other entries
     if config.fit_palettes:
-        key = (loaded.sha256, json.dumps(bits if isinstance(bits, int) else sorted(bits.items())), size,
+        # keyed by the weights themselves (the model about to be fitted and its teacher), not by a name
+        # or a hash taken as given; each export gets its own copy of the fitted model
+        key = (weights_fingerprint(p.model), weights_fingerprint(model),
+               json.dumps(bits if isinstance(bits, int) else sorted(bits.items())), size,
                config.fit_palettes, config.fit_data, config.seed, config.fit_images, config.fit_batch_size,
                config.fit_lr, config.palette_method, config.calib, config.calib_count)
-        if fits is None or key not in fits:
-            fitted = _fit_palettes(p.model, config, bits, size, progress, teacher=model)
-            if fits is None:
-                fits = {}
-            fits[key] = fitted
-        p.model, fit = fits[key]
+        if fits is not None and key in fits:
+            fitted, fit = fits[key]
+            p.model = copy.deepcopy(fitted)  # the kept one is never handed out, so never edited
+        else:
+            p.model, fit = _fit_palettes(p.model, config, bits, size, progress, teacher=model)
+            if fits is not None:
+                fits[key] = (copy.deepcopy(p.model), fit)
         p.palette_fit = fit.to_dict()
         p.history.append(HistoryStep.now("fit-palettes", command, config.to_dict(), p.palette_fit))
         p.plan = plan_for(p.model, config)  # trained palette values: a cluster of zeros may be zero no more
@@ -278,7 +283,7 @@ def export_file(path: Path | str, output: Path | str, config: ExportConfig, *, f
     if path.suffix.lower() in FORMAT_BY_SUFFIX:
         raise InputError(f"{path} is already a Core ML model; tbopt export converts float PyTorch models",
                          hint="give the checkpoint or tbopt artifact it was exported from")
-    check_output(output, force, inputs=(path,))
+    output = check_output(output, force, inputs=(path,))
     loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
     return export_loaded(loaded, output, config, force=force, progress=progress)
 

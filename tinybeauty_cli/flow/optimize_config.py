@@ -146,7 +146,7 @@ class Recipe:
             source = sparse
         if self.is_cpu:
             q = cfg.quantize_config()
-            line = ["tbopt", "quantize", source, "--backend", backend or q.backend, "--min-psnr", f"{q.min_psnr_db:g}",
+            line = ["tbopt", "quantize", source, "--backend", backend or q.backend, "--min-fidelity", f"{q.min_psnr_db:g}",
                     "--calib-count", str(q.calib_count)]
             if cfg.calib:
                 line += ["--calib", str(cfg.calib)]
@@ -198,7 +198,7 @@ class OptimizeConfig:
     #: --bits-by-layer auto, where the format has it), fitted palettes (--fit-palettes N; 0: not tried).
     bits_by_layer: bool = True
     fit_steps: int = 300
-    int8_min_psnr_db: float = 50.0  # int8 fidelity to its float model (see tbopt run --min-psnr)
+    int8_min_psnr_db: float = 50.0  # int8 fidelity to its float model (see tbopt run --min-fidelity)
     calib_count: int = 32
     backend: str = "auto"
     threads: int | None = None

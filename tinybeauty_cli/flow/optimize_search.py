@@ -143,12 +143,11 @@ class _Search:
         if source is None:
             return None
         path = self.cache.model_path(key)
-        record = self.cache.load(key)
-        if record is not None:
-            e = record["entry"]
-            psnr, fid = e["target_psnr_db"], e["fidelity_psnr_db"]
-            entry = ModelEntry(**{**e, "quality_db": self.budget.quality(psnr, fid),
-                                  "kept": self.budget.keeps(psnr, fid), "cached": True})
+        entry = self.cache.load(key, ModelEntry.from_record)
+        if entry is not None:
+            psnr, fid = entry.target_psnr_db, entry.fidelity_psnr_db
+            entry = dataclasses.replace(entry, quality_db=self.budget.quality(psnr, fid),
+                                        kept=self.budget.keeps(psnr, fid), cached=True)
         elif not self.time_left(self.expected_seconds(recipe)):
             self.later(key)
             self._models[key] = None
@@ -214,10 +213,8 @@ class _Search:
     # -- candidates -----------------------------------------------------------------------------------------
     def candidate(self, recipe: Recipe) -> Candidate | None:
         """Evaluate ``recipe`` (or read it from the cache); None when it could not be tried."""
-        record = self.cache.load(recipe.key)
-        if record is not None:
-            cand = Candidate.from_record(record, self.budget)
-        else:
+        cand = self.cache.load(recipe.key, lambda record: Candidate.from_record(record, self.budget))
+        if cand is None:
             if not recipe.is_cpu and self.cannot_beat(recipe):
                 return None
             model = self.model(recipe)

@@ -34,9 +34,10 @@ from ..core.artifact import ARTIFACT_VERSION, artifact_found
 from ..core.checkpoint import LoadedModel, load_model
 from ..core.contexts import torch_threads
 from ..core.errors import InputError, OutputError, OutputExistsError, TbOptError, UsageError
-from ..core.files import atomic_output, check_folder, make_folders, remove_empty_folders
+from ..core.files import atomic_output, check_folder, folder_lock, normalized
 from ..core.images import load_images
 from ..core.progress import Progress, SilentProgress
+from ..core.load import highest, load_text, overload_note
 from ..measure.bench import BenchResult, BenchRow, Entry, measure_entries
 from ..measure.evaluate import Evaluation, Scores
 from ..measure.report import StageFigures, results_figure, results_markdown
@@ -156,13 +157,18 @@ def _row_figures(stage: str, row: BenchRow) -> StageFigures:
                         latency_p90_ms=None if lat is None else lat.p90_ms)
 
 
+def run_load(result: RunResult) -> float | None:
+    """The highest load average while the run timed its artifacts."""
+    return highest(r.latency for r in result.bench.rows)
+
+
 def caption(result: RunResult) -> str:
     b = result.bench
     cfg = b.config
     return (f"Measured by `{result.command}` on {b.data_source}. PSNR against the targets; fidelity = PSNR "
             f"against the original model's output. Inference time: batch 1, {cfg.effective_threads} CPU "
             f"thread(s), median of {cfg.runs} runs after {cfg.warmup} warm-up, on this machine "
-            f"({platform.machine()}); the engine of each time is stated. Core ML times from tbopt's reference "
+            f"({platform.machine()}, {load_text(run_load(result))}); the engine of each time is stated. Core ML times from tbopt's reference "
             f"executor are not device latency: that needs Apple hardware.")
 
 
@@ -172,7 +178,16 @@ def run_pipeline(checkpoint: Path | str, out: Path | str, config: RunConfig | No
     """Run every stage into ``out`` and return the measured table (see the module docstring)."""
     cfg = config or RunConfig()
     progress = progress or SilentProgress()
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint, out = Path(checkpoint), normalized(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--output {out} is a file, not a folder")
+    check_folder(out, what="run's outputs")
+    with folder_lock(out, f"tbopt run --output {out}"):  # the folder made for it goes if nothing is written
+        return _locked_run(checkpoint, out, cfg, force, progress, on_stage)
+
+
+def _locked_run(checkpoint: Path, out: Path, cfg: RunConfig, force: bool, progress: Progress,
+                on_stage: Callable[[int, int, str], None] | None) -> RunResult:
     paths = check_outputs(out, checkpoint, force)
     if cfg.data is not None and not Path(cfg.data).is_dir():
         raise InputError(f"--data {cfg.data} is not a folder")
@@ -181,14 +196,8 @@ def run_pipeline(checkpoint: Path | str, out: Path | str, config: RunConfig | No
     loaded = load_model(checkpoint)  # a bad checkpoint is refused before the folder is made
     if loaded.kind != "float":
         raise UsageError(f"{checkpoint} is a {loaded.kind} model; tbopt run starts from a float checkpoint")
-    run = _Run(loaded, checkpoint, out, cfg, paths, force, progress, on_stage,
-               cfg.command_line(_shown(checkpoint), _shown(out)))
-    made = make_folders(out)
-    try:
-        return run.all_stages()
-    except BaseException:
-        remove_empty_folders(made)  # a folder made for a run that wrote nothing is not left behind
-        raise
+    return _Run(loaded, checkpoint, out, cfg, paths, force, progress, on_stage,
+                cfg.command_line(_shown(checkpoint), _shown(out))).all_stages()
 
 
 STAGE_NAMES = ["prune", "quantize", "export", "measure", "report"]
@@ -249,6 +258,8 @@ class _Run:
             files = {role: str(p) for role, p in paths.items()}
             result = RunResult(str(self.checkpoint), str(self.out), cfg, stages, measured, pruned_report, quantized,
                                exports, self.seconds, files, notes=list(measured.notes), command=self.command)
+            if note := overload_note(run_load(result)):
+                result.notes.append(note)
             self.stage(5, lambda: _write_reports(result, paths, self.force))
             self.seconds["total"] = time.perf_counter() - self.t_start
             _write_json(result, paths["json"])  # last, so that it holds every stage's time
@@ -302,6 +313,6 @@ def _write_reports(result: RunResult, paths: dict[str, Path], force: bool) -> No
             row.append(ex["targets"][i])
         examples.append((name, row))
     title = (f"TinyBeauty stage 5: {result.config.method} pruning {result.config.rate:g}, int8, Core ML "
-             f"({result.bench.data_source})")
+             f"({result.bench.data_source})\ninference times at {load_text(run_load(result))}")
     with atomic_output(paths["figure"], force=force) as tmp:
         results_figure(result.stages, examples, columns, tmp, title)

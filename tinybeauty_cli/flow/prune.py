@@ -191,7 +191,7 @@ def _prune_file(path: Path, cfg: PruneConfig, output: Path | str | None, force: 
                 eval_data: Path | None, eval_limit: int | None, model_options: dict[str, Any],
                 progress: Progress | None) -> PruneReport:
     out_path = Path(output) if output is not None else default_output_name(path, cfg)
-    check_output(out_path, force, inputs=(path,))
+    out_path = check_output(out_path, force, inputs=(path,))
     if eval_limit is not None and eval_limit < 1:
         raise UsageError(f"--limit must be >= 1, got {eval_limit}")
     loaded = load_model(path, **model_options)

@@ -24,7 +24,7 @@ from ..core.checkpoint import LoadedModel, load_model
 from ..core.contexts import quantized_engine
 from ..core.counts import count_macs, count_parameters
 from ..core.errors import ImageError, InputError, UnsupportedError
-from ..core.files import check_output, zipped_size_of_bytes
+from ..core.files import check_output, normalized, zipped_size_of_bytes
 from ..core.images import ImageSet, builtin_test_set, load_images, read_unlabeled, synthetic_unlabeled, uint8_to_model
 from ..core.progress import Progress, SilentProgress
 from ..core.written import WrittenFile, write_file
@@ -131,7 +131,7 @@ def quantize_file(source: Path | str, output: Path | str, config: QuantizeConfig
     t_start = time.perf_counter()
     source, output = Path(source), Path(output)
     cfg = config or QuantizeConfig()
-    check_output(output, force, inputs=(source,))
+    output = check_output(output, force, inputs=(source,))
     loaded = load_model(source, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
     eval_images = None
     if data is not None:
@@ -156,7 +156,7 @@ def quantize_loaded(loaded: LoadedModel, output: Path | str, config: QuantizeCon
     The result's ``written`` is the int8 file as :func:`load_model` would open it and ``file`` the
     file as written, so a flow can measure and describe it without reading it back.
     """
-    return _quantize(loaded, Path(output), config or QuantizeConfig(), force=force, progress=progress,
+    return _quantize(loaded, normalized(output), config or QuantizeConfig(), force=force, progress=progress,
                      command=command, eval_images=eval_images, scores=scores, t_start=time.perf_counter(),
                      source_bytes=source_bytes)
 
@@ -246,6 +246,7 @@ def _measure(loaded: LoadedModel, reloaded: torch.jit.ScriptModule, outcome: Qua
         "float_engine": float_runner.engine, "int8_engine": int8_runner.engine,
         "ratio": rounded(lat["int8"].p50_ms / lat["float"].p50_ms),
         "threads": lat["int8"].threads, "batch": 1, "size": prep.size,
+        "load_average": lat["int8"].load_average, "cpus": lat["int8"].cpus,
     }
     return _Measured(before, after, quality, latency, lat["float"].p50_ms, lat["int8"].p50_ms)
 
@@ -298,7 +299,7 @@ def _notes(measured: _Measured, outcome: QuantizeOutcome, cfg: QuantizeConfig) -
     notes = []
     fidelity = measured.after.fidelity_psnr_db
     if fidelity is not None and fidelity < cfg.min_psnr_db:
-        notes.append(f"fidelity on the test set ({fidelity:.2f} dB) is below --min-psnr "
+        notes.append(f"fidelity on the test set ({fidelity:.2f} dB) is below --min-fidelity "
                      f"{cfg.min_psnr_db:g} dB although the calibration images reached "
                      f"{outcome.calibration_fidelity_db:.2f} dB; calibrate on images closer to the test set (--calib)")
     if measured.int8_ms >= measured.float_ms:

@@ -89,6 +89,8 @@ class BenchRow:
             "images_per_second": None if lat is None else round(lat.images_per_second, 2),
             "threads": None if lat is None else lat.threads,
             "timing_runs": None if lat is None else lat.runs,
+            "load_average": None if lat is None else lat.load_average,
+            "cpus": None if lat is None else lat.cpus,
         })
         return d
 
