@@ -62,3 +62,17 @@ def test_run_reads_its_input_once_and_no_file_it_wrote(tmp_path, monkeypatch):
     assert reads[OUTPUT_FILES["pruned"]] == 0, reads
     assert reads[OUTPUT_FILES["quantized"]] == 0, reads
     assert not [name for name in reads if name.endswith(".pt") and name not in ("small.pt",)], reads
+
+
+def test_optimize_reads_its_input_once(tmp_path, monkeypatch):
+    """The search's candidates are its own business (each is written to the cache and scored there);
+    the input checkpoint is read once, its sizes taken from those bytes."""
+    from tinybeauty_cli.flow.optimize import optimize
+    from tinybeauty_cli.flow.optimize_config import OptimizeConfig
+
+    src = save_small(tmp_path / "tiny.pt", size=32)
+    cfg = OptimizeConfig(targets=("ios16",), rates=(), palettes=("pal4",), sparsities=(), fit_steps=0,
+                         bits_by_layer=False, calib_count=2, backend="x86", runs=1, warmup=0, threads=1,
+                         min_fidelity_db=1.0, limit=2)
+    reads = count_reads(monkeypatch, lambda: optimize(src, tmp_path / "out", cfg))
+    assert reads["tiny.pt"] == 1, reads

@@ -328,13 +328,18 @@ def _conv_params(c, nd: int) -> tuple[list[int], list[int], int]:
     return c.ints("strides", [1] * nd), c.ints("dilations", [1] * nd), int(c.param("groups", 1))
 
 
+def _conv_weights(op, c, table: dict) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """weight, bias and spatial dimensions of a conv or conv_transpose whose dimensions ``table`` has."""
+    w, b = c.tensor("weight"), c.tensor("bias")
+    nd = w.dim() - 2
+    if nd not in table:
+        raise UnsupportedError(f"{op.op_type} {op.name!r}: {nd}-d convolution is not supported")
+    return w, b, nd
+
+
 @_op("conv")
 def _conv(op, c):
-    w = c.tensor("weight")
-    b = c.tensor("bias")
-    nd = w.dim() - 2
-    if nd not in _CONV:
-        raise UnsupportedError(f"conv {op.name!r}: {nd}-d convolution is not supported")
+    w, b, nd = _conv_weights(op, c, _CONV)
     strides, dil, groups = _conv_params(c, nd)
     pads = _pads(op, c, w.shape[2:], strides, dil)
     conv = _CONV[nd]
@@ -347,11 +352,7 @@ def _conv(op, c):
 
 @_op("conv_transpose")
 def _conv_transpose(op, c):
-    w = c.tensor("weight")
-    b = c.tensor("bias")
-    nd = w.dim() - 2
-    if nd not in _CONV_T:
-        raise UnsupportedError(f"conv_transpose {op.name!r}: {nd}-d is not supported")
+    w, b, nd = _conv_weights(op, c, _CONV_T)
     strides, dil, groups = _conv_params(c, nd)
     pad_type = c.param("pad_type", "valid")
     if pad_type == "valid":
