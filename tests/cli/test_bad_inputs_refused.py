@@ -1,4 +1,4 @@
-"""A corpus of bad and odd inputs through every command (issue 12, classes 1-4).
+"""A corpus of bad and odd inputs through every command, each refused in one line with nothing changed.
 
 1. weights that cannot be right: NaN/Inf in a tensor, finite weights that compute Inf/NaN;
 2. files that are models, but not of one 3-channel image in and one out (TorchScript, Core ML);
@@ -169,13 +169,13 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     x = torch.rand(1, 3, SIZE, SIZE) * 2 - 1
     _artifact(root / "good.pt", small_tinybeauty(seed=1))
-    # class 1
+    # 1. weights that cannot be right
     torch.save(_broken(small_tinybeauty(seed=2), "nan").state_dict(), root / "nan_weight.pt")
     _artifact(root / "inf_bias.pt", _broken(small_tinybeauty(seed=3), "inf"))
     _artifact(root / "overflow.pt", _broken(small_tinybeauty(seed=4), "overflow"))
     _traced(root / "nan_torchscript.pt", _broken(small_tinybeauty(seed=5), "nan"), x)
     _coreml(root / "inf.mlpackage", _broken(small_tinybeauty(seed=6), "inf"), x)  # the converter compares NaN to itself
-    # class 2
+    # 2. models that are not one image in and one out
     _traced(root / "linear.pt", nn.Linear(10, 4), torch.rand(1, 10))
     _traced(root / "grey_in.pt", nn.Conv2d(1, 3, 3, padding=1), torch.rand(1, 1, SIZE, SIZE))
     _traced(root / "classifier.pt", nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
@@ -186,14 +186,14 @@ def corpus(tmp_path_factory):
     _coreml(root / "classifier.mlmodel", nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
             x, program=False)
     _coreml(root / "grey_in.mlpackage", nn.Conv2d(1, 3, 3, padding=1), torch.rand(1, 1, SIZE, SIZE))
-    # class 3: good Core ML files, and packages that cannot be read
+    # 3. good Core ML files, and packages that cannot be read
     _coreml(root / "good.mlpackage", small_tinybeauty(seed=1), x)
     _coreml(root / "good.mlmodel", small_tinybeauty(seed=1), x, program=False)
     shutil.copytree(root / "good.mlpackage", root / "bad_manifest.mlpackage")
     (root / "bad_manifest.mlpackage" / "Manifest.json").write_text("{ not json")
     shutil.copytree(root / "good.mlpackage", root / "no_graph.mlpackage")
     (root / "no_graph.mlpackage" / "Data" / "com.apple.CoreML" / "model.mlmodel").unlink()
-    # class 4
+    # 4. images
     sizes = _odd_images(root / "odd")
     buf_png, buf_jpg = io.BytesIO(), io.BytesIO()
     Image.open(root / "odd" / "rgb.png").save(buf_png, "PNG")
@@ -313,7 +313,7 @@ CORE_ML_TAKERS = ("info", "apply", "bench", "compare")
 def test_weights_that_cannot_be_right(case, model, command):
     r = case.run(*command_args(command, case.root / model, case.root, case.out))
     if model.endswith(".mlpackage") and command not in CORE_ML_TAKERS:
-        assert_refused(r, "Core ML model")  # class 2: these commands take PyTorch models
+        assert_refused(r, "Core ML model")  # these commands take PyTorch models
     elif command == "info":  # info describes the file, and says it cannot be used
         assert r.exit_code == 0, r.stderr
         warnings = [line for line in r.stderr.splitlines() if line.strip()]

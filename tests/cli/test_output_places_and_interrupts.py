@@ -1,12 +1,12 @@
-"""Issue 12, classes 5 and 6: output places and interrupts.
+"""Output places and interrupts.
 
-Class 5: an output path under a file, in a folder that cannot be written (or made), on a full disk
+Output places: an output path under a file, in a folder that cannot be written (or made), on a full disk
 -> one ``Error:`` line, exit 1, and nothing partial or temporary left anywhere (the target folder
 as it was, no hidden temporary folder, nothing in the temporary folder). The full disk is a small
 tmpfs where the machine allows mounting one (root), and in every case a writer that fails with
 ENOSPC in-process.
 
-Class 6: Ctrl-C (SIGINT) sent to ``python -m tinybeauty_cli`` at several moments -- the start-up
+Interrupts: Ctrl-C (SIGINT) sent to ``python -m tinybeauty_cli`` at several moments -- the start-up
 imports, after a step's progress line (fine-tuning, calibration, export, measurement) -- exits 130
 with one line, and leaves no partial or temporary file.
 """

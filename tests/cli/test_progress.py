@@ -1,4 +1,4 @@
-"""Issue 12, class 9: progress that reaches people.
+"""Progress that reaches people.
 
 Bars when stderr is a terminal; otherwise plain lines on stderr (when a step starts, at least every
 ``interval`` seconds with done/total, elapsed and eta, when it ends); nothing under --quiet/--json.

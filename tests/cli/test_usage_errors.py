@@ -1,4 +1,4 @@
-"""Issue 12, class 8: one style of usage error.
+"""One style of usage error.
 
 Every bad option value exits 2 with the same look, whichever layer refuses it (Typer's parser or
 the library's checks): ``Error: <what>`` and ``Hint: <what to do>``, nothing else -- no usage

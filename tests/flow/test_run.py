@@ -8,6 +8,7 @@ from PIL import Image
 
 from tinybeauty_cli.core.checkpoint import load_model
 from tinybeauty_cli.core.errors import InputError, UsageError
+from tinybeauty_cli.core.files import atomic_output
 from tinybeauty_cli.flow import pipeline
 from tinybeauty_cli.flow.pipeline import StageError, run_pipeline
 from tinybeauty_cli.flow.run_config import OUTPUT_FILES, RunConfig
@@ -134,14 +135,13 @@ def test_interrupted_stage_leaves_no_partial_file(tmp_path, monkeypatch):
     out = tmp_path / "o"
     import tinybeauty_cli.flow.quantize as quantize
 
-    real_write = quantize.write_torchscript
+    def write_then_interrupt(path, content, *, force=False):  # Ctrl-C after the bytes, before the rename
+        with atomic_output(path, force=force) as tmp:
+            tmp.write_bytes(content)
+            assert tmp.stat().st_size > 0
+            raise KeyboardInterrupt
 
-    def write_then_interrupt(script_path, out_path, metadata):  # Ctrl-C after the bytes, before the rename
-        real_write(script_path, out_path, metadata)
-        assert out_path.stat().st_size > 0
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(quantize, "write_torchscript", write_then_interrupt)
+    monkeypatch.setattr(quantize, "write_file", write_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(src, out, fast_config())
     assert sorted(p.name for p in out.iterdir()) == ["tinybeauty_pruned.pt"]  # no temporary folder either

@@ -142,3 +142,73 @@ def test_no_reference_to_documents_outside_the_project():
     for path in list(PACKAGE.rglob("*.py")) + [PACKAGE.parent / "ARCHITECTURE.md"]:
         if path.exists():
             assert "DESIGN.md" not in path.read_text(), f"{path.name} cites a document the project does not have"
+
+
+# ---------------------------------------------------------------- transforms open no file; flows fit in a head
+
+#: Calls that open, read or write a file (or open a model from one).
+FILE_FUNCTIONS = {"open", "io.open", "os.open", "torch.save", "torch.load", "torch.jit.save", "torch.jit.load",
+                  "zipfile.ZipFile", "load_spec", "read_coreml", "stored_weights", "load_program", "open_runner",
+                  "open_coreml_runner", "load_model", "save_artifact", "write_artifact", "write_file", "atomic_output"}
+#: Methods that do the same on a path (``Path.read_bytes``, ``MLModel.save`` ...).
+FILE_METHODS = {"save", "read_bytes", "write_bytes", "read_text", "write_text", "open", "unlink", "mkdir"}
+
+
+def _dotted(node: ast.expr) -> str:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+    return ".".join(reversed(parts))
+
+
+def _file_calls(path: Path) -> list[str]:
+    """Calls in ``path`` that touch a file. One whose first argument is an ``io.BytesIO`` (made there,
+    or a name bound to one) works in memory and is not counted."""
+    tree = ast.parse(path.read_text())
+    in_memory = {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call)
+                 and _dotted(n.value.func) == "io.BytesIO" for t in n.targets if isinstance(t, ast.Name)}
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        name = _dotted(node.func)
+        if name not in FILE_FUNCTIONS and not (isinstance(node.func, ast.Attribute) and node.func.attr in FILE_METHODS):
+            continue
+        first = node.args[-1] if name.endswith("save") and len(node.args) > 1 else (node.args[0] if node.args else None)
+        if (isinstance(first, ast.Call) and _dotted(first.func) == "io.BytesIO") or \
+                (isinstance(first, ast.Name) and first.id in in_memory):
+            continue
+        found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {name}()")
+    return found
+
+
+def test_transforms_open_no_file():
+    """prune/, quantize/ and export/ take a module and give one back: opening, reading and writing
+    files is flow/'s."""
+    calls = [c for pkg in ("prune", "quantize", "export") for p in sorted((PACKAGE / pkg).rglob("*.py"))
+             for c in _file_calls(p)]
+    assert not calls, "\n".join(calls)
+
+
+def test_the_file_scan_sees_file_work():
+    """The scan above finds what it looks for (flow/ does file work, and says so)."""
+    calls = [c for p in sorted((PACKAGE / "flow").rglob("*.py")) for c in _file_calls(p)]
+    assert any("write_file()" in c for c in calls) and any("atomic_output()" in c for c in calls), calls
+
+
+#: The longest a function in flow/ may be, in lines (docstring and decorators included).
+MAX_FLOW_FUNCTION_LINES = 80
+
+
+def test_flow_functions_fit_in_a_head():
+    long = []
+    for path in sorted((PACKAGE / "flow").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FLOW_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}: {lines} lines")
+    assert not long, "\n".join(long)

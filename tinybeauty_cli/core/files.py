@@ -387,15 +387,15 @@ def zipped_size_of_bytes(data: bytes, name: str) -> int:
     return buf.getbuffer().nbytes
 
 
-def require_file(path: Path, what: str = "file") -> Path:
-    """A readable, non-empty regular file, or a clear error naming it."""
+def require_file(path: Path, what: str = "file", error: type[InputError] = InputError) -> Path:
+    """A readable, non-empty regular file, or a clear ``error`` naming it."""
     path = Path(path)
     if not path.exists():
-        raise InputError(f"{what} {path} does not exist")
+        raise error(f"{what} {path} does not exist")
     if path.is_dir():
-        raise InputError(f"{what} {path} is a directory, not a file")
+        raise error(f"{what} {path} is a directory, not a file")
     if not os.access(path, os.R_OK):
-        raise InputError(f"{what} {path} is not readable (permission denied)")
+        raise error(f"{what} {path} is not readable (permission denied)")
     if path.stat().st_size == 0:
-        raise InputError(f"{what} {path} is empty (0 bytes)")
+        raise error(f"{what} {path} is empty (0 bytes)")
     return path

@@ -40,6 +40,7 @@ from ..core.errors import InputError, OutputError, OutputExistsError, UsageError
 from ..core.files import atomic_output, check_folder, folder_lock, normalized, sha256_file, size_on_disk, zipped_size
 from ..core.images import ImageSet, load_images, uint8_to_model
 from ..core.progress import Progress, SilentProgress
+from ..core.written import WrittenFile
 from ..measure.search_report import pareto_figure, pareto_front, search_markdown
 from ..runtime.runners import TorchRunner, open_runner, runner_for
 from ..runtime.timing import measure_latencies
@@ -116,8 +117,9 @@ def _finish(search: _Search, checkpoint: Path, out: Path, cfg: OptimizeConfig, t
             replace: bool) -> OptimizeResult:
     budget = search.budget
     original_path = Path(search.original.path)
-    original = {"file": original_path.name, "size_bytes": size_on_disk(original_path),
-                "zipped_bytes": zipped_size(original_path), "target_psnr_db": _r(search.reference.target_psnr_db),
+    as_read = WrittenFile.of_bytes(original_path, search.original.content)  # the input's bytes, as read once
+    original = {"file": original_path.name, "size_bytes": as_read.size_bytes,
+                "zipped_bytes": as_read.zipped_bytes, "target_psnr_db": _r(search.reference.target_psnr_db),
                 "quality_db": _r(search.reference.target_psnr_db) if budget.uses_targets else None,
                 "latency_ms": None, "engine": "PyTorch eager fp32", "threads": threads}
     cpu_times = _time_cpu_side_by_side(search, cfg, original) if "cpu" in cfg.targets else {}
