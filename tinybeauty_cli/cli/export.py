@@ -218,8 +218,10 @@ def render_export(out: _output.Output, r: ExportResult) -> None:
         "graph": f"{sum(compute_ops.values())} {'layers' if r.format == 'neuralnetwork' else 'ops'}"
                  + (f" + {weight_ops} weight decompressions" if weight_ops else "") + f", {r.casts} casts",
         "validation": (f"passed: spec loads, interface {v['interface']}, {v['weights_decompressed']} weight tensors "
-                       f"read back (largest error {v['max_weight_error']:.2%} in {v['max_weight_error_tensor']})"),
-        ("fidelity" if r.activations else "weights fidelity"): (
+                       f"read back (largest error {v['max_weight_error']:.2%} in {v['max_weight_error_tensor']})"
+                       + (f"; {', '.join(v['rewritten_by_converter'])} rewritten by the converter (ops folded "
+                          "into them), checked by running the file" if v.get("rewritten_by_converter") else "")),
+        ("fidelity" if r.activations or v.get("rewritten_by_converter") else "weights fidelity"): (
             f"{v['fidelity_psnr_db']:.1f} dB (worst {v['worst_fidelity_db']:.1f} dB) on {v['images']} images: "
             f"{v['numerical_check'].split(' (')[0]}"),
         **({"bits by layer": _bits_by_layer(r.bits_by_layer)} if r.bits_by_layer else {}),

@@ -21,6 +21,8 @@ from ..flow.optimize_config import (
 from . import _output
 from ._errors import handle_errors
 from ._options import (
+    ArchKwargsOpt,
+    ArchOpt,
     DEFAULT_RUNS,
     DataOpt,
     ForceOpt,
@@ -29,6 +31,7 @@ from ._options import (
     QuietOpt,
     RunsOpt,
     ThreadsOpt,
+    TrustPickleOpt,
     pick,
     split_list,
 )
@@ -126,6 +129,9 @@ def optimize(
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
 ) -> None:
     """Find the smallest Core ML file per iOS target and the fastest int8 CPU file within a quality budget.
 
@@ -147,7 +153,7 @@ def optimize(
         full_res_rates=_numbers(full_res_rates, OptimizeConfig.full_res_rates, "--full-res-rates"),
         palettes=split_list(palettes) if palettes is not None else PALETTES,
         sparsities=_numbers(sparsities, OptimizeConfig.sparsities, "--sparsities"), fit_steps=fit_steps, bits_by_layer=bits_by_layer, runs=runs,
-        threads=threads)
+        threads=threads, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
     path = ui.model_or_demo(checkpoint)
     with ui.live_table(f"tbopt optimize: candidates ({path.name})", ROW_COLUMNS, right=ROW_COLUMNS[3:8]) as add:
         result = run_search(path, out, cfg, force=force, resume=resume, progress=ui,

@@ -13,6 +13,8 @@ from ..prune.config import PruneMethod
 from . import _output
 from ._errors import handle_errors
 from ._options import (
+    ArchKwargsOpt,
+    ArchOpt,
     DEFAULT_RUNS,
     DEFAULT_WARMUP,
     QUANTIZE_CALIB_COUNT,
@@ -25,6 +27,7 @@ from ._options import (
     QuietOpt,
     RunsOpt,
     ThreadsOpt,
+    TrustPickleOpt,
     WarmupOpt,
     WeightModeChoice,
     old_name,
@@ -83,6 +86,9 @@ def run(
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
 ) -> None:
     """Prune, quantize to int8 and export to Core ML, then measure every stage on the same images.
 
@@ -98,7 +104,8 @@ def run(
     cfg = RunConfig(rate=rate, method=method.value, finetune_steps=finetune_steps, weights=weights.value,
                     package_weights=package_weights.value if package_weights else None, data=data, calib=calib,
                     limit=limit, runs=runs, threads=threads, calib_count=calib_count, backend=backend.value,
-                    min_psnr_db=min_fidelity, warmup=warmup)
+                    min_psnr_db=min_fidelity, warmup=warmup, arch=arch,
+                    arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
     path = ui.model_or_demo(checkpoint)
 
     def on_stage(number: int, total: int, name: str) -> None:

@@ -263,6 +263,8 @@ def resize_to_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> No
         if isinstance(module, nn.ConvTranspose2d | nn.ConvTranspose1d | nn.ConvTranspose3d):
             module.in_channels, module.out_channels = w.shape[0], w.shape[1] * module.groups
         elif isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            if module.groups == module.in_channels == module.out_channels > 1:  # depthwise: cut channel by channel
+                module.groups = w.shape[0]
             module.out_channels, module.in_channels = w.shape[0], w.shape[1] * module.groups
         elif isinstance(module, nn.Linear):
             module.out_features, module.in_features = w.shape

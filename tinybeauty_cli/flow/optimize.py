@@ -87,7 +87,7 @@ def _locked_optimize(checkpoint: Path, out: Path, cfg: OptimizeConfig, force: bo
         folder = getattr(cfg, name)
         if folder is not None and not Path(folder).is_dir():
             raise InputError(f"--{name} {folder} is not a folder")
-    loaded = load_model(checkpoint)
+    loaded = load_model(checkpoint, **cfg.model_options())
     if loaded.kind != "float":
         raise UsageError(f"{checkpoint} is a {loaded.kind} model; tbopt optimize starts from a float checkpoint")
     with torch_threads(cfg.threads):

@@ -19,6 +19,7 @@ from ..core.errors import UsageError
 from ..export.config import ExportConfig
 from ..prune.config import PruneConfig, PruneMethod
 from ..quantize.config import QuantizeConfig
+from .run_config import model_args
 
 OPTIMIZE_VERSION = 1
 #: Where each target's chosen file goes, inside ``--out``.
@@ -162,6 +163,8 @@ class Recipe:
             if self.bits_by_layer or self.fit_steps:
                 line += data  # one --calib folder: the images bits are chosen and palettes fitted on
             lines.append(line + ["--target", coreml_target(self.target), "-o", output])
+        if lines:  # the first command opens the checkpoint; the artifacts it writes remember --arch
+            lines[0][3:3] = model_args(cfg.arch, cfg.arch_kwargs, cfg.trust_pickle)
         return [shlex.join(line) for line in lines]
 
 
@@ -205,6 +208,10 @@ class OptimizeConfig:
     runs: int = 30
     warmup: int = 5
     seed: int = 0
+    #: A user's own network (``--arch package.module:Class``, ``--arch-kwargs``, ``--trust-pickle``).
+    arch: str | None = None
+    arch_kwargs: str | None = None
+    trust_pickle: bool = False
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.max_drop_db) and self.max_drop_db >= 0):
@@ -276,7 +283,12 @@ class OptimizeConfig:
         return {"version": OPTIMIZE_VERSION, "data": str(self.data) if self.data else None, "limit": self.limit,
                 "calib": str(self.calib) if self.calib else None, "calib_count": self.calib_count,
                 "backend": self.backend, "int8_min_psnr_db": self.int8_min_psnr_db, "threads": self.threads,
-                "seed": self.seed, "runs": self.runs, "warmup": self.warmup}
+                "seed": self.seed, "runs": self.runs, "warmup": self.warmup, "arch": self.arch,
+                "arch_kwargs": self.arch_kwargs}
+
+    def model_options(self) -> dict[str, Any]:
+        """``load_model``'s keywords for the checkpoint."""
+        return {"arch": self.arch, "arch_kwargs": self.arch_kwargs, "trust_pickle": self.trust_pickle}
 
 
 @dataclass(frozen=True)

@@ -193,7 +193,7 @@ def _locked_run(checkpoint: Path, out: Path, cfg: RunConfig, force: bool, progre
         raise InputError(f"--data {cfg.data} is not a folder")
     if cfg.calib is not None and not Path(cfg.calib).is_dir():
         raise InputError(f"--calib {cfg.calib} is not a folder")
-    loaded = load_model(checkpoint)  # a bad checkpoint is refused before the folder is made
+    loaded = load_model(checkpoint, **cfg.model_options())  # a bad checkpoint is refused before the folder is made
     if loaded.kind != "float":
         raise UsageError(f"{checkpoint} is a {loaded.kind} model; tbopt run starts from a float checkpoint")
     return _Run(loaded, checkpoint, out, cfg, paths, force, progress, on_stage,
