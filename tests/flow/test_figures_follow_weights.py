@@ -23,7 +23,7 @@ from tinybeauty_cli.measure.evaluate import Scores
 from tinybeauty_cli.runtime.runners import TorchRunner
 
 from ..conftest import small_tinybeauty
-from ..test_quantize import save_small
+from ..helpers import save_small
 
 SIZE = 32
 DB = 0.01
