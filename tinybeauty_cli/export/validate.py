@@ -17,6 +17,7 @@ from ..core.artifact import Preprocessing
 from ..core.errors import InputError
 from ..core.images import synthetic_unlabeled, uint8_to_model
 from ..core.quality import PSNR_CAP_DB, psnr_db
+from ..core.sanity import require_finite_output
 from ..coreml.spec import Feature, feature, load_spec
 from ..coreml.weights import carry_file_weights, stored_weights
 from .config import IMAGE_IN, IMAGE_OUT, TENSOR_IN, TENSOR_OUT, ExportConfig, ExportError, tensor_dtype
@@ -42,13 +43,27 @@ def expected_interface(config: ExportConfig, target: str, size: int, channels: i
             [{"name": TENSOR_OUT, "type": "multiarray", "dtype": dtype, "shape": shape}])
 
 
-def fidelity(reference: nn.Module, candidate: nn.Module, size: int, prep: Preprocessing, count: int = 2) -> dict:
-    """Made-up images of the float model vs the model with the file's weights (PyTorch, fp32)."""
-    images = synthetic_unlabeled(count, size, seed=7)
-    x = torch.from_numpy(uint8_to_model(images.inputs, prep.value_range))
+#: How many images the written file is checked on, and their seed (synthetic portraits, not the test set's).
+CHECK_IMAGES, CHECK_SEED = 2, 7
+
+
+def check_images(size: int, prep: Preprocessing, count: int = CHECK_IMAGES) -> tuple[np.ndarray, list[str]]:
+    """The images a written file is checked on, as the model takes them, and how messages name them."""
+    images = synthetic_unlabeled(count, size, seed=CHECK_SEED)
+    return uint8_to_model(images.inputs, prep.value_range), images.image_labels()
+
+
+def fidelity(reference: nn.Module, candidate: nn.Module, size: int, prep: Preprocessing, count: int = CHECK_IMAGES,
+             labels: tuple[str, str] = ("the float model", "the written file")) -> dict:
+    """Made-up images of the float model vs the model with the file's weights (PyTorch, fp32); NaN or Inf
+    in either is refused, naming the model (``labels``: the float model's, the file's) and the image."""
+    x, names = check_images(size, prep, count)
+    x = torch.from_numpy(x)
     lo, hi = prep.value_range
     with torch.no_grad():
         a, b = reference(x), candidate(x)
+    require_finite_output(labels[0], a, names)
+    require_finite_output(labels[1], b, names)
     if prep.output != "image":  # the made-up image, clamped to the model's own value range
         a, b = torch.clamp(x + a, lo, hi), torch.clamp(x + b, lo, hi)
     capped = np.minimum(psnr_db(a.numpy(), b.numpy(), data_range=hi - lo), PSNR_CAP_DB)
@@ -56,30 +71,35 @@ def fidelity(reference: nn.Module, candidate: nn.Module, size: int, prep: Prepro
             "worst_fidelity_db": round(float(np.min(capped)), 2)}
 
 
-def executor_fidelity(path: Path, reference: nn.Module, size: int, prep: Preprocessing, count: int = 2) -> dict:
+def executor_fidelity(path: Path, reference: nn.Module, size: int, prep: Preprocessing, count: int = CHECK_IMAGES,
+                      labels: tuple[str, str] = ("the float model", "the written file")) -> dict:
     """Made-up images of the float model vs the file itself, run by tbopt's reference executor
     (what a file with int8 activations computes, which no PyTorch twin with its weights shows);
     image outputs compared before Core ML's 8-bit rounding."""
     from ..coreml.runner import open_coreml_runner  # noqa: PLC0415
 
-    images = synthetic_unlabeled(count, size, seed=7)
-    x = uint8_to_model(images.inputs, prep.value_range)
+    x, names = check_images(size, prep, count)
     lo, hi = prep.value_range
     runner = open_coreml_runner(path, use_device=False, round_image_output=False)
     with torch.no_grad():
         out = reference(torch.from_numpy(x)).numpy()
+    require_finite_output(labels[0], out, names)
+    residual = runner.residual(x)
+    require_finite_output(labels[1], residual, names)
     a = out if prep.output == "image" else x + out
-    b = x + runner.residual(x)
+    b = x + residual
     a, b = np.clip(a, lo, hi), np.clip(b, lo, hi)
     capped = np.minimum(psnr_db(a, b, data_range=hi - lo), PSNR_CAP_DB)
     return {"images": count, "fidelity_psnr_db": round(float(np.mean(capped)), 2),
             "worst_fidelity_db": round(float(np.min(capped)), 2)}
 
 
-def validate_export(path: Path, exported: ExportedModel, reference: nn.Module) -> tuple[dict[str, Any], list[dict],
-                                                                                       list[dict]]:
+def validate_export(path: Path, exported: ExportedModel, reference: nn.Module,
+                    labels: tuple[str, str] = ("the float model", "the written file")) -> tuple[dict[str, Any],
+                                                                                              list[dict], list[dict]]:
     """(validation figures, inputs, outputs) of the file at ``path`` written from ``exported``;
-    ``reference`` is the float model it was made from. Raises :class:`ExportError` if it fails."""
+    ``reference`` is the float model it was made from. Raises :class:`ExportError` if it fails, and
+    :class:`~..core.errors.NonFiniteOutputError` if either computes NaN or Inf (``labels`` name them)."""
     config, size, channels = exported.config, exported.size, exported.channels
     try:
         spec = load_spec(path)
@@ -97,11 +117,11 @@ def validate_export(path: Path, exported: ExportedModel, reference: nn.Module) -
     exact = copy.deepcopy(exported.module)
     match = carry_file_weights(exact, weights, torch.zeros(1, channels, size, size))
     if config.activations:  # int8 activations: only running the file shows what they cost
-        fid = executor_fidelity(path, reference, size, exported.preprocessing)
+        fid = executor_fidelity(path, reference, size, exported.preprocessing, labels=labels)
         check = ("the file itself, int8 activations included, run by tbopt's reference executor vs the float "
                  "model (the Core ML runtime itself is macOS-only)")
     else:
-        fid = fidelity(reference, exact.eval(), size, exported.preprocessing)
+        fid = fidelity(reference, exact.eval(), size, exported.preprocessing, labels=labels)
         check = ("PyTorch with the file's decompressed weights vs the float model "
                  "(the Core ML runtime itself is macOS-only)")
     worst = max(match.relative_error.items(), key=lambda kv: kv[1]) if match.relative_error else ("-", 0.0)

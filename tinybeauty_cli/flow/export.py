@@ -26,6 +26,7 @@ from ..core.errors import InputError, UnsupportedError, UsageError
 from ..core.files import atomic_output, check_output, size_on_disk, zipped_size
 from ..core.images import uint8_to_model
 from ..core.progress import Progress, SilentProgress
+from ..core.sanity import require_finite_on
 from ..coreml.spec import graph_op_counts, load_spec, neural_network_weight_bytes, package_parts
 from ..export.config import FORMAT_BY_SUFFIX, FORMAT_NAMES, ExportConfig, format_for_path
 from ..export.convert import bits_for_export, export_module, plan_for
@@ -34,7 +35,7 @@ from ..export.mixed import bits_by_name
 from ..export.palette_gptq import calibration_inputs, gptq_palettized
 from ..export.palettes import palettes_fitted
 from ..export.prepare import coreml_ready_module
-from ..export.validate import validate_export
+from ..export.validate import check_images, validate_export
 from .prune import unlabeled_images
 from .quantize import calibration_images
 
@@ -127,11 +128,17 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
     command = config.command_line(loaded.path, output)
     history = list(artifact.history)
     size = config.size or artifact.preprocessing.size
+    # the float model on the images the written file will be checked on, before any work
+    check_x, check_names = check_images(size, artifact.preprocessing)
+    require_finite_on(loaded.path, model, torch.from_numpy(check_x), check_names)
     calibration, calib_source = None, None
     if config.activations or config.bits_by_layer or config.palette_method == "gptq":
         calib_set, _skipped = calibration_images(Path(config.calib) if config.calib else None, config.calib_count,
                                                  size, progress)
         calibration, calib_source = calib_set.inputs, calib_set.source
+        require_finite_on(loaded.path, model, torch.from_numpy(uint8_to_model(calibration,
+                                                                              artifact.preprocessing.value_range)),
+                          calib_set.image_labels())
     allocation = None
     if config.bits_by_layer:  # chosen on the float model, before any fitting: the fit keeps each layer's bits
         ready = coreml_ready_module(model, size, config.format, input_channels(model))
@@ -160,7 +167,7 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
         if fits is not None and key in fits:
             model, fit = fits[key]
         else:
-            model, fit = _fit_palettes(model, config, bits, size, progress, teacher=original)
+            model, fit = _fit_palettes(model, config, bits, size, progress, teacher=original, label=loaded.path)
             if fits is not None:
                 fits[key] = (model, fit)
         palette_fit = fit.to_dict()
@@ -173,7 +180,8 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
                                  calibration=calibration, command=command, allocation=allocation)
         with atomic_output(output, force=force, directory=config.format == "mlprogram") as tmp:
             exported.save(tmp)
-            validation, inputs, outputs = validate_export(tmp, exported, model)
+            validation, inputs, outputs = validate_export(tmp, exported, model,
+                                                          labels=(str(loaded.path), f"the exported {output.name}"))
             sizes = file_sizes(tmp, config.format)
             ops = graph_op_counts(load_spec(tmp))
         advance(1)
@@ -198,11 +206,12 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
 
 
 def _fit_palettes(model: nn.Module, config: ExportConfig, bits: int | dict[str, int], size: int,
-                  progress: Progress, teacher: nn.Module) -> tuple[nn.Module, Any]:
+                  progress: Progress, teacher: nn.Module, label: object) -> tuple[nn.Module, Any]:
     """``model`` fitted onto its palettes of ``bits`` (one size, or by layer name) on the fit images
-    (:func:`..export.palettes.palettes_fitted`), distilled from ``teacher`` (the float model)."""
+    (:func:`..export.palettes.palettes_fitted`), distilled from ``teacher`` (the float model, ``label``)."""
     images = unlabeled_images(Path(config.fit_data) if config.fit_data else None, size, config.fit_images)
     pool = torch.from_numpy(uint8_to_model(images.inputs))
+    require_finite_on(label, teacher, pool, images.image_labels())  # a NaN target would train NaN weights
     return palettes_fitted(model, bits, pool, steps=config.fit_palettes, seed=config.seed,
                            lr=config.fit_lr, batch_size=config.fit_batch_size, progress=progress, teacher=teacher)
 

@@ -223,8 +223,8 @@ def _run(loaded: LoadedModel, checkpoint: Path, out: Path, cfg: RunConfig, paths
         # The evaluation images, loaded once; every model is run on them once (see Scores).
         scores = Scores(load_images(cfg.data, prep.size, cfg.limit, progress), progress)
 
-        def score_module(module: nn.Module, reference: np.ndarray | None, description: str) -> Evaluation:
-            return scores.score(module, TorchRunner(module.eval(), prep), description, reference)
+        def score_module(module: nn.Module, reference: np.ndarray | None, description: str, label: str) -> Evaluation:
+            return scores.score(module, TorchRunner(module.eval(), prep, name=label), description, reference)
 
         def prune_stage() -> tuple[PruneReport, LoadedModel, bytes]:
             artifact, module, report = prune_loaded(loaded, cfg.prune_config(), data=cfg.calib,
