@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..core.paths import demo_checkpoint
-from . import _output
+from . import _imports, _output
 from ._errors import handle_errors
 from ._options import ArchKwargsOpt, ArchOpt, ArtifactArg, JsonOpt, TrustPickleOpt, model_options
 
@@ -17,6 +17,7 @@ def info(
     trust_pickle: TrustPickleOpt = False,
 ) -> None:
     """Architecture, parameters, MACs, size on disk and zipped, preprocessing and history of a model."""
+    _imports.for_files([artifact])
     from ..measure.describe import describe  # noqa: PLC0415 - torch, only when the command runs
 
     path = artifact or demo_checkpoint()
