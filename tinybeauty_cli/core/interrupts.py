@@ -19,6 +19,7 @@ import threading
 from typing import Any, Iterator
 
 _received = False
+_watching = 0  # inside watched() blocks (or the whole process after install())
 
 
 def _handler(signum: int, frame: Any) -> None:
@@ -33,24 +34,27 @@ def received() -> bool:
 
 
 def check() -> None:
-    """Raise ``KeyboardInterrupt`` if an interrupt arrived, even one that some code caught and dropped."""
-    if _received:
+    """Raise ``KeyboardInterrupt`` if an interrupt arrived while watched, even one that some code caught
+    and dropped (outside a command, e.g. a library caller's own code, nothing is raised)."""
+    if _received and _watching:
         raise KeyboardInterrupt
 
 
 def install() -> None:
     """Note interrupts from now on (for the whole process: the console script's start-up). A SIGINT
     that is ignored (a background job started without job control) stays ignored."""
+    global _watching
     if threading.current_thread() is threading.main_thread() and \
             signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _handler)
+        _watching += 1
 
 
 @contextlib.contextmanager
 def watched() -> Iterator[None]:
     """Note interrupts for the length of a block (a command), Python's handler restored after;
     :func:`received` still tells after the block whether one arrived in it."""
-    global _received
+    global _received, _watching
     _received = False  # what happened before (an earlier command in this process) is not this block's
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -59,8 +63,10 @@ def watched() -> Iterator[None]:
     ours = previous is signal.default_int_handler
     if ours:
         signal.signal(signal.SIGINT, _handler)
+    _watching += 1
     try:
         yield
     finally:
+        _watching -= 1
         if ours:
             signal.signal(signal.SIGINT, previous)
