@@ -9,6 +9,7 @@ found here on the machine the test runs on, not assumed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,9 @@ from tinybeauty_cli.core.images import builtin_test_set, synthetic_unlabeled, ui
 from tinybeauty_cli.core.sanity import probe_input
 
 from ..conftest import small_tinybeauty
+
+#: "nan" or "inf" standing where a number would (a table cell, after a label, before "dB"), not in a path.
+NAN_FIGURE = re.compile(r"(?:^|[\s│|(,:=])[+-]?(?:nan|inf)(?=$|[\s│|),;%]|dB)", re.IGNORECASE | re.MULTILINE)
 
 #: The conv scaled: the second of the content encoder's first residual block (an instance norm follows).
 CONV = "content_encoder.resblocks.model.0.model.1.conv"

@@ -8,7 +8,6 @@ portrait N"), exit 1, write nothing, and never print "nan" as a figure.
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
@@ -25,13 +24,11 @@ from tinybeauty_cli.core.images import (builtin_test_set, load_folder, load_imag
 from tinybeauty_cli.core.sanity import require_finite_on, require_finite_output
 
 from ..conftest import small_tinybeauty
-from .nonfinite_model import save_nan_on_faces
+from .nonfinite_model import NAN_FIGURE, save_nan_on_faces
 
 SIZE = 64
 cli = CliRunner()
 ENGINE = next(e for e in ("x86", "fbgemm", "qnnpack", "onednn") if e in torch.backends.quantized.supported_engines)
-#: "nan" or "inf" where a number would be: a figure that is not one.
-NAN_FIGURE = re.compile(r"(?<![A-Za-z_])(nan|[+-]?inf)(?![A-Za-z_])", re.IGNORECASE)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from ..core.errors import InputError
 from ..core.files import atomic_output, check_output
 from ..core.images import model_to_uint8, read_image, to_model_size, uint8_to_model
 from ..core.progress import Progress, SilentProgress
-from ..core.quality import made_up, psnr_db
+from ..core.quality import made_up, mean_psnr_db
 from ..core.runner import Runner
 from ..core.sanity import require_finite_output
 
@@ -112,6 +112,6 @@ def apply_makeup(runner: Runner, images: list[Path], out_dir: Path, *, model_siz
             ref = photo if not model_size else to_model_size(Image.fromarray(photo), runner.size)
             diff = np.abs(made.astype(np.float64) - ref.astype(np.float64))
             results.append(AppliedImage(str(src), str(dst), made.shape[1], made.shape[0],
-                                        float(diff.mean()), float(psnr_db(made, ref)[0])))
+                                        float(diff.mean()), mean_psnr_db(made[None], ref[None])))  # capped
             advance(1)
     return results
