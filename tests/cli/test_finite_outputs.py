@@ -80,6 +80,8 @@ CASES = {
                  "-o", "{out}/cmp"], "built-in test image 1"),
     "prune": (["prune", "{root}/nan_on_faces.pt", "--rate", "0.3", "--limit", "2", "-o", "{out}/p.pt"],
               "built-in test image 1"),
+    "prune-channel": (["prune", "{root}/nan_on_faces.pt", "--rate", "0.3", "--method", "channel", "--calib",
+                       "{root}/photos", "--limit", "2", "-o", "{out}/p.pt"], "photos/face_0.png"),
     "quantize": (["quantize", "{root}/nan_on_faces.pt", "--calib-count", "2", "--limit", "2", "--backend", ENGINE,
                   "--keep-float", "none", "--threads", "1", "-o", "{out}/q.pt"], "synthetic portrait 1"),
     "quantize-calib": (["quantize", "{root}/nan_on_faces.pt", "--calib", "{root}/photos", "--calib-count", "2",

@@ -26,6 +26,7 @@ from ..core.files import check_output, size_on_disk, zipped_size, zipped_size_of
 from ..core.images import ImageSet, builtin_test_set, load_folder, read_unlabeled, synthetic_unlabeled, uint8_to_model
 from ..core.model import config_from_state_dict
 from ..core.progress import Progress, SilentProgress
+from ..core.sanity import require_finite_on
 from ..measure.evaluate import Evaluation, evaluate
 from ..prune.config import PruneConfig, PruneMethod
 from ..prune.layers import excluded_layers, require_conv_layers
@@ -135,6 +136,9 @@ def prune_loaded(loaded: LoadedModel, cfg: PruneConfig, *, data: Path | None = N
         images = unlabeled_images(data, size, count, progress)
         pool = torch.from_numpy(uint8_to_model(images.inputs))
         pool_source = images.source
+        # channels are ranked on these images and the pruned model distilled from the original's outputs on
+        # them: a NaN there would train NaN weights, and the message would blame the pruned model
+        require_finite_on(loaded.path, original, pool, images.image_labels())
         seconds["images"] = round(time.perf_counter() - t_images, 2)  # drawn or read: part of the recovery
 
     score = scorer or torch_scorer(loaded.preprocessing, eval_images, progress)
