@@ -19,7 +19,7 @@ from tinybeauty_cli.core.artifact import Artifact, HistoryStep, Preprocessing, s
 from tinybeauty_cli.core.images import builtin_test_set, synthetic_unlabeled, uint8_to_model
 from tinybeauty_cli.core.sanity import probe_input
 
-from ..conftest import small_tinybeauty
+from ..helpers import small_tinybeauty
 
 #: "nan" or "inf" standing where a number would (a table cell, after a label, before "dB"), not in a path.
 NAN_FIGURE = re.compile(r"(?:^|[\s│|(,:=])[+-]?(?:nan|inf)(?=$|[\s│|),;%]|dB)", re.IGNORECASE | re.MULTILINE)

@@ -23,7 +23,7 @@ from tinybeauty_cli.core.images import (builtin_test_set, load_folder, load_imag
                                         synthetic_unlabeled)
 from tinybeauty_cli.core.sanity import require_finite_on, require_finite_output
 
-from ..conftest import small_tinybeauty
+from ..helpers import small_tinybeauty
 from .nonfinite_model import NAN_FIGURE, save_nan_on_faces
 
 SIZE = 64

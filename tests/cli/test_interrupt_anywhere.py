@@ -33,8 +33,7 @@ from typer.testing import CliRunner
 from tinybeauty_cli.cli.app import app
 from tinybeauty_cli.core.artifact import Artifact, HistoryStep, Preprocessing, save_artifact
 
-from ..conftest import small_tinybeauty
-from ..test_outputs_interrupts import _ctrl_c_as_usual
+from ..helpers import small_tinybeauty
 
 ROOT = Path(__file__).resolve().parents[2]
 INTERRUPTED = "Error: interrupted; no partial or temporary file was left behind"
@@ -65,6 +64,12 @@ def inputs(tmp_path):
                                               preprocessing=Preprocessing(size=SIZE)), folder / name)
     Image.fromarray((np.random.default_rng(0).random((80, 72, 3)) * 255).astype(np.uint8)).save(folder / "face.png")
     return {"model": folder / "small.pt", "other": folder / "other.pt", "photo": folder / "face.png"}
+
+
+def _ctrl_c_as_usual() -> None:
+    """In the child, before Python starts: SIGINT does what it does in a terminal (a shell without job
+    control starts background jobs, these tests among them, with SIGINT ignored, and Python keeps it so)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _args(name: str, inputs: dict, out: Path) -> list[str]:

@@ -29,7 +29,7 @@ from ..export.config import ExportConfig, storage_bits
 from ..export.prepare import coreml_ready_module
 from ..measure.evaluate import Evaluation, Scores, evaluate
 from ..prune.layers import full_resolution_convs
-from ..runtime.runners import TorchRunner, runner_for
+from ..runtime.runners import TorchRunner, open_runner, runner_for
 from .export import export_loaded
 from .optimize_cache import SearchCache
 from .optimize_config import TARGET_FILES, Budget, OptimizeConfig, Recipe
@@ -75,12 +75,15 @@ class _ImageOutTwin(TorchRunner):
         return y8 * ((hi - lo) / 255.0) + lo - x
 
 
-def file_twin(model: LoadedModel, path: Path, fmt: str) -> TorchRunner:
+def file_twin(model: LoadedModel, path: Path, fmt: str) -> TorchRunner | None:
     """The Core ML file at ``path`` (exported from ``model`` with image I/O) as a PyTorch runner carrying
-    its stored weights."""
+    its stored weights; None when the converter folded ops into those weights (a scale after a conv):
+    no PyTorch model with them computes what the file does, and the file itself must be run."""
     size = model.preprocessing.size
     twin = coreml_ready_module(model.module, size, fmt)
-    carry_file_weights(twin, stored_weights(path), torch.zeros(1, 3, size, size))
+    match = carry_file_weights(twin, stored_weights(path), torch.zeros(1, 3, size, size))
+    if match.rewritten:
+        return None
     return _ImageOutTwin(twin.eval(), model.preprocessing, engine=TWIN)
 
 
@@ -144,12 +147,11 @@ class _Search:
         if source is None:
             return None
         path = self.cache.model_path(key)
-        record = self.cache.load(key)
-        if record is not None:
-            e = record["entry"]
-            psnr, fid = e["target_psnr_db"], e["fidelity_psnr_db"]
-            entry = ModelEntry(**{**e, "quality_db": self.budget.quality(psnr, fid),
-                                  "kept": self.budget.keeps(psnr, fid), "cached": True})
+        entry = self.cache.load(key, ModelEntry.from_record)
+        if entry is not None:
+            psnr, fid = entry.target_psnr_db, entry.fidelity_psnr_db
+            entry = dataclasses.replace(entry, quality_db=self.budget.quality(psnr, fid),
+                                        kept=self.budget.keeps(psnr, fid), cached=True)
         elif not self.time_left(self.expected_seconds(recipe)):
             self.later(key)
             self._models[key] = None
@@ -215,10 +217,8 @@ class _Search:
     # -- candidates -----------------------------------------------------------------------------------------
     def candidate(self, recipe: Recipe) -> Candidate | None:
         """Evaluate ``recipe`` (or read it from the cache); None when it could not be tried."""
-        record = self.cache.load(recipe.key)
-        if record is not None:
-            cand = Candidate.from_record(record, self.budget)
-        else:
+        cand = self.cache.load(recipe.key, lambda record: Candidate.from_record(record, self.budget))
+        if cand is None:
             if not recipe.is_cpu and self.cannot_beat(recipe):
                 return None
             model = self.model(recipe)
@@ -255,7 +255,12 @@ class _Search:
         if recipe.bits_by_layer and self.cfg.calib:
             config = dataclasses.replace(config, calib=str(self.cfg.calib))  # bits are chosen on them
         result = export_loaded(model, path, config, force=True, progress=self.progress, fits=self.fits)
-        ev = self.score(file_twin(model, path, config.format), f"scoring {recipe.key}")
+        twin = file_twin(model, path, config.format)
+        if twin is None:
+            runner = open_runner(path)
+            ev = self.score(runner, f"scoring {recipe.key} as a file")
+            return self._measured(recipe, path, ev, notes=list(result.notes), scored_with=runner.engine)
+        ev = self.score(twin, f"scoring {recipe.key}")
         return self._measured(recipe, path, ev, notes=list(result.notes), scored_with=TWIN)
 
     def _cpu(self, recipe: Recipe, model: LoadedModel, path: Path) -> Candidate:

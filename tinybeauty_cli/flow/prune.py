@@ -9,7 +9,6 @@ check that it rebuilds from its own record, and the sizes on disk.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -18,15 +17,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.artifact import ArchSpec, Artifact, HistoryStep, Preprocessing, save_artifact
+from ..core.artifact import ArchSpec, Artifact, HistoryStep, Preprocessing, artifact_bytes, write_artifact
 from ..core.checkpoint import LoadedModel, load_model
 from ..core.contexts import torch_threads
 from ..core.errors import ImageError, InputError, UnsupportedError, UsageError
-from ..core.files import check_output, size_on_disk, zipped_size, zipped_size_of_bytes
+from ..core.files import check_output, zipped_size_of_bytes
 from ..core.images import ImageSet, builtin_test_set, load_folder, read_unlabeled, synthetic_unlabeled, uint8_to_model
 from ..core.model import config_from_state_dict
 from ..core.progress import Progress, SilentProgress
 from ..core.sanity import require_finite_on
+from ..core.written import WrittenFile
 from ..measure.evaluate import Evaluation, evaluate
 from ..prune.config import PruneConfig, PruneMethod
 from ..prune.layers import excluded_layers, require_conv_layers
@@ -90,14 +90,6 @@ def _arch_for(artifact: Artifact, model: nn.Module) -> ArchSpec:
     if artifact.arch.name == "tinybeauty":
         return ArchSpec.tinybeauty(config_from_state_dict(model.state_dict()))
     return artifact.arch
-
-
-def _sizes_in_artifact_format(artifact: Artifact) -> tuple[int, int]:
-    """(bytes, zipped bytes) of ``artifact`` saved as a tbopt artifact, in a temporary folder."""
-    with tempfile.TemporaryDirectory(prefix="tbopt-size-") as tmp:
-        path = Path(tmp) / "model.pt"
-        save_artifact(artifact, path)
-        return size_on_disk(path), zipped_size(path)
 
 
 def _r(v: float | None) -> float | None:
@@ -205,7 +197,7 @@ def _prune_file(path: Path, cfg: PruneConfig, output: Path | str | None, force: 
                 eval_data: Path | None, eval_limit: int | None, model_options: dict[str, Any],
                 progress: Progress | None) -> PruneReport:
     out_path = Path(output) if output is not None else default_output_name(path, cfg)
-    check_output(out_path, force, inputs=(path,))
+    out_path = check_output(out_path, force, inputs=(path,))
     if eval_limit is not None and eval_limit < 1:
         raise UsageError(f"--limit must be >= 1, got {eval_limit}")
     loaded = load_model(path, **model_options)
@@ -218,15 +210,15 @@ def _prune_file(path: Path, cfg: PruneConfig, output: Path | str | None, force: 
 
 
 def write_pruned(artifact: Artifact, source: LoadedModel, report: PruneReport, out_path: Path, *,
-                 force: bool = False) -> bytes:
-    """Write the pruned ``artifact`` atomically, fill the report's sizes and return the file's bytes
-    (read back once, so that later stages need not open the file)."""
+                 force: bool = False) -> WrittenFile:
+    """Write the pruned ``artifact`` atomically, fill the report's sizes and return the file as
+    written (later stages take its bytes and never open it). The input's sizes are those of its
+    artifact in the same format, made in memory: a checkpoint of another layout would not compare."""
     t0 = time.perf_counter()
-    save_artifact(artifact, out_path, force=force)
-    written = out_path.read_bytes()
-    base_bytes, base_zipped = _sizes_in_artifact_format(source.artifact)
-    report.before.size_bytes, report.before.zipped_bytes = base_bytes, base_zipped
-    report.after.size_bytes, report.after.zipped_bytes = len(written), zipped_size_of_bytes(written, out_path.name)
+    written = write_artifact(artifact, out_path, force=force)
+    base = artifact_bytes(source.artifact)
+    report.before.size_bytes, report.before.zipped_bytes = len(base), zipped_size_of_bytes(base, out_path.name)
+    report.after.size_bytes, report.after.zipped_bytes = written.size_bytes, written.zipped_bytes
     report.output = str(out_path)
     report.seconds["write"] = round(time.perf_counter() - t0, 2)
     report.seconds["total"] = round(report.seconds["total"] + report.seconds["write"], 2)
