@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from tinybeauty_cli.cli.app import app
 from tinybeauty_cli.core.errors import NonFiniteOutputError
 from tinybeauty_cli.core.images import (builtin_test_set, load_folder, load_images, read_unlabeled,
-                                        synthetic_unlabeled)
+                                        synthetic_unlabeled, uint8_to_model)
 from tinybeauty_cli.core.sanity import require_finite_on, require_finite_output
 
 from ..helpers import small_tinybeauty
@@ -116,7 +116,8 @@ def test_the_checkpoint_passes_the_checks_made_when_it_is_opened(files):
     loaded = load_model(files / "nan_on_faces.pt")  # finite weights, finite on the probe image: not refused
     assert loaded.problems == []
     with pytest.raises(NonFiniteOutputError):
-        require_finite_on(loaded.path, loaded.module, torch.rand(2, 3, SIZE, SIZE) * 2 - 1)
+        require_finite_on(loaded.path, loaded.module, torch.from_numpy(uint8_to_model(
+            builtin_test_set(SIZE, limit=2).inputs)), builtin_test_set(SIZE, limit=2).image_labels())
 
 
 # ---------------------------------------------------------------- the mechanism
@@ -168,7 +169,7 @@ def test_validation_names_the_written_file_when_only_it_computes_nan():
     good = small_tinybeauty(seed=2).eval()
     broken = small_tinybeauty(seed=2).eval()
     with torch.no_grad():
-        broken.out.conv.bias.fill_(float("inf"))
+        broken.out.conv.bias.fill_(float("nan"))
     with pytest.raises(NonFiniteOutputError, match=r"^the exported m\.mlmodel computes NaN or Inf on synthetic "
                                                    r"portrait 1 \(2 of 2 images\)"):
         fidelity(good, broken, 32, Preprocessing(size=32), labels=("good.pt", "the exported m.mlmodel"))
