@@ -361,14 +361,16 @@ def test_prune_loaded_scores_every_model_through_the_scorer(small_artifact):
     default = torch_scorer(loaded.preprocessing, images)
     calls = []
 
-    def scorer(module, reference, description):
-        calls.append((description, reference is None))
-        return default(module, reference, description)
+    def scorer(module, reference, description, label):
+        calls.append((description, reference is None, label))
+        return default(module, reference, description, label)
 
     cfg = PruneConfig(rate=0.3, method="channel", finetune_steps=1, **FAST)
     _, _, report = prune_loaded(loaded, cfg, eval_images=images, scorer=scorer)
-    assert calls == [("scoring the input model", True), ("scoring before fine-tuning", False),
-                     ("scoring the pruned model", False)]
+    pruned = f"the pruned model of {small_artifact}"
+    assert calls == [("scoring the input model", True, str(small_artifact)),
+                     ("scoring before fine-tuning", False, f"{pruned} (before fine-tuning)"),
+                     ("scoring the pruned model", False, pruned)]
     assert list(report.seconds) == ["images", "evaluate", "prune", "finetune", "total"]
     assert report.input == str(small_artifact) and report.finetune["images"].startswith("synthetic")
 

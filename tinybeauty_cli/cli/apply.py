@@ -7,7 +7,7 @@ from typing import Annotated, List
 
 import typer
 
-from . import _output
+from . import _imports, _output
 from ._errors import handle_errors
 from ._notes import warn_runner_notes
 from ._options import (
@@ -44,6 +44,7 @@ def apply(
     fp16_emulation: Fp16EmulationOpt = False,
 ) -> None:
     """Write made-up versions of photos: the residual is added at full resolution, as the authors' demo does."""
+    _imports.for_files([artifact], counts=False)
     from ..core.contexts import torch_threads  # noqa: PLC0415 - torch
     from ..flow.apply import apply_makeup  # noqa: PLC0415 - torch, only when the command runs
     from ..runtime.runners import open_runner  # noqa: PLC0415

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, List, Optional
 
 import typer
 
-from . import _output
+from . import _imports, _output
 from ._errors import handle_errors
 from ._options import (
     DEFAULT_RUNS,
@@ -60,6 +60,7 @@ def bench(
     fp16_emulation: Fp16EmulationOpt = False,
 ) -> None:
     """Size (KB, on disk and zipped), PSNR, fidelity, SSIM and latency of each artifact on the same images."""
+    _imports.for_files([*(artifacts or []), ref])
     from ..core.files import atomic_output, check_output  # noqa: PLC0415
     from ..measure.bench import BenchConfig, to_csv, to_markdown  # noqa: PLC0415 - torch
     from ..measure.bench import bench as run_bench

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from . import _output
+from . import _imports, _output
 from ._errors import handle_errors
 from ._options import (
     DEFAULT_RUNS,
@@ -58,6 +58,7 @@ def compare(
     fp16_emulation: Fp16EmulationOpt = False,
 ) -> None:
     """Both artifacts on the same images: output PSNR between them, each vs targets, size and speed ratios, weights."""
+    _imports.for_files([a, b])
     from ..measure.compare import CompareConfig  # noqa: PLC0415 - torch
     from ..measure.compare import compare as run_compare
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from ..export.config import DEFAULT_CALIB_COUNT, ExportConfig
-from . import _output
+from . import _imports, _output
 from ._errors import handle_errors
 from ._options import ArchKwargsOpt, ArchOpt, ForceOpt, JsonOpt, QuietOpt, TrustPickleOpt, model_options
 
@@ -167,6 +167,8 @@ def export(
     trust_pickle: TrustPickleOpt = False,
 ) -> None:
     """Export to Core ML for iOS (.mlmodel for iOS 13+, .mlpackage for iOS 15+), compressed, validated."""
+    _imports.coreml()
+    _imports.quantization()  # coremltools.optimize imports torch.ao.quantization
     from ..core.contexts import torch_threads  # noqa: PLC0415 - torch
     from ..flow.export import export_file  # noqa: PLC0415 - torch and coremltools
 

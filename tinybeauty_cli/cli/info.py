@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from . import _output
+from . import _imports, _output
 from ._errors import handle_errors
 from ._options import (
     ArchKwargsOpt,
@@ -33,6 +33,7 @@ def info(
     compute_units: ComputeUnitsOpt = None,
 ) -> None:
     """Architecture, parameters, MACs, size on disk and zipped, preprocessing and history of a model."""
+    _imports.for_files([artifact])
     from ..measure.describe import describe  # noqa: PLC0415 - torch, only when the command runs
 
     out = _output.Output(json_mode=json_out)

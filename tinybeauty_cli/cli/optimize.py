@@ -18,7 +18,7 @@ from ..flow.optimize_config import (
     TARGET_FILES,
     OptimizeConfig,
 )
-from . import _output
+from . import _imports, _output
 from ._errors import handle_errors
 from ._options import (
     ArchKwargsOpt,
@@ -138,6 +138,7 @@ def optimize(
     Searches channel pruning (rate 0 first), distillation length, Core ML weight storage and int8, cheap
     steps first, and writes the chosen files, search.json, search.md and pareto.png into --output.
     """
+    _imports.everything()
     from ..flow.optimize import optimize as run_search  # noqa: PLC0415 - torch and coremltools, only when run
 
     ui = _output.Output(json_mode=json_out, quiet=quiet)

@@ -9,7 +9,7 @@ import typer
 
 from ..core.errors import UsageError
 from ..prune.config import DEFAULT_CHANNEL_FINETUNE_STEPS, PruneConfig, PruneMethod
-from . import _output
+from . import _imports, _output
 from ._errors import handle_errors
 from ._options import (
     ArchKwargsOpt,
@@ -73,6 +73,7 @@ def prune(
 
     Writes a tbopt artifact (default ./<name>_pruned-<method>-<percent>.pt) with the step in its history.
     """
+    _imports.pruning()
     from ..flow.prune import prune_file as prune_model  # noqa: PLC0415 - torch, only when the command runs
 
     out = _output.Output(json_mode=json_out, quiet=quiet)

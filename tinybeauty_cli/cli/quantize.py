@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, List, Optional
 import typer
 
 from ..quantize.config import SELECTION_RUNS, QuantizeConfig
-from . import _output
+from . import _imports, _output
 from ._errors import handle_errors
 from ._options import (
     ArchKwargsOpt,
@@ -68,6 +68,7 @@ def quantize(
     trust_pickle: TrustPickleOpt = False,
 ) -> None:
     """int8 static quantization, calibrated on real images, into a TorchScript file that runs without tbopt."""
+    _imports.quantization()
     from ..flow.quantize import quantize_file as quantize_model  # noqa: PLC0415 - torch, only when the command runs
 
     out = _output.Output(json_mode=json_out, quiet=quiet)

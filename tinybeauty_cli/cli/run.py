@@ -10,7 +10,7 @@ import typer
 from ..core.errors import UsageError
 from ..flow.run_config import OUTPUT_FILES, RunConfig
 from ..prune.config import PruneMethod
-from . import _output
+from . import _imports, _output
 from ._errors import handle_errors
 from ._options import (
     ArchKwargsOpt,
@@ -94,6 +94,7 @@ def run(
 
     Writes tinybeauty_pruned.pt, tinybeauty_optimized.pt (int8), TinyBeauty.mlmodel (iOS 13+), TinyBeauty.mlpackage, optimization_results.png, results.json and results.md into --output.
     """
+    _imports.everything()
     from ..flow.pipeline import run_pipeline  # noqa: PLC0415 - torch and coremltools, only when the command runs
 
     ui = _output.Output(json_mode=json_out, quiet=quiet)

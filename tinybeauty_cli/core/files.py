@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 from typing import Iterator
 
+from . import interrupts
 from .errors import InputError, OutputError, OutputExistsError, TbOptError
 
 #: errno values that can only mean the output could not be written (not an input that could not be read).
@@ -237,6 +238,7 @@ def atomic_output(path: Path, force: bool = False, directory: bool = False) -> I
             if _disk_full(path.parent):  # writers in C++ (torch.save) or copytree report a full disk as anything
                 raise output_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from exc
             raise
+        interrupts.check()  # an interrupt some library caught and dropped: the output does not land
         with _interrupts_held():
             if path.exists() and (path.is_dir() or directory) and not path.is_symlink():
                 # A folder cannot be replaced atomically: move the old one aside, put it back on failure.

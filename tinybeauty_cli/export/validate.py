@@ -17,6 +17,7 @@ from torch import nn
 from ..core.artifact import Preprocessing
 from ..core.images import synthetic_unlabeled, uint8_to_model
 from ..core.quality import PSNR_CAP_DB, psnr_db
+from ..core.sanity import require_finite_output
 from ..coreml.spec import Feature, feature
 from ..coreml.weights import carry_file_weights
 from .config import IMAGE_IN, IMAGE_OUT, TENSOR_IN, TENSOR_OUT, ExportConfig, ExportError, tensor_dtype
@@ -42,9 +43,15 @@ def expected_interface(config: ExportConfig, target: str, size: int, channels: i
             [{"name": TENSOR_OUT, "type": "multiarray", "dtype": dtype, "shape": shape}])
 
 
-def check_images(size: int, prep: Preprocessing, count: int = 2) -> np.ndarray:
-    """The synthetic faces a written file is checked on, in the model's value range."""
-    return uint8_to_model(synthetic_unlabeled(count, size, seed=7).inputs, prep.value_range)
+#: How messages name the float model and the written file, unless told.
+LABELS = ("the float model", "the written file")
+
+
+def check_images(size: int, prep: Preprocessing, count: int = 2) -> tuple[np.ndarray, list[str]]:
+    """The synthetic faces a written file is checked on, in the model's value range, and how messages
+    name them ("synthetic portrait N")."""
+    images = synthetic_unlabeled(count, size, seed=7)
+    return uint8_to_model(images.inputs, prep.value_range), images.image_labels()
 
 
 def made_up_fidelity(a: np.ndarray, b: np.ndarray, prep: Preprocessing) -> dict:
@@ -55,24 +62,30 @@ def made_up_fidelity(a: np.ndarray, b: np.ndarray, prep: Preprocessing) -> dict:
             "worst_fidelity_db": round(float(np.min(capped)), 2)}
 
 
-def fidelity(reference: nn.Module, candidate: nn.Module, size: int, prep: Preprocessing, count: int = 2) -> dict:
-    """Made-up images of the float model vs the model with the file's weights (PyTorch, fp32)."""
-    x = check_images(size, prep, count)
+def fidelity(reference: nn.Module, candidate: nn.Module, size: int, prep: Preprocessing, count: int = 2,
+             labels: tuple[str, str] = LABELS) -> dict:
+    """Made-up images of the float model vs the model with the file's weights (PyTorch, fp32); NaN or Inf
+    in either is refused, naming it (``labels``: the float model, the file) and the image."""
+    x, names = check_images(size, prep, count)
     with torch.no_grad():
         a, b = reference(torch.from_numpy(x)).numpy(), candidate(torch.from_numpy(x)).numpy()
+    require_finite_output(labels[0], a, names)
+    require_finite_output(labels[1], b, names)
     if prep.output != "image":  # the made-up image
         a, b = x + a, x + b
     return made_up_fidelity(a, b, prep)
 
 
 def validate_export(spec: Any, weights: list, exported: ExportedModel, reference: nn.Module,
-                    run_file: Callable[[], dict]) -> tuple[dict[str, Any], list[dict], list[dict]]:
+                    run_file: Callable[[], dict],
+                    labels: tuple[str, str] = LABELS) -> tuple[dict[str, Any], list[dict], list[dict]]:
     """(validation figures, inputs, outputs) of a written file, from what ``flow/`` read of it: its
     ``spec`` and stored ``weights`` (:func:`..coreml.weights.stored_weights`); ``exported`` is what
     was written and ``reference`` the float model it was made from. ``run_file()`` gives the fidelity
     of the file itself, run by the reference executor, against ``reference`` (``flow/`` opens the file);
     it is called only where no PyTorch twin computes what the file does: int8 activations, or ops the
-    converter folded into weights. Raises :class:`ExportError` if it fails."""
+    converter folded into weights. Raises :class:`ExportError` if it fails, and
+    :class:`~..core.errors.NonFiniteOutputError` if either model computes NaN or Inf (``labels`` name them)."""
     config, size, channels = exported.config, exported.size, exported.channels
     inputs = [interface(feature(f, "input")) for f in spec.description.input]
     outputs = [interface(feature(f, "output")) for f in spec.description.output]
@@ -91,7 +104,7 @@ def validate_export(spec: Any, weights: list, exported: ExportedModel, reference
                  f"other operations into {', '.join(match.rewritten)}, so no PyTorch model with the file's "
                  "weights computes what it does; the Core ML runtime itself is macOS-only)")
     else:
-        fid = fidelity(reference, exact.eval(), size, exported.preprocessing)
+        fid = fidelity(reference, exact.eval(), size, exported.preprocessing, labels=labels)
         check = ("PyTorch with the file's decompressed weights vs the float model "
                  "(the Core ML runtime itself is macOS-only)")
     changed = set(match.rewritten)  # not compression error: the converter's own rewrite, checked by running

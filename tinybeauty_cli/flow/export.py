@@ -28,6 +28,7 @@ from ..core.files import atomic_output, check_output
 from ..core.fingerprint import weights_fingerprint
 from ..core.images import uint8_to_model
 from ..core.progress import Progress, SilentProgress
+from ..core.sanity import require_finite_on, require_finite_output
 from ..core.written import WrittenFile
 from ..coreml.spec import (coremltools, graph_op_counts, load_spec, neural_network_weight_bytes, package_parts, quiet,
                            read_coreml)
@@ -39,7 +40,7 @@ from ..export.mixed import bits_by_name
 from ..export.palette_gptq import calibration_inputs, gptq_palettized
 from ..export.palettes import palettes_fitted
 from ..export.prepare import coreml_ready_module
-from ..export.validate import check_images, made_up_fidelity, validate_export
+from ..export.validate import LABELS, check_images, made_up_fidelity, validate_export
 from .prune import unlabeled_images
 from .quantize import calibration_images
 
@@ -124,9 +125,11 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
         with atomic_output(output, force=force, directory=config.format == "mlprogram") as tmp:
             save_coreml(exported, tmp)
             file, weights = read_written(tmp)
+            labels = (str(loaded.path), f"the exported {output.name}")
             validation, inputs, outputs = validate_export(
                 file.spec, weights, exported, model,
-                run_file=lambda: executor_fidelity(tmp, model, exported.size, exported.preprocessing))
+                run_file=lambda: executor_fidelity(tmp, model, exported.size, exported.preprocessing, labels),
+                labels=labels)
             sizes = file_sizes(file, config.format)
         advance(1)
     ops = graph_op_counts(file.spec)
@@ -172,10 +175,16 @@ def _prepare(loaded: LoadedModel, config: ExportConfig, command: str, fits: dict
     artifact, model = loaded.artifact, loaded.module.eval()
     size = config.size or artifact.preprocessing.size
     p = _Prepared(model, plan_for(model, config), list(artifact.history), command)  # a target too low: refused now
+    # the float model on the images the written file will be checked on, before any work
+    check_x, check_names = check_images(size, artifact.preprocessing)
+    require_finite_on(loaded.path, model, torch.from_numpy(check_x), check_names)
     if config.activations or config.bits_by_layer or config.palette_method == "gptq":
         calib_set, _skipped = calibration_images(Path(config.calib) if config.calib else None, config.calib_count,
                                                  size, progress)
         p.calibration, p.calib_source = calib_set.inputs, calib_set.source
+        require_finite_on(loaded.path, model,
+                          torch.from_numpy(uint8_to_model(calib_set.inputs, artifact.preprocessing.value_range)),
+                          calib_set.image_labels())
     if config.bits_by_layer:  # chosen on the float model, before any fitting: the fit keeps each layer's bits
         ready = coreml_ready_module(model, size, config.format, input_channels(model))
         p.allocation = bits_for_export(ready, config, p.plan, p.calibration, artifact.preprocessing, progress)
@@ -204,7 +213,7 @@ def _prepare(loaded: LoadedModel, config: ExportConfig, command: str, fits: dict
             fitted, fit = fits[key]
             p.model = copy.deepcopy(fitted)  # the kept one is never handed out, so never edited
         else:
-            p.model, fit = _fit_palettes(p.model, config, bits, size, progress, teacher=model)
+            p.model, fit = _fit_palettes(p.model, config, bits, size, progress, teacher=model, label=loaded.path)
             if fits is not None:
                 fits[key] = (copy.deepcopy(p.model), fit)
         p.palette_fit = fit.to_dict()
@@ -238,17 +247,22 @@ def read_written(path: Path) -> tuple[WrittenFile, list]:
     return file, weights
 
 
-def executor_fidelity(path: Path, reference: nn.Module, size: int, prep: Preprocessing) -> dict:
+def executor_fidelity(path: Path, reference: nn.Module, size: int, prep: Preprocessing,
+                      labels: tuple[str, str] = LABELS) -> dict:
     """Made-up images of the float model vs the file itself, run by tbopt's reference executor
     (what a file with int8 activations computes, which no PyTorch twin with its weights shows);
-    image outputs compared before Core ML's 8-bit rounding."""
+    image outputs compared before Core ML's 8-bit rounding. NaN or Inf in either is refused, naming
+    it (``labels``: the float model, the file) and the image."""
     from ..coreml.runner import open_coreml_runner  # noqa: PLC0415
 
-    x = check_images(size, prep)
+    x, names = check_images(size, prep)
     runner = open_coreml_runner(path, use_device=False, round_image_output=False)
     with torch.no_grad():
         out = reference(torch.from_numpy(x)).numpy()
-    return made_up_fidelity(out if prep.output == "image" else x + out, x + runner.residual(x), prep)
+    require_finite_output(labels[0], out, names)
+    residual = runner.residual(x)
+    require_finite_output(labels[1], residual, names)
+    return made_up_fidelity(out if prep.output == "image" else x + out, x + residual, prep)
 
 
 def file_sizes(file: WrittenFile, fmt: str) -> dict[str, int]:
@@ -265,11 +279,12 @@ def file_sizes(file: WrittenFile, fmt: str) -> dict[str, int]:
 
 
 def _fit_palettes(model: nn.Module, config: ExportConfig, bits: int | dict[str, int], size: int,
-                  progress: Progress, teacher: nn.Module) -> tuple[nn.Module, Any]:
+                  progress: Progress, teacher: nn.Module, label: object) -> tuple[nn.Module, Any]:
     """``model`` fitted onto its palettes of ``bits`` (one size, or by layer name) on the fit images
-    (:func:`..export.palettes.palettes_fitted`), distilled from ``teacher`` (the float model)."""
+    (:func:`..export.palettes.palettes_fitted`), distilled from ``teacher`` (the float model, ``label``)."""
     images = unlabeled_images(Path(config.fit_data) if config.fit_data else None, size, config.fit_images)
     pool = torch.from_numpy(uint8_to_model(images.inputs))
+    require_finite_on(label, teacher, pool, images.image_labels())  # a NaN target would train NaN weights
     return palettes_fitted(model, bits, pool, steps=config.fit_palettes, seed=config.seed,
                            lr=config.fit_lr, batch_size=config.fit_batch_size, progress=progress, teacher=teacher)
 

@@ -100,8 +100,10 @@ def _locked_optimize(checkpoint: Path, out: Path, cfg: OptimizeConfig, force: bo
             cache.clear()
         if resume and cache.exists() and not cache.same_context():
             progress.note("the search in --out was made with other settings, images or checkpoint: starting afresh")
-        cache.start()
+        # the original is scored first (a model that computes NaN on the images is refused): nothing is
+        # written into --out before that
         search = _Search(loaded, images, cfg, cache, progress, on_row)
+        cache.start()
         search.run()
         return _finish(search, checkpoint, out, cfg, threads, force or resume)
 

@@ -104,7 +104,8 @@ class _Search:
         self.to_sparsify: list[Recipe] = []  # models and targets whose weights are then zeroed and stored sparse
         self.fits: dict[tuple, Any] = {}  # palette fits, shared between targets (export_loaded)
         prep = loaded.preprocessing
-        self.reference: Evaluation = evaluate(TorchRunner(loaded.module.eval(), prep), images, progress=progress,
+        self.reference: Evaluation = evaluate(TorchRunner(loaded.module.eval(), prep, name=str(loaded.path)), images,
+                                              progress=progress,
                                               description="scoring the original")
         self.budget = Budget(_r(self.reference.target_psnr_db), cfg.max_drop_db, cfg.min_fidelity_db)
         self._models: dict[str, LoadedModel | None] = {"original": loaded}
@@ -160,11 +161,11 @@ class _Search:
             cfg = recipe.sparse_config(self.cfg.seed) if recipe.sparsity else recipe.prune_config(self.cfg.seed)
             original = self.original.module
 
-            def scorer(module: nn.Module, reference: np.ndarray | None, description: str) -> Evaluation:
+            def scorer(module: nn.Module, reference: np.ndarray | None, description: str, label: str) -> Evaluation:
                 if module is original:  # scored once, at the start
                     return self.reference
-                return evaluate(TorchRunner(module.eval(), source.preprocessing), self.images, reference=reference,
-                                progress=self.progress, description=description)
+                return evaluate(TorchRunner(module.eval(), source.preprocessing, name=label), self.images,
+                                reference=reference, progress=self.progress, description=description)
 
             artifact, _module, _report = prune_loaded(source, cfg, data=self.cfg.calib, eval_images=self.images,
                                                       progress=self.progress, scorer=scorer)

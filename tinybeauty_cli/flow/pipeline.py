@@ -269,8 +269,8 @@ class _Run:
         """Prune in memory, write the artifact, and the pruned model as if opened from its bytes."""
         prep = self.loaded.preprocessing
 
-        def score_module(module: nn.Module, reference: np.ndarray | None, description: str) -> Evaluation:
-            return scores.score(module, TorchRunner(module.eval(), prep), description, reference)
+        def score_module(module: nn.Module, reference: np.ndarray | None, description: str, label: str) -> Evaluation:
+            return scores.score(module, TorchRunner(module.eval(), prep, name=label), description, reference)
 
         artifact, module, report = prune_loaded(self.loaded, self.cfg.prune_config(), data=self.cfg.calib,
                                                 eval_images=scores.images, progress=self.progress,

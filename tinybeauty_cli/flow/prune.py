@@ -25,6 +25,7 @@ from ..core.files import check_output, zipped_size_of_bytes
 from ..core.images import ImageSet, builtin_test_set, load_folder, read_unlabeled, synthetic_unlabeled, uint8_to_model
 from ..core.model import config_from_state_dict
 from ..core.progress import Progress, SilentProgress
+from ..core.sanity import require_finite_on
 from ..core.written import WrittenFile
 from ..measure.evaluate import Evaluation, evaluate
 from ..prune.config import PruneConfig, PruneMethod
@@ -33,9 +34,10 @@ from ..prune.report import PruneReport
 from ..prune.transform import prune_module
 from ..runtime.runners import TorchRunner
 
-#: ``scorer(module, reference, description)``: the module scored on the evaluation images, its
-#: fidelity measured against ``reference`` (the input model's made-up images) when given.
-Scorer = Callable[[nn.Module, Optional[np.ndarray], str], Evaluation]
+#: ``scorer(module, reference, description, label)``: the module scored on the evaluation images, its
+#: fidelity measured against ``reference`` (the input model's made-up images) when given; ``label``
+#: names the module in messages (the input file, or "the pruned model of FILE").
+Scorer = Callable[[nn.Module, Optional[np.ndarray], str, str], Evaluation]
 
 
 def default_output_name(source: Path, cfg: PruneConfig) -> Path:
@@ -64,9 +66,9 @@ def unlabeled_images(data: Path | None, size: int, count: int, progress: Progres
 
 def torch_scorer(preprocessing: Preprocessing, images: ImageSet, progress: Progress | None = None) -> Scorer:
     """Score a float module with PyTorch on ``images`` (what ``prune_loaded`` does when given no scorer)."""
-    def score(module: nn.Module, reference: np.ndarray | None, description: str) -> Evaluation:
+    def score(module: nn.Module, reference: np.ndarray | None, description: str, label: str) -> Evaluation:
         module.eval()
-        runner = TorchRunner(module, preprocessing, loaded=None)
+        runner = TorchRunner(module, preprocessing, loaded=None, name=label)
         return evaluate(runner, images, reference=reference, progress=progress, description=description)
     return score
 
@@ -126,29 +128,33 @@ def prune_loaded(loaded: LoadedModel, cfg: PruneConfig, *, data: Path | None = N
         images = unlabeled_images(data, size, count, progress)
         pool = torch.from_numpy(uint8_to_model(images.inputs))
         pool_source = images.source
+        # channels are ranked on these images and the pruned model distilled from the original's outputs on
+        # them: a NaN there would train NaN weights, and the message would blame the pruned model
+        require_finite_on(loaded.path, original, pool, images.image_labels())
         seconds["images"] = round(time.perf_counter() - t_images, 2)  # drawn or read: part of the recovery
 
     score = scorer or torch_scorer(loaded.preprocessing, eval_images, progress)
 
-    def timed_score(module: nn.Module, reference: np.ndarray | None, description: str) -> Evaluation:
+    def timed_score(module: nn.Module, reference: np.ndarray | None, description: str, label: str) -> Evaluation:
         t0 = time.perf_counter()
         try:
-            return score(module, reference, description)
+            return score(module, reference, description, label)
         finally:
             seconds["evaluate"] = round(seconds.get("evaluate", 0.0) + time.perf_counter() - t0, 2)
 
-    base = timed_score(original, None, "scoring the input model")
+    pruned_label = f"the pruned model of {loaded.path}"
+    base = timed_score(original, None, "scoring the input model", str(loaded.path))
     reference = base.outputs
     quality: dict[str, Any] = {"images": eval_images.source, "target_psnr_before_db": _r(base.target_psnr_db)}
 
     def score_pruned_only(model: nn.Module) -> None:
-        raw = timed_score(model, reference, "scoring before fine-tuning")
+        raw = timed_score(model, reference, "scoring before fine-tuning", f"{pruned_label} (before fine-tuning)")
         quality["target_psnr_pruned_only_db"] = _r(raw.target_psnr_db)
         quality["fidelity_pruned_only_db"] = _r(raw.fidelity_psnr_db)
 
     model, report = prune_module(original, cfg, pool, size=size, before_finetune=score_pruned_only,
                                  progress=progress)
-    final = timed_score(model, reference, "scoring the pruned model")
+    final = timed_score(model, reference, "scoring the pruned model", pruned_label)
     quality.update({
         "target_psnr_after_db": _r(final.target_psnr_db),
         "do_nothing_psnr_db": _r(final.do_nothing_psnr_db),

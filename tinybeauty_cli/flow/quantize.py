@@ -27,6 +27,7 @@ from ..core.errors import ImageError, InputError, UnsupportedError
 from ..core.files import check_output, normalized, zipped_size_of_bytes
 from ..core.images import ImageSet, builtin_test_set, load_images, read_unlabeled, synthetic_unlabeled, uint8_to_model
 from ..core.progress import Progress, SilentProgress
+from ..core.sanity import require_finite_on
 from ..core.written import WrittenFile, write_file
 from ..measure.evaluate import Evaluation, Scores
 from ..quantize.config import CALIB_BATCH, TORCHSCRIPT_FORMAT, TORCHSCRIPT_FORMAT_VERSION, QuantizeConfig
@@ -115,7 +116,7 @@ def calibration_images(calib: Path | None, count: int, size: int, progress: Prog
                       f"{' ...' if len(skipped) > 3 else ''}")
     if len(arrays) < count:
         progress.note(f"calibration: {calib} has {len(arrays)} readable image(s), fewer than --calib-count {count}")
-    return ImageSet(images.names, arrays, None, f"{calib} ({len(arrays)} images)"), skipped
+    return ImageSet(images.names, arrays, None, f"{calib} ({len(arrays)} images)", images.labels), skipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +173,8 @@ def _quantize(loaded: LoadedModel, output: Path, cfg: QuantizeConfig, *, force: 
     t0 = time.perf_counter()
     calib_set, skipped = calibration_images(cfg.calib, cfg.calib_count, prep.size, progress)
     calib = torch.from_numpy(uint8_to_model(calib_set.inputs))
+    with progress.task("checking the float model on the calibration images", total=None):
+        require_finite_on(loaded.path, model, calib, calib_set.image_labels())  # the ranges it observes must be finite
     timings["calibration_images_s"] = time.perf_counter() - t0
 
     script, outcome = quantize_module(model, cfg, calib, output=prep.output, progress=progress)

@@ -69,7 +69,7 @@ def evaluate(runner: Runner, images: ImageSet, reference: np.ndarray | None = No
     x = uint8_to_model(images.inputs)
     with progress.task(description, total=len(x)) as advance:
         outputs = runner.predict_all(x, on_batch=advance)
-    require_finite_output(runner.label, outputs, images.names)  # a NaN would score as a number, silently
+    require_finite_output(runner.label, outputs, images.image_labels())  # a NaN would score as a number, silently
     return score_outputs(outputs, images, reference)
 
 
