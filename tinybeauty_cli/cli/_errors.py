@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import typer
 from typer.core import TyperGroup
 
+from ..core import interrupts
 from ..core.errors import TbOptError
 from ..core.files import scratch_tempdir
 
@@ -81,33 +82,37 @@ def handle_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            with scratch_tempdir():
-                return fn(*args, **kwargs)
+            with interrupts.watched(), scratch_tempdir():
+                result = fn(*args, **kwargs)
+                interrupts.check()
+                return result
         except (typer.Exit, typer.Abort, SystemExit):
+            if interrupts.received():  # an interrupt some library dropped: the command ends as interrupted
+                raise KeyboardInterrupt from None
             raise
-        except TbOptError as exc:
-            if _debug():
+        except Exception as exc:  # noqa: BLE001 - every error becomes one line; the last line of defence
+            if interrupts.received():  # e.g. a module left half-imported by a dropped interrupt
+                raise KeyboardInterrupt from None
+            if _debug() and not isinstance(exc, MemoryError):
                 raise
-            hint = exc.hint if exc.hint or exc.exit_code != 2 else help_hint(_current_context())
-            say(str(exc), hint)
-            raise typer.Exit(exc.exit_code) from None
-        except MemoryError:
-            say("out of memory", "use --limit or smaller inputs")
-            raise typer.Exit(1) from None
-        except OSError as exc:  # the machine's (permissions, a full disk), not tbopt's
-            if _debug():
-                raise
-            where = f": {exc.filename}" if exc.filename else ""
-            say(f"{exc.strerror or type(exc).__name__}{where}")
-            raise typer.Exit(1) from None
-        except Exception as exc:  # noqa: BLE001 - the last line of defence
-            if _debug():
-                raise
-            say(f"internal error: {type(exc).__name__}: {exc}",
-                "this is a bug in tbopt; rerun with TBOPT_DEBUG=1 for the traceback and report it")
-            raise typer.Exit(1) from None
+            message, hint, code = _in_words(exc)
+            say(message, hint)
+            raise typer.Exit(code) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _in_words(exc: Exception) -> tuple[str, str | None, int]:
+    """The line, the hint and the exit code for an error a command raised."""
+    if isinstance(exc, TbOptError):
+        return str(exc), exc.hint if exc.hint or exc.exit_code != 2 else help_hint(_current_context()), exc.exit_code
+    if isinstance(exc, MemoryError):
+        return "out of memory", "use --limit or smaller inputs", 1
+    if isinstance(exc, OSError):  # the machine's (permissions, a full disk), not tbopt's
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or type(exc).__name__}{where}", None, 1
+    return (f"internal error: {type(exc).__name__}: {exc}",
+            "this is a bug in tbopt; rerun with TBOPT_DEBUG=1 for the traceback and report it", 1)
 
 
 class TbOptGroup(TyperGroup):
@@ -116,7 +121,18 @@ class TbOptGroup(TyperGroup):
     Typer prints a usage error in a boxed panel (or click's several lines); the library's usage
     errors are one ``Error:`` line. Here both are the latter, so a bad value looks the same
     whichever layer refuses it.
+
+    Every command's options get plain metavars here (``_options.readable_metavars``), whatever
+    Typer version builds them.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from ._options import readable_metavars  # noqa: PLC0415 - _options imports this module's neighbours
+
+        super().__init__(*args, **kwargs)
+        readable_metavars(self)  # --version
+        for command in self.commands.values():
+            readable_metavars(command)
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:

@@ -21,6 +21,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ..core import interrupts
+
 # Piped output is read by people and tools alike: do not squeeze wide tables into 80 columns.
 stdout = Console(soft_wrap=False, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
 stderr = Console(stderr=True, soft_wrap=True)
@@ -85,6 +87,18 @@ class Output:
     # -- progress (implements tinybeauty_cli.core.progress.Progress) -------------------
     @contextlib.contextmanager
     def task(self, description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
+        # each step of the work checks for an interrupt that a library caught and dropped (core.interrupts)
+        interrupts.check()
+        with self._task(description, total) as advance:
+            def checked(n: int = 1, **fields: Any) -> None:
+                interrupts.check()
+                advance(n, **fields)
+
+            yield checked
+        interrupts.check()
+
+    @contextlib.contextmanager
+    def _task(self, description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
         if not self.show_progress:
             yield lambda n=1, **fields: None
         elif self.draws_bars:
@@ -121,6 +135,16 @@ class Output:
     def note(self, message: str) -> None:
         if not self.quiet:
             stderr.print(message, highlight=False, markup=False)
+
+    def model_or_demo(self, path: Any) -> Any:
+        """``path``, or the bundled demo checkpoint when none was given, saying so in one line."""
+        if path is not None:
+            return path
+        from ..core.paths import demo_checkpoint  # noqa: PLC0415
+
+        demo = demo_checkpoint()
+        self.note(f"Note: no model given: using the bundled demo checkpoint ({demo})")
+        return demo
 
     def warn(self, message: str) -> None:
         stderr.print(f"Warning: {message}", style="yellow", highlight=False, markup=False)

@@ -75,5 +75,20 @@ class UnusableModelError(InputError):
     """Weights that cannot be right: NaN or Inf in a tensor, or in what the model computes."""
 
 
+class NonFiniteOutputError(UnusableModelError):
+    """A model computes NaN or Inf on an image (finite on the plain test image checked when it was opened).
+
+    ``model`` and ``image`` are how messages name them: a file, or e.g. "built-in test image 3".
+    """
+
+    def __init__(self, model: object, image: object, bad: int | None = None, total: int = 1,
+                 hint: str | None = None):
+        self.model, self.image = str(model), str(image)
+        count = f" ({bad} of {total} images)" if bad is not None and total > 1 else ""
+        super().__init__(f"{model} computes NaN or Inf on {image}{count}; its weights cannot be right",
+                         hint or "nothing was written; check the model's weights (tbopt info runs it only on a "
+                                 "plain test image)")
+
+
 class NotImageModelError(InputError):
     """A model file, but not of an image-to-image network (one 3-channel image in, one out)."""

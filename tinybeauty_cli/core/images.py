@@ -15,6 +15,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from . import synthetic
 from .errors import ImageError
+from .files import require_file
 from .progress import Progress, SilentProgress
 
 #: The suffixes listed in messages; a folder is read for every suffix Pillow can open (:func:`image_suffixes`).
@@ -34,9 +35,16 @@ class ImageSet:
     inputs: np.ndarray
     targets: np.ndarray | None
     source: str  # e.g. "built-in synthetic test set (100 pairs, seed 20240901)"
+    #: How a message names each image: its file, or "built-in test image 3" / "synthetic portrait 3"
+    #: when it has none (default: its name).
+    labels: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def image_labels(self) -> list[str]:
+        """How messages name each image (:attr:`labels`, else :attr:`names`)."""
+        return list(self.labels) if self.labels is not None else list(self.names)
 
     @property
     def has_targets(self) -> bool:
@@ -59,14 +67,7 @@ def check_image(path: Path) -> None:
 
 
 def _read(path: Path, decode: bool) -> Image.Image | None:
-    if not path.exists():
-        raise ImageError(f"image {path} does not exist")
-    if path.is_dir():
-        raise ImageError(f"image {path} is a directory")
-    if not os.access(path, os.R_OK):
-        raise ImageError(f"image {path} is not readable (permission denied)")
-    if path.stat().st_size == 0:
-        raise ImageError(f"image {path} is empty (0 bytes)")
+    require_file(path, "image", ImageError)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -201,7 +202,8 @@ def load_folder(folder: Path, size: int, limit: int | None = None) -> ImageSet:
             check_image(tgs[s])
         inputs = np.stack([to_model_size(read_image(ins[s]), size) for s in stems])
         targets = np.stack([to_model_size(read_image(tgs[s]), size) for s in stems])
-        return ImageSet(stems, inputs, targets, f"{folder} ({len(stems)} pairs, {in_dir.name}/{tg_dir.name})")
+        return ImageSet(stems, inputs, targets, f"{folder} ({len(stems)} pairs, {in_dir.name}/{tg_dir.name})",
+                        [str(ins[s]) for s in stems])
     files = list_images(folder)[: limit if limit else None]
     if not files:
         raise ImageError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})",
@@ -209,7 +211,8 @@ def load_folder(folder: Path, size: int, limit: int | None = None) -> ImageSet:
     for p in files:
         check_image(p)
     inputs = np.stack([to_model_size(read_image(p), size) for p in files])
-    return ImageSet([p.stem for p in files], inputs, None, f"{folder} ({len(files)} images, no targets)")
+    return ImageSet([p.stem for p in files], inputs, None, f"{folder} ({len(files)} images, no targets)",
+                    [str(p) for p in files])
 
 
 def read_unlabeled(folder: Path, size: int, count: int | None = None) -> tuple[ImageSet | None, list[str], int]:
@@ -226,18 +229,20 @@ def read_unlabeled(folder: Path, size: int, count: int | None = None) -> tuple[I
                 folder = folder / a
                 break
     files = list_images(folder)
-    arrays, names, skipped = [], [], []
+    arrays, names, labels, skipped = [], [], [], []
     for path in files:
         if count is not None and len(arrays) >= count:
             break
         try:
             arrays.append(to_model_size(read_image(path), size))
             names.append(path.stem)
+            labels.append(str(path))
         except ImageError:
             skipped.append(path.name)
     if not arrays:
         return None, skipped, len(files)
-    return ImageSet(names, np.stack(arrays), None, f"{folder} ({len(arrays)} images)"), skipped, len(files)
+    return (ImageSet(names, np.stack(arrays), None, f"{folder} ({len(arrays)} images)", labels),
+            skipped, len(files))
 
 
 _BUILTIN: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # a few sizes, drawn once per process
@@ -261,7 +266,8 @@ def builtin_test_set(size: int = 256, limit: int | None = None, progress: Progre
     count = min(limit or synthetic.TEST_COUNT, synthetic.TEST_COUNT)
     bare, made = _builtin(size, count, progress)
     return ImageSet([f"synthetic_{i:03d}" for i in range(count)], bare, made,
-                    f"built-in synthetic test set ({count} pairs, seed {synthetic.TEST_SEED})")
+                    f"built-in synthetic test set ({count} pairs, seed {synthetic.TEST_SEED})",
+                    [f"built-in test image {i + 1}" for i in range(count)])
 
 
 def synthetic_unlabeled(count: int, size: int = 256, seed: int = synthetic.TRAIN_SEED + 1,
@@ -270,7 +276,8 @@ def synthetic_unlabeled(count: int, size: int = 256, seed: int = synthetic.TRAIN
     with (progress or SilentProgress()).task("drawing synthetic portraits", total=count) as advance:
         bare = synthetic.bare_portraits(seed, count, size, on_each=advance)
     return ImageSet([f"portrait_{i:03d}" for i in range(count)], bare, None,
-                    f"synthetic portraits ({count}, seed {seed})")
+                    f"synthetic portraits ({count}, seed {seed})",
+                    [f"synthetic portrait {i + 1}" for i in range(count)])
 
 
 def load_images(data: Path | None, size: int, limit: int | None = None,

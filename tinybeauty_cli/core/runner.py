@@ -60,7 +60,9 @@ class Runner(abc.ABC):
 
     @property
     def label(self) -> str:
-        """How messages name the model: its file when it has one, else its engine."""
+        """How messages name the model: its ``name`` when given, its file when it has one, else its engine."""
+        if getattr(self, "name", None):
+            return str(self.name)
         loaded = getattr(self, "loaded", None)
         model = getattr(self, "model", None)
         path = getattr(loaded, "path", None) or getattr(model, "path", None)

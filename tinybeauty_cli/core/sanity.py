@@ -6,18 +6,24 @@ run, a bad conversion) give garbage images without an error, and a TorchScript o
 of some other network takes or returns tensors of another shape. Opening a model therefore
 checks both (:mod:`.checkpoint` for PyTorch files, ``coreml.runner`` for Core ML files); every
 command that writes or scores refuses such a model with one line, and ``tbopt info`` reports
-the problem instead. What a model computes on real images is checked again where it is
-scored or written (:func:`require_finite_output`).
+the problem instead.
+
+A model can pass that check and still compute NaN on faces (a layer that overflows only on
+textured images). Every place a model runs on images -- scoring, calibration, validation,
+fitting, ``apply`` -- checks what it computed here (:func:`require_finite_output`, or
+:func:`require_finite_on` for a module and a batch of images) and refuses it with one
+:class:`~.errors.NonFiniteOutputError` naming the model and the image (its file, or e.g.
+"built-in test image 3"), before a figure is computed from it or a file written.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from .errors import NotImageModelError, UnusableModelError
+from .errors import NonFiniteOutputError, NotImageModelError, UnusableModelError
 
 
 def nonfinite_tensors(tensors: Mapping[str, Any]) -> list[str]:
@@ -67,11 +73,31 @@ def output_problem(label: object, y: Any, size: int) -> tuple[type, str] | None:
     return None
 
 
-def require_finite_output(label: object, outputs: np.ndarray, names: list[str] | None = None) -> None:
-    """Refuse outputs (N, ...) holding NaN or Inf, naming the first image that gave them."""
-    bad = ~np.isfinite(np.asarray(outputs).reshape(len(outputs), -1)).all(axis=1) if len(outputs) else []
+def require_finite_output(label: object, outputs: Any, names: Sequence[str] | None = None, *,
+                          first: int = 0, total: int | None = None) -> None:
+    """Refuse outputs (N, ...) holding NaN or Inf, naming the model ``label`` and the first image that gave
+    them (``names``: how messages name the images, e.g. ``ImageSet.image_labels()``). A batch of a larger
+    set is checked with ``first``, the index of ``outputs[0]`` among ``names``, and ``total``, the set's size
+    (the message then counts no images: the rest of the set was not run)."""
+    if isinstance(outputs, torch.Tensor):
+        outputs = outputs.detach().float().numpy()
+    a = np.asarray(outputs)
+    if not len(a):
+        return
+    bad = ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
     if np.any(bad):
-        first = int(np.argmax(bad))
-        which = names[first] if names and first < len(names) else f"image {first + 1}"
-        raise UnusableModelError(f"{label} computes NaN or Inf on {which} ({int(np.sum(bad))} of {len(outputs)} "
-                                 f"image(s)); its weights cannot be right")
+        at = first + int(np.argmax(bad))
+        which = names[at] if names is not None and at < len(names) else f"image {at + 1}"
+        counted = total is None or (first == 0 and total == len(a))
+        raise NonFiniteOutputError(label, which, int(np.sum(bad)) if counted else None, total or len(a))
+
+
+def require_finite_on(label: object, module: torch.nn.Module, x: torch.Tensor, names: Sequence[str] | None = None,
+                      batch: int = 8) -> None:
+    """Run ``module`` on the images ``x`` (float (N, C, S, S), as it takes them) and refuse NaN or Inf in
+    what it computes (:func:`require_finite_output`): a flow checks the images a transform is about to
+    use (calibration, fitting) before the transform sees them."""
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            y = module(x[i:i + batch])
+            require_finite_output(label, y, names, first=i, total=len(x))

@@ -50,13 +50,14 @@ class StoredWeight:
         return {"weight": "weight", "weights": "weight", "bias": "bias"}.get(self.field)
 
 
-def stored_weights(path: Path | str) -> list[StoredWeight]:
+def stored_weights(path: Path | str, spec: Any = None) -> list[StoredWeight]:
     """Every float tensor (rank >= 1) the ops or layers of a ``.mlpackage`` / ``.mlmodel`` compute
-    with, decompressed to float32, in graph order (a tensor read by several ops: once, at the first)."""
+    with, decompressed to float32, in graph order (a tensor read by several ops: once, at the first).
+    ``spec``: a ``.mlmodel``'s spec already read (its weights are in it)."""
     path = Path(path)
     if path.suffix.lower() == ".mlpackage":
         return _program_weights(path)
-    return _neural_network_weights(load_spec(path))
+    return _neural_network_weights(spec if spec is not None else load_spec(path))
 
 
 # ---------------------------------------------------------------- ML Program

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -353,13 +352,6 @@ class ExportedModel:
     history: list[HistoryStep]  # the model's history, this export last
     activations: ActivationReport | None = None  # int8 activations: how they were calibrated
     bits_by_layer: BitAllocation | None = None  # --bits-by-layer: the palette bits of each layer
-
-    def save(self, path: Path | str) -> None:
-        """Write the ``.mlmodel`` / ``.mlpackage`` to ``path`` (callers make it atomic)."""
-        ct = coremltools()
-        with quiet():
-            weights_dir = self.mlmodel.weights_dir if self.config.format == "mlprogram" else None
-            ct.models.MLModel(self.spec, weights_dir=weights_dir, skip_model_load=True).save(str(path))
 
 
 def plan_for(model: nn.Module, config: ExportConfig) -> ExportPlan:

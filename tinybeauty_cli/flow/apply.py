@@ -18,7 +18,7 @@ from ..core.errors import InputError
 from ..core.files import atomic_output, check_output
 from ..core.images import model_to_uint8, read_image, to_model_size, uint8_to_model
 from ..core.progress import Progress, SilentProgress
-from ..core.quality import made_up, psnr_db
+from ..core.quality import made_up, mean_psnr_db
 from ..core.runner import Runner
 from ..core.sanity import require_finite_output
 
@@ -43,25 +43,35 @@ def _resize_channels(residual: np.ndarray, width: int, height: int) -> np.ndarra
     return np.stack(chans, axis=-1)
 
 
-def makeup_full_resolution(runner: Runner, photo: np.ndarray) -> np.ndarray:
+def model_size_residual(runner: Runner, photo: np.ndarray, name: str, model_size: bool = False) -> np.ndarray:
+    """What the network adds to ``photo`` (uint8 (H, W, 3)) at the model's size, (3, S, S): of the photo
+    resized to the model's size, or (``model_size``) of its centre square. Refused (one line naming the
+    model and ``name``, the photo's file) if it holds NaN or Inf."""
+    s = runner.size
+    small = (to_model_size(Image.fromarray(photo), s) if model_size
+             else np.asarray(Image.fromarray(photo).resize((s, s), Image.BICUBIC), np.uint8))
+    residual = runner.residual(uint8_to_model(small[None]))
+    require_finite_output(runner.label, residual, [name])
+    return residual[0]
+
+
+def makeup_full_resolution(runner: Runner, photo: np.ndarray, name: str = "the photo",
+                           residual: np.ndarray | None = None) -> np.ndarray:
     """uint8 (H, W, 3) photo -> made-up uint8 photo at the same resolution."""
     h, w = photo.shape[:2]
-    s = runner.size
-    small = np.asarray(Image.fromarray(photo).resize((s, s), Image.BICUBIC), np.uint8)
-    x = uint8_to_model(small[None])
-    residual = runner.residual(x)
-    require_finite_output(runner.label, residual)
-    residual = residual[0]
+    if residual is None:
+        residual = model_size_residual(runner, photo, name)
     full = photo.astype(np.float32) / 127.5 - 1.0 + _resize_channels(residual, w, h)
     return np.clip(np.round((np.clip(full, -1.0, 1.0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def makeup_model_size(runner: Runner, photo: np.ndarray) -> np.ndarray:
+def makeup_model_size(runner: Runner, photo: np.ndarray, name: str = "the photo",
+                      residual: np.ndarray | None = None) -> np.ndarray:
     """uint8 photo -> made-up uint8 (S, S, 3) image of its centre square."""
     x = uint8_to_model(to_model_size(Image.fromarray(photo), runner.size)[None])
-    residual = runner.residual(x)
-    require_finite_output(runner.label, residual)
-    return model_to_uint8(made_up(x, residual))[0]
+    if residual is None:
+        residual = model_size_residual(runner, photo, name, model_size=True)
+    return model_to_uint8(made_up(x, residual[None]))[0]
 
 
 def output_paths(images: list[Path], out_dir: Path) -> list[Path]:
@@ -82,19 +92,24 @@ def apply_makeup(runner: Runner, images: list[Path], out_dir: Path, *, model_siz
         raise InputError("no images given")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"output folder {out_dir} is a file")
-    outs = output_paths(images, out_dir)
-    for src, dst in zip(images, outs):
-        check_output(dst, force, inputs=(src,))
+    outs = [check_output(dst, force, inputs=(src,)) for src, dst in zip(images, output_paths(images, out_dir))]
     photos = [np.asarray(read_image(p)) for p in images]  # every input is readable before we write
+    # what the network adds to every photo, checked before the first write (small: at the model's size)
+    residuals = []
+    with progress.task("running the model", total=len(images)) as advance:
+        for src, photo in zip(images, photos):
+            residuals.append(model_size_residual(runner, photo, str(src), model_size))
+            advance(1)
     results = []
     with progress.task("applying", total=len(images)) as advance:
-        for src, dst, photo in zip(images, outs, photos):
-            made = makeup_model_size(runner, photo) if model_size else makeup_full_resolution(runner, photo)
+        for src, dst, photo, residual in zip(images, outs, photos, residuals):
+            made = (makeup_model_size(runner, photo, residual=residual) if model_size
+                    else makeup_full_resolution(runner, photo, residual=residual))
             with atomic_output(dst, force=force) as tmp:
                 Image.fromarray(made).save(tmp, format="PNG")
             ref = photo if not model_size else to_model_size(Image.fromarray(photo), runner.size)
             diff = np.abs(made.astype(np.float64) - ref.astype(np.float64))
             results.append(AppliedImage(str(src), str(dst), made.shape[1], made.shape[0],
-                                        float(diff.mean()), float(psnr_db(made, ref)[0])))
+                                        float(diff.mean()), mean_psnr_db(made[None], ref[None])))  # capped
             advance(1)
     return results

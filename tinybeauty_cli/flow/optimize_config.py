@@ -147,7 +147,7 @@ class Recipe:
             source = sparse
         if self.is_cpu:
             q = cfg.quantize_config()
-            line = ["tbopt", "quantize", source, "--backend", backend or q.backend, "--min-psnr", f"{q.min_psnr_db:g}",
+            line = ["tbopt", "quantize", source, "--backend", backend or q.backend, "--min-fidelity", f"{q.min_psnr_db:g}",
                     "--calib-count", str(q.calib_count)]
             if cfg.calib:
                 line += ["--calib", str(cfg.calib)]
@@ -192,12 +192,8 @@ class OptimizeConfig:
     finetune_steps: tuple[int | None, ...] = (None, 2000)
     #: For the CPU: after the longest distillation of every rate that kept the quality, the same rate
     #: with the channel groups of the full-resolution convs pruned at these rates (0.66 keeps 8 of 24
-    #: channels). Their norms, padding and (de)quantization pass over every pixel; on the demo at rate
-    #: 0.3 after 2000 steps, 8 channels there instead of 16 took the int8 file from 3.24 to 2.87 ms
-    #: (2 threads, AMD EPYC) and kept the quality (38.88 dB against the uniform rate's 38.96; the
-    #: original 38.93). 8 channels at half resolution too gained little more (2.70 ms) for 0.16 dB
-    #: (38.72 dB; in int8 38.66, on the line); 8 everywhere was slower than that (int8 kernels run
-    #: the 64 x 64 layers better at 16).
+    #: channels): their norms, padding and (de)quantization pass over every pixel, so they pay most.
+    #: What 8 channels there, and elsewhere, measured: docs/tried-and-measured.md.
     full_res_rates: tuple[float, ...] = (0.66,)
     sparsities: tuple[float, ...] = (0.5, 0.75)
     palettes: tuple[str, ...] = PALETTES
@@ -205,7 +201,7 @@ class OptimizeConfig:
     #: --bits-by-layer auto, where the format has it), fitted palettes (--fit-palettes N; 0: not tried).
     bits_by_layer: bool = True
     fit_steps: int = 300
-    int8_min_psnr_db: float = 50.0  # int8 fidelity to its float model (see tbopt run --min-psnr)
+    int8_min_psnr_db: float = 50.0  # int8 fidelity to its float model (see tbopt run --min-fidelity)
     calib_count: int = 32
     backend: str = "auto"
     threads: int | None = None

@@ -104,7 +104,8 @@ class _Search:
         self.to_sparsify: list[Recipe] = []  # models and targets whose weights are then zeroed and stored sparse
         self.fits: dict[tuple, Any] = {}  # palette fits, shared between targets (export_loaded)
         prep = loaded.preprocessing
-        self.reference: Evaluation = evaluate(TorchRunner(loaded.module.eval(), prep), images, progress=progress,
+        self.reference: Evaluation = evaluate(TorchRunner(loaded.module.eval(), prep, name=str(loaded.path)), images,
+                                              progress=progress,
                                               description="scoring the original")
         self.budget = Budget(_r(self.reference.target_psnr_db), cfg.max_drop_db, cfg.min_fidelity_db)
         self._models: dict[str, LoadedModel | None] = {"original": loaded}
@@ -146,12 +147,11 @@ class _Search:
         if source is None:
             return None
         path = self.cache.model_path(key)
-        record = self.cache.load(key)
-        if record is not None:
-            e = record["entry"]
-            psnr, fid = e["target_psnr_db"], e["fidelity_psnr_db"]
-            entry = ModelEntry(**{**e, "quality_db": self.budget.quality(psnr, fid),
-                                  "kept": self.budget.keeps(psnr, fid), "cached": True})
+        entry = self.cache.load(key, ModelEntry.from_record)
+        if entry is not None:
+            psnr, fid = entry.target_psnr_db, entry.fidelity_psnr_db
+            entry = dataclasses.replace(entry, quality_db=self.budget.quality(psnr, fid),
+                                        kept=self.budget.keeps(psnr, fid), cached=True)
         elif not self.time_left(self.expected_seconds(recipe)):
             self.later(key)
             self._models[key] = None
@@ -161,11 +161,11 @@ class _Search:
             cfg = recipe.sparse_config(self.cfg.seed) if recipe.sparsity else recipe.prune_config(self.cfg.seed)
             original = self.original.module
 
-            def scorer(module: nn.Module, reference: np.ndarray | None, description: str) -> Evaluation:
+            def scorer(module: nn.Module, reference: np.ndarray | None, description: str, label: str) -> Evaluation:
                 if module is original:  # scored once, at the start
                     return self.reference
-                return evaluate(TorchRunner(module.eval(), source.preprocessing), self.images, reference=reference,
-                                progress=self.progress, description=description)
+                return evaluate(TorchRunner(module.eval(), source.preprocessing, name=label), self.images,
+                                reference=reference, progress=self.progress, description=description)
 
             artifact, _module, _report = prune_loaded(source, cfg, data=self.cfg.calib, eval_images=self.images,
                                                       progress=self.progress, scorer=scorer)
@@ -217,10 +217,8 @@ class _Search:
     # -- candidates -----------------------------------------------------------------------------------------
     def candidate(self, recipe: Recipe) -> Candidate | None:
         """Evaluate ``recipe`` (or read it from the cache); None when it could not be tried."""
-        record = self.cache.load(recipe.key)
-        if record is not None:
-            cand = Candidate.from_record(record, self.budget)
-        else:
+        cand = self.cache.load(recipe.key, lambda record: Candidate.from_record(record, self.budget))
+        if cand is None:
             if not recipe.is_cpu and self.cannot_beat(recipe):
                 return None
             model = self.model(recipe)

@@ -9,7 +9,6 @@ check that it rebuilds from its own record, and the sizes on disk.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -18,14 +17,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.artifact import ArchSpec, Artifact, HistoryStep, Preprocessing, save_artifact
+from ..core.artifact import ArchSpec, Artifact, HistoryStep, Preprocessing, artifact_bytes, write_artifact
 from ..core.checkpoint import LoadedModel, load_model
 from ..core.contexts import torch_threads
 from ..core.errors import ImageError, InputError, UnsupportedError, UsageError
-from ..core.files import check_output, size_on_disk, zipped_size, zipped_size_of_bytes
+from ..core.files import check_output, zipped_size_of_bytes
 from ..core.images import ImageSet, builtin_test_set, load_folder, read_unlabeled, synthetic_unlabeled, uint8_to_model
 from ..core.model import config_from_state_dict
 from ..core.progress import Progress, SilentProgress
+from ..core.sanity import require_finite_on
+from ..core.written import WrittenFile
 from ..measure.evaluate import Evaluation, evaluate
 from ..prune.config import PruneConfig, PruneMethod
 from ..prune.layers import excluded_layers, require_conv_layers
@@ -33,9 +34,10 @@ from ..prune.report import PruneReport
 from ..prune.transform import prune_module
 from ..runtime.runners import TorchRunner
 
-#: ``scorer(module, reference, description)``: the module scored on the evaluation images, its
-#: fidelity measured against ``reference`` (the input model's made-up images) when given.
-Scorer = Callable[[nn.Module, Optional[np.ndarray], str], Evaluation]
+#: ``scorer(module, reference, description, label)``: the module scored on the evaluation images, its
+#: fidelity measured against ``reference`` (the input model's made-up images) when given; ``label``
+#: names the module in messages (the input file, or "the pruned model of FILE").
+Scorer = Callable[[nn.Module, Optional[np.ndarray], str, str], Evaluation]
 
 
 def default_output_name(source: Path, cfg: PruneConfig) -> Path:
@@ -64,9 +66,9 @@ def unlabeled_images(data: Path | None, size: int, count: int, progress: Progres
 
 def torch_scorer(preprocessing: Preprocessing, images: ImageSet, progress: Progress | None = None) -> Scorer:
     """Score a float module with PyTorch on ``images`` (what ``prune_loaded`` does when given no scorer)."""
-    def score(module: nn.Module, reference: np.ndarray | None, description: str) -> Evaluation:
+    def score(module: nn.Module, reference: np.ndarray | None, description: str, label: str) -> Evaluation:
         module.eval()
-        runner = TorchRunner(module, preprocessing, loaded=None)
+        runner = TorchRunner(module, preprocessing, loaded=None, name=label)
         return evaluate(runner, images, reference=reference, progress=progress, description=description)
     return score
 
@@ -88,14 +90,6 @@ def _arch_for(artifact: Artifact, model: nn.Module) -> ArchSpec:
     if artifact.arch.name == "tinybeauty":
         return ArchSpec.tinybeauty(config_from_state_dict(model.state_dict()))
     return artifact.arch
-
-
-def _sizes_in_artifact_format(artifact: Artifact) -> tuple[int, int]:
-    """(bytes, zipped bytes) of ``artifact`` saved as a tbopt artifact, in a temporary folder."""
-    with tempfile.TemporaryDirectory(prefix="tbopt-size-") as tmp:
-        path = Path(tmp) / "model.pt"
-        save_artifact(artifact, path)
-        return size_on_disk(path), zipped_size(path)
 
 
 def _r(v: float | None) -> float | None:
@@ -134,29 +128,33 @@ def prune_loaded(loaded: LoadedModel, cfg: PruneConfig, *, data: Path | None = N
         images = unlabeled_images(data, size, count, progress)
         pool = torch.from_numpy(uint8_to_model(images.inputs))
         pool_source = images.source
+        # channels are ranked on these images and the pruned model distilled from the original's outputs on
+        # them: a NaN there would train NaN weights, and the message would blame the pruned model
+        require_finite_on(loaded.path, original, pool, images.image_labels())
         seconds["images"] = round(time.perf_counter() - t_images, 2)  # drawn or read: part of the recovery
 
     score = scorer or torch_scorer(loaded.preprocessing, eval_images, progress)
 
-    def timed_score(module: nn.Module, reference: np.ndarray | None, description: str) -> Evaluation:
+    def timed_score(module: nn.Module, reference: np.ndarray | None, description: str, label: str) -> Evaluation:
         t0 = time.perf_counter()
         try:
-            return score(module, reference, description)
+            return score(module, reference, description, label)
         finally:
             seconds["evaluate"] = round(seconds.get("evaluate", 0.0) + time.perf_counter() - t0, 2)
 
-    base = timed_score(original, None, "scoring the input model")
+    pruned_label = f"the pruned model of {loaded.path}"
+    base = timed_score(original, None, "scoring the input model", str(loaded.path))
     reference = base.outputs
     quality: dict[str, Any] = {"images": eval_images.source, "target_psnr_before_db": _r(base.target_psnr_db)}
 
     def score_pruned_only(model: nn.Module) -> None:
-        raw = timed_score(model, reference, "scoring before fine-tuning")
+        raw = timed_score(model, reference, "scoring before fine-tuning", f"{pruned_label} (before fine-tuning)")
         quality["target_psnr_pruned_only_db"] = _r(raw.target_psnr_db)
         quality["fidelity_pruned_only_db"] = _r(raw.fidelity_psnr_db)
 
     model, report = prune_module(original, cfg, pool, size=size, before_finetune=score_pruned_only,
                                  progress=progress)
-    final = timed_score(model, reference, "scoring the pruned model")
+    final = timed_score(model, reference, "scoring the pruned model", pruned_label)
     quality.update({
         "target_psnr_after_db": _r(final.target_psnr_db),
         "do_nothing_psnr_db": _r(final.do_nothing_psnr_db),
@@ -199,7 +197,7 @@ def _prune_file(path: Path, cfg: PruneConfig, output: Path | str | None, force: 
                 eval_data: Path | None, eval_limit: int | None, model_options: dict[str, Any],
                 progress: Progress | None) -> PruneReport:
     out_path = Path(output) if output is not None else default_output_name(path, cfg)
-    check_output(out_path, force, inputs=(path,))
+    out_path = check_output(out_path, force, inputs=(path,))
     if eval_limit is not None and eval_limit < 1:
         raise UsageError(f"--limit must be >= 1, got {eval_limit}")
     loaded = load_model(path, **model_options)
@@ -212,15 +210,15 @@ def _prune_file(path: Path, cfg: PruneConfig, output: Path | str | None, force: 
 
 
 def write_pruned(artifact: Artifact, source: LoadedModel, report: PruneReport, out_path: Path, *,
-                 force: bool = False) -> bytes:
-    """Write the pruned ``artifact`` atomically, fill the report's sizes and return the file's bytes
-    (read back once, so that later stages need not open the file)."""
+                 force: bool = False) -> WrittenFile:
+    """Write the pruned ``artifact`` atomically, fill the report's sizes and return the file as
+    written (later stages take its bytes and never open it). The input's sizes are those of its
+    artifact in the same format, made in memory: a checkpoint of another layout would not compare."""
     t0 = time.perf_counter()
-    save_artifact(artifact, out_path, force=force)
-    written = out_path.read_bytes()
-    base_bytes, base_zipped = _sizes_in_artifact_format(source.artifact)
-    report.before.size_bytes, report.before.zipped_bytes = base_bytes, base_zipped
-    report.after.size_bytes, report.after.zipped_bytes = len(written), zipped_size_of_bytes(written, out_path.name)
+    written = write_artifact(artifact, out_path, force=force)
+    base = artifact_bytes(source.artifact)
+    report.before.size_bytes, report.before.zipped_bytes = len(base), zipped_size_of_bytes(base, out_path.name)
+    report.after.size_bytes, report.after.zipped_bytes = written.size_bytes, written.zipped_bytes
     report.output = str(out_path)
     report.seconds["write"] = round(time.perf_counter() - t0, 2)
     report.seconds["total"] = round(report.seconds["total"] + report.seconds["write"], 2)

@@ -110,8 +110,8 @@ class RunConfig:
         if self.finetune_steps is not None:
             parts.append(f"--finetune-steps {self.finetune_steps}")
         for opt, name in (("--data", "data"), ("--calib", "calib"), ("--limit", "limit"), ("--threads", "threads"),
-                          ("--calib-count", "calib_count"), ("--backend", "backend"), ("--min-psnr", "min_psnr_db"),
-                          ("--runs", "runs")):
+                          ("--calib-count", "calib_count"), ("--backend", "backend"),
+                          ("--min-fidelity", "min_psnr_db"), ("--runs", "runs"), ("--warmup", "warmup")):
             value = getattr(self, name)
             if value != getattr(RunConfig, name):  # only what differs from the defaults
                 parts.append(f"{opt} {value}")

@@ -284,9 +284,9 @@ def plan_backend(q: Quantizer, backend: str, cfg: QuantizeConfig, forced: set[st
                 break
             if len(quantize) == 1:
                 raise UnsupportedError(
-                    f"even with every other layer kept float, fidelity stays below --min-psnr "
+                    f"even with every other layer kept float, fidelity stays below --min-fidelity "
                     f"{cfg.min_psnr_db:g} dB ({fid:.2f} dB with only {by_graph[g].name} in int8)",
-                    hint="lower --min-psnr, or calibrate on images closer to what the model will see")
+                    hint="lower --min-fidelity, or calibrate on images closer to what the model will see")
             quantize.discard(g)
             fid = _fidelity(q, q.convert(cal, backend, quantize), sens_x, sens_ref)
             decisions[g].quantized = False
@@ -377,7 +377,7 @@ def choose_backend(q: Quantizer, backends: list[str], trials: list[BackendTrial]
 
 
 def _missed(plan: Plan, cfg: QuantizeConfig) -> str:
-    return (f"fidelity {plan.fidelity_db:.2f} dB on the calibration images is below --min-psnr "
+    return (f"fidelity {plan.fidelity_db:.2f} dB on the calibration images is below --min-fidelity "
             f"{cfg.min_psnr_db:g} dB (--keep-float {_keep_float_text(cfg)})")
 
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..core.errors import UnusableModelError
 from ..core.model import LayerNorm as MunitLayerNorm
 from ..core.quality import psnr_db
 from .fx_passes import FloatBoundary, SigmoidTanh
@@ -450,6 +451,9 @@ def equalize_channel_ranges(gm: fx.GraphModule, images: torch.Tensor) -> Equaliz
     report = Equalization()
     for name, (conv, phases, interleave) in targets.items():
         width = (hi[name] - lo[name]).double()
+        if not bool(torch.isfinite(width).all()):  # the caller checks its images first; a library caller may not
+            raise UnusableModelError(f"the network computes NaN or Inf in {name} on the calibration images; "
+                                     f"its weights cannot be right")
         if not bool((width > 0).any()):
             continue
         half = float(width.max()) / 2

@@ -37,6 +37,7 @@ class TorchRunner(Runner):
     batch_size: int = 8
     loaded: LoadedModel | None = None
     quantized_engine: str | None = None  # e.g. "x86"; None for float modules
+    name: str | None = None  # how messages name a module in memory (default: its file, else its engine)
 
     def residual(self, x: np.ndarray) -> np.ndarray:
         borrow = (contexts.quantized_engine(self.quantized_engine) if self.quantized_engine
