@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -66,12 +66,13 @@ def fidelity(reference: nn.Module, candidate: nn.Module, size: int, prep: Prepro
 
 
 def validate_export(spec: Any, weights: list, exported: ExportedModel, reference: nn.Module,
-                    executor_fid: dict | None = None) -> tuple[dict[str, Any], list[dict], list[dict]]:
+                    run_file: Callable[[], dict]) -> tuple[dict[str, Any], list[dict], list[dict]]:
     """(validation figures, inputs, outputs) of a written file, from what ``flow/`` read of it: its
     ``spec`` and stored ``weights`` (:func:`..coreml.weights.stored_weights`); ``exported`` is what
-    was written and ``reference`` the float model it was made from. With int8 activations only
-    running the file shows what they cost: ``executor_fid`` is its fidelity, the file run by the
-    reference executor against ``reference``. Raises :class:`ExportError` if it fails."""
+    was written and ``reference`` the float model it was made from. Where no PyTorch twin with the
+    file's weights computes what the file does (int8 activations, ops the converter folded into
+    weights) only running the file shows it: ``run_file()`` is then called, flow's run of the file in
+    the reference executor against ``reference`` (its fidelity). Raises :class:`ExportError` if it fails."""
     config, size, channels = exported.config, exported.size, exported.channels
     inputs = [interface(feature(f, "input")) for f in spec.description.input]
     outputs = [interface(feature(f, "output")) for f in spec.description.output]
@@ -80,12 +81,12 @@ def validate_export(spec: Any, weights: list, exported: ExportedModel, reference
         raise ExportError(f"the written model's interface is {inputs} -> {outputs}, expected {want_in} -> {want_out}")
     exact = copy.deepcopy(exported.module)
     match = carry_file_weights(exact, weights, torch.zeros(1, channels, size, size))
-    if executor_fid is not None:
-        fid = executor_fid
+    if exported.config.activations:
+        fid = run_file()
         check = ("the file itself, int8 activations included, run by tbopt's reference executor vs the float "
                  "model (the Core ML runtime itself is macOS-only)")
     elif match.rewritten:  # the converter folded ops into weights: the twin is another function
-        fid = executor_fidelity(path, reference, size, exported.preprocessing)
+        fid = run_file()
         check = ("the file itself run by tbopt's reference executor vs the float model (the converter folded "
                  f"other operations into {', '.join(match.rewritten)}, so no PyTorch model with the file's "
                  "weights computes what it does; the Core ML runtime itself is macOS-only)")

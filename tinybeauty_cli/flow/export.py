@@ -124,9 +124,9 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
         with atomic_output(output, force=force, directory=config.format == "mlprogram") as tmp:
             save_coreml(exported, tmp)
             file, weights = read_written(tmp)
-            executor = executor_fidelity(tmp, model, exported.size, exported.preprocessing) \
-                if config.activations else None
-            validation, inputs, outputs = validate_export(file.spec, weights, exported, model, executor)
+            validation, inputs, outputs = validate_export(
+                file.spec, weights, exported, model,
+                run_file=lambda: executor_fidelity(tmp, model, exported.size, exported.preprocessing))
             sizes = file_sizes(file, config.format)
         advance(1)
     ops = graph_op_counts(file.spec)
