@@ -1,20 +1,12 @@
 """``tbopt optimize``: search the space tbopt spans for the smallest Core ML file per iOS target and
 the fastest int8 CPU file that keep the quality, and write them with the commands that rebuild them.
 
-The search (:mod:`.optimize_search`), cheap before dear:
-
-1. the original model's plain weight storage per Core ML target: fp16, int8, palettes from 8
-   bits down (a branch stops at the first palette that misses the budget); then int8
-   TorchScript for ``cpu`` (timed; the engine ranked by ``tbopt quantize``);
-2. channel pruning, rates ascending, per distillation length (a longer one only for the rates a
-   shorter one kept): the pruned float model is scored first and a rate that misses the budget
-   stops its branch (higher rates are not pruned); a pruned model that keeps the quality gets the
-   same storage search as the original;
-3. the dear storage, for the palettes that missed: bits chosen by layer in the same bytes, fitted
-   palettes, both; smallest files first, down a palette size while one keeps the quality, and
-   nothing whose weights alone outweigh the smallest file kept (:meth:`_Search.cannot_beat`);
-4. weights zeroed and stored sparse in fp16 (ML Programs), last: on TinyBeauty it has not kept
-   the quality where a palette of the same bytes did.
+The search (:mod:`.optimize_search` its order and clock, :mod:`.optimize_make` making and scoring
+each step, :mod:`.optimize_cost` the seconds each kind of work takes on this run) goes cheap and
+likely gains first: the model as given (plain palettes down to the first miss, then GPTQ palettes),
+channel pruning after a short distillation, the distillation continued for the rates that kept
+(or to rescue the first rate that missed, with the rates below it), the dear palettes (bits by
+layer, fitted), sparse storage last.
 
 Every evaluation is cached by recipe in ``--out/.tbopt-search`` (:mod:`.optimize_cache`): the
 pruning, the file and its scores. ``--resume`` reuses them; ``--time-budget`` stops starting new
@@ -47,7 +39,9 @@ from .optimize_cache import SearchCache
 from .optimize_config import CACHE_DIR, REPORT_FILES, TARGET_FILES, OptimizeConfig
 from .optimize_result import Candidate, OptimizeResult
 from .optimize_result import rounded as _r
-from .optimize_search import TWIN, OnRow, _Search, _shown
+from .optimize_make import TWIN, OnRow
+from .optimize_make import shown as _shown
+from .optimize_search import Search
 
 
 def check_outputs(out: Path, targets: tuple[str, ...], force: bool, resume: bool) -> None:
@@ -90,7 +84,7 @@ def optimize(checkpoint: Path | str, out: Path | str, cfg: OptimizeConfig | None
         if resume and cache.exists() and not cache.same_context():
             progress.note("the search in --out was made with other settings, images or checkpoint: starting afresh")
         cache.start()
-        search = _Search(loaded, images, cfg, cache, progress, on_row)
+        search = Search(loaded, images, cfg, cache, progress, on_row)
         search.run()
         return _finish(search, checkpoint, out, cfg, threads, force or resume)
 
@@ -102,7 +96,7 @@ def _array_digest(images: ImageSet) -> str:
     return h.hexdigest()
 
 
-def _finish(search: _Search, checkpoint: Path, out: Path, cfg: OptimizeConfig, threads: int,
+def _finish(search: Search, checkpoint: Path, out: Path, cfg: OptimizeConfig, threads: int,
             replace: bool) -> OptimizeResult:
     budget = search.budget
     original_path = Path(search.original.path)
@@ -144,7 +138,8 @@ def _finish(search: _Search, checkpoint: Path, out: Path, cfg: OptimizeConfig, t
     command = _command_line(checkpoint, out, cfg)
     result = OptimizeResult(str(checkpoint), str(out), command, cfg, budget, search.images.source, original,
                             search.candidates, search.models, search.skipped, search.not_tried, chosen,
-                            time.perf_counter() - search.t_start, threads)
+                            time.perf_counter() - search.t_start, threads, stopped=search.stopped,
+                            costs=search.costs.to_dict())
     if search.not_tried:
         result.notes.append(f"the time budget stopped the search: {len(search.not_tried)} step(s) not tried "
                             f"(listed in search.json); --resume with a larger --time-budget continues it")
@@ -158,7 +153,7 @@ def _finish(search: _Search, checkpoint: Path, out: Path, cfg: OptimizeConfig, t
     return result
 
 
-def _verified_smallest(search: _Search, kept: list[Candidate]) -> Candidate | None:
+def _verified_smallest(search: Search, kept: list[Candidate]) -> Candidate | None:
     """The smallest Core ML candidate that still keeps the quality when its file is run as
     ``tbopt bench`` runs it (Core ML on macOS, the reference executor elsewhere); its figures
     become those. One that misses is marked so and the next smallest is tried."""
@@ -178,7 +173,7 @@ def _verified_smallest(search: _Search, kept: list[Candidate]) -> Candidate | No
     return None
 
 
-def _time_cpu_side_by_side(search: _Search, cfg: OptimizeConfig, original: dict[str, Any]) -> dict[str, float]:
+def _time_cpu_side_by_side(search: Search, cfg: OptimizeConfig, original: dict[str, Any]) -> dict[str, float]:
     """The int8 files within the budget and the original, timed with their runs interleaved (same load)."""
     x1 = uint8_to_model(search.images.inputs[:1])
     fns: dict[str, Callable[[], object]] = {}

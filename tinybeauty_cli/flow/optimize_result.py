@@ -90,6 +90,8 @@ class OptimizeResult:
     seconds: float
     threads: int
     notes: list[str] = field(default_factory=list)
+    stopped: str = ""  # why the search ended
+    costs: dict[str, Any] = field(default_factory=dict)  # the cost model measured on this run
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -103,7 +105,7 @@ class OptimizeResult:
             "original": self.original, "chosen": self.chosen,
             "candidates": [c.to_dict() for c in self.candidates], "models": [m.to_dict() for m in self.models],
             "skipped": self.skipped, "not_tried": self.not_tried, "seconds": round(self.seconds, 1),
-            "notes": self.notes, "caption": caption(self),
+            "stopped": self.stopped, "cost_model": self.costs, "notes": self.notes, "caption": caption(self),
         }
 
 
