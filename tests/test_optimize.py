@@ -68,9 +68,9 @@ def test_search_picks_the_known_best_candidate_of_a_small_space(tiny, tmp_path):
     d, ckpt = tiny
     out = tmp_path / "out"
     cfg = small_space(data=d / "faces", min_fidelity_db=1.0, palettes=("pal6", "pal4", "pal2"))
-    lax = optimize(ckpt, out, cfg)  # everything keeps a 1 dB budget: every candidate is made
+    lax = optimize(ckpt, out, cfg)  # everything keeps a 1 dB budget: from 4 bits down, every palette is made
     files = {c.recipe.weights: out / CACHE_DIR / c.file for c in lax.candidates}
-    assert set(files) == {"fp16", "int8", "pal6", "pal4", "pal2"}
+    assert set(files) == {"pal4", "pal2"}
     # the truth: each file measured by tbopt bench against the original
     rows = bench(list(files.values()), BenchConfig(data=d / "faces", runs=1, warmup=0, threads=1), ref=ckpt,
                  time_models=False).rows
@@ -96,7 +96,8 @@ def test_a_palette_that_missed_is_tried_with_bits_by_layer_and_fitted_in_the_sam
     d, ckpt = tiny
     out = tmp_path / "out"
     cfg = small_space(data=d / "faces", min_fidelity_db=1.0, palettes=("pal6", "pal4", "pal2"))
-    plain = {c.recipe.weights: c for c in optimize(ckpt, out, cfg).candidates}
+    # nothing keeps 1000 dB: pal4 misses, then pal6 and int8 above it are made too
+    plain = {c.recipe.weights: c for c in optimize(ckpt, out, dataclasses.replace(cfg, min_fidelity_db=1000)).candidates}
     # a budget between pal6 and pal4: pal4 misses as stored plainly
     threshold = (plain["pal6"].fidelity_psnr_db + plain["pal4"].fidelity_psnr_db) / 2
     result = optimize(ckpt, out, dataclasses.replace(cfg, min_fidelity_db=threshold, bits_by_layer=True,
@@ -125,15 +126,15 @@ def test_budget_on_targets_is_respected_and_a_missed_palette_stops_its_branch(ti
     ref = lax.budget.reference_psnr_db
     assert lax.budget.uses_targets and ref is not None
     drops = {c.recipe.weights: ref - c.target_psnr_db for c in lax.candidates}
-    assert set(drops) == {"fp16", "int8", "pal6", "pal4", "pal2"}
-    assert drops["pal2"] > drops["fp16"]
-    max_drop = (drops["fp16"] + drops["pal2"]) / 2  # fp16 keeps it, pal2 does not
+    assert set(drops) == {"pal4", "pal2"}  # from 4 bits down
+    assert drops["pal2"] > drops["pal4"]
+    max_drop = (drops["pal4"] + drops["pal2"]) / 2  # pal4 keeps it, pal2 does not
     # the same search judged by a tighter budget: read back from the cache, nothing re-measured
     result = optimize(ckpt, out, dataclasses.replace(cfg, max_drop_db=max_drop), resume=True)
     assert all(c.cached for c in result.candidates)
     for c in result.candidates:
         assert c.kept == (ref - c.target_psnr_db <= max_drop + 1e-9)
-    order = ["pal6", "pal4", "pal2"]
+    order = ["pal4", "pal2"]
     tried = [c.recipe.weights for c in result.candidates if c.recipe.weights in order]
     first_miss = next(m for m in tried if drops[m] > max_drop)
     assert tried == order[: order.index(first_miss) + 1]  # nothing below the first palette that missed
@@ -150,7 +151,8 @@ def test_budget_on_targets_is_respected_and_a_missed_palette_stops_its_branch(ti
 def test_an_interrupted_search_resumes_without_redoing_finished_candidates(tiny, tmp_path, monkeypatch):
     d, ckpt = tiny
     out = tmp_path / "out"
-    cfg = small_space(data=d / "faces", min_fidelity_db=1.0)
+    cfg = small_space(targets=("ios13", "ios16"), data=d / "faces", min_fidelity_db=1.0,
+                      palettes=("pal8", "pal4", "pal3", "pal2"))
     seen = []
 
     def interrupt_after_two(row):

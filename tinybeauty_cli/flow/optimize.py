@@ -104,7 +104,10 @@ def _finish(search: Search, checkpoint: Path, out: Path, cfg: OptimizeConfig, th
                 "zipped_bytes": zipped_size(original_path), "target_psnr_db": _r(search.reference.target_psnr_db),
                 "quality_db": _r(search.reference.target_psnr_db) if budget.uses_targets else None,
                 "latency_ms": None, "engine": "PyTorch eager fp32", "threads": threads}
+    t0 = time.perf_counter()
     cpu_times = _time_cpu_side_by_side(search, cfg, original) if "cpu" in cfg.targets else {}
+    if "cpu" in cfg.targets:
+        search.costs.observe("timing", time.perf_counter() - t0)
     for target in set(c.recipe.target for c in search.candidates):  # the Pareto front, per target
         group = [c for c in search.candidates if c.recipe.target == target and c.quality_db is not None]
         xs = [(c.latency_ms if target == "cpu" and c.latency_ms is not None else c.size_bytes) for c in group]

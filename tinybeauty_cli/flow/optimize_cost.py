@@ -20,10 +20,11 @@ from typing import Any, Mapping
 #: A unit's cost before it has been measured, in scorings of the image set (the first thing the
 #: search times). These only decide whether a first step of a kind is started; measured on the demo
 #: (100 images at 256 px, 1 and 2 threads): a distillation step about 1/200 of a scoring, an export
-#: a sixth, GPTQ palettes about half, an int8 quantization (calibration, engine choice and timing)
-#: about one, channel ranking and refit about half.
-PRIORS = {"distill_step": 0.005, "fit_step": 0.004, "export:neuralnetwork": 0.17, "export:mlprogram": 0.17,
-          "gptq": 0.5, "quantize": 1.0, "prune": 0.5, "score": 1.0}
+#: a fifth, GPTQ palettes about half, an int8 quantization (calibration, engine choice and timing)
+#: about one, channel ranking and refit about half; a chosen Core ML file scored by the reference
+#: executor one and a half, the int8 files timed side by side a half.
+PRIORS = {"distill_step": 0.005, "fit_step": 0.004, "export:neuralnetwork": 0.2, "export:mlprogram": 0.2,
+          "gptq": 0.5, "bits": 0.5, "quantize": 1.0, "prune": 0.5, "score": 1.0, "verify": 1.5, "timing": 0.5}
 
 
 @dataclass

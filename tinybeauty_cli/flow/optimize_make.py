@@ -99,11 +99,11 @@ class Maker:
         size = prep.size
         self.full_res = tuple(full_resolution_convs(copy.deepcopy(loaded.module), torch.zeros(1, 3, size, size)))
 
-    def score(self, runner: Any, description: str, reference: bool = True) -> Evaluation:
+    def score(self, runner: Any, description: str, reference: bool = True, kind: str = "score") -> Evaluation:
         t0 = time.perf_counter()
         ev = evaluate(runner, self.images, reference=self.reference.outputs if reference else None,
                       progress=self.progress, description=description)
-        self.costs.observe("score", time.perf_counter() - t0)
+        self.costs.observe(kind, time.perf_counter() - t0)
         return ev
 
     # -- float models ---------------------------------------------------------------------------------------

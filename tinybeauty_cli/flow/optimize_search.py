@@ -8,9 +8,9 @@ model expects to end after the time budget is not started (it is listed, with it
 seconds); cheaper steps after it still are. So a slower machine makes the same steps in the same
 order and reaches the same files, later, as far as its budget goes:
 
-1. the model as given, per target: fp16, int8, palettes from 8 bits down to the first that misses;
-   that palette and the smaller ones again with GPTQ entries (``--palette-method gptq``: the same
-   bytes, seconds to make); then int8 TorchScript for ``cpu``;
+1. the model as given, per target: palettes from 4 bits down to the first that misses; that palette
+   and the smaller ones again with GPTQ entries (``--palette-method gptq``: the same bytes, seconds
+   to make); up towards 8 bits and int8 only when 4 bits missed both ways; int8 TorchScript for ``cpu``;
 2. channel pruning at the first rate after the short distillation. Kept: the same storage search,
    then the next rates. Missed: what can rescue it -- the distillation continued from the short one
    to the long one (``tbopt prune --continue-from``), and the rates below the first
@@ -19,7 +19,11 @@ order and reaches the same files, later, as far as its budget goes:
    with its storage search and, for the CPU, its full-resolution variant;
 4. the dear storage for the palettes GPTQ also missed: bits by layer and fitted palettes, the smallest
    files first, never one whose weights alone outweigh the smallest file kept;
-5. weights zeroed and stored sparse (ML Programs), last.
+5. weights zeroed and stored sparse (ML Programs); fp16 of the model as given for a target where
+   nothing kept the quality.
+
+Each step's expected seconds include what the search must still do after it: scoring each chosen
+Core ML file as tbopt bench runs it and timing the int8 files side by side (``reserve``).
 
 It stops when the space is exhausted or nothing left fits the budget, and says which (:attr:`Search.stopped`).
 """
@@ -46,6 +50,11 @@ __all__ = ["FIT_REACH_DB", "TWIN", "Search", "file_twin", "shown", "with_fitted_
 #: The most PSNR fitted palettes recovered over plain ones in our measurements (1.6 dB: the demo,
 #: pal4, 300 steps); a palette further below the budget is not fitted.
 FIT_REACH_DB = 2.0
+#: The palette a storage search starts from, going down while it keeps the quality and up when it
+#: does not: every scoring counts on a slow machine, and on TinyBeauty 4-bit palettes (with GPTQ)
+#: keep a 0.3 dB budget on the model as given and after channel pruning, where 8 and 6 bits
+#: always do and only add files that cannot be chosen.
+START_PALETTE = "pal4"
 
 
 class Search:
@@ -72,17 +81,25 @@ class Search:
     progress = property(lambda self: self.maker.progress)
 
     def score(self, runner: Any, description: str) -> Evaluation:
-        return self.maker.score(runner, description)
+        """A chosen file scored as tbopt bench runs it (its seconds are the cost model's ``verify``)."""
+        return self.maker.score(runner, description, kind="verify")
 
     # -- the clock ----------------------------------------------------------------------------------------
     def seconds_left(self) -> float | None:
         budget = self.cfg.time_budget_s
         return None if budget is None else budget - (time.perf_counter() - self.t_start)
 
+    def reserve(self) -> float:
+        """Seconds the end of the search is expected to take: each Core ML target's chosen file scored
+        as a file (the reference executor off macOS) and the int8 files timed side by side."""
+        coreml = sum(t != "cpu" for t in self.cfg.targets)
+        return self.costs.estimate({"verify": coreml, "timing": 1 if "cpu" in self.cfg.targets else 0})
+
     def fits(self, key: str, work: dict[str, float]) -> bool:
-        """True when ``work`` is expected (by the cost model) to end within the time budget; else it is
-        listed as not tried, with its expected seconds."""
+        """True when ``work`` is expected (by the cost model) to end within the time budget, the end of
+        the search included (:meth:`reserve`); else it is listed as not tried, with its expected seconds."""
         left = self.seconds_left()
+        left = None if left is None else left - self.reserve()
         expected = self.costs.estimate(work)
         if left is None or (left > 0 and expected < left):
             return True
@@ -178,24 +195,33 @@ class Search:
 
     # -- the order of the search ------------------------------------------------------------------------------
     def storage_branch(self, model_recipe: Recipe, target: str) -> None:
-        """Every plain storage of one float model for one target, cheap first, down to the first palette
-        that misses; then that palette and the smaller ones with GPTQ entries (same bytes). What GPTQ
-        missed too is remembered for :meth:`rescue` (bits by layer, fitted palettes)."""
+        """The storage of one float model for one target, from the middle palette (``START_PALETTE``)
+        down while it keeps the quality; the first palette that misses and the smaller ones again with
+        GPTQ entries (same bytes); when even the middle one misses with GPTQ, up towards 8 bits and
+        int8 until one keeps. What GPTQ missed too is remembered for :meth:`rescue`."""
         base = dataclasses.replace(model_recipe, target=target)
         if target == "cpu":
             self.candidate(dataclasses.replace(base, weights="int8"))
             return
-        fp16 = self.candidate(dataclasses.replace(base, weights="fp16"))
-        if fp16 is not None and not fp16.kept:
-            self.skip(f"{target}/{base.model_key}/*", "fp16 storage already misses the budget")
-            return
-        self.candidate(dataclasses.replace(base, weights="int8"))
-        missed = self.down_while_kept(base, self.cfg.storage_modes(target))
+        modes = self.cfg.storage_modes(target)
+        start = modes.index(START_PALETTE) if START_PALETTE in modes else 0
+        missed = self.down_while_kept(base, modes[start:])
         if missed and self.cfg.gptq:
-            missed = self.down_while_kept(base, missed, gptq=True) or missed
+            missed = self.down_while_kept(base, missed, gptq=True)
         if missed:
             self.to_rescue.append((base, missed))
+        if missed and missed[0] == modes[start]:  # nothing kept from the middle down: larger storage
+            for mode in [*reversed(modes[:start]), "int8"]:
+                cand = self.candidate(dataclasses.replace(base, weights=mode))
+                if cand is not None and cand.kept:
+                    break
         self.to_sparsify.append(base)  # after the dear palettes: sparse fp16 has not won on TinyBeauty
+
+    def fallback(self, targets: list[str]) -> None:
+        """fp16 storage of the model as given, for each Core ML target where nothing kept the quality."""
+        for target in targets:
+            if target != "cpu" and not any(c.kept for c in self.candidates if c.recipe.target == target):
+                self.candidate(Recipe(target=target, weights="fp16"))
 
     def run(self) -> None:
         targets = [t for t in self.cfg.targets if t != "cpu"] + [t for t in self.cfg.targets if t == "cpu"]
@@ -208,6 +234,7 @@ class Search:
         self.rescue()
         for base in self.to_sparsify:
             self.sparse_branch(base)
+        self.fallback(targets)
         self.stopped = self.why_stopped()
 
     def short_distillations(self, targets: list[str], steps: int, longest: bool = False) -> list[float]:
