@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _common import REALDATA
 
-from tests.coreml_helpers import with_file_weights  # noqa: E402
+# The Core ML test models, made with coremltools directly (not by tbopt's exporter): the tests'
+# reference executor checks run on them, and this benchmark times the same files.
 from tests.coreml_models import MLPROGRAM_VARIANTS, NEURALNETWORK_VARIANTS, CoreMLZoo  # noqa: E402
 from tinybeauty_cli.core.checkpoint import load_model  # noqa: E402
 from tinybeauty_cli.core.errors import InputError  # noqa: E402
@@ -46,6 +46,7 @@ from tinybeauty_cli.core.model import TinyBeauty  # noqa: E402
 from tinybeauty_cli.core.paths import demo_checkpoint  # noqa: E402
 from tinybeauty_cli.core.quality import fidelity_psnr_db  # noqa: E402
 from tinybeauty_cli.coreml import runner as cr  # noqa: E402
+from tinybeauty_cli.coreml.weights import carry_file_weights, stored_weights  # noqa: E402
 from tinybeauty_cli.runtime.runners import TorchRunner  # noqa: E402
 from tinybeauty_cli.runtime.timing import measure_latency  # noqa: E402
 
@@ -97,7 +98,8 @@ def fidelity_rows(zoo: CoreMLZoo, x: np.ndarray, original_out: np.ndarray) -> It
         if weights in ("fp32", "fp16"):
             ref_out, bar, against = original_out, (FP32_DB if weights == "fp32" else FP16_DB), "PyTorch model"
         else:
-            twin = with_file_weights(copy.deepcopy(zoo.model), path, zoo.size)
+            twin = copy.deepcopy(zoo.model)
+            carry_file_weights(twin, stored_weights(path), torch.zeros(1, 3, zoo.size, zoo.size))
             ref_out, bar, against = torch_predict(twin, x), COMPRESSED_DB, "PyTorch twin (file's weights)"
         runner = cr.open_coreml_runner(path, use_device=False, round_image_output=False)
         db = fidelity_psnr_db(runner.predict(x), ref_out)
@@ -136,7 +138,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3, help="alternating A/B timing rounds")
-    parser.add_argument("--realdata", type=Path, default=ROOT.parent / "shared" / "realdata")
+    parser.add_argument("--realdata", type=Path, default=REALDATA)
     parser.add_argument("--latency-only", action="store_true", help="skip the fidelity tables (re-time on a busy box)")
     args = parser.parse_args()
     if not (args.realdata / "tinybeauty_style1.pt").is_file() and Path("/work/shared/realdata").is_dir():

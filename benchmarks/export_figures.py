@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,10 +49,9 @@ from unittest import mock
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _common import REALDATA, load_note
+from _common import tbopt as tbopt_process
 
-from tests.coreml_helpers import decompressed_model  # noqa: E402
 from tinybeauty_cli.core import synthetic  # noqa: E402
 from tinybeauty_cli.core.artifact import Artifact, HistoryStep, save_artifact
 from tinybeauty_cli.core.checkpoint import load_model
@@ -69,7 +66,7 @@ from tinybeauty_cli.coreml.spec import coremltools, package_parts, quiet  # noqa
 from tinybeauty_cli.export import convert as export_convert  # noqa: E402
 from tinybeauty_cli.export.config import ExportConfig  # noqa: E402
 from tinybeauty_cli.export.palettes import fit_palettes  # noqa: E402
-from tinybeauty_cli.flow.export import export_file  # noqa: E402
+from tinybeauty_cli.flow.export import decompressed_twin, export_file  # noqa: E402
 from tinybeauty_cli.measure.evaluate import evaluate  # noqa: E402
 from tinybeauty_cli.prune.channel import layer_norm_pruner  # noqa: E402  (torch-pruning rule for the LayerNorm)
 from tinybeauty_cli.runtime.runners import TorchRunner  # noqa: E402
@@ -79,11 +76,6 @@ WEIGHTS = (None, "int8", "pal8", "pal6", "pal4", "pal3", "pal2")
 
 def kb(n: int) -> str:
     return f"{n:>9,}"
-
-
-def load_note() -> str:
-    load1, _, _ = os.getloadavg()
-    return f"load average {load1:.1f} on {os.cpu_count()} cores"
 
 
 # --- 1. coremltools defaults vs tbopt on the released checkpoint ------------------------------------------
@@ -160,12 +152,8 @@ def released_table(ckpt: Path, work: Path) -> None:
 
 
 def tbopt(*args: str) -> tuple[dict, float]:
-    t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "tinybeauty_cli", *args, "--json"], capture_output=True, text=True,
-                          cwd=ROOT)
-    wall = time.perf_counter() - t
-    if proc.returncode:
-        raise SystemExit(f"tbopt {' '.join(args)} failed: {proc.stderr.strip()}")
+    """``tbopt ARGS --json`` in a subprocess: (what it printed, wall seconds)."""
+    wall, proc = tbopt_process(*args, "--json")
     return json.loads(proc.stdout), wall
 
 
@@ -306,7 +294,7 @@ def preset(ckpt: Path, work: Path, pruned_path: Path | None, ratio: float, steps
     for name, src, weights in candidates:
         out = work / f"{Path(src).stem}_{weights}.mlpackage"
         r = export_file(src, out, ExportConfig.for_output(out, weights=weights), force=True)
-        exact = decompressed_model(out, load_model(src))
+        exact = decompressed_twin(out, load_model(src))
         ev = evaluate(TorchRunner(exact), test, reference=ref.outputs)
         rows.append((name, r, ev.target_psnr_db, ev.fidelity_psnr_db))
     print(f"  built-in test set: {test.source}; PSNR vs targets, and fidelity vs the float original "
@@ -382,7 +370,7 @@ def image_fp16_fidelity(ckpt: Path, faces: list[Path], work: Path) -> None:
             export_file(ckpt, out, config, force=True)
         ref = want
         if weights != "fp16":
-            twin = decompressed_model(out, loaded)
+            twin = decompressed_twin(out, loaded)
             with torch.inference_mode():
                 rt = torch.cat([twin(torch.from_numpy(x[i:i + 1])) for i in range(len(x))]).numpy()
             ref = np.clip(x + rt, -1.0, 1.0)
@@ -557,7 +545,7 @@ def mlmodel_bits_rows(checkpoints: list[Path], work: Path, face, test8, pruned: 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=None, help="demo checkpoint (default: assets/)")
-    ap.add_argument("--released", type=Path, default=ROOT.parent / "shared" / "realdata" / "tinybeauty_style1.pt",
+    ap.add_argument("--released", type=Path, default=REALDATA / "tinybeauty_style1.pt",
                     help="the released checkpoint (default: ../shared/realdata beside the checkout)")
     ap.add_argument("--pruned", type=Path, default=None, help="a channel-pruned artifact of the checkpoint")
     ap.add_argument("--ratio", type=float, default=0.25, help="torch-pruning channel ratio")
@@ -565,7 +553,7 @@ def main() -> int:
     ap.add_argument("--palette-steps", type=int, default=300, help="fine-tuning steps onto the palettes")
     ap.add_argument("--work-dir", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--faces", type=Path, nargs="+", default=[ROOT.parent / "shared" / "realdata" / "face_01.png"],
+    ap.add_argument("--faces", type=Path, nargs="+", default=[REALDATA / "face_01.png"],
                     help="real faces for the fp16 image files (default: ../shared/realdata/face_01.png)")
     ap.add_argument("--only", choices=("released", "demo", "preset", "image-fp16", "quant", "quant-mlmodel"),
                     action="append", help="quant-mlmodel: section 4's .mlmodel rows alone (with --pruned: of it too)")

@@ -31,33 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-REALDATA = ROOT.parent / "shared" / "realdata"
-if not REALDATA.is_dir():
-    REALDATA = Path("/work/shared/realdata")
-
-
-def tbopt(*args: str) -> tuple[float, subprocess.CompletedProcess]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "tinybeauty_cli", *args], capture_output=True, text=True, env=env,
-                         cwd=ROOT)
-    seconds = time.perf_counter() - t0
-    if res.returncode != 0:
-        sys.exit(f"tbopt {' '.join(args)} failed ({res.returncode}):\n{res.stderr[-3000:]}")
-    return seconds, res
-
-
-def ok(flag: bool) -> str:
-    return "ok" if flag else "MISSED"
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
+from _common import REALDATA, ROOT, check, cpu_name, tbopt
 
 
 def bench_psnr(files: list[Path], ref: Path) -> dict[str, dict]:
@@ -71,7 +45,7 @@ def search_and_core_ml(demo: Path, work: Path) -> dict:
     wall, res = tbopt("optimize", str(demo), "--max-drop", "0.3", "--out", str(out), "--json", "--force")
     data = json.loads(res.stdout)
     print(f"1. tbopt optimize --max-drop 0.3 on {demo.name}: {wall:.0f} s wall ({wall / 60:.1f} min; <= 15 min: "
-          f"{ok(wall <= 900)}); {len(data['candidates'])} candidates, {len(data['models'])} float models, "
+          f"{check(wall <= 900)}); {len(data['candidates'])} candidates, {len(data['models'])} float models, "
           f"{len(data['skipped'])} skipped, {len(data['not_tried'])} not tried")
     for target, c in data["chosen"].items():
         print(f"   {target}: {c.get('file')} {c.get('recipe', {}).get('key', c.get('reason'))}")
@@ -83,12 +57,12 @@ def search_and_core_ml(demo: Path, work: Path) -> dict:
     smallest = min(coreml.values(), key=lambda p: rows[p.name]["size_bytes"])
     s = rows[smallest.name]
     print(f"2. smallest Core ML file {smallest.name}: {s['size_bytes']:,} bytes (<= 30,000: "
-          f"{ok(s['size_bytes'] <= 30_000)}), PSNR {s['target_psnr_db']:.3f} dB vs the demo's {ref:.3f} dB by tbopt "
-          f"bench: drop {ref - s['target_psnr_db']:.3f} dB (<= 0.3: {ok(ref - s['target_psnr_db'] <= 0.3)})")
+          f"{check(s['size_bytes'] <= 30_000)}), PSNR {s['target_psnr_db']:.3f} dB vs the demo's {ref:.3f} dB by tbopt "
+          f"bench: drop {ref - s['target_psnr_db']:.3f} dB (<= 0.3: {check(ref - s['target_psnr_db'] <= 0.3)})")
     if "ios13" in coreml:
         m = rows[coreml["ios13"].name]
-        print(f"   iOS 13 {coreml['ios13'].name}: {m['size_bytes']:,} bytes (<= 40,000: {ok(m['size_bytes'] <= 40_000)}), "
-              f"PSNR drop {ref - m['target_psnr_db']:.3f} dB (<= 0.3: {ok(ref - m['target_psnr_db'] <= 0.3)})")
+        print(f"   iOS 13 {coreml['ios13'].name}: {m['size_bytes']:,} bytes (<= 40,000: {check(m['size_bytes'] <= 40_000)}), "
+              f"PSNR drop {ref - m['target_psnr_db']:.3f} dB (<= 0.3: {check(ref - m['target_psnr_db'] <= 0.3)})")
     return data
 
 
@@ -118,13 +92,13 @@ def cpu_ratio(demo: Path, work: Path, data: dict, runs: int, earlier: Path | Non
     drop = ref - rows[Path(chosen["file"]).name]["target_psnr_db"]
     print(f"3. CPU int8 {Path(chosen['file']).name} ({chosen['recipe']['key']}, {runners['tbopt optimize cpu'].engine}) "
           f"{b:.2f} ms vs tbopt quantize of the unpruned demo ({runners['tbopt quantize (unpruned)'].engine}) {a:.2f} ms: "
-          f"ratio {b / a:.3f} (<= 0.6: {ok(b / a <= 0.6)}); batch 1, {threads} threads, median of {runs} interleaved "
-          f"runs, {cpu_name()}; PSNR drop {drop:.3f} dB (<= 0.3: {ok(drop <= 0.3)})")
+          f"ratio {b / a:.3f} (<= 0.6: {check(b / a <= 0.6)}); batch 1, {threads} threads, median of {runs} interleaved "
+          f"runs, {cpu_name()}; PSNR drop {drop:.3f} dB (<= 0.3: {check(drop <= 0.3)})")
     print(f"   timed with {lat['tbopt optimize cpu'].allocator}")
     if earlier is not None:
         c = lat["earlier tbopt quantize (unpruned)"].p50_ms
         print(f"   the same interleaved runs: {earlier} (an earlier tbopt quantize of the unpruned demo) {c:.2f} ms: "
-              f"ratio {b / c:.3f} (<= 0.6: {ok(b / c <= 0.6)})")
+              f"ratio {b / c:.3f} (<= 0.6: {check(b / c <= 0.6)})")
 
 
 def resume_checks(demo: Path, work: Path, first: dict) -> None:
@@ -135,7 +109,7 @@ def resume_checks(demo: Path, work: Path, first: dict) -> None:
     fresh += [m["key"] for m in data["models"] if not m["cached"]]
     redone = [k for k in fresh if k in done]
     print(f"4. --resume on the search above: {wall:.0f} s, {len(data['candidates'])} candidates; of the "
-          f"{len(done)} it had finished, {len(redone)} redone (0: {ok(not redone)}); {len(fresh) - len(redone)} "
+          f"{len(done)} it had finished, {len(redone)} redone (0: {check(not redone)}); {len(fresh) - len(redone)} "
           f"new (what its time budget had left: {', '.join(k for k in fresh if k not in done) or 'none'})")
     out = work / "interrupted"
     args = ["optimize", str(demo), "--for", "ios13", "--for", "ios16", "--rates", "", "--fit-steps", "0",
@@ -155,7 +129,7 @@ def resume_checks(demo: Path, work: Path, first: dict) -> None:
     data = json.loads(res.stdout)
     cached = sum(c["cached"] for c in data["candidates"]) + sum(m["cached"] for m in data["models"])
     print(f"   Ctrl-C after {finished} finished evaluations (exit {proc.returncode}); --resume read {cached} of them "
-          f"from the cache ({ok(cached == finished)}) and made {len(data['candidates']) - cached} more in {wall:.0f} s")
+          f"from the cache ({check(cached == finished)}) and made {len(data['candidates']) - cached} more in {wall:.0f} s")
 
 
 def realdata(work: Path) -> None:

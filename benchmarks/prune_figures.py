@@ -19,7 +19,6 @@ and the end (re-run when it is high: latency ratios suffer most).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -28,8 +27,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _common import REALDATA, check, load_note
 
 from tinybeauty_cli.core.checkpoint import load_model  # noqa: E402
 from tinybeauty_cli.core.contexts import torch_threads
@@ -38,18 +36,6 @@ from tinybeauty_cli.flow.prune import prune_file  # noqa: E402
 from tinybeauty_cli.prune.config import PruneConfig  # noqa: E402
 from tinybeauty_cli.runtime.timing import measure_latency  # noqa: E402
 
-REALDATA = ROOT.parent / "shared" / "realdata"
-if not REALDATA.is_dir():
-    REALDATA = Path("/work/shared/realdata")
-
-
-def load() -> str:
-    one, five, _ = os.getloadavg()
-    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} cores"
-
-
-def check(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
 
 
 def interleaved_latency(modules: dict[str, torch.nn.Module], threads: int, rounds: int, runs: int) -> dict[str, float]:
@@ -88,7 +74,7 @@ def main() -> int:
 
 def run(args: argparse.Namespace) -> int:
     ckpt = args.checkpoint or demo_checkpoint()
-    print(f"tbopt prune figures on {ckpt}; {args.threads} threads; {load()}", flush=True)
+    print(f"tbopt prune figures on {ckpt}; {args.threads} threads; {load_note()}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="prune-figures-"))
     t_all = time.perf_counter()
 
@@ -141,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"time: {r.seconds}")
 
     # 3. recovery: the default beside shorter fine-tuning
-    print(f"\n== recovery of channel --rate 0.3 ({load()}) ==")
+    print(f"\n== recovery of channel --rate 0.3 ({load_note()}) ==")
     print(f"{'steps':>5s} {'drop dB':>8s} {'images s':>8s} {'prune+refit s':>13s} {'fine-tune s':>11s} {'s/step':>7s} "
           f"{'recovery s':>10s}")
     recipes = [cfg] + [PruneConfig(rate=0.3, method="channel", finetune_steps=int(n))
@@ -156,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{recipe.steps:5d} {drop:8.3f} {sec.get('images', 0.0):8.1f} {sec.get('prune', 0.0):13.1f} {ft:11.1f} "
               f"{ft / max(1, recipe.steps):7.3f} {recovery:10.1f} {asked}{' (default)' if recipe is cfg else ''}",
               flush=True)
-    print(f"({load()})")
+    print(f"({load_note()})")
 
     # 4. the released checkpoint, scored on the real photo
     real = REALDATA / "tinybeauty_style1.pt"
@@ -167,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
                       output=work / f"real_{steps}.pt", eval_data=REALDATA, threads=args.threads)
             print(f"finetune steps {steps}: MACs x{r.ratios()['macs']:.3f}, parameters {r.after.parameters:,}, "
                   f"fidelity on {r.quality['images']}: {r.quality['fidelity_psnr_db']:.2f} dB; time {r.seconds}")
-    print(f"\nwhole run {time.perf_counter() - t_all:.0f} s; {load()}; outputs in {work}")
+    print(f"\nwhole run {time.perf_counter() - t_all:.0f} s; {load_note()}; outputs in {work}")
     return 0
 
 

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import platform
-import sys
 import tempfile
 import time
 import warnings
@@ -32,8 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _common import check, load_note
 
 from tinybeauty_cli.core.checkpoint import load_model  # noqa: E402
 from tinybeauty_cli.core.contexts import quantized_engine
@@ -44,15 +41,6 @@ from tinybeauty_cli.measure.evaluate import evaluate  # noqa: E402
 from tinybeauty_cli.quantize.config import QuantizeConfig  # noqa: E402
 from tinybeauty_cli.runtime.runners import TorchRunner  # noqa: E402
 from tinybeauty_cli.runtime.timing import measure_latencies  # noqa: E402
-
-
-def load() -> str:
-    one, five, _ = os.getloadavg()
-    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} cores"
-
-
-def check(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
 
 
 def plain_fx_int8(model: torch.nn.Module, calib: torch.Tensor, x: torch.Tensor) -> torch.jit.ScriptModule:
@@ -78,7 +66,7 @@ def main() -> None:
     args = ap.parse_args()
     ckpt = args.checkpoint or demo_checkpoint()
     caps = dict(torch.cpu.get_capabilities()) if hasattr(torch.cpu, "get_capabilities") else {}
-    print(f"start: {load()}")
+    print(f"start: {load_note()}")
     print(f"torch {torch.__version__}, {platform.machine()} {caps.get('cpu_name', '')}, AVX2 {caps.get('avx2')}, "
           f"AVX-512 {caps.get('avx512_f')}, VNNI {torch.cpu._is_vnni_supported()}, quantized engines "
           f"{torch.backends.quantized.supported_engines}")
@@ -168,7 +156,7 @@ def main() -> None:
     print(f"   {check(q['fidelity_psnr_db'] >= 45)}  fidelity {q['fidelity_psnr_db']:.2f} dB (>= 45 dB)")
     print(f"   {check(q['target_psnr_drop_db'] <= 0.25)}  PSNR drop {q['target_psnr_drop_db']:.3f} dB (<= 0.25 dB)")
     print(f"   {check(s['ratio'] <= 0.35)}  size on disk {s['ratio']:.3f}x the float checkpoint (<= 0.35)")
-    print(f"end: {load()}")
+    print(f"end: {load_note()}")
 
 
 if __name__ == "__main__":

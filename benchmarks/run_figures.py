@@ -23,35 +23,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-REALDATA = ROOT.parent / "shared" / "realdata"
-if not REALDATA.is_dir():
-    REALDATA = Path("/work/shared/realdata")
-
-
-def tbopt(*args: str, tree: Path = ROOT) -> tuple[float, subprocess.CompletedProcess]:
-    """Run ``tbopt ARGS`` from the source tree ``tree`` (this checkout by default) in a subprocess."""
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "tinybeauty_cli", *args], capture_output=True, text=True, env=env,
-                         cwd=tree)
-    seconds = time.perf_counter() - t0
-    if res.returncode != 0:
-        sys.exit(f"tbopt {' '.join(args)} failed ({res.returncode}):\n{res.stderr}")
-    return seconds, res
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
+from _common import REALDATA, ROOT, check, cpu_name, tbopt
 
 
 def compare_with(baseline: Path, checkpoint: Path, rounds: int) -> None:
@@ -70,11 +46,7 @@ def compare_with(baseline: Path, checkpoint: Path, rounds: int) -> None:
         print(f"--- last table, {name}:\n{table}")
     print(f"0. tbopt run on {checkpoint.name}, {rounds} alternating rounds: baseline median {med['baseline']:.1f} s, "
           f"this tree {med['this tree']:.1f} s, ratio {med['this tree'] / med['baseline']:.2f} "
-          f"(<= 0.6: {ok(med['this tree'] / med['baseline'] <= 0.6)}); load average {os.getloadavg()}")
-
-
-def ok(flag: bool) -> str:
-    return "ok" if flag else "MISSED"
+          f"(<= 0.6: {check(med['this tree'] / med['baseline'] <= 0.6)}); load average {os.getloadavg()}")
 
 
 def main() -> int:
@@ -96,21 +68,21 @@ def main() -> int:
         print(res.stdout)
         d = json.loads((out / "results.json").read_text())
         secs = d["seconds"]
-        print(f"1. tbopt run on {args.checkpoint.name}: wall {wall:.1f} s (<= 180 s: {ok(wall <= 180)}); "
+        print(f"1. tbopt run on {args.checkpoint.name}: wall {wall:.1f} s (<= 180 s: {check(wall <= 180)}); "
               f"inside: " + ", ".join(f"{k} {v:.1f} s" for k, v in secs.items()))
         print(f"   prune's own parts: {d['prune']['seconds']}")
         print(f"   quantize's own parts: {d['quantize']['timings']}")
         mlmodel = d["checks"]["mlmodel_bytes"]
-        print(f"   TinyBeauty.mlmodel {mlmodel:,} B (< 100 KB: {ok(mlmodel < 100_000)})")
+        print(f"   TinyBeauty.mlmodel {mlmodel:,} B (< 100 KB: {check(mlmodel < 100_000)})")
         drops = d["checks"].get("psnr_drop_db", {})
         worst = max(drops.values()) if drops else float("nan")
         print(f"   PSNR drop per stage vs the original {d['table'][0]['target_psnr_db']:.3f} dB: {drops} "
-              f"(all <= 0.3 dB: {ok(worst <= 0.3)})")
+              f"(all <= 0.3 dB: {check(worst <= 0.3)})")
 
         wall, res = tbopt("bench", str(args.checkpoint), "--json")
         row = json.loads(res.stdout)["rows"][0]
         print(f"2. tbopt bench {args.checkpoint.name} on {row['images']} images (scoring + {row['timing_runs']} "
-              f"timed runs): wall {wall:.1f} s (<= 30 s: {ok(wall <= 30)}); PSNR {row['target_psnr_db']} dB, "
+              f"timed runs): wall {wall:.1f} s (<= 30 s: {check(wall <= 30)}); PSNR {row['target_psnr_db']} dB, "
               f"p50 {row['latency_p50_ms']} ms at {row['threads']} threads")
 
         face = REALDATA / "face_01.png"

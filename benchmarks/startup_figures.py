@@ -22,21 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _common import ROOT, cpu_name
 #: The source tree whose CLI is timed (``--tree``; this checkout by default).
 TREE = ROOT
 
 HEAVY = ("torch", "coremltools", "numpy", "PIL", "matplotlib", "sklearn", "torch_pruning")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def command_names() -> list[str]:
@@ -84,7 +74,7 @@ def main() -> None:
     base = [args.tbopt] if args.tbopt else [sys.executable, "-m", "tinybeauty_cli"]
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores)")
+    print(f"CPU: {cpu_name()} ({os.cpu_count()} logical cores)")
     print(f"Python {platform.python_version()}; tree {TREE}; timed: {' '.join(base)}; median and min of {args.runs} runs "
           f"after 1 warm-up" + (f"; load average before {load[0]:.2f}" if load else ""))
     rows = []

@@ -1,3 +1,5 @@
+"""The fixtures every test folder shares (the plain helpers are in tests/helpers.py)."""
+
 from __future__ import annotations
 
 import os
@@ -7,13 +9,8 @@ import pytest
 import torch
 
 from tinybeauty_cli.core.artifact import Artifact, HistoryStep, save_artifact
-from tinybeauty_cli.core.model import TinyBeauty, TinyBeautyConfig
 
-# A git worktree sits one level deeper than the main checkout: TBOPT_REALDATA points there.
-REALDATA = Path(os.environ.get("TBOPT_REALDATA") or Path(__file__).resolve().parent.parent.parent / "shared" / "realdata")
-REAL_CKPT = REALDATA / "tinybeauty_style1.pt"
-REAL_FACE = REALDATA / "face_01.png"
-
+from tests.helpers import COREML_SIZE, REAL_CKPT, REAL_COREML_SIZE, REAL_FACE, REALDATA, photo_folder, small_tinybeauty
 
 @pytest.fixture(autouse=True)
 def _plain_terminal(monkeypatch):
@@ -28,14 +25,6 @@ def realdata() -> Path:
     if not (REAL_CKPT.is_file() and REAL_FACE.is_file()):
         pytest.skip("../shared/realdata is absent")
     return REALDATA
-
-
-def small_tinybeauty(seed: int = 0, dim: int = 8, n_res: int = 1) -> TinyBeauty:
-    torch.manual_seed(seed)
-    model = TinyBeauty(TinyBeautyConfig.uniform(dim, n_res)).eval()
-    with torch.no_grad():  # small residuals, like a trained model's
-        model.out.conv.weight.mul_(0.1)
-    return model
 
 
 @pytest.fixture
@@ -56,11 +45,13 @@ def small_state_dict_file(tmp_path) -> Path:
     return path
 
 
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    """A folder of three random 64x64 photos (calibration or evaluation images)."""
+    return photo_folder(tmp_path / "photos", 3, 64)
+
+
 # ---------------------------------------------------------------- Core ML test models (built on first use)
-
-COREML_SIZE = 32  # small and fast; the full-size figures are in benchmarks/coreml_runtime_figures.py
-REAL_COREML_SIZE = 64  # the released network is resolution-agnostic
-
 
 @pytest.fixture(scope="session")
 def inputs():
@@ -73,7 +64,7 @@ def inputs():
 @pytest.fixture(scope="session")
 def tb_zoo(tmp_path_factory):
     """Core ML files of a small TinyBeauty, made with coremltools directly (see tests/coreml_models.py)."""
-    from .coreml_models import CoreMLZoo
+    from tests.coreml_models import CoreMLZoo
 
     return CoreMLZoo(tmp_path_factory.mktemp("coreml_tinybeauty"), small_tinybeauty(seed=3, dim=8, n_res=1),
                      COREML_SIZE)
@@ -86,7 +77,7 @@ def real_zoo(tmp_path_factory):
         pytest.skip("../shared/realdata is absent")
     from tinybeauty_cli.core.checkpoint import load_model
 
-    from .coreml_models import CoreMLZoo
+    from tests.coreml_models import CoreMLZoo
 
     return CoreMLZoo(tmp_path_factory.mktemp("coreml_real"), load_model(REAL_CKPT).module.eval(), REAL_COREML_SIZE)
 

@@ -116,7 +116,18 @@ class TbOptGroup(TyperGroup):
     Typer prints a usage error in a boxed panel (or click's several lines); the library's usage
     errors are one ``Error:`` line. Here both are the latter, so a bad value looks the same
     whichever layer refuses it.
+
+    Every command's options get plain metavars here (``_options.readable_metavars``), whatever
+    Typer version builds them.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from ._options import readable_metavars  # noqa: PLC0415 - _options imports this module's neighbours
+
+        super().__init__(*args, **kwargs)
+        readable_metavars(self)  # --version
+        for command in self.commands.values():
+            readable_metavars(command)
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:

@@ -122,6 +122,16 @@ class Output:
         if not self.quiet:
             stderr.print(message, highlight=False, markup=False)
 
+    def model_or_demo(self, path: Any) -> Any:
+        """``path``, or the bundled demo checkpoint when none was given, saying so in one line."""
+        if path is not None:
+            return path
+        from ..core.paths import demo_checkpoint  # noqa: PLC0415
+
+        demo = demo_checkpoint()
+        self.note(f"Note: no model given: using the bundled demo checkpoint ({demo})")
+        return demo
+
     def warn(self, message: str) -> None:
         stderr.print(f"Warning: {message}", style="yellow", highlight=False, markup=False)
 

@@ -11,7 +11,7 @@ from .. import __version__
 
 # Command modules import only typer/rich and torch-free modules (core.errors, core.paths, the config
 # modules, coreml.units); each imports the library inside its function. torch and coremltools take
-# seconds to import, and --help needs neither (tests/test_startup.py keeps it so).
+# seconds to import, and --help needs neither (tests/project/test_startup.py keeps it so).
 from . import apply, bench, compare, export, info, optimize, prune, quantize, run
 from ._errors import INTERRUPTED, INTERRUPTED_EXIT, TbOptGroup, say
 
@@ -34,7 +34,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+    version: Annotated[Optional[bool], typer.Option("--version", "-V", callback=_version, is_eager=True,
                                                     help="Show the version and exit.")] = None,
 ) -> None:
     """Shrink the TinyBeauty facial-makeup network and ship it to iPhones as Core ML."""

@@ -7,10 +7,14 @@ from typing import TYPE_CHECKING, Annotated, List, Optional
 
 import typer
 
-from ..core.paths import demo_checkpoint
 from . import _output
 from ._errors import handle_errors
 from ._options import (
+    DEFAULT_RUNS,
+    DEFAULT_WARMUP,
+    NoTimingOpt,
+    RunsOpt,
+    WarmupOpt,
     ArchKwargsOpt,
     ArchOpt,
     ComputeUnitsOpt,
@@ -39,15 +43,12 @@ def bench(
     limit: LimitOpt = None,
     ref: Annotated[Optional[Path], typer.Option("--ref", help="Reference for fidelity PSNR and SSIM "
                                                 "(default: the first artifact).")] = None,
-    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per artifact (batch 1).",
-                                      rich_help_panel="Timing")] = 30,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed warm-up runs before timing.",
-                                        rich_help_panel="Timing")] = 5,
+    runs: RunsOpt = DEFAULT_RUNS,
+    warmup: WarmupOpt = DEFAULT_WARMUP,
     threads: ThreadsOpt = None,
-    no_timing: Annotated[bool, typer.Option("--no-timing", help="Skip latency measurement.",
-                                            rich_help_panel="Timing")] = False,
+    no_timing: NoTimingOpt = False,
     json_out: JsonOpt = False,
-    csv_file: Annotated[Optional[Path], typer.Option("--csv", help="Also write the rows as CSV to this file.")] = None,
+    csv_file: Annotated[Optional[Path], typer.Option("--csv", metavar="FILE", help="Also write the rows as CSV to this file.")] = None,
     markdown_file: Annotated[Optional[Path], typer.Option("--markdown", help="Also write the table as Markdown "
                                                          "to this file.")] = None,
     force: ForceOpt = False,
@@ -68,7 +69,7 @@ def bench(
         if f is not None:
             check_output(f, force)
     cfg = BenchConfig(data=data, limit=limit, runs=runs, warmup=warmup, threads=threads)
-    paths = list(artifacts) if artifacts else [demo_checkpoint()]
+    paths = list(artifacts) if artifacts else [out.model_or_demo(None)]
     result = run_bench(paths, cfg, ref=ref, time_models=not no_timing, progress=out,
                        **model_options(arch, arch_kwargs, trust_pickle),
                          **coreml_options(compute_units, fp16_emulation))
@@ -82,12 +83,16 @@ def bench(
 
 
 def render_bench(out: _output.Output, result: BenchResult) -> None:
+    from ..core.load import highest, load_text, overload_note  # noqa: PLC0415
     from ..measure.bench import MARKDOWN_COLUMNS, row_cells  # noqa: PLC0415 - torch
 
     heads = [c for c, _ in MARKDOWN_COLUMNS]
     cfg = result.config
     caption = (f"{result.data_source}; fidelity/SSIM vs {Path(result.reference).name}; latency: batch 1, "
-               f"{cfg.effective_threads} thread(s), median of {cfg.runs} runs after {cfg.warmup} warm-up")
+               f"{cfg.effective_threads} thread(s), median of {cfg.runs} runs after {cfg.warmup} warm-up, "
+               f"{load_text(highest(r.latency for r in result.rows))}")
     out.table("tbopt bench", heads, [row_cells(r) for r in result.rows], caption=caption, right=heads[2:])
     for n in result.notes:
         out.line(n)
+    if note := overload_note(highest(r.latency for r in result.rows)):
+        out.line(note)

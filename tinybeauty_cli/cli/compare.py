@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from . import _output
 from ._errors import handle_errors
 from ._options import (
+    DEFAULT_RUNS,
+    DEFAULT_WARMUP,
+    NoTimingOpt,
+    RunsOpt,
+    WarmupOpt,
     ArchKwargsOpt,
     ArchOpt,
     ComputeUnitsOpt,
@@ -35,12 +40,14 @@ def compare(
     b: Annotated[Path, typer.Argument(help="Second artifact (any kind tbopt reads).")],
     data: DataOpt = None,
     limit: LimitOpt = None,
-    out_dir: Annotated[Path, typer.Option("--output", "-o", help="Folder for the PNG of the least similar images.")] = Path("compare"),
+    out_dir: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", metavar="DIR", show_default=False,
+        help="Folder for a PNG of the least similar images (<A>_vs_<B>.png). Default: no picture.")] = None,
     worst: Annotated[int, typer.Option("--worst", min=1, help="How many of the least similar images to show.")] = 3,
-    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per artifact (batch 1).", rich_help_panel="Timing")] = 20,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed warm-up runs.", rich_help_panel="Timing")] = 3,
+    runs: RunsOpt = DEFAULT_RUNS,
+    warmup: WarmupOpt = DEFAULT_WARMUP,
     threads: ThreadsOpt = None,
-    no_timing: Annotated[bool, typer.Option("--no-timing", help="Skip latency measurement.", rich_help_panel="Timing")] = False,
+    no_timing: NoTimingOpt = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -68,6 +75,9 @@ def render_compare(out: _output.Output, result: CompareResult) -> None:
     def lat(side):
         return "-" if side.latency is None else f"{side.latency.p50_ms:.2f}"
 
+    from ..core.load import highest, load_text, overload_note  # noqa: PLC0415
+
+    load = highest((sa.latency, sb.latency))
     out.table(f"tbopt compare ({result.data_source})", ["", "A", "B", "B / A"], [
         ("file", sa.path, sb.path, ""),
         ("engine", sa.engine, sb.engine, ""),
@@ -76,12 +86,14 @@ def render_compare(out: _output.Output, result: CompareResult) -> None:
          f"{sb.zipped_bytes / sa.zipped_bytes:.3f}"),
         ("PSNR vs targets (dB)", sa.target_psnr_db, sb.target_psnr_db, ""),
         ("latency p50 (ms)", lat(sa), lat(sb), "-" if result.latency_ratio is None else f"{result.latency_ratio:.3f}"),
-    ])
+    ], caption=None if sa.latency is None else f"latency: batch 1, {sa.latency.threads} thread(s), median of "
+                                               f"{sa.latency.runs} runs after {sa.latency.warmup} warm-up, "
+                                               f"{load_text(load)}")
     out.fields(None, {
         "PSNR between outputs": f"{result.psnr_between_mean_db:.2f} dB mean, {result.psnr_between_worst_db:.2f} dB "
                                 f"worst ({result.worst_images[0]})",
         "max |A - B|": f"{result.max_abs_diff_levels:.2f} 8-bit levels",
-        "figure": result.figure,
+        "figure": result.figure or "none (-o DIR writes one)",
     })
     if result.layers:
         changed = [l for l in result.layers if l.rel_l2 is None or l.rel_l2 > 0]
@@ -94,6 +106,8 @@ def render_compare(out: _output.Output, result: CompareResult) -> None:
                   right=("max |diff|", "rel. L2", "changed"))
     for n in result.notes:
         out.line(n)
+    if note := overload_note(load):
+        out.line(note)
 
 
 def _shape(s) -> str:

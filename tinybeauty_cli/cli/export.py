@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from ..core.paths import demo_checkpoint
 from ..export.config import DEFAULT_CALIB_COUNT, ExportConfig
 from . import _output
 from ._errors import handle_errors
@@ -78,13 +77,13 @@ class IOChoice(str, Enum):
 def export(
     artifact: SourceArg = None,
     output: Annotated[Path, typer.Option(
-        "--output", "-o", help="Core ML file to write; the extension picks the format: .mlmodel (NeuralNetwork, "
+        "--output", "-o", metavar="FILE", help="Core ML file to write; the extension picks the format: .mlmodel (NeuralNetwork, "
                                "iOS 13+) or .mlpackage (ML Program, iOS 15+).")] = Path("TinyBeauty.mlmodel"),
     fp16: Annotated[bool, typer.Option(
         "--fp16/--fp32", help="Precision: fp16 weights (and fp16 compute in an ML Program), or fp32.",
         rich_help_panel=PANEL)] = True,
     weights: Annotated[Optional[WeightsChoice], typer.Option(
-        "--weights", help="Store conv weights as fp16, int8 (linear, per output channel), int4 (linear, per block "
+        "--weights", case_sensitive=False, help="Store conv weights as fp16, int8 (linear, per output channel), int4 (linear, per block "
                           "of input channels, iOS18) or palettized to N bits (palN: k-means look-up table per "
                           "tensor, or per group with --granularity). Default: the --fp16/--fp32 precision.",
         rich_help_panel=PANEL, show_default=False)] = None,
@@ -93,7 +92,7 @@ def export(
                                     "not divide gets the largest common divisor).",
         rich_help_panel=PANEL, show_default=False)] = None,
     granularity: Annotated[GranularityChoice, typer.Option(
-        "--granularity", help="Palettes: one look-up table per tensor, or per group of output channels (iOS18).",
+        "--granularity", case_sensitive=False, help="Palettes: one look-up table per tensor, or per group of output channels (iOS18).",
         rich_help_panel=PANEL)] = GranularityChoice.per_tensor,
     group_size: Annotated[Optional[int], typer.Option(
         "--group-size", min=1, help="--granularity per-grouped-channel: output channels per table (default 1; a "
@@ -104,19 +103,19 @@ def export(
                                     "clustering, the scales stored beside the tables (iOS18).",
         rich_help_panel=PANEL)] = False,
     bits_by_layer: Annotated[Optional[BitsByLayerChoice], typer.Option(
-        "--bits-by-layer", help="With --weights palN: auto chooses each layer's palette size (1-8 bits) "
+        "--bits-by-layer", case_sensitive=False, help="With --weights palN: auto chooses each layer's palette size (N-2 to 8 bits) "
                                 "from its measured sensitivity on the calibration images (--calib), the weights no "
                                 "larger than N bits everywhere; the choice is recorded in the file (ML Program: "
                                 "iOS18, with a lower --target 3 bits are left out; .mlmodel: iOS13).",
         rich_help_panel=PANEL,
         show_default=False)] = None,
     palette_method: Annotated[PaletteMethodChoice, typer.Option(
-        "--palette-method", help="Palettes: kmeans rounds each weight to its nearest k-means table entry; gptq "
+        "--palette-method", case_sensitive=False, help="Palettes: kmeans rounds each weight to its nearest k-means table entry; gptq "
                                  "chooses the entries (GPTQ) and refits the table values for each layer's output "
                                  "on the calibration images (--calib, --calib-count). Same tables, same bytes.",
         rich_help_panel=PANEL)] = PaletteMethodChoice.kmeans,
     activations: Annotated[Optional[ActivationsChoice], typer.Option(
-        "--activations", help="int8: quantize/dequantize pairs around convolutions and additions (W8A8 with "
+        "--activations", case_sensitive=False, help="int8: quantize/dequantize pairs around convolutions and additions (W8A8 with "
                               "--weights int8; ML Program, iOS17+), ranges calibrated with tbopt's reference "
                               "executor. Default: float activations.", rich_help_panel=PANEL,
         show_default=False)] = None,
@@ -127,17 +126,18 @@ def export(
         show_default=False)] = None,
     calib_count: Annotated[int, typer.Option(
         "--calib-count", min=1, help="--activations int8, --bits-by-layer and --palette-method gptq: calibration "
-                                     "images to use.",
+                                     "images to use (16, the count the measured figures used; tbopt quantize "
+                                     "calibrates int8 on 32).",
         rich_help_panel=PANEL)] = DEFAULT_CALIB_COUNT,
     sparse: Annotated[SparseChoice, typer.Option(
-        "--sparse", help="auto: a pruned checkpoint (>= 10% zero weights) is stored sparse in an ML Program "
+        "--sparse", case_sensitive=False, help="auto: a pruned checkpoint (>= 10% zero weights) is stored sparse in an ML Program "
                          "(iOS16+; with int8 or palettes iOS18+). off: always dense.",
         rich_help_panel=PANEL)] = SparseChoice.auto,
     target: Annotated[Optional[TargetChoice], typer.Option(
         "--target", case_sensitive=False, help="Minimum iOS version. Default: the lowest the format and the "
                                                "compression allow.", rich_help_panel=PANEL, show_default=False)] = None,
     io: Annotated[IOChoice, typer.Option(
-        "--io", help="image: RGB image in, made-up RGB image out. tensor: float array in [-1, 1] in, residual out.",
+        "--io", case_sensitive=False, help="image: RGB image in, made-up RGB image out. tensor: float array in [-1, 1] in, residual out.",
         rich_help_panel=PANEL)] = IOChoice.image,
     size: Annotated[Optional[int], typer.Option(
         "--size", min=8, help="Input size N (N x N). Default: the model's own (256).", rich_help_panel=PANEL,
@@ -154,6 +154,11 @@ def export(
                                                     rich_help_panel="Metadata", show_default=False)] = None,
     model_version: Annotated[str, typer.Option("--model-version", help="Version string in the model's metadata.",
                                                rich_help_panel="Metadata")] = "1.0",
+    threads: Annotated[Optional[int], typer.Option(
+        "--threads", min=1, help="CPU threads for what export computes (--palette-method gptq, --fit-palettes, "
+                                 "--bits-by-layer, --activations, validation); the same seed and threads give the "
+                                 "same weights. Default: all cores.", rich_help_panel="Timing",
+        show_default=False)] = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -162,10 +167,11 @@ def export(
     trust_pickle: TrustPickleOpt = False,
 ) -> None:
     """Export to Core ML for iOS (.mlmodel for iOS 13+, .mlpackage for iOS 15+), compressed, validated."""
+    from ..core.contexts import torch_threads  # noqa: PLC0415 - torch
     from ..flow.export import export_file  # noqa: PLC0415 - torch and coremltools
 
     out = _output.Output(json_mode=json_out, quiet=quiet)
-    path = artifact or demo_checkpoint()
+    path = out.model_or_demo(artifact)
     config = ExportConfig.for_output(
         output, precision="fp16" if fp16 else "fp32", weights=weights.value if weights else None,
         sparse=sparse.value, target=target.value if target else None, io=io.value, size=size,
@@ -175,9 +181,11 @@ def export(
         calib_count=calib_count, palette_method=palette_method.value,
         block_size=block_size, bits_by_layer=bits_by_layer.value if bits_by_layer else None,
         granularity=granularity.value, group_size=group_size, per_channel_scale=per_channel_scale,
-        fit_palettes=fit_palettes, fit_data=str(calib) if calib and fit_palettes else None, seed=seed)
-    result = export_file(path, output, config, force=force, progress=out,
-                          **model_options(arch, arch_kwargs, trust_pickle))
+        fit_palettes=fit_palettes, fit_data=str(calib) if calib and fit_palettes else None, seed=seed,
+        threads=threads)
+    with torch_threads(threads):
+        result = export_file(path, output, config, force=force, progress=out,
+                             **model_options(arch, arch_kwargs, trust_pickle))
     out.emit(result, render_export)
 
 
@@ -210,8 +218,10 @@ def render_export(out: _output.Output, r: ExportResult) -> None:
         "graph": f"{sum(compute_ops.values())} {'layers' if r.format == 'neuralnetwork' else 'ops'}"
                  + (f" + {weight_ops} weight decompressions" if weight_ops else "") + f", {r.casts} casts",
         "validation": (f"passed: spec loads, interface {v['interface']}, {v['weights_decompressed']} weight tensors "
-                       f"read back (largest error {v['max_weight_error']:.2%} in {v['max_weight_error_tensor']})"),
-        ("fidelity" if r.activations else "weights fidelity"): (
+                       f"read back (largest error {v['max_weight_error']:.2%} in {v['max_weight_error_tensor']})"
+                       + (f"; {', '.join(v['rewritten_by_converter'])} rewritten by the converter (ops folded "
+                          "into them), checked by running the file" if v.get("rewritten_by_converter") else "")),
+        ("fidelity" if r.activations or v.get("rewritten_by_converter") else "weights fidelity"): (
             f"{v['fidelity_psnr_db']:.1f} dB (worst {v['worst_fidelity_db']:.1f} dB) on {v['images']} images: "
             f"{v['numerical_check'].split(' (')[0]}"),
         **({"bits by layer": _bits_by_layer(r.bits_by_layer)} if r.bits_by_layer else {}),

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
-from ..core.paths import demo_checkpoint
+from typing import Annotated
+
+import typer
+
 from . import _output
 from ._errors import handle_errors
-from ._options import ArchKwargsOpt, ArchOpt, ArtifactArg, JsonOpt, TrustPickleOpt, model_options
+from ._options import (
+    ArchKwargsOpt,
+    ArchOpt,
+    ArtifactArg,
+    ComputeUnitsOpt,
+    JsonOpt,
+    TrustPickleOpt,
+    model_options,
+)
 
 
 @handle_errors
@@ -15,13 +26,28 @@ def info(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    compute_plan: Annotated[bool, typer.Option(
+        "--compute-plan", help="Core ML files, on macOS 14.4+: where Core ML will run each op (CPU, GPU or Neural "
+                               "Engine) and its estimated cost, and which ops leave the Neural Engine. Elsewhere: "
+                               "an error (exit 1), as only Core ML knows its plan.", rich_help_panel="Core ML")] = False,
+    compute_units: ComputeUnitsOpt = None,
 ) -> None:
     """Architecture, parameters, MACs, size on disk and zipped, preprocessing and history of a model."""
     from ..measure.describe import describe  # noqa: PLC0415 - torch, only when the command runs
 
-    path = artifact or demo_checkpoint()
-    data = describe(path, **model_options(arch, arch_kwargs, trust_pickle))
     out = _output.Output(json_mode=json_out)
+    path = out.model_or_demo(artifact)
+    plan = None
+    if compute_plan:
+        from ..core.errors import UsageError  # noqa: PLC0415
+        from ..coreml.compute_plan import compute_plan as make_plan  # noqa: PLC0415 - coremltools
+
+        if path.suffix not in (".mlmodel", ".mlpackage"):
+            raise UsageError(f"--compute-plan takes a Core ML file (.mlmodel or .mlpackage), not {path.name}")
+        plan = make_plan(path, compute_units)
+    data = describe(path, **model_options(arch, arch_kwargs, trust_pickle))
+    if plan is not None:
+        data["compute_plan"] = plan.to_dict()
     for problem in data.get("problems", ()):
         out.warn(f"{problem} (every other tbopt command refuses this model)")
     out.emit(data, render_info)
@@ -46,6 +72,16 @@ def render_info(out: _output.Output, d: dict) -> None:
         if k.startswith("coreml_") or k in ("format", "target", "precision"):
             items[k] = v
     out.fields(None, {k: v for k, v in items.items() if v is not None})
+    if plan := d.get("compute_plan"):
+        out.table(f"compute plan ({plan['compute_units']}): where Core ML runs each op",
+                  ["op", "operator", "device", "supported", "cost"],
+                  [(o["name"], o["op"], o["preferred"] or "-", ", ".join(o["supported"]) or "-",
+                    "-" if o["cost"] is None else f"{100 * o['cost']:.1f}%") for o in plan["ops"]],
+                  right=("cost",))
+        shares = ", ".join(f"{dev} {v['ops']} ops ({100 * v['cost']:.0f}% of the cost)"
+                           for dev, v in plan["by_device"].items())
+        out.line(f"compute plan: {shares}")
+        out.line(f"compute plan: {plan['summary']}")
     history = d.get("history") or []
     if history:
         out.table("history", ["#", "step", "when", "configuration", "figures"],

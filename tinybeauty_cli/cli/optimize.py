@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Annotated, Any, List, Optional
 import typer
 
 from ..core.errors import UsageError
-from ..core.paths import demo_checkpoint
 from ..flow.optimize_config import (
     DEFAULT_TARGETS,
     DEFAULT_TIME_BUDGET_MIN,
@@ -21,12 +20,30 @@ from ..flow.optimize_config import (
 )
 from . import _output
 from ._errors import handle_errors
-from ._options import DataOpt, ForceOpt, JsonOpt, LimitOpt, QuietOpt, ThreadsOpt
+from ._options import (
+    ArchKwargsOpt,
+    ArchOpt,
+    DEFAULT_RUNS,
+    DataOpt,
+    ForceOpt,
+    JsonOpt,
+    LimitOpt,
+    QuietOpt,
+    RunsOpt,
+    ThreadsOpt,
+    TrustPickleOpt,
+    pick,
+    split_list,
+)
 
 if TYPE_CHECKING:
     from ..flow.optimize import OptimizeResult
 
 SPACE = "Search space"
+
+
+def _csv(values: tuple) -> str:
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
 class Target(str, Enum):
@@ -37,11 +54,14 @@ class Target(str, Enum):
     cpu = "cpu"
 
 
-def _floats(text: str, what: str) -> tuple[float, ...]:
+def _numbers(values: list[str] | None, default: tuple, what: str, kind: type = float) -> tuple:
+    """A list option's numbers (repeatable, or comma lists; '' alone for none); ``default`` when not given."""
+    if values is None:
+        return default
     try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
+        return tuple(kind(v) for v in split_list(values))
     except ValueError:
-        raise UsageError(f"{what} must be comma-separated numbers, got {text!r}") from None
+        raise UsageError(f"{what} takes {'whole ' if kind is int else ''}numbers, got {' '.join(values)!r}") from None
 
 
 @handle_errors
@@ -55,12 +75,16 @@ def optimize(
     min_fidelity: Annotated[float, typer.Option(
         "--min-fidelity", help="Quality budget where the images have no targets: PSNR of the made-up images "
                                "against the original model's, at least (dB).")] = 40.0,
-    targets: Annotated[Optional[List[Target]], typer.Option(
-        "--for", help=f"Where the model will run (repeatable): ios13 ({TARGET_FILES['ios13']}), ios16/ios17/ios18 "
+    targets: Annotated[Optional[List[str]], typer.Option(
+        "--for", metavar="TARGET",
+        help=f"Where the model will run (repeatable, or a comma list): ios13 ({TARGET_FILES['ios13']}), ios16/ios17/ios18 "
                       f"(.mlpackage), cpu (int8 TorchScript). Default: {', '.join(DEFAULT_TARGETS)}.",
         show_default=False)] = None,
-    out: Annotated[Path, typer.Option("--output", "-o", "--out", help="Folder for the chosen files, search.json, "
-                                                    "search.md, pareto.png and the search cache (made if missing).")] = Path("optimized_model"),
+    out: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", metavar="DIR", show_default="optimized_model",
+        help="Folder for the chosen files, search.json, search.md, pareto.png and the search cache (made if "
+             "missing).")] = None,
+    out_old: Annotated[Optional[Path], typer.Option("--out", hidden=True, help="Old name of --output.")] = None,
     data: DataOpt = None,
     calib: Annotated[Optional[Path], typer.Option(
         "--calib", help="Folder of unlabeled images for channel ranking, distillation and int8 calibration. "
@@ -73,31 +97,34 @@ def optimize(
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the search in --output: finished candidates are read from its cache, not redone.")
     ] = False,
-    rates: Annotated[str, typer.Option(
-        "--rates", help="Channel-pruning rates to try after the unpruned model (comma-separated).",
-        rich_help_panel=SPACE)] = "0.3,0.4,0.5",
-    finetune_steps: Annotated[Optional[List[int]], typer.Option(
-        "--finetune-steps", min=0, help="Distillation lengths to try after channel pruning (repeatable); a longer "
-                                        "one continues the shortest (tbopt prune --continue-from), for the rates it "
-                                        "kept and the first it missed. Default: tbopt prune's, then 2000.",
+    rates: Annotated[Optional[List[str]], typer.Option(
+        "--rates", help="Channel-pruning rates to try after the unpruned model (repeatable, or a comma list). "
+                        f"Default: {_csv(OptimizeConfig.rates)}.", rich_help_panel=SPACE, show_default=False)] = None,
+    finetune_steps: Annotated[Optional[List[str]], typer.Option(
+        "--finetune-steps", help="Distillation lengths to try after channel pruning (repeatable, or a comma "
+                                 "list); a longer one continues the shortest (tbopt prune --continue-from), for "
+                                 "the rates it kept and the first it missed. Default: tbopt prune's, then 2000.",
         rich_help_panel=SPACE, show_default=False)] = None,
-    full_res_rates: Annotated[str, typer.Option(
-        "--full-res-rates", help="For each rate the longest distillation kept: the same rate with the channel groups of "
-                                 "the full-resolution convs pruned at these rates (tbopt prune --group-rate; "
-                                 "comma-separated, '' for none).", rich_help_panel=SPACE)] = "0.66",
-    palettes: Annotated[str, typer.Option(
-        "--palettes", help="Palette sizes to try, largest first (comma-separated).",
-        rich_help_panel=SPACE)] = ",".join(PALETTES),
-    sparsities: Annotated[str, typer.Option(
-        "--sparsities", help="Shares of weights to zero and store sparse in .mlpackage files (comma-separated; "
-                             "'' for none).", rich_help_panel=SPACE)] = "0.5,0.75",
+    full_res_rates: Annotated[Optional[List[str]], typer.Option(
+        "--full-res-rates", help="For each rate the longest distillation kept: the same rate with the channel groups "
+                                 "of the full-resolution convs pruned at these rates (tbopt prune --group-rate; "
+                                 f"repeatable, or a comma list; '' for none). Default: {_csv(OptimizeConfig.full_res_rates)}.",
+        rich_help_panel=SPACE, show_default=False)] = None,
+    palettes: Annotated[Optional[List[str]], typer.Option(
+        "--palettes", help="Palette sizes to try, largest first (repeatable, or a comma list). "
+                           f"Default: {_csv(PALETTES)}.", rich_help_panel=SPACE, show_default=False)] = None,
+    sparsities: Annotated[Optional[List[str]], typer.Option(
+        "--sparsities", help="Shares of weights to zero and store sparse in .mlpackage files (repeatable, or a "
+                             f"comma list; '' for none). Default: {_csv(OptimizeConfig.sparsities)}.",
+        rich_help_panel=SPACE, show_default=False)] = None,
     fit_steps: Annotated[int, typer.Option(
         "--fit-steps", min=0, help="Steps of palette fitting (tbopt export --fit-palettes) for the palettes that "
                                    "missed the budget; 0 to skip.", rich_help_panel=SPACE)] = OptimizeConfig.fit_steps,
-    lower_rates: Annotated[str, typer.Option(
+    lower_rates: Annotated[Optional[List[str]], typer.Option(
         "--lower-rates", help="Rates below the first of --rates, tried (highest first) when the first misses the "
-                              "budget after the short distillation (comma-separated, '' for none).",
-        rich_help_panel=SPACE)] = ",".join(f"{r:g}" for r in OptimizeConfig.lower_rates),
+                              "budget after the short distillation (repeatable, or a comma list; '' for none). "
+                              f"Default: {_csv(OptimizeConfig.lower_rates)}.",
+        rich_help_panel=SPACE, show_default=False)] = None,
     gptq: Annotated[bool, typer.Option(
         "--gptq/--no-gptq", help="Try the palettes plain k-means missed again with GPTQ entries (tbopt export "
                                  "--palette-method gptq: same bytes).", rich_help_panel=SPACE)] = True,
@@ -105,12 +132,14 @@ def optimize(
         "--bits-by-layer/--no-bits-by-layer", help="Also try the palettes that missed the budget with bits chosen "
                                                    "by layer in the same bytes (tbopt export --bits-by-layer auto).",
         rich_help_panel=SPACE)] = True,
-    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per int8 file (batch 1).",
-                                      rich_help_panel="Timing")] = 30,
+    runs: RunsOpt = DEFAULT_RUNS,
     threads: ThreadsOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
 ) -> None:
     """Find the smallest Core ML file per iOS target and the fastest int8 CPU file within a quality budget.
 
@@ -120,16 +149,21 @@ def optimize(
     from ..flow.optimize import optimize as run_search  # noqa: PLC0415 - torch and coremltools, only when run
 
     ui = _output.Output(json_mode=json_out, quiet=quiet)
+    if out is not None and out_old is not None and out != out_old:
+        raise UsageError("--out is the old name of --output; give one of them")
+    out = out or out_old or Path("optimized_model")
+    chosen = pick(split_list(targets), [t.value for t in Target], "--for") if targets else DEFAULT_TARGETS
     cfg = OptimizeConfig(
         max_drop_db=max_drop, min_fidelity_db=min_fidelity,
-        targets=tuple(t.value for t in targets) if targets else DEFAULT_TARGETS, data=data, limit=limit,
-        calib=calib, time_budget_min=time_budget or None, rates=_floats(rates, "--rates"),
-        finetune_steps=tuple(finetune_steps) if finetune_steps else OptimizeConfig.finetune_steps,
-        full_res_rates=_floats(full_res_rates, "--full-res-rates"),
-        palettes=tuple(p.strip() for p in palettes.split(",") if p.strip()),
-        sparsities=_floats(sparsities, "--sparsities"), fit_steps=fit_steps, bits_by_layer=bits_by_layer, runs=runs,
-        threads=threads, lower_rates=_floats(lower_rates, "--lower-rates"), gptq=gptq)
-    path = checkpoint or demo_checkpoint()
+        targets=chosen, data=data, limit=limit,
+        calib=calib, time_budget_min=time_budget or None, rates=_numbers(rates, OptimizeConfig.rates, "--rates"),
+        finetune_steps=_numbers(finetune_steps, OptimizeConfig.finetune_steps, "--finetune-steps", int),
+        full_res_rates=_numbers(full_res_rates, OptimizeConfig.full_res_rates, "--full-res-rates"),
+        palettes=split_list(palettes) if palettes is not None else PALETTES,
+        sparsities=_numbers(sparsities, OptimizeConfig.sparsities, "--sparsities"), fit_steps=fit_steps, bits_by_layer=bits_by_layer, runs=runs,
+        threads=threads, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle,
+        lower_rates=_numbers(lower_rates, OptimizeConfig.lower_rates, "--lower-rates"), gptq=gptq)
+    path = ui.model_or_demo(checkpoint)
     with ui.live_table(f"tbopt optimize: candidates ({path.name})", ROW_COLUMNS, right=ROW_COLUMNS[3:8]) as add:
         result = run_search(path, out, cfg, force=force, resume=resume, progress=ui,
                             on_row=lambda row: add(row_cells(row)))

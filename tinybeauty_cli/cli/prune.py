@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Annotated, List, Optional
 import typer
 
 from ..core.errors import UsageError
-from ..core.paths import demo_checkpoint
 from ..prune.config import DEFAULT_CHANNEL_FINETUNE_STEPS, PruneConfig, PruneMethod
 from . import _output
 from ._errors import handle_errors
@@ -20,11 +19,11 @@ from ._options import (
     ForceOpt,
     JsonOpt,
     LimitOpt,
-    OutputOpt,
     QuietOpt,
     ThreadsOpt,
     TrustPickleOpt,
     model_options,
+    split_list,
 )
 
 if TYPE_CHECKING:
@@ -38,7 +37,7 @@ def prune(
                                         "(magnitude), of all conv weights (global), of each channel group (channel).",
                                         show_default=False)] = ...,  # type: ignore[assignment]
     method: Annotated[PruneMethod, typer.Option(
-        "--method", "-m", help="magnitude: zero each layer's smallest weights; global: one threshold over all "
+        "--method", "-m", case_sensitive=False, help="magnitude: zero each layer's smallest weights; global: one threshold over all "
                                "layers; channel: remove whole channels (smaller and faster).")] = PruneMethod.magnitude,
     finetune_steps: Annotated[Optional[int], typer.Option(
         "--finetune-steps", min=0, show_default=False,
@@ -54,17 +53,19 @@ def prune(
                         "are used). Default: synthetic portraits, never the test set.", rich_help_panel="Data")] = None,
     exclude: Annotated[Optional[List[str]], typer.Option(
         "--exclude", "-x", help="Conv layer to leave alone: a module name, a parent module, or a glob "
-                                "(e.g. 'upconv*'). Repeatable.", show_default=False)] = None,
+                                "(e.g. 'upconv*'). Repeatable, or a comma list.", show_default=False)] = None,
     group_rate: Annotated[Optional[List[str]], typer.Option(
         "--group-rate", help="--method channel: another rate for the channel group a conv produces, LAYER=RATE "
-                             "(a module name, a parent module or a glob; e.g. 'upconv2=0.66'). Repeatable.",
+                             "(a module name, a parent module or a glob; e.g. 'upconv2=0.66'). Repeatable, or a comma list.",
         show_default=False)] = None,
     data: DataOpt = None,
     eval_data: Annotated[Optional[Path], typer.Option(
         "--eval-data", hidden=True, help="Old name of --data (the images scored).")] = None,
     limit: LimitOpt = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of fine-tuning (same seed, same threads: same model).")] = 0,
-    output: OutputOpt = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", metavar="FILE", help="Artifact to write. Default: ./<model>_pruned-<method>-<percent>.pt.",
+        show_default=False)] = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -83,13 +84,13 @@ def prune(
     if data is not None and eval_data is not None and data != eval_data:
         raise UsageError("--eval-data is the old name of --data (the images scored); give one of them")
     data = data or eval_data
-    cfg = PruneConfig(rate=rate, method=method.value, finetune_steps=finetune_steps, exclude=tuple(exclude or ()),
-                      seed=seed, group_rates=tuple(group_rate or ()))
+    cfg = PruneConfig(rate=rate, method=method.value, finetune_steps=finetune_steps, exclude=split_list(exclude),
+                      seed=seed, group_rates=split_list(group_rate))
     if data is not None and calib is None and cfg.any_pruning and (cfg.steps > 0 or method == PruneMethod.channel):
         # --data named the fine-tuning images before it named, as in every command, the images scored.
         out.note(f"Note: --data {data} is scored; channel ranking and fine-tuning use --calib "
                  "(default: synthetic portraits)")
-    path = artifact or demo_checkpoint()
+    path = out.model_or_demo(artifact)
     report = prune_model(path, cfg, output=output, force=force, data=calib, eval_data=data, eval_limit=limit,
                          threads=threads, progress=out, continue_from=continue_from,
                          **model_options(arch, arch_kwargs, trust_pickle))

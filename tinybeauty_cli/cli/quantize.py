@@ -4,27 +4,28 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, List, Optional
 
 import typer
 
-from ..core.paths import demo_checkpoint
 from ..quantize.config import SELECTION_RUNS, QuantizeConfig
 from . import _output
 from ._errors import handle_errors
 from ._options import (
     ArchKwargsOpt,
     ArchOpt,
+    QUANTIZE_CALIB_COUNT,
     BackendChoice,
     DataOpt,
     FloatModelArg,
     ForceOpt,
     JsonOpt,
     LimitOpt,
-    OutputOpt,
     QuietOpt,
     TrustPickleOpt,
     model_options,
+    old_name,
+    split_list,
 )
 
 if TYPE_CHECKING:
@@ -38,17 +39,22 @@ def quantize(
         "--calib", help="Folder of calibration photos (never the test set). Default: synthetic portraits.",
         rich_help_panel="Calibration")] = None,
     calib_count: Annotated[int, typer.Option(
-        "--calib-count", min=1, help="Calibration images to use.", rich_help_panel="Calibration")] = 32,
+        "--calib-count", min=1, help="Calibration images to use (tbopt export calibrates on 16: its figures were "
+                                     "measured so).", rich_help_panel="Calibration")] = QUANTIZE_CALIB_COUNT,
     backend: Annotated[BackendChoice, typer.Option(  # type: ignore[valid-type]
-        "--backend", help="Quantized engine. auto times every engine this CPU supports and keeps the fastest "
-                          "that meets --min-psnr.")] = BackendChoice("auto"),
-    keep_float: Annotated[str, typer.Option(
+        "--backend", case_sensitive=False, help="Quantized engine. auto times every engine this CPU supports "
+                                                "and keeps the fastest that meets --min-fidelity.")] = BackendChoice("auto"),
+    keep_float: Annotated[Optional[List[str]], typer.Option(
         "--keep-float", help="Layers to keep in float: auto (the fewest most sensitive layers needed to reach "
-                             "--min-psnr), none, or comma-separated layer names (a module name keeps every "
-                             "layer under it).")] = "auto",
-    min_psnr: Annotated[float, typer.Option(
-        "--min-psnr", help="Fidelity target (dB) against the float model.")] = 45.0,
-    output: OutputOpt = None,
+                             "--min-fidelity), none, or layer names (repeatable, or a comma list; a module name "
+                             "keeps every layer under it). Default: auto.", show_default=False)] = None,
+    min_fidelity: Annotated[float, typer.Option(
+        "--min-fidelity", help="Fidelity floor (dB): the int8 model's PSNR against the float model.")] = 45.0,
+    min_psnr: Annotated[Optional[float], typer.Option("--min-psnr", hidden=True,
+                                                      help="Old name of --min-fidelity.")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", metavar="FILE", help="int8 TorchScript file to write. Default: ./<model>_int8.pt.",
+        show_default=False)] = None,
     data: DataOpt = None,
     limit: LimitOpt = None,
     threads: Annotated[Optional[int], typer.Option(
@@ -65,9 +71,10 @@ def quantize(
     from ..flow.quantize import quantize_file as quantize_model  # noqa: PLC0415 - torch, only when the command runs
 
     out = _output.Output(json_mode=json_out, quiet=quiet)
-    source = artifact or demo_checkpoint()
-    cfg = QuantizeConfig(backend=backend.value, calib=calib, calib_count=calib_count, keep_float=keep_float,
-                         min_psnr_db=min_psnr, threads=threads, eval_limit=limit)
+    source = out.model_or_demo(artifact)
+    min_fidelity = old_name(min_fidelity, 45.0, min_psnr, "--min-psnr", "--min-fidelity")
+    cfg = QuantizeConfig(backend=backend.value, calib=calib, calib_count=calib_count,
+                         keep_float=",".join(split_list(keep_float)) or "auto", min_psnr_db=min_fidelity, threads=threads, eval_limit=limit)
     target = output or Path(f"{Path(source).stem}_int8.pt")
     command = "tbopt " + " ".join(sys.argv[1:]) if sys.argv[1:] else "tbopt quantize"
     result = quantize_model(source, target, cfg, force=force, progress=out, command=command, data=data,
@@ -76,6 +83,8 @@ def quantize(
 
 
 def render_quantize(out: _output.Output, r: QuantizeResult) -> None:
+    from ..core.load import load_text, overload_note  # noqa: PLC0415
+
     d = r.to_dict()
     size, quality, lat = d["size"], d["quality"], d["latency"]
     out.fields(f"tbopt quantize: {r.input} -> {r.output}", {
@@ -96,7 +105,7 @@ def render_quantize(out: _output.Output, r: QuantizeResult) -> None:
         (f"latency p50 (ms, {lat['threads']} thr)", lat["float"]["p50_ms"], lat["int8"]["p50_ms"], f"{lat['ratio']:.3f}"),
     ], caption=f"{quality['images']}; latency: batch 1, {lat['size']}x{lat['size']}, median of "
                f"{lat['int8']['runs']} interleaved runs after {lat['int8']['warmup']} warm-up; "
-               f"float = {lat['float_engine']}, int8 = {lat['int8_engine']}",
+               f"float = {lat['float_engine']}, int8 = {lat['int8_engine']}; {load_text(lat.get('load_average'))}",
               right=("float", "int8", "int8 / float"))
     if any(layer.alone_fidelity_db is not None for layer in r.layers):
         out.table("layers (sensitivity: fidelity with only that layer in int8)",
@@ -119,3 +128,5 @@ def render_quantize(out: _output.Output, r: QuantizeResult) -> None:
              f"{t.get('keep_float_s', 0):.1f} s, evaluation {t.get('evaluation_s', 0):.1f} s)")
     for n in r.notes:
         out.warn(n)
+    if note := overload_note(lat.get("load_average")):
+        out.line(note)

@@ -8,12 +8,16 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from ..core.errors import UsageError
-from ..core.paths import demo_checkpoint
 from ..flow.run_config import OUTPUT_FILES, RunConfig
 from ..prune.config import PruneMethod
 from . import _output
 from ._errors import handle_errors
 from ._options import (
+    ArchKwargsOpt,
+    ArchOpt,
+    DEFAULT_RUNS,
+    DEFAULT_WARMUP,
+    QUANTIZE_CALIB_COUNT,
     BackendChoice,
     DataOpt,
     ForceOpt,
@@ -21,8 +25,12 @@ from ._options import (
     LimitOpt,
     ModelWeightModeChoice,
     QuietOpt,
+    RunsOpt,
     ThreadsOpt,
+    TrustPickleOpt,
+    WarmupOpt,
     WeightModeChoice,
+    old_name,
 )
 
 DEFAULT_OUTPUT = Path("optimized_model")
@@ -37,42 +45,50 @@ def run(
         help="Float checkpoint or tbopt artifact to optimize. Default: the bundled demo checkpoint.",
         show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option(
-        "--output", "-o", help="Folder for every output (made if missing).",
+        "--output", "-o", metavar="DIR", help="Folder for every output (made if missing).",
         show_default=str(DEFAULT_OUTPUT))] = None,
     out_old: Annotated[Optional[Path], typer.Option("--out", hidden=True, help="Old name of --output.")] = None,
     rate: Annotated[float, typer.Option("--rate", "-r", help="Pruning rate, in [0, 1).")] = 0.3,
     method: Annotated[PruneMethod, typer.Option(
-        "--method", "-m", help="Pruning method: magnitude (the original plan's per-layer rule) or global zero "
+        "--method", "-m", case_sensitive=False, help="Pruning method: magnitude (the original plan's per-layer rule) or global zero "
                                "weights (smaller zipped); channel removes channels (smaller and faster, fine-tunes "
                                "longer).")] = PruneMethod.magnitude,
     finetune_steps: Annotated[Optional[int], typer.Option(
         "--finetune-steps", min=0, show_default=False,
         help="Distillation steps after pruning (default: the method's, see tbopt prune --help).")] = None,
     weights: Annotated[ModelWeightModeChoice, typer.Option(  # type: ignore[valid-type]
-        "--weights", help="Weight storage in TinyBeauty.mlmodel (as tbopt export --weights).")
+        "--weights", case_sensitive=False,
+        help="Weight storage in TinyBeauty.mlmodel (as tbopt export --weights). int8 by default, where tbopt "
+             "export stores --fp16: the plan's file is an int8 .mlmodel under 100 KB.")
     ] = ModelWeightModeChoice("int8"),  # type: ignore[valid-type]
     package_weights: Annotated[Optional[WeightModeChoice], typer.Option(  # type: ignore[valid-type]
-        "--package-weights", show_default=False,
+        "--package-weights", show_default=False, case_sensitive=False,
         help="Weight storage in TinyBeauty.mlpackage (default: as --weights).")] = None,
     data: DataOpt = None,
     calib: Annotated[Optional[Path], typer.Option(
         "--calib", help="Folder of unlabeled images for channel ranking, distillation and int8 calibration. "
                         "Default: synthetic portraits, never the test set.", rich_help_panel="Data")] = None,
     limit: LimitOpt = None,
-    calib_count: Annotated[int, typer.Option("--calib-count", min=1, help="int8 calibration images.",
-                                             rich_help_panel="Data")] = 32,
+    calib_count: Annotated[int, typer.Option("--calib-count", min=1, help="int8 calibration images (as tbopt "
+                                             "quantize; tbopt export calibrates on 16).", rich_help_panel="Data")
+                           ] = QUANTIZE_CALIB_COUNT,
     backend: Annotated[BackendChoice, typer.Option(  # type: ignore[valid-type]
-        "--backend", help="int8 engine (auto: the fastest that keeps fidelity).")] = BackendChoice("auto"),
-    min_psnr: Annotated[float, typer.Option(
-        "--min-psnr", help="int8 fidelity to reach against the pruned float model, in dB (layers stay float "
-                           "until it is met). Higher than tbopt quantize's 45: int8 noise adds to the model's own "
-                           "error.")] = 50.0,
-    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per artifact (batch 1).",
-                                      rich_help_panel="Timing")] = 30,
+        "--backend", case_sensitive=False, help="int8 engine (auto: the fastest that keeps fidelity).")] = BackendChoice("auto"),
+    min_fidelity: Annotated[float, typer.Option(
+        "--min-fidelity", help="Fidelity floor (dB): the int8 model's PSNR against the pruned float model "
+                               "(layers stay float until it is met). Higher than tbopt quantize's 45: int8 noise adds "
+                               "to the model's own error.")] = 50.0,
+    min_psnr: Annotated[Optional[float], typer.Option("--min-psnr", hidden=True,
+                                                      help="Old name of --min-fidelity.")] = None,
+    runs: RunsOpt = DEFAULT_RUNS,
+    warmup: WarmupOpt = DEFAULT_WARMUP,
     threads: ThreadsOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
 ) -> None:
     """Prune, quantize to int8 and export to Core ML, then measure every stage on the same images.
 
@@ -84,11 +100,13 @@ def run(
     if output is not None and out_old is not None and output != out_old:
         raise UsageError("--out is the old name of --output; give one of them")
     out = output or out_old or DEFAULT_OUTPUT
+    min_fidelity = old_name(min_fidelity, 50.0, min_psnr, "--min-psnr", "--min-fidelity")
     cfg = RunConfig(rate=rate, method=method.value, finetune_steps=finetune_steps, weights=weights.value,
                     package_weights=package_weights.value if package_weights else None, data=data, calib=calib,
                     limit=limit, runs=runs, threads=threads, calib_count=calib_count, backend=backend.value,
-                    min_psnr_db=min_psnr)
-    path = checkpoint or demo_checkpoint()
+                    min_psnr_db=min_fidelity, warmup=warmup, arch=arch,
+                    arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+    path = ui.model_or_demo(checkpoint)
 
     def on_stage(number: int, total: int, name: str) -> None:
         ui.note(f"[{number}/{total}] {STAGE_TEXT[name]}")

@@ -8,6 +8,7 @@ A tbopt artifact is a ``torch.save`` of plain data (tensors, strings, numbers), 
 from __future__ import annotations
 
 import importlib
+import io
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -19,8 +20,8 @@ from torch import nn
 
 from .. import __version__
 from .errors import ArchitectureMismatchError, ConfigError, InputError
-from .files import atomic_output
 from .model import TinyBeauty, TinyBeautyConfig
+from .written import WrittenFile, write_file
 
 ARTIFACT_FORMAT = "tbopt-artifact"
 
@@ -262,6 +263,8 @@ def resize_to_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> No
         if isinstance(module, nn.ConvTranspose2d | nn.ConvTranspose1d | nn.ConvTranspose3d):
             module.in_channels, module.out_channels = w.shape[0], w.shape[1] * module.groups
         elif isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            if module.groups == module.in_channels == module.out_channels > 1:  # depthwise: cut channel by channel
+                module.groups = w.shape[0]
             module.out_channels, module.in_channels = w.shape[0], w.shape[1] * module.groups
         elif isinstance(module, nn.Linear):
             module.out_features, module.in_features = w.shape
@@ -280,9 +283,19 @@ def artifact_found(version: Any, artifact: Artifact) -> str:
     return f"a tbopt artifact (format v{version}, {len(artifact.history)} history steps)"
 
 
+def artifact_bytes(artifact: Artifact) -> bytes:
+    """The content of ``artifact``'s file (``torch.save`` of its payload), made in memory."""
+    buffer = io.BytesIO()
+    torch.save(artifact.to_payload(), buffer)
+    return buffer.getvalue()
+
+
+def write_artifact(artifact: Artifact, path: Path | str, *, force: bool = False) -> WrittenFile:
+    """Write ``artifact`` atomically (an existing file is replaced only with ``force``); the file as
+    written, so that nothing needs to read it back."""
+    return write_file(path, artifact_bytes(artifact), force=force)
+
+
 def save_artifact(artifact: Artifact, path: Path | str, *, force: bool = False) -> Path:
     """Write ``artifact`` atomically; refuse to replace an existing file without ``force``."""
-    path = Path(path)
-    with atomic_output(path, force=force) as tmp:
-        torch.save(artifact.to_payload(), tmp)
-    return path
+    return write_artifact(artifact, path, force=force).path

@@ -22,9 +22,51 @@ from .errors import InputError, OutputError, OutputExistsError, TbOptError
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
+def normalized(path: Path | str) -> Path:
+    """``path`` with ``.`` and ``..`` resolved lexically (``ghost/../g.pt`` is ``g.pt``): the folder
+    checked, made and written is the one the name means, not a detour through a folder that is not there."""
+    text = os.fspath(path)
+    return Path(os.path.normpath(text)) if text else Path(".")
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(_nearest_existing(folder), "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def check_names(path: Path, what: str = "output") -> None:
+    """Refuse, before any work, a path the file system cannot hold: a part longer than its longest name
+    (255 bytes on most file systems) or a path longer than its longest path."""
+    path = normalized(path)
+    limit = _name_max(path.parent)
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > limit:
+            shown = part if len(part) <= 40 else f"{part[:20]}...{part[-12:]}"
+            raise OutputError(f"cannot write the {what}: the name {shown!r} is {size} bytes, longer than the "
+                              f"{limit} bytes a file name may have here", hint="choose a shorter name with -o")
+    try:
+        path_max = os.pathconf(_nearest_existing(path.parent), "PC_PATH_MAX")
+    except (OSError, ValueError):
+        path_max = 4096
+    if len(os.fsencode(os.path.abspath(path))) >= path_max:
+        raise OutputError(f"cannot write the {what}: its path is longer than the {path_max} bytes a path may "
+                          f"have here", hint="choose a shorter path with -o")
+
+
+def _exists(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError:  # missing, under a file, or a name too long to look up
+        return False
+    return True
+
+
 def _nearest_existing(folder: Path) -> Path:
     folder = Path(folder) if str(folder) else Path(".")
-    while not folder.exists() and folder != folder.parent:
+    while not _exists(folder) and folder != folder.parent:
         folder = folder.parent
     return folder
 
@@ -32,7 +74,8 @@ def _nearest_existing(folder: Path) -> Path:
 def check_folder(folder: Path, what: str = "output") -> None:
     """Refuse, before any work, a folder that cannot hold outputs: one under a file, or one whose
     nearest existing folder is not writable (permissions or a read-only file system)."""
-    folder = Path(folder) if str(folder) else Path(".")
+    folder = normalized(folder)
+    check_names(folder, what)
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"cannot write the {what} into {folder}: it is a file, not a folder")
     base = _nearest_existing(folder)
@@ -52,17 +95,20 @@ def _read_only(folder: Path) -> bool:
         return False
 
 
-def check_output(path: Path, force: bool, inputs: tuple[Path, ...] = ()) -> None:
-    """Refuse, before any work is done, an output that exists (without ``force``), is an input, or
-    lies where nothing can be written (see :func:`check_folder`)."""
-    path = Path(path)
+def check_output(path: Path, force: bool, inputs: tuple[Path, ...] = ()) -> Path:
+    """Refuse, before any work is done, an output that exists (without ``force``), is an input, has a
+    name the file system cannot hold, or lies where nothing can be written (see :func:`check_folder`).
+    Returns the path to write, normalized (:func:`normalized`)."""
+    path = normalized(path)
     for src in inputs:
         if src is not None and path.resolve() == Path(src).resolve():
             raise InputError(f"output {path} is the input; inputs are never modified",
                              hint="choose another output path with -o")
+    check_names(path)
     if path.exists() and not force:
         raise OutputExistsError(path)
-    check_folder(path.parent if str(path.parent) else Path("."), what=f"output {path.name}")
+    check_folder(path.parent, what=f"output {path.name}")
+    return path
 
 
 def output_error(path: Path, exc: OSError) -> OutputError:
@@ -75,7 +121,7 @@ def output_error(path: Path, exc: OSError) -> OutputError:
 
 def make_folders(folder: Path) -> list[Path]:
     """``mkdir -p folder``; returns the folders it made (deepest last), to remove them if the work fails."""
-    folder = Path(folder)
+    folder = normalized(folder)
     missing = []
     probe = folder
     while not probe.exists() and probe != probe.parent:
@@ -156,18 +202,22 @@ def atomic_output(path: Path, force: bool = False, directory: bool = False) -> I
     """Yield a temporary path beside ``path``; on success flush it to disk and rename it into place.
 
     The temporary file (or folder, for ``directory=True``, e.g. an ``.mlpackage``) lives in a
-    hidden temporary folder in the target's folder, so the final rename is atomic. Missing folders
+    hidden temporary folder of a short name (``.tbopt-XXXXXXXX.tmp``) in the target's folder, so the
+    final rename is atomic and any name the file system accepts can be written. ``path`` is
+    normalized first (:func:`normalized`). Missing folders
     are made. If the body raises or is interrupted, the temporary folder and the folders made
     for it are removed and ``path`` is left as it was; an OS error while writing (a full disk, a
     read-only file system) becomes an :class:`OutputError`.
     """
-    path = Path(path)
+    path = normalized(path)
+    check_names(path)
     if path.exists() and not force:
         raise OutputExistsError(path)
     check_folder(path.parent, what=f"output {path.name}")
     made = make_folders(path.parent)
     try:
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        # a short name of its own (not the output's, which may be as long as a name can be)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=".tbopt-", suffix=".tmp", dir=path.parent))
     except OSError as exc:
         remove_empty_folders(made)
         raise output_error(path, exc) from None
@@ -190,7 +240,7 @@ def atomic_output(path: Path, force: bool = False, directory: bool = False) -> I
         with _interrupts_held():
             if path.exists() and (path.is_dir() or directory) and not path.is_symlink():
                 # A folder cannot be replaced atomically: move the old one aside, put it back on failure.
-                old = tmp_dir / (path.name + ".old")
+                old = tmp_dir / ("old" if path.name != "old" else "old-1")
                 os.replace(path, old)
                 try:
                     os.replace(tmp, path)
@@ -205,6 +255,76 @@ def atomic_output(path: Path, force: bool = False, directory: bool = False) -> I
         shutil.rmtree(tmp_dir, ignore_errors=True)
         if not done:
             remove_empty_folders(made)
+
+
+#: The lock file a command holds in the folder it writes into (:func:`folder_lock`).
+LOCK_NAME = ".tbopt.lock"
+
+
+class FolderBusyError(OutputError):
+    """Another tbopt process holds the folder's lock."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, command: str) -> Iterator[None]:
+    """Hold an advisory lock (``flock``) on ``folder`` for the block: one command at a time writes there.
+
+    The lock is a file inside the folder (made if missing, with its missing parents) that records the
+    holder's pid and command. A second command refuses at once, naming the folder and the holder. The
+    kernel releases a ``flock`` when its process ends, however it ends, so a lock file left by a killed
+    process does not block. At the end the lock file is removed, and the folders made for it if empty.
+    """
+    import fcntl  # noqa: PLC0415 - POSIX only, and only for the commands that write into a folder
+
+    folder = normalized(folder)
+    made = make_folders(folder)
+    path = folder / LOCK_NAME
+    fd = -1
+    try:
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise output_error(path, exc) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                fd = -1
+                raise FolderBusyError(f"{folder} is in use by another tbopt command ({holder}); one command "
+                                      f"at a time writes into a folder",
+                                      hint="wait for it to end, or choose another output folder") from None
+            # The holder before us may have removed the file after we opened it: lock the file the path names.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+            fd = -1
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}: {command}\n".encode())
+        except OSError as exc:  # a full disk
+            raise output_error(path, exc) from None
+        yield
+    finally:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                path.unlink()  # while still held: nobody else can have locked this file
+            os.close(fd)
+        remove_empty_folders(made)
+
+
+def _lock_holder(fd: int) -> str:
+    """Who holds a lock, as its file records it ("pid 123: tbopt optimize ...")."""
+    try:
+        text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    except OSError:
+        text = ""
+    return text.splitlines()[0] if text else "a process that has not yet written its pid"
 
 
 @contextlib.contextmanager
@@ -267,15 +387,15 @@ def zipped_size_of_bytes(data: bytes, name: str) -> int:
     return buf.getbuffer().nbytes
 
 
-def require_file(path: Path, what: str = "file") -> Path:
-    """A readable, non-empty regular file, or a clear error naming it."""
+def require_file(path: Path, what: str = "file", error: type[InputError] = InputError) -> Path:
+    """A readable, non-empty regular file, or a clear ``error`` naming it."""
     path = Path(path)
     if not path.exists():
-        raise InputError(f"{what} {path} does not exist")
+        raise error(f"{what} {path} does not exist")
     if path.is_dir():
-        raise InputError(f"{what} {path} is a directory, not a file")
+        raise error(f"{what} {path} is a directory, not a file")
     if not os.access(path, os.R_OK):
-        raise InputError(f"{what} {path} is not readable (permission denied)")
+        raise error(f"{what} {path} is not readable (permission denied)")
     if path.stat().st_size == 0:
-        raise InputError(f"{what} {path} is empty (0 bytes)")
+        raise error(f"{what} {path} is empty (0 bytes)")
     return path

@@ -15,6 +15,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from . import synthetic
 from .errors import ImageError
+from .files import require_file
 from .progress import Progress, SilentProgress
 
 #: The suffixes listed in messages; a folder is read for every suffix Pillow can open (:func:`image_suffixes`).
@@ -59,14 +60,7 @@ def check_image(path: Path) -> None:
 
 
 def _read(path: Path, decode: bool) -> Image.Image | None:
-    if not path.exists():
-        raise ImageError(f"image {path} does not exist")
-    if path.is_dir():
-        raise ImageError(f"image {path} is a directory")
-    if not os.access(path, os.R_OK):
-        raise ImageError(f"image {path} is not readable (permission denied)")
-    if path.stat().st_size == 0:
-        raise ImageError(f"image {path} is empty (0 bytes)")
+    require_file(path, "image", ImageError)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

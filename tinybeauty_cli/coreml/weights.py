@@ -13,7 +13,7 @@ compressed file is compared with -- the same arithmetic, the file's decompressed
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +50,14 @@ class StoredWeight:
         return {"weight": "weight", "weights": "weight", "bias": "bias"}.get(self.field)
 
 
-def stored_weights(path: Path | str) -> list[StoredWeight]:
+def stored_weights(path: Path | str, spec: Any = None) -> list[StoredWeight]:
     """Every float tensor (rank >= 1) the ops or layers of a ``.mlpackage`` / ``.mlmodel`` compute
-    with, decompressed to float32, in graph order (a tensor read by several ops: once, at the first)."""
+    with, decompressed to float32, in graph order (a tensor read by several ops: once, at the first).
+    ``spec``: a ``.mlmodel``'s spec already read (its weights are in it)."""
     path = Path(path)
     if path.suffix.lower() == ".mlpackage":
         return _program_weights(path)
-    return _neural_network_weights(load_spec(path))
+    return _neural_network_weights(spec if spec is not None else load_spec(path))
 
 
 # ---------------------------------------------------------------- ML Program
@@ -210,6 +211,9 @@ class WeightMatch:
     values: dict[str, torch.Tensor]
     relative_error: dict[str, float]
     storage: dict[str, str]
+    #: Tensors the converter changed beyond what their storage explains (it folded an op of the graph,
+    #: such as a scale after a convolution, into them): with these, the twin is not the file's function.
+    rewritten: list[str] = field(default_factory=list)
 
 
 def float_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -239,6 +243,28 @@ def layers_in_run_order(module: nn.Module, example: torch.Tensor,
 
 def _relative_error(stored: np.ndarray, target: np.ndarray) -> float:
     return float(np.linalg.norm(stored.reshape(target.shape) - target)) / max(float(np.linalg.norm(target)), 1e-12)
+
+
+#: Relative error an uncompressed (fp16/fp32) tensor may have: fp16 rounding is about 5e-4.
+_EXACT_STORAGE_ERROR = 1e-2
+
+
+def _rewritten(stored: np.ndarray, target: np.ndarray, storage: str) -> bool:
+    """Whether the converter changed ``target`` beyond what its ``storage`` explains.
+
+    An uncompressed tensor must match closely. A compressed one may be far off (2-bit palettes), but
+    compression error is noise that no rescaling removes, while an op folded into the tensor (a scale
+    after a convolution, a norm) is a per-channel rescaling: if the best per-channel scale of ``target``
+    is much closer to the stored tensor than ``target`` itself, the converter rescaled it.
+    """
+    t = target.reshape(target.shape[0], -1).astype(np.float64)
+    v = stored.reshape(t.shape).astype(np.float64)
+    raw = _relative_error(v, t)
+    if storage in ("fp16", "fp32"):
+        return raw > _EXACT_STORAGE_ERROR
+    scale = (v * t).sum(1) / np.maximum((t * t).sum(1), 1e-24)
+    fitted = _relative_error(v, t * scale[:, None])
+    return raw > 3 * fitted + _EXACT_STORAGE_ERROR
 
 
 def match_weights(module: nn.Module, weights: list[StoredWeight], example: torch.Tensor) -> WeightMatch:
@@ -316,8 +342,10 @@ def match_weights(module: nn.Module, weights: list[StoredWeight], example: torch
         shown = ", ".join(missing[:4]) + (f" (+{len(missing) - 4} more)" if len(missing) > 4 else "")
         raise UnsupportedError(f"the Core ML file holds no tensor matching {shown}: the converter merged "
                                f"them into other operations, so no PyTorch model carries its exact weights")
+    rewritten = [k for k in params if storage[k] != "folded away (no-op)" and params[k].dim() >= 1
+                 and _rewritten(values[k].numpy(), params[k].float().numpy(), storage[k])]
     return WeightMatch({k: values[k] for k in params}, {k: errors[k] for k in params},
-                       {k: storage[k] for k in params})
+                       {k: storage[k] for k in params}, rewritten)
 
 
 def carry_file_weights(module: nn.Module, weights: list[StoredWeight], example: torch.Tensor) -> WeightMatch:

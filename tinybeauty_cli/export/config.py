@@ -109,12 +109,15 @@ class ExportConfig:
     granularity: str = "per-tensor"  # palettes: one table per tensor or per group of output channels
     group_size: int | None = None  # per-grouped-channel: output channels per table (None: DEFAULT_GROUP_SIZE)
     per_channel_scale: bool = False  # palettes: each output channel scaled to [-1, 1] first (iOS18)
-    #: None: palN everywhere; "auto": 1-8 bits per layer from measured sensitivities (calibration
+    #: None: palN everywhere; "auto": N-2 to 8 bits per layer from measured sensitivities (calibration
     #: images as for int8 activations), the weights no larger than palN everywhere
     bits_by_layer: str | None = None
     #: "kmeans": each weight rounded to its nearest k-means entry; "gptq": entries and table values
     #: chosen for each layer's output on the calibration images (``calib``, ``calib_count``)
     palette_method: str = "kmeans"
+    #: CPU threads of what export computes (GPTQ, palette fitting, sensitivities): the same seed and
+    #: threads give the same weights. None: all cores, and left out of the recorded configuration.
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMAT_NAMES:
@@ -231,7 +234,10 @@ class ExportConfig:
         return cls(format=format_for_path(output), **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["threads"] is None:
+            del d["threads"]  # files written before the option keep byte-identical histories
+        return d
 
     def command_line(self, source: str | None = None, output: str | None = None) -> str:
         """The ``tbopt export`` command that writes this configuration again."""
@@ -248,7 +254,7 @@ class ExportConfig:
                            ("activations", "--activations"),
                            ("calib_count", "--calib-count"), ("fit_palettes", "--fit-palettes"),
                            ("seed", "--seed"), ("author", "--author"), ("license", "--license"),
-                           ("model_version", "--model-version")):
+                           ("model_version", "--model-version"), ("threads", "--threads")):
             value = getattr(self, attr)
             if value != getattr(default, attr):
                 parts.append(f"{flag} {shlex.quote(str(value))}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -27,7 +26,7 @@ from torch import nn
 
 from ..core.artifact import ArchSpec, HistoryStep, Preprocessing
 from ..core.counts import input_channels
-from ..core.errors import TbOptError, UnsupportedError
+from ..core.errors import TbOptError, UnsupportedError, UsageError
 from ..core.images import synthetic_unlabeled
 from ..coreml.compact import compact_neural_network, compact_program, inline_small_weights
 from ..coreml.spec import coremltools, mil_program, quiet
@@ -39,6 +38,7 @@ from .config import (
     META_PREFIX,
     TENSOR_IN,
     TENSOR_OUT,
+    TARGETS,
     ExportConfig,
     ExportError,
     ExportPlan,
@@ -110,9 +110,46 @@ def _convert(traced: torch.jit.ScriptModule, config: ExportConfig, plan: ExportP
     try:
         with quiet():
             return ct.convert(traced, **kwargs)
+    except ValueError as exc:
+        needed = _target_needed(exc)
+        if needed is None:
+            raise ExportError(f"coremltools could not convert the model: ValueError: {_first_line(exc)}") from exc
+        features = _features_needing(exc)
+        if config.target is not None or (config.format == "neuralnetwork" and needed not in TARGETS[:2]):
+            hint = (f"pass --target {needed}" if config.format == "mlprogram" or needed in TARGETS[:2]
+                    else "write an .mlpackage (ML Program) instead")
+            raise UsageError(f"the network's ops need {needed} or later in this format ({features})",
+                             hint=hint) from None
+        # No --target: the lowest target is also the lowest the network's own ops allow (e.g. GroupNorm
+        # or a bilinear resize in a NeuralNetwork need iOS14), as coremltools' compatibility check says.
+        plan.target = needed
+        plan.notes.append(f"written for {needed}: the network's ops need it in this format ({features})")
+        return _convert(traced, config, plan, prep, size, channels)
     except Exception as exc:  # noqa: BLE001 - coremltools raises anything; say what failed
         raise ExportError(f"coremltools could not convert the model: {type(exc).__name__}: "
                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+
+
+def _target_needed(exc: ValueError) -> str | None:
+    """The iOS target coremltools' deployment check asks for ("... available from version 5 onwards"),
+    or None when ``exc`` is another error."""
+    import re  # noqa: PLC0415
+
+    found = re.search(r"available from version (\d+) onwards", str(exc))
+    if not found:
+        return None
+    name = coremltools().target(int(found.group(1))).name
+    return next((t for t in TARGETS if t.lower() == name.lower()), None)
+
+
+def _features_needing(exc: ValueError) -> str:
+    """The features coremltools lists under its deployment error, on one line."""
+    lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+    return "; ".join(line.split(". ", 1)[-1] for line in lines[:3]) or "features of a later version"
 
 
 def _weight_dims(mlmodel: Any) -> dict[str, tuple[int, int]]:
@@ -315,13 +352,6 @@ class ExportedModel:
     history: list[HistoryStep]  # the model's history, this export last
     activations: ActivationReport | None = None  # int8 activations: how they were calibrated
     bits_by_layer: BitAllocation | None = None  # --bits-by-layer: the palette bits of each layer
-
-    def save(self, path: Path | str) -> None:
-        """Write the ``.mlmodel`` / ``.mlpackage`` to ``path`` (callers make it atomic)."""
-        ct = coremltools()
-        with quiet():
-            weights_dir = self.mlmodel.weights_dir if self.config.format == "mlprogram" else None
-            ct.models.MLModel(self.spec, weights_dir=weights_dir, skip_model_load=True).save(str(path))
 
 
 def plan_for(model: nn.Module, config: ExportConfig) -> ExportPlan:

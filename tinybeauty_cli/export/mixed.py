@@ -6,12 +6,9 @@ sensitivities.
 A layer's sensitivity at b bits is the mean squared difference of the made-up images on the
 calibration images when only that layer's weight is snapped to its b-bit k-means palette
 (:func:`~.palettes.kmeans_lut`, the table the export stores), every other layer float. The
-errors of several snapped layers add up nearly (on the authors' released checkpoint the sum
-of the 14 layers' errors is within 1.5 dB of uniform 4-bit palettes' own error), so the
-allocation minimizes the sum under the byte budget of uniform N-bit palettes, exactly, by
-dynamic programming over bytes. Layers that carry much of the error get more bits, robust ones
-fewer (on the released and the demo checkpoints the first convolution, whose 3 input channels
-make it cheap, gets 6 bits). The bytes are counted as the file stores them: 64-byte-aligned blobs
+errors of several snapped layers add up nearly (docs/tried-and-measured.md), so the allocation
+minimizes the sum under the byte budget of uniform N-bit palettes, exactly, by dynamic
+programming over bytes. Layers that carry much of the error get more bits, robust ones fewer. The bytes are counted as the file stores them: 64-byte-aligned blobs
 and small tables in an ML Program (:func:`palette_bytes`), packed indices and fp32 tables in a
 NeuralNetwork ``.mlmodel`` (:func:`nn_palette_bytes`).
 
@@ -36,11 +33,9 @@ from .config import ExportError, palette_bits_for
 from .palettes import PALETTIZED, kmeans_lut
 
 #: Calibration images the sensitivities are measured on (the first ones): every candidate of
-#: every layer costs a forward pass over them (on the released checkpoint 4, 8 and 16 images
-#: choose the same bits).
+#: every layer costs a forward pass over them (more chose the same bits: docs/tried-and-measured.md).
 SENSITIVITY_IMAGES = 4
-#: Sizes tried below N bits: N-1 and N-2 (fewer bits lose more than any layer wins back; on the
-#: released checkpoint the choice among all sizes took none below 3 bits for N = 4).
+#: Sizes tried below N bits: N-1 and N-2 (fewer bits lose more than any layer wins back).
 BELOW_UNIFORM = 2
 #: Each blob of an ML Program's weight file: a 64-byte header, its data padded to 64 bytes.
 _BLOB_ALIGN = 64

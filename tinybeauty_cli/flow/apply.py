@@ -82,9 +82,7 @@ def apply_makeup(runner: Runner, images: list[Path], out_dir: Path, *, model_siz
         raise InputError("no images given")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"output folder {out_dir} is a file")
-    outs = output_paths(images, out_dir)
-    for src, dst in zip(images, outs):
-        check_output(dst, force, inputs=(src,))
+    outs = [check_output(dst, force, inputs=(src,)) for src, dst in zip(images, output_paths(images, out_dir))]
     photos = [np.asarray(read_image(p)) for p in images]  # every input is readable before we write
     results = []
     with progress.task("applying", total=len(images)) as advance:

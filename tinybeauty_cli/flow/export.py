@@ -10,31 +10,36 @@ network sees [-1, 1]) and returns the made-up RGB image, computed inside the gra
 
 from __future__ import annotations
 
+import copy
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from ..core.artifact import HistoryStep
+from ..core.artifact import HistoryStep, Preprocessing
 from ..core.checkpoint import LoadedModel, load_model
 from ..core.counts import input_channels
 from ..core.errors import InputError, UnsupportedError, UsageError
-from ..core.files import atomic_output, check_output, size_on_disk, zipped_size
+from ..core.files import atomic_output, check_output
+from ..core.fingerprint import weights_fingerprint
 from ..core.images import uint8_to_model
 from ..core.progress import Progress, SilentProgress
-from ..coreml.spec import graph_op_counts, load_spec, neural_network_weight_bytes, package_parts
-from ..export.config import FORMAT_BY_SUFFIX, FORMAT_NAMES, ExportConfig, format_for_path
-from ..export.convert import bits_for_export, export_module, plan_for
+from ..core.written import WrittenFile
+from ..coreml.spec import (coremltools, graph_op_counts, load_spec, neural_network_weight_bytes, package_parts, quiet,
+                           read_coreml)
+from ..coreml.weights import carry_file_weights, stored_weights
+from ..export.config import FORMAT_BY_SUFFIX, FORMAT_NAMES, ExportConfig, ExportError, format_for_path
+from ..export.convert import ExportedModel, bits_for_export, export_module, plan_for
 from ..export.metadata import compression_label
 from ..export.mixed import bits_by_name
 from ..export.palette_gptq import calibration_inputs, gptq_palettized
 from ..export.palettes import palettes_fitted
 from ..export.prepare import coreml_ready_module
-from ..export.validate import validate_export
+from ..export.validate import check_images, made_up_fidelity, validate_export
 from .prune import unlabeled_images
 from .quantize import calibration_images
 
@@ -71,9 +76,11 @@ class ExportResult:
     palette_fit: dict[str, Any] | None = None  # what --fit-palettes did (PaletteFit.to_dict)
     bits_by_layer: dict[str, Any] | None = None  # --bits-by-layer: each layer's bits (BitAllocation.to_dict)
     palette_gptq: dict[str, Any] | None = None  # --palette-method gptq: what it did (GptqReport.to_dict)
+    #: The file as written (hash, sizes, spec); not part of ``to_dict``.
+    file: WrittenFile | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "file"}
 
 
 def _refuse_torchscript(loaded: LoadedModel) -> None:
@@ -89,28 +96,14 @@ def _refuse_torchscript(loaded: LoadedModel) -> None:
                            f"tbopt artifacts", hint="export the float checkpoint it was made from")
 
 
-def file_sizes(path: Path, fmt: str) -> dict[str, int]:
-    """Bytes on disk and zipped, and how they split into graph description and weights."""
-    total = size_on_disk(path)
-    if fmt == "mlprogram":
-        graph, weights = package_parts(path)
-        graph_bytes = graph.stat().st_size
-        weight_bytes = weights.stat().st_size if weights is not None else 0
-    else:
-        weight_bytes = neural_network_weight_bytes(load_spec(path))
-        graph_bytes = total - weight_bytes
-    return {"size_bytes": total, "zipped_bytes": zipped_size(path), "graph_bytes": graph_bytes,
-            "weight_bytes": weight_bytes}
-
-
 def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig, *, force: bool = False,
                   progress: Progress | None = None, fits: dict[tuple, Any] | None = None) -> ExportResult:
     """Export an opened float model to ``output`` (written atomically, validated before it lands).
 
     ``loaded`` may be built in memory: its path is only a label and its ``sha256`` is taken as given.
-    ``fits``: a dict the caller keeps across exports; a palette fit of the same model (``sha256``),
-    bits and fit settings is then done once and reused (``tbopt optimize`` writes one fit for
-    several targets).
+    ``fits``: a dict the caller keeps across exports; a palette fit of the same weights (their
+    fingerprint), bits and fit settings is then done once and reused (``tbopt optimize`` writes one fit
+    for several targets). The result's ``file`` is the file as written (read once, in its temporary place).
     """
     started = time.perf_counter()
     progress = progress or SilentProgress()
@@ -119,66 +112,26 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
         raise UsageError(f"{output.name} is a {FORMAT_NAMES[format_for_path(output)]} file but the configuration "
                          f"asks for {FORMAT_NAMES[config.format]}")
     _refuse_torchscript(loaded)
-    check_output(output, force, inputs=(loaded.path,))
-    artifact = loaded.artifact
-    assert artifact is not None and loaded.module is not None
-    model = loaded.module.eval()
-    plan = plan_for(model, config)  # a target too low is refused before any work
-    command = config.command_line(loaded.path, output)
-    history = list(artifact.history)
-    size = config.size or artifact.preprocessing.size
-    calibration, calib_source = None, None
-    if config.activations or config.bits_by_layer or config.palette_method == "gptq":
-        calib_set, _skipped = calibration_images(Path(config.calib) if config.calib else None, config.calib_count,
-                                                 size, progress)
-        calibration, calib_source = calib_set.inputs, calib_set.source
-    allocation = None
-    if config.bits_by_layer:  # chosen on the float model, before any fitting: the fit keeps each layer's bits
-        ready = coreml_ready_module(model, size, config.format, input_channels(model))
-        allocation = bits_for_export(ready, config, plan, calibration, artifact.preprocessing, progress)
-    bits = None
-    if config.palette_bits is not None:
-        bits = config.palette_bits if allocation is None else bits_by_name(
-            model, allocation, torch.zeros(1, input_channels(model), size, size))
-    palette_gptq = None
-    original = model
-    if config.palette_method == "gptq":  # the fit, if any, then trains these tables' values
-        images = calibration_inputs(calibration, artifact.preprocessing.value_range)
-        model, report = gptq_palettized(model, bits, images,
-                                        group_size=config.palette_group_size if config.grouped else None,
-                                        seed=config.seed, progress=progress)
-        palette_gptq = {"calibration": calib_source, **report.to_dict()}
-        # the export step after it records the configuration: this one only what GPTQ did (each byte counts
-        # against the size the tables were chosen for)
-        history.append(HistoryStep.now("gptq-palettes", command, None, report.to_dict()))
-        plan = plan_for(model, config)  # zeros may have moved to other entries
-    palette_fit = None
-    if config.fit_palettes:
-        key = (loaded.sha256, json.dumps(bits if isinstance(bits, int) else sorted(bits.items())), size,
-               config.fit_palettes, config.fit_data, config.seed, config.fit_images, config.fit_batch_size,
-               config.fit_lr, config.palette_method, config.calib, config.calib_count)
-        if fits is not None and key in fits:
-            model, fit = fits[key]
-        else:
-            model, fit = _fit_palettes(model, config, bits, size, progress, teacher=original)
-            if fits is not None:
-                fits[key] = (model, fit)
-        palette_fit = fit.to_dict()
-        history.append(HistoryStep.now("fit-palettes", command, config.to_dict(), palette_fit))
-        plan = plan_for(model, config)  # trained palette values: a cluster of zeros may be zero no more
-
+    output = check_output(output, force, inputs=(loaded.path,))
+    assert loaded.artifact is not None and loaded.module is not None
+    prepared = _prepare(loaded, config, config.command_line(loaded.path, output), fits, progress)
+    artifact, model, plan = loaded.artifact, prepared.model, prepared.plan
     with progress.task(f"exporting {output.name}", total=4) as advance:
-        exported = export_module(model, config, preprocessing=artifact.preprocessing, history=history,
+        exported = export_module(model, config, preprocessing=artifact.preprocessing, history=prepared.history,
                                  arch=artifact.arch, source_sha256=loaded.sha256, plan=plan, advance=advance,
-                                 calibration=calibration, command=command, allocation=allocation)
+                                 calibration=prepared.calibration, command=prepared.command,
+                                 allocation=prepared.allocation)
         with atomic_output(output, force=force, directory=config.format == "mlprogram") as tmp:
-            exported.save(tmp)
-            validation, inputs, outputs = validate_export(tmp, exported, model)
-            sizes = file_sizes(tmp, config.format)
-            ops = graph_op_counts(load_spec(tmp))
+            save_coreml(exported, tmp)
+            file, weights = read_written(tmp)
+            executor = executor_fidelity(tmp, model, exported.size, exported.preprocessing) \
+                if config.activations else None
+            validation, inputs, outputs = validate_export(file.spec, weights, exported, model, executor)
+            sizes = file_sizes(file, config.format)
         advance(1)
-    params = sum(p.numel() for p in model.parameters())
+    ops = graph_op_counts(file.spec)
     notes = list(plan.notes)
+    allocation = prepared.allocation
     if allocation is not None and allocation.predicted_error > allocation.uniform_error:
         notes.append(f"bits by layer: no choice within the budget (its record in the file included) beats "
                      f"{allocation.uniform_bits} bits everywhere on the calibration images; the closest is kept")
@@ -186,15 +139,129 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
         path=str(output), format=config.format, target=plan.target, precision=config.precision,
         weights=compression_label(config, plan.sparse), sparse=plan.sparse, io=config.io, size=exported.size,
         inputs=inputs, outputs=outputs, **sizes, ops=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
-        casts=ops.get("cast", 0), parameters=params, zero_fraction=round(plan.zero_fraction, 4),
-        sparse_tensors=ops.get("constexpr_sparse_to_dense", 0), validation=validation,
-        seconds=round(time.perf_counter() - started, 2), notes=notes, config=config.to_dict(),
-        source=str(loaded.path), source_sha256=loaded.sha256, command=command, palette_fit=palette_fit,
-        palette_gptq=palette_gptq,
+        casts=ops.get("cast", 0), parameters=sum(p.numel() for p in model.parameters()),
+        zero_fraction=round(plan.zero_fraction, 4), sparse_tensors=ops.get("constexpr_sparse_to_dense", 0),
+        validation=validation, seconds=round(time.perf_counter() - started, 2), notes=notes, config=config.to_dict(),
+        source=str(loaded.path), source_sha256=loaded.sha256, command=prepared.command,
+        palette_fit=prepared.palette_fit, palette_gptq=prepared.palette_gptq,
         bits_by_layer=None if exported.bits_by_layer is None else {
-            "calibration": calib_source, **exported.bits_by_layer.to_dict()},
+            "calibration": prepared.calib_source, **exported.bits_by_layer.to_dict()},
         activations=None if exported.activations is None else {
-            "dtype": config.activations, "calibration": calib_source, **exported.activations.to_dict()})
+            "dtype": config.activations, "calibration": prepared.calib_source, **exported.activations.to_dict()},
+        file=file.moved_to(output))
+
+
+@dataclass
+class _Prepared:
+    """The model to convert and what its export records: calibration images, each layer's bits,
+    GPTQ palettes and a palette fit where the configuration asks for them."""
+
+    model: nn.Module
+    plan: Any
+    history: list[HistoryStep]
+    command: str
+    calibration: Any = None
+    calib_source: str | None = None
+    allocation: Any = None
+    palette_gptq: dict[str, Any] | None = None
+    palette_fit: dict[str, Any] | None = None
+
+
+def _prepare(loaded: LoadedModel, config: ExportConfig, command: str, fits: dict[tuple, Any] | None,
+             progress: Progress) -> _Prepared:
+    artifact, model = loaded.artifact, loaded.module.eval()
+    size = config.size or artifact.preprocessing.size
+    p = _Prepared(model, plan_for(model, config), list(artifact.history), command)  # a target too low: refused now
+    if config.activations or config.bits_by_layer or config.palette_method == "gptq":
+        calib_set, _skipped = calibration_images(Path(config.calib) if config.calib else None, config.calib_count,
+                                                 size, progress)
+        p.calibration, p.calib_source = calib_set.inputs, calib_set.source
+    if config.bits_by_layer:  # chosen on the float model, before any fitting: the fit keeps each layer's bits
+        ready = coreml_ready_module(model, size, config.format, input_channels(model))
+        p.allocation = bits_for_export(ready, config, p.plan, p.calibration, artifact.preprocessing, progress)
+    bits = None
+    if config.palette_bits is not None:
+        bits = config.palette_bits if p.allocation is None else bits_by_name(
+            model, p.allocation, torch.zeros(1, input_channels(model), size, size))
+    if config.palette_method == "gptq":  # the fit, if any, then trains these tables' values
+        images = calibration_inputs(p.calibration, artifact.preprocessing.value_range)
+        p.model, report = gptq_palettized(model, bits, images,
+                                          group_size=config.palette_group_size if config.grouped else None,
+                                          seed=config.seed, progress=progress)
+        p.palette_gptq = {"calibration": p.calib_source, **report.to_dict()}
+        # the export step after it records the configuration: this one only what GPTQ did (each byte counts
+        # against the size the tables were chosen for)
+        p.history.append(HistoryStep.now("gptq-palettes", command, None, report.to_dict()))
+        p.plan = plan_for(p.model, config)  # zeros may have moved to other entries
+    if config.fit_palettes:
+        # keyed by the weights themselves (the model about to be fitted and its teacher), not by a name
+        # or a hash taken as given; each export gets its own copy of the fitted model
+        key = (weights_fingerprint(p.model), weights_fingerprint(model),
+               json.dumps(bits if isinstance(bits, int) else sorted(bits.items())), size,
+               config.fit_palettes, config.fit_data, config.seed, config.fit_images, config.fit_batch_size,
+               config.fit_lr, config.palette_method, config.calib, config.calib_count)
+        if fits is not None and key in fits:
+            fitted, fit = fits[key]
+            p.model = copy.deepcopy(fitted)  # the kept one is never handed out, so never edited
+        else:
+            p.model, fit = _fit_palettes(p.model, config, bits, size, progress, teacher=model)
+            if fits is not None:
+                fits[key] = (copy.deepcopy(p.model), fit)
+        p.palette_fit = fit.to_dict()
+        p.history.append(HistoryStep.now("fit-palettes", command, config.to_dict(), p.palette_fit))
+        p.plan = plan_for(p.model, config)  # trained palette values: a cluster of zeros may be zero no more
+    return p
+
+
+# ---------------------------------------------------------------- the written file
+
+def save_coreml(exported: ExportedModel, path: Path) -> None:
+    """Write the ``.mlmodel`` / ``.mlpackage`` of ``exported`` to ``path`` (the caller makes it atomic)."""
+    ct = coremltools()
+    with quiet():
+        weights_dir = exported.mlmodel.weights_dir if exported.config.format == "mlprogram" else None
+        ct.models.MLModel(exported.spec, weights_dir=weights_dir, skip_model_load=True).save(str(path))
+
+
+def read_written(path: Path) -> tuple[WrittenFile, list]:
+    """The Core ML file just written at ``path``, read once: its bytes' hash and sizes, its spec and its
+    stored weights, decompressed. Raises :class:`ExportError` if it does not read back."""
+    try:
+        spec = load_spec(path)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"the written file does not load as a Core ML model: {exc}") from exc
+    file = WrittenFile.of_folder(path, spec) if path.is_dir() else WrittenFile.of_bytes(path, path.read_bytes(), spec)
+    try:
+        weights = stored_weights(path, spec)
+    except InputError as exc:
+        raise ExportError(f"the written ML Program does not read back: {exc}") from exc
+    return file, weights
+
+
+def executor_fidelity(path: Path, reference: nn.Module, size: int, prep: Preprocessing) -> dict:
+    """Made-up images of the float model vs the file itself, run by tbopt's reference executor
+    (what a file with int8 activations computes, which no PyTorch twin with its weights shows);
+    image outputs compared before Core ML's 8-bit rounding."""
+    from ..coreml.runner import open_coreml_runner  # noqa: PLC0415
+
+    x = check_images(size, prep)
+    runner = open_coreml_runner(path, use_device=False, round_image_output=False)
+    with torch.no_grad():
+        out = reference(torch.from_numpy(x)).numpy()
+    return made_up_fidelity(out if prep.output == "image" else x + out, x + runner.residual(x), prep)
+
+
+def file_sizes(file: WrittenFile, fmt: str) -> dict[str, int]:
+    """Bytes on disk and zipped, and how they split into graph description and weights."""
+    if fmt == "mlprogram":
+        graph, weights = package_parts(file.path)
+        graph_bytes = graph.stat().st_size
+        weight_bytes = weights.stat().st_size if weights is not None else 0
+    else:
+        weight_bytes = neural_network_weight_bytes(file.spec)
+        graph_bytes = file.size_bytes - weight_bytes
+    return {"size_bytes": file.size_bytes, "zipped_bytes": file.zipped_bytes, "graph_bytes": graph_bytes,
+            "weight_bytes": weight_bytes}
 
 
 def _fit_palettes(model: nn.Module, config: ExportConfig, bits: int | dict[str, int], size: int,
@@ -216,6 +283,26 @@ def export_file(path: Path | str, output: Path | str, config: ExportConfig, *, f
     if path.suffix.lower() in FORMAT_BY_SUFFIX:
         raise InputError(f"{path} is already a Core ML model; tbopt export converts float PyTorch models",
                          hint="give the checkpoint or tbopt artifact it was exported from")
-    check_output(output, force, inputs=(path,))
+    output = check_output(output, force, inputs=(path,))
     loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
     return export_loaded(loaded, output, config, force=force, progress=progress)
+
+
+def decompressed_twin(coreml_path: Path | str, source: LoadedModel) -> nn.Module:
+    """A PyTorch model carrying exactly the weights a file written by ``tbopt export`` holds.
+
+    Palettes are looked up, int8 weights scaled, sparse tensors expanded and fp16 values kept as
+    rounded. The model maps a float (N, C, S, S) batch in the input range to what the file's graph
+    returns (the same function apart from the compute precision: it runs in fp32). ``source`` is
+    the float model the file was exported from; it gives the structure, the file's metadata the
+    export options.
+    """
+    if source.artifact is None:
+        raise UnsupportedError("the PyTorch twin of a Core ML file needs the float model it was exported from")
+    meta = read_coreml(coreml_path).tbopt_metadata
+    config = ExportConfig.from_dict(meta["export"])
+    size = int(meta["preprocessing"]["size"])
+    model = source.artifact.build_model()
+    module = coreml_ready_module(model, size, config.format, input_channels(model))
+    carry_file_weights(module, stored_weights(coreml_path), torch.zeros(1, input_channels(model), size, size))
+    return module.eval()

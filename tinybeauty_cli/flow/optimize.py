@@ -28,10 +28,11 @@ import torch
 
 from ..core.checkpoint import load_model
 from ..core.contexts import torch_threads
-from ..core.errors import InputError, OutputExistsError, UsageError
-from ..core.files import atomic_output, size_on_disk, zipped_size
+from ..core.errors import InputError, OutputError, OutputExistsError, UsageError
+from ..core.files import atomic_output, check_folder, folder_lock, normalized, sha256_file, size_on_disk, zipped_size
 from ..core.images import ImageSet, load_images, uint8_to_model
 from ..core.progress import Progress, SilentProgress
+from ..core.written import WrittenFile
 from ..measure.search_report import pareto_figure, pareto_front, search_markdown
 from ..runtime.runners import TorchRunner, open_runner, runner_for
 from ..runtime.timing import measure_latencies
@@ -62,15 +63,25 @@ def optimize(checkpoint: Path | str, out: Path | str, cfg: OptimizeConfig | None
     """Search, choose, write (see the module docstring). ``on_row`` sees every model and candidate as it comes."""
     cfg = cfg or OptimizeConfig()
     progress = progress or SilentProgress()
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint, out = Path(checkpoint), normalized(out)
     if force and resume:
         raise UsageError("--resume continues the search in --out; --force starts it afresh: pass one of them")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder")
+    check_folder(out, what="search's outputs")
+    # one search per folder, from before its first check to its last file (see core.files.folder_lock)
+    with folder_lock(out, f"tbopt optimize --out {out}"):
+        return _locked_optimize(checkpoint, out, cfg, force, resume, progress, on_row)
+
+
+def _locked_optimize(checkpoint: Path, out: Path, cfg: OptimizeConfig, force: bool, resume: bool,
+                     progress: Progress, on_row: OnRow | None) -> OptimizeResult:
     check_outputs(out, cfg.targets, force, resume)
     for name in ("data", "calib"):
         folder = getattr(cfg, name)
         if folder is not None and not Path(folder).is_dir():
             raise InputError(f"--{name} {folder} is not a folder")
-    loaded = load_model(checkpoint)
+    loaded = load_model(checkpoint, **cfg.model_options())
     if loaded.kind != "float":
         raise UsageError(f"{checkpoint} is a {loaded.kind} model; tbopt optimize starts from a float checkpoint")
     with torch_threads(cfg.threads):
@@ -78,7 +89,7 @@ def optimize(checkpoint: Path | str, out: Path | str, cfg: OptimizeConfig | None
         images = load_images(cfg.data, loaded.preprocessing.size, cfg.limit)
         context = {**cfg.cache_context(), "checkpoint_sha256": loaded.sha256, "threads": threads,
                    "images": images.source, "images_sha256": _array_digest(images)}
-        cache = SearchCache(out / CACHE_DIR, context)
+        cache = SearchCache(out / CACHE_DIR, context, progress)
         if force:
             cache.clear()
         if resume and cache.exists() and not cache.same_context():
@@ -100,8 +111,9 @@ def _finish(search: Search, checkpoint: Path, out: Path, cfg: OptimizeConfig, th
             replace: bool) -> OptimizeResult:
     budget = search.budget
     original_path = Path(search.original.path)
-    original = {"file": original_path.name, "size_bytes": size_on_disk(original_path),
-                "zipped_bytes": zipped_size(original_path), "target_psnr_db": _r(search.reference.target_psnr_db),
+    as_read = WrittenFile.of_bytes(original_path, search.original.content)  # the input's bytes, as read once
+    original = {"file": original_path.name, "size_bytes": as_read.size_bytes,
+                "zipped_bytes": as_read.zipped_bytes, "target_psnr_db": _r(search.reference.target_psnr_db),
                 "quality_db": _r(search.reference.target_psnr_db) if budget.uses_targets else None,
                 "latency_ms": None, "engine": "PyTorch eager fp32", "threads": threads}
     t0 = time.perf_counter()
@@ -130,10 +142,17 @@ def _finish(search: Search, checkpoint: Path, out: Path, cfg: OptimizeConfig, th
                 chosen[target] = {"file": None, "reason": "no candidate kept the quality when run as tbopt bench runs it"}
                 continue
         dest = out / TARGET_FILES[target]
-        src = search.cache.absolute(best.file)
+        src = search.cache.verified(best.recipe.key, best.file)  # its bytes, checked again just before the copy
+        sha = sha256_file(src)
         with atomic_output(dest, force=replace, directory=src.is_dir()) as tmp:
             (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp)
-        chosen[target] = {**best.to_dict(), "file": str(dest),
+            if sha256_file(tmp) != sha:
+                raise OutputError(f"the copy of {src} for {dest} differs from it", hint="nothing was replaced")
+        # the figures of the file in --out, read from it once it is there
+        written = {"size_bytes": size_on_disk(dest), "zipped_bytes": zipped_size(dest), "sha256": sha256_file(dest)}
+        if written["sha256"] != sha:
+            raise OutputError(f"{dest} changed while it was written (its SHA-256 is not the cached file's)")
+        chosen[target] = {**best.to_dict(), **written, "file": str(dest),
                           "latency_ms": cpu_times.get(best.recipe.key, best.latency_ms),
                           "commands": best.recipe.commands(_shown(checkpoint), _shown(dest), cfg, threads,
                                                        backend=best.backend)}
@@ -163,7 +182,8 @@ def _verified_smallest(search: Search, kept: list[Candidate]) -> Candidate | Non
     for cand in sorted(kept, key=lambda c: (c.size_bytes, -(c.quality_db or 0.0))):
         if cand.scored_with != TWIN:
             return cand
-        ev = search.score(open_runner(search.cache.absolute(cand.file)), f"scoring {cand.recipe.key} as a file")
+        ev = search.score(open_runner(search.cache.verified(cand.recipe.key, cand.file)),
+                          f"scoring {cand.recipe.key} as a file")
         cand.target_psnr_db, cand.fidelity_psnr_db = _r(ev.target_psnr_db), _r(ev.fidelity_psnr_db)
         cand.worst_fidelity_db = _r(ev.worst_fidelity_db)
         cand.quality_db = _r(search.budget.quality(ev.target_psnr_db, ev.fidelity_psnr_db))
@@ -184,7 +204,7 @@ def _time_cpu_side_by_side(search: Search, cfg: OptimizeConfig, original: dict[s
     fns["original"] = lambda: orig_runner.predict(x1)
     for c in search.candidates:
         if c.recipe.is_cpu and c.kept:
-            runner = runner_for(load_model(search.cache.absolute(c.file)))
+            runner = runner_for(load_model(search.cache.verified(c.recipe.key, c.file)))
             fns[c.recipe.key] = (lambda r: (lambda: r.predict(x1)))(runner)
     with search.progress.task("timing the int8 files side by side", total=None):
         lat = measure_latencies(fns, runs=cfg.runs, warmup=cfg.warmup, threads=cfg.threads)

@@ -3,7 +3,9 @@ made) under ``--out/.tbopt-search/``, keyed by recipe and by everything the eval
 so that ``--resume`` continues an interrupted search without redoing finished candidates.
 
 Each entry is written atomically (the file first, its record last): an interrupt leaves either a
-whole entry or none.
+whole entry or none. A record holds the SHA-256 and size of its file, taken when it was stored;
+an entry is trusted only when its record is whole (every field, of its type) and its file still has
+those bytes. Any other entry is redone, with a note that names it and says why.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
-from ..core.files import atomic_output
+from ..core.errors import OutputError
+from ..core.files import atomic_output, sha256_file, size_on_disk
+from ..core.progress import Progress, SilentProgress
+
+T = TypeVar("T")
 
 
 def digest(data: Any) -> str:
@@ -24,9 +30,10 @@ def digest(data: Any) -> str:
 class SearchCache:
     """Records and files by recipe key, for one search context (checkpoint, images, settings)."""
 
-    def __init__(self, root: Path, context: Mapping[str, Any]):
+    def __init__(self, root: Path, context: Mapping[str, Any], progress: Progress | None = None):
         self.root = Path(root)
         self.context = dict(context)
+        self.progress = progress or SilentProgress()
         self._context_digest = digest(self.context)
 
     def exists(self) -> bool:
@@ -60,25 +67,75 @@ class SearchCache:
     def model_path(self, key: str) -> Path:
         return self.root / "models" / f"{self._id(key)}.pt"
 
-    def load(self, key: str) -> dict[str, Any] | None:
-        """The record of ``key``, if it was finished (and its file is still there)."""
+    def load(self, key: str, parse: Callable[[dict[str, Any]], T]) -> T | None:
+        """The finished entry of ``key``, as ``parse`` reads its record; None when there is none, or when
+        it cannot be trusted (then it is removed, to be redone, with a note saying why)."""
         path = self.record_path(key)
-        if not path.is_file():
+        if not path.exists():
             return None
         try:
             record = json.loads(path.read_text())
-        except ValueError:
-            return None
+        except (OSError, ValueError) as exc:
+            why = f"its record is not readable JSON ({exc})"
+        else:
+            why = self._problem(key, record)
+            if why is None:
+                try:
+                    return parse(record)
+                except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                    why = f"its record is incomplete ({type(exc).__name__}: {exc})"
+        self.progress.note(f"search cache: {key} ({self.relative(path)}) is redone: {why}")
+        self.forget(key)
+        return None
+
+    def _problem(self, key: str, record: Any) -> str | None:
+        """Why ``record`` (the parsed JSON of ``key``) and its file cannot be trusted; None when they can."""
+        if not isinstance(record, dict):
+            return f"its record is a JSON {type(record).__name__}, not an object"
         if record.get("key") != key:
-            return None
-        file = record.get("file")
-        if file is not None and not (self.root / file).exists():
-            return None
-        return record
+            return "its record is for another recipe"
+        file, sha, size = record.get("file"), record.get("file_sha256"), record.get("file_size")
+        for name, value, kind in (("file", file, str), ("file_sha256", sha, str), ("file_size", size, int)):
+            if not isinstance(value, kind) or isinstance(value, bool):
+                return f"its record lacks {name!r} or it is not a {kind.__name__}"
+        target = self.absolute(file)
+        if self.root.resolve() not in target.resolve().parents:
+            return f"its file {file!r} lies outside the cache"
+        if not target.exists():
+            return f"its file {file} is missing"
+        actual = size_on_disk(target)
+        if actual != size:
+            return f"its file {file} has {actual:,} bytes, {size:,} when it was written"
+        if sha256_file(target) != sha:
+            return f"its file {file} is not the one written (SHA-256 differs)"
+        return None
+
+    def forget(self, key: str) -> None:
+        """Remove ``key``'s record and the files made for it."""
+        self.record_path(key).unlink(missing_ok=True)
+        shutil.rmtree(self.file_dir(key), ignore_errors=True)
+        self.model_path(key).unlink(missing_ok=True)
 
     def store(self, key: str, record: Mapping[str, Any]) -> None:
+        """Record ``key``'s finished entry; its ``file`` (already written) is hashed now."""
+        file = self.absolute(record["file"])
         with atomic_output(self.record_path(key), force=True) as tmp:
-            tmp.write_text(json.dumps({**record, "key": key}, indent=2, default=str) + "\n")
+            tmp.write_text(json.dumps({**record, "key": key, "file_sha256": sha256_file(file),
+                                       "file_size": size_on_disk(file)}, indent=2, default=str) + "\n")
+
+    def verified(self, key: str, relative: str) -> Path:
+        """The cached file ``relative`` of ``key``, checked against its record just before it is used."""
+        why = self._problem(key, self._record(key))
+        if why is not None:
+            raise OutputError(f"search cache: {key} cannot be used: {why}",
+                              hint="another process may be writing into --out; run the search again with --resume")
+        return self.absolute(relative)
+
+    def _record(self, key: str) -> Any:
+        try:
+            return json.loads(self.record_path(key).read_text())
+        except (OSError, ValueError):
+            return None
 
     def relative(self, path: Path) -> str:
         return str(Path(path).relative_to(self.root))

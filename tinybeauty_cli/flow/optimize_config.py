@@ -19,6 +19,7 @@ from ..core.errors import UsageError
 from ..export.config import ExportConfig
 from ..prune.config import PruneConfig, PruneMethod
 from ..quantize.config import QuantizeConfig
+from .run_config import model_args
 
 OPTIMIZE_VERSION = 2
 #: Where each target's chosen file goes, inside ``--out``.
@@ -164,7 +165,7 @@ class Recipe:
             source = sparse
         if self.is_cpu:
             q = cfg.quantize_config()
-            line = ["tbopt", "quantize", source, "--backend", backend or q.backend, "--min-psnr", f"{q.min_psnr_db:g}",
+            line = ["tbopt", "quantize", source, "--backend", backend or q.backend, "--min-fidelity", f"{q.min_psnr_db:g}",
                     "--calib-count", str(q.calib_count)]
             if cfg.calib:
                 line += ["--calib", str(cfg.calib)]
@@ -182,6 +183,8 @@ class Recipe:
             if self.bits_by_layer or self.fit_steps or self.gptq:
                 line += data  # one --calib folder: bits chosen, GPTQ calibrated and palettes fitted on them
             lines.append(line + ["--target", coreml_target(self.target), "-o", output])
+        if lines:  # the first command opens the checkpoint; the artifacts it writes remember --arch
+            lines[0][3:3] = model_args(cfg.arch, cfg.arch_kwargs, cfg.trust_pickle)
         return [shlex.join(line) for line in lines]
 
 
@@ -214,12 +217,8 @@ class OptimizeConfig:
     finetune_steps: tuple[int | None, ...] = (None, 2000)
     #: For the CPU: after the longest distillation of every rate that kept the quality, the same rate
     #: with the channel groups of the full-resolution convs pruned at these rates (0.66 keeps 8 of 24
-    #: channels). Their norms, padding and (de)quantization pass over every pixel; on the demo at rate
-    #: 0.3 after 2000 steps, 8 channels there instead of 16 took the int8 file from 3.24 to 2.87 ms
-    #: (2 threads, AMD EPYC) and kept the quality (38.88 dB against the uniform rate's 38.96; the
-    #: original 38.93). 8 channels at half resolution too gained little more (2.70 ms) for 0.16 dB
-    #: (38.72 dB; in int8 38.66, on the line); 8 everywhere was slower than that (int8 kernels run
-    #: the 64 x 64 layers better at 16).
+    #: channels): their norms, padding and (de)quantization pass over every pixel, so they pay most.
+    #: What 8 channels there, and elsewhere, measured: docs/tried-and-measured.md.
     full_res_rates: tuple[float, ...] = (0.66,)
     sparsities: tuple[float, ...] = (0.5, 0.75)
     palettes: tuple[str, ...] = PALETTES
@@ -227,13 +226,17 @@ class OptimizeConfig:
     #: --bits-by-layer auto, where the format has it), fitted palettes (--fit-palettes N; 0: not tried).
     bits_by_layer: bool = True
     fit_steps: int = 300
-    int8_min_psnr_db: float = 50.0  # int8 fidelity to its float model (see tbopt run --min-psnr)
+    int8_min_psnr_db: float = 50.0  # int8 fidelity to its float model (see tbopt run --min-fidelity)
     calib_count: int = 32
     backend: str = "auto"
     threads: int | None = None
     runs: int = 30
     warmup: int = 5
     seed: int = 0
+    #: A user's own network (``--arch package.module:Class``, ``--arch-kwargs``, ``--trust-pickle``).
+    arch: str | None = None
+    arch_kwargs: str | None = None
+    trust_pickle: bool = False
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.max_drop_db) and self.max_drop_db >= 0):
@@ -310,7 +313,12 @@ class OptimizeConfig:
         return {"version": OPTIMIZE_VERSION, "data": str(self.data) if self.data else None, "limit": self.limit,
                 "calib": str(self.calib) if self.calib else None, "calib_count": self.calib_count,
                 "backend": self.backend, "int8_min_psnr_db": self.int8_min_psnr_db, "threads": self.threads,
-                "seed": self.seed, "runs": self.runs, "warmup": self.warmup}
+                "seed": self.seed, "runs": self.runs, "warmup": self.warmup, "arch": self.arch,
+                "arch_kwargs": self.arch_kwargs}
+
+    def model_options(self) -> dict[str, Any]:
+        """``load_model``'s keywords for the checkpoint."""
+        return {"arch": self.arch, "arch_kwargs": self.arch_kwargs, "trust_pickle": self.trust_pickle}
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from ..export.config import ExportConfig, storage_bits
 from ..export.prepare import coreml_ready_module
 from ..measure.evaluate import Evaluation, Scores, evaluate
 from ..prune.layers import full_resolution_convs
-from ..runtime.runners import TorchRunner, runner_for
+from ..runtime.runners import TorchRunner, open_runner, runner_for
 from .export import export_loaded
 from .optimize_cache import SearchCache
 from .optimize_config import TARGET_FILES, Budget, OptimizeConfig, Recipe
@@ -72,12 +72,15 @@ class _ImageOutTwin(TorchRunner):
         return y8 * ((hi - lo) / 255.0) + lo - x
 
 
-def file_twin(model: LoadedModel, path: Path, fmt: str) -> TorchRunner:
+def file_twin(model: LoadedModel, path: Path, fmt: str) -> TorchRunner | None:
     """The Core ML file at ``path`` (exported from ``model`` with image I/O) as a PyTorch runner carrying
-    its stored weights."""
+    its stored weights; None when the converter folded ops into those weights (a scale after a conv):
+    no PyTorch model with them computes what the file does, and the file itself must be run."""
     size = model.preprocessing.size
     twin = coreml_ready_module(model.module, size, fmt)
-    carry_file_weights(twin, stored_weights(path), torch.zeros(1, 3, size, size))
+    match = carry_file_weights(twin, stored_weights(path), torch.zeros(1, 3, size, size))
+    if match.rewritten:
+        return None
     return _ImageOutTwin(twin.eval(), model.preprocessing, engine=TWIN)
 
 
@@ -111,14 +114,13 @@ class Maker:
         """The float model ``key`` and its entry, when made in this search or found in the cache."""
         if key in self._models:
             return self._models[key]
-        record = self.cache.load(key)
-        if record is None:
+        entry = self.cache.load(key, ModelEntry.from_record)
+        if entry is None:
             return None
-        e = record["entry"]
-        psnr, fid = e["target_psnr_db"], e["fidelity_psnr_db"]
-        entry = ModelEntry(**{**e, "quality_db": self.budget.quality(psnr, fid), "kept": self.budget.keeps(psnr, fid),
-                              "cached": True})
-        return self._remember(key, load_model(self.cache.absolute(record["file"])), entry)
+        psnr, fid = entry.target_psnr_db, entry.fidelity_psnr_db
+        entry = dataclasses.replace(entry, quality_db=self.budget.quality(psnr, fid), kept=self.budget.keeps(psnr, fid),
+                                    cached=True)
+        return self._remember(key, load_model(self.cache.model_path(key)), entry)
 
     def _remember(self, key: str, model: LoadedModel, entry: ModelEntry) -> tuple[LoadedModel, ModelEntry]:
         self._models[key] = (model, entry)
@@ -177,8 +179,8 @@ class Maker:
 
     # -- candidates -----------------------------------------------------------------------------------------
     def cached_candidate(self, recipe: Recipe) -> Candidate | None:
-        record = self.cache.load(recipe.key)
-        return None if record is None else self._found(Candidate.from_record(record, self.budget))
+        cand = self.cache.load(recipe.key, lambda record: Candidate.from_record(record, self.budget))
+        return None if cand is None else self._found(cand)
 
     def _found(self, cand: Candidate) -> Candidate:
         self.candidates.append(cand)
@@ -223,7 +225,12 @@ class Maker:
         t0 = time.perf_counter()
         result = export_loaded(model, path, config, force=True, progress=self.progress, fits=self.fits)
         self._observe_export(recipe, config.format, time.perf_counter() - t0, result)
-        ev = self.score(file_twin(model, path, config.format), f"scoring {recipe.key}")
+        twin = file_twin(model, path, config.format)
+        if twin is None:
+            runner = open_runner(path)
+            ev = self.score(runner, f"scoring {recipe.key} as a file")
+            return self._measured(recipe, path, ev, notes=list(result.notes), scored_with=runner.engine)
+        ev = self.score(twin, f"scoring {recipe.key}")
         return self._measured(recipe, path, ev, notes=list(result.notes), scored_with=TWIN)
 
     def _observe_export(self, recipe: Recipe, fmt: str, seconds: float, result: Any) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import __version__
+from ..core.load import cores, load_average, load_text, overload_note
 from .optimize_config import Budget, OptimizeConfig, Recipe
 
 
@@ -46,9 +47,14 @@ class Candidate:
 
     @classmethod
     def from_record(cls, record: dict[str, Any], budget: Budget) -> "Candidate":
-        """A cached evaluation, judged by ``budget`` (the budget is not part of the evaluation)."""
-        d = {k: v for k, v in record.items() if k in cls.__dataclass_fields__}
+        """A cached evaluation, judged by ``budget`` (the budget is not part of the evaluation); a
+        record lacking a field, or holding one of another type, raises ``ValueError``."""
+        d = checked_fields(cls, record, skip=("recipe", "quality_db", "kept", "cached", "pareto"))
+        if not isinstance(record.get("recipe"), dict):
+            raise ValueError("'recipe' is missing or not an object")
         d["recipe"] = Recipe.from_dict(record["recipe"])
+        if d["recipe"].key != record.get("key"):
+            raise ValueError(f"its recipe is {d['recipe'].key}, not {record.get('key')}")
         psnr, fid = d["target_psnr_db"], d["fidelity_psnr_db"]
         return cls(**{**d, "quality_db": budget.quality(psnr, fid), "kept": budget.keeps(psnr, fid),
                       "cached": True, "pareto": False})
@@ -69,6 +75,48 @@ class ModelEntry:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "ModelEntry":
+        """A cached float model's entry; ``ValueError`` when a field is missing or of another type."""
+        if not isinstance(record.get("entry"), dict):
+            raise ValueError("'entry' is missing or not an object")
+        d = checked_fields(cls, record["entry"], skip=("quality_db", "kept", "cached"))
+        if d["file"] != record.get("file") or d["key"] != record.get("key"):
+            raise ValueError("its entry names another file or model than its record")
+        return cls(**{**d, "quality_db": None, "kept": False})
+
+
+#: The JSON types a record's field may take, by the field's declared type.
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "list[str]": (list,),
+}
+
+
+def checked_fields(cls: Any, record: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields of the dataclass ``cls`` read from ``record``, each of its declared type (``ValueError``
+    naming the first that is missing or is not); fields in ``skip`` are left out. ``A | None`` may be null;
+    fields with a default may be absent."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        if f.name not in record:
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                continue
+            raise ValueError(f"field {f.name!r} is missing")
+        value, declared = record[f.name], str(f.type)
+        optional = declared.endswith(" | None")
+        kinds = _JSON_TYPES[declared.removesuffix(" | None")]
+        if value is None and optional:
+            out[f.name] = value
+            continue
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise ValueError(f"field {f.name!r} is {value!r}, not a {declared}")
+        if declared == "list[str]" and not all(isinstance(v, str) for v in value):
+            raise ValueError(f"field {f.name!r} is not a list of strings")
+        out[f.name] = value
+    return out
 
 
 @dataclass
@@ -92,11 +140,18 @@ class OptimizeResult:
     notes: list[str] = field(default_factory=list)
     stopped: str = ""  # why the search ended
     costs: dict[str, Any] = field(default_factory=dict)  # the cost model measured on this run
+    #: the load average when the search ended (its int8 files are timed at the end)
+    load_average: float | None = field(default_factory=load_average)
+
+    def __post_init__(self) -> None:
+        if note := overload_note(self.load_average):
+            self.notes.append(note)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "tbopt_version": __version__, "command": self.command, "checkpoint": self.checkpoint, "out": self.out,
             "config": self.config.to_dict(), "data": self.data, "threads": self.threads,
+            "load_average": self.load_average, "cpus": cores(),
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
             "quality_axis": "PSNR vs targets" if self.budget.uses_targets else "fidelity to the original",
             "budget": {"description": self.budget.describe(), "line_db": round(self.budget.line_db, 3),
@@ -112,6 +167,7 @@ class OptimizeResult:
 def caption(r: OptimizeResult) -> str:
     return (f"Scored on {r.data}. Quality: {r.budget.describe()}. Sizes on disk and zipped (DEFLATE 9). Latency: "
             f"int8 TorchScript files only, batch 1, {r.threads} thread(s), median of {r.config.runs} runs after "
-            f"{r.config.warmup} warm-up, timed side by side with the original (eager fp32) on {platform.machine()}. "
+            f"{r.config.warmup} warm-up, timed side by side with the original (eager fp32) on {platform.machine()} "
+            f"({load_text(r.load_average)} when the search ended). "
             f"Core ML files are scored with tbopt's reference executor off macOS; their device latency needs "
             f"Apple hardware.")

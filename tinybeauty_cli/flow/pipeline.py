@@ -18,7 +18,6 @@ what the earlier stages wrote in place.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import time
@@ -35,9 +34,10 @@ from ..core.artifact import ARTIFACT_VERSION, artifact_found
 from ..core.checkpoint import LoadedModel, load_model
 from ..core.contexts import torch_threads
 from ..core.errors import InputError, OutputError, OutputExistsError, TbOptError, UsageError
-from ..core.files import atomic_output, check_folder, make_folders, remove_empty_folders
+from ..core.files import atomic_output, check_folder, folder_lock, normalized
 from ..core.images import load_images
 from ..core.progress import Progress, SilentProgress
+from ..core.load import highest, load_text, overload_note
 from ..measure.bench import BenchResult, BenchRow, Entry, measure_entries
 from ..measure.evaluate import Evaluation, Scores
 from ..measure.report import StageFigures, results_figure, results_markdown
@@ -157,13 +157,18 @@ def _row_figures(stage: str, row: BenchRow) -> StageFigures:
                         latency_p90_ms=None if lat is None else lat.p90_ms)
 
 
+def run_load(result: RunResult) -> float | None:
+    """The highest load average while the run timed its artifacts."""
+    return highest(r.latency for r in result.bench.rows)
+
+
 def caption(result: RunResult) -> str:
     b = result.bench
     cfg = b.config
     return (f"Measured by `{result.command}` on {b.data_source}. PSNR against the targets; fidelity = PSNR "
             f"against the original model's output. Inference time: batch 1, {cfg.effective_threads} CPU "
             f"thread(s), median of {cfg.runs} runs after {cfg.warmup} warm-up, on this machine "
-            f"({platform.machine()}); the engine of each time is stated. Core ML times from tbopt's reference "
+            f"({platform.machine()}, {load_text(run_load(result))}); the engine of each time is stated. Core ML times from tbopt's reference "
             f"executor are not device latency: that needs Apple hardware.")
 
 
@@ -173,102 +178,122 @@ def run_pipeline(checkpoint: Path | str, out: Path | str, config: RunConfig | No
     """Run every stage into ``out`` and return the measured table (see the module docstring)."""
     cfg = config or RunConfig()
     progress = progress or SilentProgress()
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint, out = Path(checkpoint), normalized(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--output {out} is a file, not a folder")
+    check_folder(out, what="run's outputs")
+    with folder_lock(out, f"tbopt run --output {out}"):  # the folder made for it goes if nothing is written
+        return _locked_run(checkpoint, out, cfg, force, progress, on_stage)
+
+
+def _locked_run(checkpoint: Path, out: Path, cfg: RunConfig, force: bool, progress: Progress,
+                on_stage: Callable[[int, int, str], None] | None) -> RunResult:
     paths = check_outputs(out, checkpoint, force)
     if cfg.data is not None and not Path(cfg.data).is_dir():
         raise InputError(f"--data {cfg.data} is not a folder")
     if cfg.calib is not None and not Path(cfg.calib).is_dir():
         raise InputError(f"--calib {cfg.calib} is not a folder")
-    loaded = load_model(checkpoint)  # a bad checkpoint is refused before the folder is made
+    loaded = load_model(checkpoint, **cfg.model_options())  # a bad checkpoint is refused before the folder is made
     if loaded.kind != "float":
         raise UsageError(f"{checkpoint} is a {loaded.kind} model; tbopt run starts from a float checkpoint")
-    command = cfg.command_line(_shown(checkpoint), _shown(out))
+    return _Run(loaded, checkpoint, out, cfg, paths, force, progress, on_stage,
+                cfg.command_line(_shown(checkpoint), _shown(out))).all_stages()
 
-    names = ["prune", "quantize", "export", "measure", "report"]
-    seconds: dict[str, float] = {}
-    kept: list[str] = []
 
-    def stage(number: int, fn: Callable[[], T]) -> T:
-        name = names[number - 1]
-        if on_stage is not None:
-            on_stage(number, len(names), name)
+STAGE_NAMES = ["prune", "quantize", "export", "measure", "report"]
+
+
+@dataclass
+class _Run:
+    """One ``tbopt run``: its inputs, the time each stage took and the files written so far (named
+    in the error when a later stage fails)."""
+
+    loaded: LoadedModel
+    checkpoint: Path
+    out: Path
+    cfg: RunConfig
+    paths: dict[str, Path]
+    force: bool
+    progress: Progress
+    on_stage: Callable[[int, int, str], None] | None
+    command: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    kept: list[str] = field(default_factory=list)
+    t_start: float = field(default_factory=time.perf_counter)
+
+    def stage(self, number: int, fn: Callable[[], T]) -> T:
+        """``fn()`` as stage ``number``: announced, timed, and a failure reported with its stage."""
+        name = STAGE_NAMES[number - 1]
+        if self.on_stage is not None:
+            self.on_stage(number, len(STAGE_NAMES), name)
         t0 = time.perf_counter()
         try:
             result = fn()
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure is reported with its stage
-            raise StageError(name, number, len(names), exc, list(kept), out) from exc
-        seconds[name] = time.perf_counter() - t0
+            raise StageError(name, number, len(STAGE_NAMES), exc, list(self.kept), self.out) from exc
+        self.seconds[name] = time.perf_counter() - t0
         return result
 
-    def write(role: str, result: T) -> T:
-        kept.append(OUTPUT_FILES[role])
+    def note_kept(self, role: str, result: T) -> T:
+        """Record that the output ``role`` was written (``result`` passes through)."""
+        self.kept.append(OUTPUT_FILES[role])
         return result
 
-    t_start = time.perf_counter()
-    made = make_folders(out)
-    try:
-        return _run(loaded, checkpoint, out, cfg, paths, force, progress, stage, write, seconds, command, t_start)
-    except BaseException:
-        remove_empty_folders(made)  # a folder made for a run that wrote nothing is not left behind
-        raise
+    def all_stages(self) -> RunResult:
+        cfg, paths, progress = self.cfg, self.paths, self.progress
+        with torch_threads(cfg.threads):
+            # The evaluation images, loaded once; every model is run on them once (see Scores).
+            scores = Scores(load_images(cfg.data, self.loaded.preprocessing.size, cfg.limit, progress), progress)
+            pruned_report, pruned = self.stage(1, lambda: self.prune(scores))
+            quantized = self.stage(2, lambda: self.note_kept("quantized", quantize_loaded(
+                pruned, paths["quantized"], cfg.quantize_config(), force=self.force, progress=progress,
+                command=self.command, scores=scores)))
+            exports = self.stage(3, lambda: {role: self.note_kept(role, export_loaded(
+                pruned, paths[role], cfg.export_config(role), force=self.force, progress=progress))
+                for role in ("mlmodel", "mlpackage")})
+            measured = self.stage(4, lambda: self.measure(pruned, quantized, exports, scores))
+            stages = [_row_figures(label, row) for (label, _), row in zip(STAGES, measured.rows)]
+            files = {role: str(p) for role, p in paths.items()}
+            result = RunResult(str(self.checkpoint), str(self.out), cfg, stages, measured, pruned_report, quantized,
+                               exports, self.seconds, files, notes=list(measured.notes), command=self.command)
+            if note := overload_note(run_load(result)):
+                result.notes.append(note)
+            self.stage(5, lambda: _write_reports(result, paths, self.force))
+            self.seconds["total"] = time.perf_counter() - self.t_start
+            _write_json(result, paths["json"])  # last, so that it holds every stage's time
+            return result
 
-
-def _run(loaded: LoadedModel, checkpoint: Path, out: Path, cfg: RunConfig, paths: dict[str, Path], force: bool,
-         progress: Progress, stage: Callable, write: Callable, seconds: dict[str, float], command: str,
-         t_start: float) -> RunResult:
-    prep = loaded.preprocessing
-    with torch_threads(cfg.threads):
-        # The evaluation images, loaded once; every model is run on them once (see Scores).
-        scores = Scores(load_images(cfg.data, prep.size, cfg.limit, progress), progress)
+    def prune(self, scores: Scores) -> tuple[PruneReport, LoadedModel]:
+        """Prune in memory, write the artifact, and the pruned model as if opened from its bytes."""
+        prep = self.loaded.preprocessing
 
         def score_module(module: nn.Module, reference: np.ndarray | None, description: str) -> Evaluation:
             return scores.score(module, TorchRunner(module.eval(), prep), description, reference)
 
-        def prune_stage() -> tuple[PruneReport, LoadedModel, bytes]:
-            artifact, module, report = prune_loaded(loaded, cfg.prune_config(), data=cfg.calib,
-                                                    eval_images=scores.images, progress=progress,
-                                                    scorer=score_module)
-            written = write("pruned", write_pruned(artifact, loaded, report, paths["pruned"], force=force))
-            pruned = LoadedModel(paths["pruned"], "float", artifact_found(ARTIFACT_VERSION, artifact),
-                                 hashlib.sha256(written).hexdigest(), artifact=artifact, module=module,
-                                 content=written)
-            return report, pruned, written
+        artifact, module, report = prune_loaded(self.loaded, self.cfg.prune_config(), data=self.cfg.calib,
+                                                eval_images=scores.images, progress=self.progress,
+                                                scorer=score_module)
+        file = self.note_kept("pruned", write_pruned(artifact, self.loaded, report, self.paths["pruned"],
+                                                     force=self.force))
+        pruned = LoadedModel(file.path, "float", artifact_found(ARTIFACT_VERSION, artifact), file.sha256,
+                             artifact=artifact, module=module, content=file.content)
+        return report, pruned
 
-        pruned_report, pruned, pruned_bytes = stage(1, prune_stage)
-
-        quantized = stage(2, lambda: write("quantized", quantize_loaded(
-            pruned, paths["quantized"], cfg.quantize_config(), force=force, progress=progress, command=command,
-            source_bytes=pruned_bytes, scores=scores)))
-
-        def export_both() -> dict[str, ExportResult]:
-            return {role: write(role, export_loaded(pruned, paths[role], cfg.export_config(role), force=force,
-                                                    progress=progress))
-                    for role in ("mlmodel", "mlpackage")}
-
-        exports = stage(3, export_both)
-
-        def measure() -> BenchResult:
-            int8 = quantized.written
-            # keyed by module: the scores prune and quantize took of these models are reused, not re-run
-            entries = [Entry(checkpoint, runner_for(loaded), key=loaded.module),
-                       Entry(paths["pruned"], runner_for(pruned), key=pruned.module),
-                       Entry(paths["quantized"], runner_for(int8), key=int8.module)]
-            entries += [Entry(paths[role], open_runner(paths[role])) for role in ("mlmodel", "mlpackage")]
-            return measure_entries(entries, cfg.bench_config(), ref_path=checkpoint, scores=scores,
-                                   progress=progress, keep_examples=EXAMPLES)
-
-        measured = stage(4, measure)
-
-        stages = [_row_figures(label, row) for (label, _), row in zip(STAGES, measured.rows)]
-        files = {role: str(p) for role, p in paths.items()}
-        result = RunResult(str(checkpoint), str(out), cfg, stages, measured, pruned_report, quantized, exports,
-                           seconds, files, notes=list(measured.notes), command=command)
-        stage(5, lambda: _write_reports(result, paths, force))
-        seconds["total"] = time.perf_counter() - t_start
-        _write_json(result, paths["json"])  # last, so that it holds every stage's time
-        return result
+    def measure(self, pruned: LoadedModel, quantized: QuantizeResult, exports: dict[str, ExportResult],
+                scores: Scores) -> BenchResult:
+        """Every model on the run's images: the PyTorch ones as they are in memory (keyed by module:
+        the scores prune and quantize took are reused, not re-run), the Core ML files opened once;
+        sizes from the files as written."""
+        int8, paths = quantized.written, self.paths
+        entries = [Entry(self.checkpoint, runner_for(self.loaded), key=self.loaded.module),
+                   Entry(paths["pruned"], runner_for(pruned), key=pruned.module),
+                   Entry(paths["quantized"], runner_for(int8), key=int8.module, written=quantized.file)]
+        entries += [Entry(paths[role], open_runner(paths[role]), written=exports[role].file)
+                    for role in ("mlmodel", "mlpackage")]
+        return measure_entries(entries, self.cfg.bench_config(), ref_path=self.checkpoint, scores=scores,
+                               progress=self.progress, keep_examples=EXAMPLES)
 
 
 def _write_json(result: RunResult, path: Path) -> None:
@@ -288,6 +313,6 @@ def _write_reports(result: RunResult, paths: dict[str, Path], force: bool) -> No
             row.append(ex["targets"][i])
         examples.append((name, row))
     title = (f"TinyBeauty stage 5: {result.config.method} pruning {result.config.rate:g}, int8, Core ML "
-             f"({result.bench.data_source})")
+             f"({result.bench.data_source})\ninference times at {load_text(run_load(result))}")
     with atomic_output(paths["figure"], force=force) as tmp:
         results_figure(result.stages, examples, columns, tmp, title)

@@ -9,7 +9,6 @@ check that it rebuilds from its own record, and the sizes on disk.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -18,14 +17,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.artifact import ArchSpec, Artifact, HistoryStep, Preprocessing, save_artifact
+from ..core.artifact import ArchSpec, Artifact, HistoryStep, Preprocessing, artifact_bytes, write_artifact
 from ..core.checkpoint import LoadedModel, load_model
 from ..core.contexts import torch_threads
 from ..core.errors import ImageError, InputError, UnsupportedError, UsageError
-from ..core.files import check_output, size_on_disk, zipped_size, zipped_size_of_bytes
+from ..core.files import check_output, zipped_size_of_bytes
 from ..core.images import ImageSet, builtin_test_set, load_folder, read_unlabeled, synthetic_unlabeled, uint8_to_model
 from ..core.model import config_from_state_dict
 from ..core.progress import Progress, SilentProgress
+from ..core.written import WrittenFile
 from ..measure.evaluate import Evaluation, evaluate
 from ..prune.config import PruneConfig, PruneMethod
 from ..prune.layers import excluded_layers, require_conv_layers
@@ -90,14 +90,6 @@ def _arch_for(artifact: Artifact, model: nn.Module) -> ArchSpec:
     return artifact.arch
 
 
-def _sizes_in_artifact_format(artifact: Artifact) -> tuple[int, int]:
-    """(bytes, zipped bytes) of ``artifact`` saved as a tbopt artifact, in a temporary folder."""
-    with tempfile.TemporaryDirectory(prefix="tbopt-size-") as tmp:
-        path = Path(tmp) / "model.pt"
-        save_artifact(artifact, path)
-        return size_on_disk(path), zipped_size(path)
-
-
 def _r(v: float | None) -> float | None:
     return None if v is None else round(float(v), 3)
 
@@ -127,18 +119,12 @@ def prune_loaded(loaded: LoadedModel, cfg: PruneConfig, *, data: Path | None = N
                  eval_images: ImageSet | None = None, progress: Progress | None = None,
                  scorer: Scorer | None = None, continue_from: LoadedModel | None = None,
                  score_before_finetune: bool = True) -> tuple[Artifact, nn.Module, PruneReport]:
-    """Prune a loaded float model, fine-tune it, score it; nothing is written.
-
-    ``continue_from``: the same pruning of ``loaded`` distilled for fewer steps
-    (:func:`continued_steps`): its weights are the start and only the remaining steps are taken.
-    ``score_before_finetune=False``: the pruned model is not scored before its distillation (a search
-    that judges only the distilled model saves a scoring).
-
-    ``data``: a folder of unlabeled images for channel ranking and distillation (default:
-    synthetic portraits). ``scorer`` scores every model this step scores (default:
-    :func:`torch_scorer` on ``eval_images``, the built-in test set when not given).
-    Returns the new artifact (history extended by this step), the pruned module and
-    the report (sizes not filled in: they need the file).
+    """Prune a loaded float model, fine-tune it, score it; nothing is written. ``data``: unlabeled images
+    for ranking and distillation (default: synthetic portraits); ``scorer`` scores every model (default:
+    :func:`torch_scorer` on ``eval_images``, the built-in test set when not given); ``continue_from``: the
+    same pruning distilled for fewer steps, continued (:func:`continued_steps`); without
+    ``score_before_finetune`` the pruned model is scored only after its distillation.
+    Returns the new artifact (history extended), the pruned module and the report (sizes not filled in).
     """
     progress = progress or SilentProgress()
     t_start = time.perf_counter()
@@ -232,7 +218,7 @@ def _prune_file(path: Path, cfg: PruneConfig, output: Path | str | None, force: 
                 eval_data: Path | None, eval_limit: int | None, model_options: dict[str, Any],
                 progress: Progress | None, continue_from: Path | None = None) -> PruneReport:
     out_path = Path(output) if output is not None else default_output_name(path, cfg)
-    check_output(out_path, force, inputs=(path,) + ((continue_from,) if continue_from else ()))
+    out_path = check_output(out_path, force, inputs=(path,) + ((continue_from,) if continue_from else ()))
     if eval_limit is not None and eval_limit < 1:
         raise UsageError(f"--limit must be >= 1, got {eval_limit}")
     loaded = load_model(path, **model_options)
@@ -247,15 +233,15 @@ def _prune_file(path: Path, cfg: PruneConfig, output: Path | str | None, force: 
 
 
 def write_pruned(artifact: Artifact, source: LoadedModel, report: PruneReport, out_path: Path, *,
-                 force: bool = False) -> bytes:
-    """Write the pruned ``artifact`` atomically, fill the report's sizes and return the file's bytes
-    (read back once, so that later stages need not open the file)."""
+                 force: bool = False) -> WrittenFile:
+    """Write the pruned ``artifact`` atomically, fill the report's sizes and return the file as
+    written (later stages take its bytes and never open it). The input's sizes are those of its
+    artifact in the same format, made in memory: a checkpoint of another layout would not compare."""
     t0 = time.perf_counter()
-    save_artifact(artifact, out_path, force=force)
-    written = out_path.read_bytes()
-    base_bytes, base_zipped = _sizes_in_artifact_format(source.artifact)
-    report.before.size_bytes, report.before.zipped_bytes = base_bytes, base_zipped
-    report.after.size_bytes, report.after.zipped_bytes = len(written), zipped_size_of_bytes(written, out_path.name)
+    written = write_artifact(artifact, out_path, force=force)
+    base = artifact_bytes(source.artifact)
+    report.before.size_bytes, report.before.zipped_bytes = len(base), zipped_size_of_bytes(base, out_path.name)
+    report.after.size_bytes, report.after.zipped_bytes = written.size_bytes, written.zipped_bytes
     report.output = str(out_path)
     report.seconds["write"] = round(time.perf_counter() - t0, 2)
     report.seconds["total"] = round(report.seconds["total"] + report.seconds["write"], 2)

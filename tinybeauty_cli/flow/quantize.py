@@ -19,20 +19,21 @@ from typing import Any, Mapping
 import torch
 
 from .. import __version__
-from ..core.artifact import HistoryStep
+from ..core.artifact import HistoryStep, artifact_bytes
 from ..core.checkpoint import LoadedModel, load_model
 from ..core.contexts import quantized_engine
 from ..core.counts import count_macs, count_parameters
 from ..core.errors import ImageError, InputError, UnsupportedError
-from ..core.files import atomic_output, check_output, sha256_file, size_on_disk, zipped_size, zipped_size_of_bytes
+from ..core.files import check_output, normalized, zipped_size_of_bytes
 from ..core.images import ImageSet, builtin_test_set, load_images, read_unlabeled, synthetic_unlabeled, uint8_to_model
 from ..core.progress import Progress, SilentProgress
-from ..measure.evaluate import Scores
+from ..core.written import WrittenFile, write_file
+from ..measure.evaluate import Evaluation, Scores
 from ..quantize.config import CALIB_BATCH, TORCHSCRIPT_FORMAT, TORCHSCRIPT_FORMAT_VERSION, QuantizeConfig
 from ..quantize.engines import OBSERVERS
 from ..quantize.graph_rewrites import RewriteReport
-from ..quantize.lowering import quiet, write_torchscript
-from ..quantize.results import BackendTrial, LayerDecision, LayerSplit, rounded
+from ..quantize.lowering import quiet, torchscript_archive, torchscript_bytes
+from ..quantize.results import BackendTrial, LayerDecision, LayerSplit, QuantizeOutcome, rounded
 from ..quantize.transform import quantize_module
 from ..runtime.runners import TorchRunner
 from ..runtime.timing import measure_latencies
@@ -61,6 +62,8 @@ class QuantizeResult(LayerSplit):
     ranking: dict[str, Any] = field(default_factory=dict)  # how engines were compared: threads, runs, float ms
     #: The written file as opened (the reloaded module, its metadata and hash); not part of ``to_dict``.
     written: LoadedModel | None = field(default=None, repr=False)
+    #: The int8 file as written (bytes, hash, sizes); not part of ``to_dict``.
+    file: WrittenFile | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -128,45 +131,43 @@ def quantize_file(source: Path | str, output: Path | str, config: QuantizeConfig
     t_start = time.perf_counter()
     source, output = Path(source), Path(output)
     cfg = config or QuantizeConfig()
-    check_output(output, force, inputs=(source,))
+    output = check_output(output, force, inputs=(source,))
     loaded = load_model(source, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
     eval_images = None
     if data is not None:
         eval_images = load_images(Path(data), loaded.preprocessing.size, cfg.eval_limit, progress)
     return _quantize(loaded, output, cfg, force=force, progress=progress, command=command,
-                     eval_images=eval_images, source_bytes=None, scores=None, t_start=t_start)
+                     eval_images=eval_images, scores=None, t_start=t_start)
 
 
 def quantize_loaded(loaded: LoadedModel, output: Path | str, config: QuantizeConfig | None = None, *,
                     force: bool = False, progress: Progress | None = None, command: str = "",
-                    eval_images: ImageSet | None = None, source_bytes: bytes | None = None,
-                    scores: Scores | None = None) -> QuantizeResult:
+                    eval_images: ImageSet | None = None, scores: Scores | None = None,
+                    source_bytes: bytes | None = None) -> QuantizeResult:
     """Quantize a float model already in memory to an int8 TorchScript file at ``output``
     (which the caller has checked: an existing file is replaced only with ``force``).
 
     ``loaded.path`` is only named (in the result and the file's metadata), never read:
-    ``loaded.sha256`` is used as given, and the float model's sizes come from ``source_bytes``
-    (its file's content) when given, else from ``loaded.path``. ``eval_images`` are scored for
-    the report (default: the built-in test set, at most ``config.eval_limit`` images); with
-    ``scores``, its images are scored instead and models it already ran are not run again.
-    The result's ``written`` is the int8 file as :func:`load_model` would open it, so a flow can
-    measure it without reading it back.
+    ``loaded.sha256`` is used as given, and the float model's sizes are those of ``source_bytes``
+    or ``loaded.content`` (its file as read or written; else its artifact made in memory).
+    ``eval_images`` are scored for the report (default: the built-in test set, at most
+    ``config.eval_limit`` images); with ``scores``, its images are scored instead and models it
+    already ran are not run again.
+    The result's ``written`` is the int8 file as :func:`load_model` would open it and ``file`` the
+    file as written, so a flow can measure and describe it without reading it back.
     """
-    return _quantize(loaded, Path(output), config or QuantizeConfig(), force=force, progress=progress,
-                     command=command, eval_images=eval_images, source_bytes=source_bytes, scores=scores,
-                     t_start=time.perf_counter())
+    return _quantize(loaded, normalized(output), config or QuantizeConfig(), force=force, progress=progress,
+                     command=command, eval_images=eval_images, scores=scores, t_start=time.perf_counter(),
+                     source_bytes=source_bytes)
 
 
 def _quantize(loaded: LoadedModel, output: Path, cfg: QuantizeConfig, *, force: bool, progress: Progress | None,
-              command: str, eval_images: ImageSet | None, source_bytes: bytes | None,
-              scores: Scores | None, t_start: float) -> QuantizeResult:
+              command: str, eval_images: ImageSet | None, scores: Scores | None, t_start: float,
+              source_bytes: bytes | None = None) -> QuantizeResult:
     progress = progress or SilentProgress()
-    source = Path(loaded.path)
     timings: dict[str, float] = {}
-
     refuse_unquantizable(loaded)
-    model = loaded.module.eval()
-    prep = loaded.preprocessing
+    model, prep = loaded.module.eval(), loaded.preprocessing
 
     t0 = time.perf_counter()
     calib_set, skipped = calibration_images(cfg.calib, cfg.calib_count, prep.size, progress)
@@ -175,117 +176,133 @@ def _quantize(loaded: LoadedModel, output: Path, cfg: QuantizeConfig, *, force: 
 
     script, outcome = quantize_module(model, cfg, calib, output=prep.output, progress=progress)
     timings.update(outcome.timings)
-    notes = list(outcome.notes)
-    threads = cfg.effective_threads
+    calibration = {"source": calib_set.source, "images": len(calib_set), "skipped": skipped,
+                   "batch": CALIB_BATCH, "sensitivity_images": outcome.sensitivity_images, "observers": OBSERVERS}
 
-    # ---- write, reload, measure ---------------------------------------------------------------
+    # The archive is made, reloaded, measured and written from memory: the file is never read back.
     t0 = time.perf_counter()
-    params, nonzero = count_parameters(model)
     with quantized_engine(outcome.backend):
-        with atomic_output(output, force=force) as tmp:
-            plain = tmp.parent / "plain.pt"
-            # through memory: torch.jit.save's own file writer aborts the process on a full disk
-            buffer = io.BytesIO()
-            torch.jit.save(script, buffer)
-            plain.write_bytes(buffer.getvalue())
-            stripped = tmp.parent / "stripped.pt"
-            write_torchscript(plain, stripped, {})
-            with quiet():
-                reloaded = torch.jit.load(str(stripped), map_location="cpu").eval()
-            if scores is None:
-                test = eval_images if eval_images is not None else builtin_test_set(prep.size, cfg.eval_limit, progress)
-                scores = Scores(test, progress)
-            test = scores.images
-            float_runner = TorchRunner(model, prep, loaded=loaded)
-            int8_runner = TorchRunner(reloaded, prep, kind="int8", engine=outcome.engine,
-                                      quantized_engine=outcome.backend)
-            before = scores.score(model, float_runner, "scoring float model")
-            after = scores.score(reloaded, int8_runner, "scoring int8 model", reference=before.outputs)
-            x1 = uint8_to_model(test.inputs[:1])
-            with progress.task("timing float vs int8", total=None):
-                lat = measure_latencies({"float": lambda: float_runner.predict(x1),
-                                         "int8": lambda: int8_runner.predict(x1)},
-                                        runs=cfg.runs, warmup=cfg.warmup, threads=threads)
-            timings["evaluation_s"] = time.perf_counter() - t0
-            decisions = outcome.layers
-            quality = {
-                "images": test.source,
-                "float_target_psnr_db": rounded(before.target_psnr_db),
-                "int8_target_psnr_db": rounded(after.target_psnr_db),
-                "target_psnr_drop_db": (rounded(before.target_psnr_db - after.target_psnr_db)
-                                        if before.target_psnr_db is not None and after.target_psnr_db is not None
-                                        else None),  # images without targets (photos): fidelity only
-                "fidelity_psnr_db": rounded(after.fidelity_psnr_db),
-                "worst_fidelity_db": rounded(after.worst_fidelity_db),
-                "calibration_fidelity_db": rounded(outcome.calibration_fidelity_db),
-            }
-            latency = {
-                "float": lat["float"].to_dict(), "int8": lat["int8"].to_dict(),
-                "float_engine": float_runner.engine, "int8_engine": int8_runner.engine,
-                "ratio": rounded(lat["int8"].p50_ms / lat["float"].p50_ms),
-                "threads": lat["int8"].threads, "batch": 1, "size": prep.size,
-            }
-            calibration = {"source": calib_set.source, "images": len(calib_set), "skipped": skipped,
-                           "batch": CALIB_BATCH, "sensitivity_images": outcome.sensitivity_images,
-                           "observers": OBSERVERS}
-            figures = {
-                "backend": outcome.backend, "quantized_layers": len(outcome.quantized_layers),
-                "float_layers": [d.name for d in decisions if not d.quantized],
-                "fidelity_psnr_db": quality["fidelity_psnr_db"],
-                "float_target_psnr_db": quality["float_target_psnr_db"],
-                "int8_target_psnr_db": quality["int8_target_psnr_db"],
-                "float_latency_ms": rounded(lat["float"].p50_ms), "int8_latency_ms": rounded(lat["int8"].p50_ms),
-                "threads": threads, "ranking_threads": outcome.ranking.get("threads"),
-            }
-            step = HistoryStep.now("quantize", command, cfg.to_dict(), figures)
-            meta = {
-                "format": TORCHSCRIPT_FORMAT, "format_version": TORCHSCRIPT_FORMAT_VERSION, "tbopt_version": __version__,
-                "kind_description": f"an int8 TorchScript model ({outcome.backend})",
-                "quantized": True, "engine": outcome.engine, "quantized_engine": outcome.backend,
-                "preprocessing": prep.to_dict(),
-                "history": [h.to_dict() for h in loaded.history] + [step.to_dict()],
-                "architecture": loaded.artifact.arch.describe() + ", int8",
-                "arch": loaded.artifact.arch.to_dict(),
-                "parameters": params, "nonzero_parameters": nonzero,
-                "macs": outcome.macs, "float_macs": count_macs(model, prep.size),
-                "stored_weights": outcome.stored_weights,
-                "configuration": cfg.to_dict(),
-                # the engine was chosen for this thread count: at another, another engine may be faster
-                "ranking": dict(outcome.ranking),
-                "calibration": calibration,
-                "layers": [d.to_dict() for d in decisions],
-                "rewrites": outcome.rewrites.to_dict(),
-                "source": {"path": str(source), "sha256": loaded.sha256, "found": loaded.found},
-                "requires": {"torch": torch.__version__.split("+")[0],
-                             "load": f"torch.backends.quantized.engine = '{outcome.backend}' before torch.jit.load",
-                             "input": f"float32 (N, 3, {prep.size}, {prep.size}) in [-1, 1]; " + (
-                                 "returns the residual r; the image is clamp(x + r, -1, 1)"
-                                 if prep.output == "residual" else "returns the made-up image")},
-                "measured_on": {"cpu": platform.processor() or platform.machine(),
-                                "vnni": bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)())},
-            }
-            write_torchscript(plain, tmp, meta)
-        written = LoadedModel(output, "torchscript", f"{meta['kind_description']} with tbopt metadata",
-                              sha256_file(output), module=reloaded, metadata=meta,
-                              quantized_engine=outcome.backend)
-    if source_bytes is not None:
-        float_bytes, float_zipped = len(source_bytes), zipped_size_of_bytes(source_bytes, source.name)
-    else:
-        float_bytes, float_zipped = size_on_disk(source), zipped_size(source)
-    size = {
-        "float_bytes": float_bytes, "float_zipped_bytes": float_zipped,
-        "int8_bytes": size_on_disk(output), "int8_zipped_bytes": zipped_size(output),
-    }
+        saved = torchscript_bytes(script)
+        with quiet():
+            reloaded = torch.jit.load(io.BytesIO(torchscript_archive(saved, {})), map_location="cpu").eval()
+        if scores is None:
+            test = eval_images if eval_images is not None else builtin_test_set(prep.size, cfg.eval_limit, progress)
+            scores = Scores(test, progress)
+        measured = _measure(loaded, reloaded, outcome, cfg, scores, progress)
+        timings["evaluation_s"] = time.perf_counter() - t0
+        meta = _metadata(loaded, cfg, outcome, command, calibration, measured)
+        file = write_file(output, torchscript_archive(saved, meta), force=force)
+    written = LoadedModel(output, "torchscript", f"{meta['kind_description']} with tbopt metadata", file.sha256,
+                          module=reloaded, metadata=meta, quantized_engine=outcome.backend, content=file.content)
+    float_bytes = source_bytes or loaded.content or artifact_bytes(loaded.artifact)  # made in memory: as an artifact
+    size = {"float_bytes": len(float_bytes),
+            "float_zipped_bytes": zipped_size_of_bytes(float_bytes, Path(loaded.path).name), "int8_bytes": file.size_bytes, "int8_zipped_bytes": file.zipped_bytes}
     size["ratio"] = rounded(size["int8_bytes"] / size["float_bytes"])
     size["zipped_ratio"] = rounded(size["int8_zipped_bytes"] / size["float_zipped_bytes"])
     timings["total_s"] = time.perf_counter() - t_start
-    if after.fidelity_psnr_db is not None and after.fidelity_psnr_db < cfg.min_psnr_db:
-        notes.append(f"fidelity on the test set ({after.fidelity_psnr_db:.2f} dB) is below --min-psnr "
+    return QuantizeResult(str(loaded.path), str(output), cfg, outcome.backend, outcome.backend_reason, outcome.engine,
+                          outcome.backends, outcome.rewrites, calibration, outcome.layers, outcome.keep_float_steps,
+                          size, measured.quality, measured.latency, timings,
+                          list(outcome.notes) + _notes(measured, outcome, cfg), outcome.ranking,
+                          written=written, file=file)
+
+
+@dataclass
+class _Measured:
+    """The float and the int8 model scored on the same images and timed on one of them."""
+
+    before: Evaluation
+    after: Evaluation
+    quality: dict[str, Any]
+    latency: dict[str, Any]
+    float_ms: float
+    int8_ms: float
+
+
+def _measure(loaded: LoadedModel, reloaded: torch.jit.ScriptModule, outcome: QuantizeOutcome, cfg: QuantizeConfig,
+             scores: Scores, progress: Progress) -> _Measured:
+    model, prep = loaded.module, loaded.preprocessing
+    float_runner = TorchRunner(model, prep, loaded=loaded)
+    int8_runner = TorchRunner(reloaded, prep, kind="int8", engine=outcome.engine, quantized_engine=outcome.backend)
+    before = scores.score(model, float_runner, "scoring float model")
+    after = scores.score(reloaded, int8_runner, "scoring int8 model", reference=before.outputs)
+    x1 = uint8_to_model(scores.images.inputs[:1])
+    with progress.task("timing float vs int8", total=None):
+        lat = measure_latencies({"float": lambda: float_runner.predict(x1), "int8": lambda: int8_runner.predict(x1)},
+                                runs=cfg.runs, warmup=cfg.warmup, threads=cfg.effective_threads)
+    quality = {
+        "images": scores.images.source,
+        "float_target_psnr_db": rounded(before.target_psnr_db),
+        "int8_target_psnr_db": rounded(after.target_psnr_db),
+        "target_psnr_drop_db": (rounded(before.target_psnr_db - after.target_psnr_db)
+                                if before.target_psnr_db is not None and after.target_psnr_db is not None
+                                else None),  # images without targets (photos): fidelity only
+        "fidelity_psnr_db": rounded(after.fidelity_psnr_db),
+        "worst_fidelity_db": rounded(after.worst_fidelity_db),
+        "calibration_fidelity_db": rounded(outcome.calibration_fidelity_db),
+    }
+    latency = {
+        "float": lat["float"].to_dict(), "int8": lat["int8"].to_dict(),
+        "float_engine": float_runner.engine, "int8_engine": int8_runner.engine,
+        "ratio": rounded(lat["int8"].p50_ms / lat["float"].p50_ms),
+        "threads": lat["int8"].threads, "batch": 1, "size": prep.size,
+        "load_average": lat["int8"].load_average, "cpus": lat["int8"].cpus,
+    }
+    return _Measured(before, after, quality, latency, lat["float"].p50_ms, lat["int8"].p50_ms)
+
+
+def _metadata(loaded: LoadedModel, cfg: QuantizeConfig, outcome: QuantizeOutcome, command: str,
+              calibration: dict[str, Any], measured: _Measured) -> dict[str, Any]:
+    """The ``tbopt.json`` the int8 archive carries: its history (this step's figures added), what it
+    needs to load and run, and how it was made."""
+    model, prep, quality = loaded.module, loaded.preprocessing, measured.quality
+    params, nonzero = count_parameters(model)
+    figures = {
+        "backend": outcome.backend, "quantized_layers": len(outcome.quantized_layers),
+        "float_layers": [d.name for d in outcome.layers if not d.quantized],
+        "fidelity_psnr_db": quality["fidelity_psnr_db"],
+        "float_target_psnr_db": quality["float_target_psnr_db"],
+        "int8_target_psnr_db": quality["int8_target_psnr_db"],
+        "float_latency_ms": rounded(measured.float_ms), "int8_latency_ms": rounded(measured.int8_ms),
+        "threads": cfg.effective_threads, "ranking_threads": outcome.ranking.get("threads"),
+    }
+    step = HistoryStep.now("quantize", command, cfg.to_dict(), figures)
+    return {
+        "format": TORCHSCRIPT_FORMAT, "format_version": TORCHSCRIPT_FORMAT_VERSION, "tbopt_version": __version__,
+        "kind_description": f"an int8 TorchScript model ({outcome.backend})",
+        "quantized": True, "engine": outcome.engine, "quantized_engine": outcome.backend,
+        "preprocessing": prep.to_dict(),
+        "history": [h.to_dict() for h in loaded.history] + [step.to_dict()],
+        "architecture": loaded.artifact.arch.describe() + ", int8",
+        "arch": loaded.artifact.arch.to_dict(),
+        "parameters": params, "nonzero_parameters": nonzero,
+        "macs": outcome.macs, "float_macs": count_macs(model, prep.size),
+        "stored_weights": outcome.stored_weights,
+        "configuration": cfg.to_dict(),
+        # the engine was chosen for this thread count: at another, another engine may be faster
+        "ranking": dict(outcome.ranking),
+        "calibration": calibration,
+        "layers": [d.to_dict() for d in outcome.layers],
+        "rewrites": outcome.rewrites.to_dict(),
+        "source": {"path": str(loaded.path), "sha256": loaded.sha256, "found": loaded.found},
+        "requires": {"torch": torch.__version__.split("+")[0],
+                     "load": f"torch.backends.quantized.engine = '{outcome.backend}' before torch.jit.load",
+                     "input": f"float32 (N, 3, {prep.size}, {prep.size}) in [-1, 1]; " + (
+                         "returns the residual r; the image is clamp(x + r, -1, 1)"
+                         if prep.output == "residual" else "returns the made-up image")},
+        "measured_on": {"cpu": platform.processor() or platform.machine(),
+                        "vnni": bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)())},
+    }
+
+
+def _notes(measured: _Measured, outcome: QuantizeOutcome, cfg: QuantizeConfig) -> list[str]:
+    notes = []
+    fidelity = measured.after.fidelity_psnr_db
+    if fidelity is not None and fidelity < cfg.min_psnr_db:
+        notes.append(f"fidelity on the test set ({fidelity:.2f} dB) is below --min-fidelity "
                      f"{cfg.min_psnr_db:g} dB although the calibration images reached "
                      f"{outcome.calibration_fidelity_db:.2f} dB; calibrate on images closer to the test set (--calib)")
-    if lat["int8"].p50_ms >= lat["float"].p50_ms:
+    if measured.int8_ms >= measured.float_ms:
         notes.append("the int8 model measured no faster than the float model in this run; the machine may be "
                      "loaded (check uptime and re-run tbopt bench)")
-    return QuantizeResult(str(source), str(output), cfg, outcome.backend, outcome.backend_reason, outcome.engine,
-                          outcome.backends, outcome.rewrites, calibration, decisions, outcome.keep_float_steps, size,
-                          quality, latency, timings, notes, outcome.ranking, written=written)
+    return notes

@@ -3,6 +3,7 @@ its options and help text from this module."""
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,10 @@ class RunConfig:
     runs: int = 30
     warmup: int = 5
     seed: int = 0
+    #: A user's own network (``--arch package.module:Class``, ``--arch-kwargs``, ``--trust-pickle``).
+    arch: str | None = None
+    arch_kwargs: str | None = None
+    trust_pickle: bool = False
 
     def __post_init__(self) -> None:
         # Each stage checks its own options; building them here refuses bad ones before any work.
@@ -105,9 +110,19 @@ class RunConfig:
         if self.finetune_steps is not None:
             parts.append(f"--finetune-steps {self.finetune_steps}")
         for opt, name in (("--data", "data"), ("--calib", "calib"), ("--limit", "limit"), ("--threads", "threads"),
-                          ("--calib-count", "calib_count"), ("--backend", "backend"), ("--min-psnr", "min_psnr_db"),
-                          ("--runs", "runs")):
+                          ("--calib-count", "calib_count"), ("--backend", "backend"),
+                          ("--min-fidelity", "min_psnr_db"), ("--runs", "runs"), ("--warmup", "warmup")):
             value = getattr(self, name)
             if value != getattr(RunConfig, name):  # only what differs from the defaults
                 parts.append(f"{opt} {value}")
-        return " ".join(parts)
+        return " ".join(parts + [shlex.join(model_args(self.arch, self.arch_kwargs, self.trust_pickle))]).strip()
+
+    def model_options(self) -> dict[str, Any]:
+        """``load_model``'s keywords for the checkpoint."""
+        return {"arch": self.arch, "arch_kwargs": self.arch_kwargs, "trust_pickle": self.trust_pickle}
+
+
+def model_args(arch: str | None, arch_kwargs: str | None, trust_pickle: bool) -> list[str]:
+    """The ``--arch``/``--arch-kwargs``/``--trust-pickle`` options that open a checkpoint again."""
+    return ((["--arch", arch] if arch else []) + (["--arch-kwargs", arch_kwargs] if arch_kwargs else [])
+            + (["--trust-pickle"] if trust_pickle else []))

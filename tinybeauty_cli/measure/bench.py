@@ -16,6 +16,7 @@ from ..core.images import load_images, model_to_uint8, uint8_to_model
 from ..core.progress import Progress, SilentProgress
 from ..core.quality import fidelity_psnr_db, worst_fidelity_db
 from ..core.runner import Runner
+from ..core.written import WrittenFile
 from ..runtime.runners import open_runner
 from ..runtime.timing import Latency, measure_latency
 from .describe import describe
@@ -88,6 +89,8 @@ class BenchRow:
             "images_per_second": None if lat is None else round(lat.images_per_second, 2),
             "threads": None if lat is None else lat.threads,
             "timing_runs": None if lat is None else lat.runs,
+            "load_average": None if lat is None else lat.load_average,
+            "cpus": None if lat is None else lat.cpus,
         })
         return d
 
@@ -136,12 +139,14 @@ def time_runner(runner: Runner, image: np.ndarray, cfg: BenchConfig, progress: P
 
 @dataclass
 class Entry:
-    """An artifact to measure: its file (sizes, description), how it runs, and the model it runs
-    (the key its scores are kept under; the runner itself when not given)."""
+    """An artifact to measure: its file (sizes, description; ``written``: as the command wrote it),
+    how it runs, and the model it runs (the key its scores are kept under; the runner itself when
+    not given)."""
 
     path: Path
     runner: Runner
     key: object = None
+    written: WrittenFile | None = None
 
     @property
     def score_key(self) -> object:
@@ -208,7 +213,7 @@ def measure_entries(entries: list[Entry], cfg: BenchConfig, *, ref_path: Path, r
             latency = None
             if time_models:
                 latency = time_runner(runner, images.inputs[0], cfg, progress, f"timing {e.path.name}")
-            info = describe(e.path, runner=runner)
+            info = describe(e.path, runner=runner, written=e.written)
             rows.append(BenchRow(
                 name=e.path.name, path=str(e.path), kind=runner.kind, engine=runner.engine,
                 size_bytes=info["size_bytes"], zipped_bytes=info["zipped_bytes"],

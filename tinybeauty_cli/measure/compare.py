@@ -26,8 +26,8 @@ from .evaluate import evaluate
 class CompareConfig:
     data: Path | None = None
     limit: int | None = None
-    runs: int = 20
-    warmup: int = 3
+    runs: int = 30
+    warmup: int = 5
     threads: int | None = None
     worst: int = 3  # images shown in the PNG
 
@@ -133,7 +133,7 @@ def compare(path_a: Path, path_b: Path, cfg: CompareConfig, *, out_dir: Path | N
     figure_path = None
     if out_dir is not None:
         figure_path = Path(out_dir) / f"{Path(path_a).stem}_vs_{Path(path_b).stem}.png"
-        check_output(figure_path, force)
+        figure_path = check_output(figure_path, force)
     ra, rb = open_runner(path_a, **open_options), open_runner(path_b, **open_options)
     if ra.size != rb.size:
         raise InputError(f"{Path(path_a).name} runs at {ra.size}px and {Path(path_b).name} at {rb.size}px: "

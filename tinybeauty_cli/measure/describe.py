@@ -9,6 +9,7 @@ from ..core.checkpoint import LoadedModel
 from ..core.counts import count_macs, count_parameters
 from ..core.files import sha256_file, size_on_disk, zipped_size, zipped_size_of_bytes
 from ..core.runner import Runner
+from ..core.written import WrittenFile
 from ..runtime.runners import TorchRunner, open_runner
 
 
@@ -30,8 +31,10 @@ def model_figures(loaded: LoadedModel) -> dict[str, Any]:
     return figures
 
 
-def describe(path: Path | str, runner: Runner | None = None, **options: Any) -> dict[str, Any]:
-    """Everything ``tbopt info`` shows, as a dict (the same dict ``--json`` prints)."""
+def describe(path: Path | str, runner: Runner | None = None, written: WrittenFile | None = None,
+             **options: Any) -> dict[str, Any]:
+    """Everything ``tbopt info`` shows, as a dict (the same dict ``--json`` prints). ``written``: the
+    file as the command wrote it (its sizes and hash are taken from it, not read again)."""
     path = Path(path)
     runner = runner or open_runner(path, check=False, **options)  # info describes a broken model, and says so
     loaded = runner.loaded if isinstance(runner, TorchRunner) else None
@@ -39,7 +42,9 @@ def describe(path: Path | str, runner: Runner | None = None, **options: Any) -> 
     problems = loaded.problems if loaded is not None else list(getattr(runner, "problems", ()))
     if problems:
         info["problems"] = problems
-    if loaded is not None and loaded.content and Path(loaded.path) == path:
+    if written is not None and written.path == path:
+        info.update(size_bytes=written.size_bytes, zipped_bytes=written.zipped_bytes, sha256=written.sha256)
+    elif loaded is not None and loaded.content and Path(loaded.path) == path:
         # the file was read (and hashed) when it was opened: its bytes are not read again
         info.update(size_bytes=len(loaded.content), zipped_bytes=zipped_size_of_bytes(loaded.content, path.name),
                     sha256=loaded.sha256)

@@ -14,7 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from torch import nn
 
+from ..core.fingerprint import weights_fingerprint
 from ..core.images import ImageSet, model_to_uint8, uint8_to_model
 from ..core.progress import Progress, SilentProgress
 from ..core.quality import fidelity_psnr_db, mean_psnr_db, worst_fidelity_db
@@ -71,24 +73,41 @@ def evaluate(runner: Runner, images: ImageSet, reference: np.ndarray | None = No
     return score_outputs(outputs, images, reference)
 
 
+def model_key(key: object, runner: Runner) -> tuple:
+    """What a model's outputs on an image set depend on: its weights (a fingerprint, so that a model
+    changed in place -- distilled, fitted onto palettes, refit -- is another model), how the runner
+    feeds and reads it (its class and preprocessing) and the engine.
+
+    A key that is not a PyTorch module, nor a runner of one (a Core ML runner: its weights were
+    read from its file and nothing edits them in memory), is kept by identity.
+    """
+    module = key if isinstance(key, nn.Module) else getattr(key, "module", None)
+    weights = weights_fingerprint(module) if isinstance(module, nn.Module) else f"object {id(key)}"
+    return (weights, type(runner).__qualname__, repr(getattr(runner, "preprocessing", None)),
+            getattr(runner, "engine", None), getattr(runner, "quantized_engine", None))
+
+
 class Scores:
     """Each model run once on one image set; every later score of it is computed from its outputs.
 
     ``tbopt run`` scores the same models in several stages (a stage's own report, then the final
-    table): keyed by the model object, the second request costs nothing.
+    table): keyed by the model's weights (:func:`model_key`), the second request costs nothing,
+    and a model whose weights changed since is run again.
     """
 
     def __init__(self, images: ImageSet, progress: Progress | None = None):
         self.images = images
         self.progress = progress or SilentProgress()
-        self._outputs: dict[int, tuple[object, np.ndarray]] = {}
+        self._outputs: dict[tuple, tuple[object, np.ndarray]] = {}
 
     def outputs(self, key: object, runner: Runner, description: str) -> np.ndarray:
         """The made-up images of the model ``key`` (run through ``runner`` the first time only)."""
-        hit = self._outputs.get(id(key))
+        memo_key = model_key(key, runner)
+        hit = self._outputs.get(memo_key)
         if hit is None:
             outputs = evaluate(runner, self.images, progress=self.progress, description=description).outputs
-            hit = self._outputs[id(key)] = (key, outputs)  # the key is kept so that its id stays unique
+            # the key object is kept so that an identity key stays unique while it is here
+            hit = self._outputs[memo_key] = (key, outputs)
         return hit[1]
 
     def score(self, key: object, runner: Runner, description: str, reference: np.ndarray | None = None) -> Evaluation:

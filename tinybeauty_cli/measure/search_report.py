@@ -45,6 +45,9 @@ def search_markdown(result: Mapping[str, Any]) -> str:
         lines.append(f"| {target} | `{c['file']}` | {c['size_bytes']:,} | {c['zipped_bytes']:,} | "
                      f"{_fmt(c['quality_db'])} | {_fmt(c['fidelity_psnr_db'])} | {_fmt(c.get('latency_ms'))} | "
                      f"{c['recipe']['key']} |")
+    hashes = [f"- {target}: `{c['sha256']}`" for target, c in result["chosen"].items() if c.get("sha256")]
+    if hashes:
+        lines += ["", "SHA-256 of each chosen file, read back from the folder once written:", "", *hashes]
     lines += ["", "Commands that rebuild each chosen file (same weights and graph):", ""]
     for target, c in result["chosen"].items():
         if c.get("commands"):
@@ -134,7 +137,9 @@ def pareto_figure(result: Mapping[str, Any], path: Path) -> None:
     panel(axes[0], "size_bytes", "size on disk (KB)", 1000.0, None)
     axes[0].set_xscale("log")
     axes[0].set_title("Size vs quality: every candidate, front per target, chosen = star")
-    panel(axes[1], "latency_ms", f"latency (ms, batch 1, {result['threads']} threads)", 1.0, ["cpu"])
+    load = result.get("load_average")
+    load_words = "" if load is None else f", load average {load:.2f} on {result.get('cpus')} cores"
+    panel(axes[1], "latency_ms", f"latency (ms, batch 1, {result['threads']} threads{load_words})", 1.0, ["cpu"])
     axes[1].set_title("Latency vs quality: int8 TorchScript files (CPU)")
     fig.suptitle(f"tbopt optimize: {Path(result['checkpoint']).name}, {result['data']}", fontsize=11)
     fig.savefig(path, format="png", dpi=80)

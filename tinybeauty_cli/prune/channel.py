@@ -275,6 +275,58 @@ def _sync_norm_widths(model: nn.Module, example: torch.Tensor) -> None:
         m.num_features = width
 
 
+def _produces(dep: Any, graph: Any) -> bool:
+    """True if ``dep`` cuts a conv's output channels (a depthwise conv's too: its pruner cuts both sides)."""
+    tp = _torch_pruning()
+    return isinstance(dep.target.module, tp.ops.TORCH_CONV) and graph.is_out_channel_pruning_fn(dep.handler)
+
+
+def _channel_groups(graph: Any, model: nn.Module) -> Callable[[Any], int]:
+    """How many equal groups the channels of a dependency's layer fall into (GroupNorm's ``num_groups``,
+    a grouped conv's ``groups``); 1 for a depthwise conv, which is cut channel by channel."""
+    tp = _torch_pruning()
+
+    def of(dep: Any) -> int:
+        m = dep.target.module
+        if not isinstance(m, nn.Module) or (isinstance(m, tp.ops.TORCH_CONV) and m.groups == m.out_channels):
+            return 1
+        pruner = graph.get_pruner_of_module(m)
+        if pruner is None:
+            return 1
+        if graph.is_out_channel_pruning_fn(dep.handler):
+            return int(pruner.get_out_channel_groups(m))
+        return int(pruner.get_in_channel_groups(m))
+
+    return of
+
+
+def _module_states(group: Any) -> list[tuple[nn.Module, dict[str, Any]]]:
+    """What pruning ``group`` changes in its layers (attributes, parameters, buffers), to undo it."""
+    states = []
+    for dep, _ in group:
+        m = dep.target.module
+        if isinstance(m, nn.Module) and all(m is not s for s, _ in states):
+            states.append((m, {**vars(m), "_parameters": dict(m._parameters), "_buffers": dict(m._buffers)}))
+    return states
+
+
+def _restore(states: list[tuple[nn.Module, dict[str, Any]]]) -> None:
+    for m, state in states:
+        vars(m).clear()
+        vars(m).update({**state, "_parameters": dict(state["_parameters"]), "_buffers": dict(state["_buffers"])})
+
+
+def _cannot_run(model: nn.Module, example: torch.Tensor, out_shape: tuple[int, ...]) -> str:
+    """Why ``model`` no longer gives an output of ``out_shape`` on ``example`` ('' if it does)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            shape = tuple(model(example).shape)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return "" if shape == out_shape else f"the output would change from {out_shape} to {shape}"
+
+
 def _touches_output(group: Any) -> bool:
     """True if the group's channels reach the network's output (its width is the output's)."""
     for dep, _ in group:
@@ -334,47 +386,66 @@ def prune_channels(model: nn.Module, rate: float, calibration: torch.Tensor, *,
             model, example_inputs=example, customized_pruners={LayerNorm: layer_norm_pruner()})
         groups = list(graph.get_all_groups(ignored_layers=excluded_modules,
                                            root_module_types=list(PRUNABLE_TYPES)))
+    channel_groups = _channel_groups(graph, model)
     plans = []
-    producer_cuts: dict[str, set[int]] = {}
     for group in groups:
         if _touches_output(group):
             continue
         root = group[0].dep.target.module
         channels = len(group[0].idxs)
-        producers = [names[dep.target.module] for dep, _ in group
-                     if dep.pruning_fn == tp.pruner.function.prune_conv_out_channels]
-        k = _removal_count(channels, next((group_rates[p] for p in producers if p in group_rates), rate))
+        producers = [names[dep.target.module] for dep, _ in group if _produces(dep, graph)]
+        split = max([channel_groups(dep) for dep, _ in group] + [1])
+        if channels % split:
+            continue  # pragma: no cover - a grouped layer's width is a multiple of its groups
+        k = _removal_count(channels // split, next((group_rates[p] for p in producers if p in group_rates), rate))
         if k <= 0:
             continue
         score, consumers = channel_importance(group, rms)
         if not consumers:
             continue  # nothing reads these channels through a weight: no way to rank them
-        order = torch.argsort(score, stable=True)
-        removed = sorted(int(i) for i in order[:k])
-        for i, (dep, idxs) in enumerate(group):
-            if dep.pruning_fn == tp.pruner.function.prune_conv_out_channels:
-                cut = {ix for ix, r in zip(idxs, group[i].root_idxs) if r in set(removed)}
-                producer_cuts.setdefault(names[dep.layer], set()).update(cut)
-        plans.append((root, removed, ChannelGroup(
+        # Grouped layers (GroupNorm, grouped convs) keep their groups whole and equal: the same positions
+        # are cut in every group, ranked by their mean importance, as torch-pruning's own pruners do.
+        per_group = score.view(split, -1).mean(0)
+        cut = torch.argsort(per_group, stable=True)[:k]
+        removed = sorted(int(g * (channels // split) + i) for g in range(split) for i in cut)
+        plans.append((group, root, removed, ChannelGroup(
             layers=list(dict.fromkeys(producers)), consumers=[names[c] for c in consumers],
-            channels_before=channels, channels_after=channels - k, removed=removed,
+            channels_before=channels, channels_after=channels - len(removed), removed=removed,
             importance=[float(v) for v in score])))
     # Importance was measured on the intact model; indices of one group are unaffected
-    # by pruning another (DepGraph groups are disjoint), so prune one after another.
+    # by pruning another (DepGraph groups are disjoint), so prune one after another. A cut that
+    # leaves the network unable to run (an op torch-pruning does not know how to cut, such as
+    # PixelShuffle's channel blocks) is undone and that group is left whole.
+    producer_cuts: dict[str, set[int]] = {}
+    done = []
     with torch.no_grad():
-        for root, removed, _ in plans:
-            group = graph.get_pruning_group(root, tp.pruner.function.prune_conv_out_channels, removed)
-            if not graph.check_pruning_group(group):  # pragma: no cover - guarded by _removal_count
+        for group, root, removed, plan in plans:
+            pruning = graph.get_pruning_group(root, group[0].dep.handler, removed)
+            if not graph.check_pruning_group(pruning):  # pragma: no cover - guarded by _removal_count
                 raise UnsupportedError(f"torch-pruning refused to prune {names[root]}")
-            group.prune()
+            saved = _module_states(pruning)
+            pruning.prune()
+            why = _cannot_run(model, example, out_shape_before)
+            if why:
+                _restore(saved)
+                plan.channels_after, plan.removed = plan.channels_before, []
+                plan.left_whole = why
+                done.append(plan)
+                continue
+            for i, (dep, idxs) in enumerate(group):
+                if _produces(dep, graph):
+                    cut = {ix for ix, r in zip(idxs, group[i].root_idxs) if r in set(removed)}
+                    producer_cuts.setdefault(names[dep.layer], set()).update(cut)
+            done.append(plan)
         _sync_norm_widths(model, example)
         out_shape_after = tuple(model(example).shape)
-    if out_shape_after != out_shape_before:
+    if out_shape_after != out_shape_before:  # pragma: no cover - each cut was checked
         raise UnsupportedError(
             f"channel pruning changed the network's output from {out_shape_before} to {out_shape_after}",
             hint="keep the layers that produce the output with --exclude")
-    if reconstruct and plans:
+    plans = [(None, None, None, p) for p in done]
+    if reconstruct and producer_cuts:
         convs = sum(1 for m in model.modules() if _plain_conv(m))
         with progress.task("channel pruning: refitting convs", total=convs) as advance:
             reconstruct_layers(model, original, calibration, producer_cuts, on_layer=advance)
-    return [plan for _, _, plan in plans]
+    return [plan for *_, plan in plans]

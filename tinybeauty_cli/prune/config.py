@@ -11,10 +11,9 @@ from typing import Any, Mapping
 from ..core.errors import ConfigError, UsageError
 
 CONFIG_VERSION = 1
-#: Fine-tuning steps ``channel`` pruning takes when none are asked for. On the demo at rate 0.3
-#: with the defaults below (L2 loss, 192 images, a warm-up of a quarter of the steps), 750 steps
-#: leave PSNR 0.24 dB below the original's; the whole recovery (ranking, refit, drawing the images,
-#: distillation) took 85 s on 2 idle cores (benchmarks/prune_figures.py).
+#: Fine-tuning steps ``channel`` pruning takes when none are asked for: with the defaults below they
+#: bring rate 0.3 back within the 0.3 dB budget in under 90 s on 2 cores (what they measured, and
+#: what else was tried: docs/tried-and-measured.md; benchmarks/prune_figures.py measures it again).
 DEFAULT_CHANNEL_FINETUNE_STEPS = 750
 
 
@@ -50,11 +49,11 @@ class PruneConfig:
     batch_size: int = 2
     lr: float = 2e-3
     #: The distillation loss between made-up images: "l2" (squared difference, what PSNR measures)
-    #: or "l1". At rate 0.3 on the demo, 900 steps on 64 images left 0.31 dB with l2, 0.34 with l1.
+    #: or "l1".
     loss: str = "l2"
     #: Distillation images drawn when no ``--calib`` folder is given (synthetic portraits). More
-    #: images recover more in the same steps (900 steps at rate 0.3: 64 images left 0.31 dB, 128
-    #: 0.24, 256 0.17); each costs its drawing and two teacher passes (it and its mirror image).
+    #: images recover more in the same steps; each costs its drawing and two teacher passes (it and
+    #: its mirror image).
     finetune_images: int = 192
     #: Images on which channel importance is measured.
     calibration_images: int = 16

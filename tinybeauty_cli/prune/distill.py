@@ -32,12 +32,9 @@ def distill(student: nn.Module, teacher: nn.Module, images: torch.Tensor, cfg: P
     the teacher sees exactly what the student sees, and its made-up image of each image and
     flip is computed once: :func:`~..core.training.distillation_batches`). The loss is
     ``cfg.loss`` (L2 by default: the squared error PSNR measures); Adam warms up over a quarter of
-    the steps, then decays (cosine). Measured on the demo at rate 0.3 (PSNR below the original's,
-    one thread): 900 steps on 64 images with a 50-step warm-up left 0.34 dB with L1, 0.31 with L2;
-    800 steps of L2 on 192 images 0.25 dB, and with a 200-step warm-up 0.19 dB. Whole images at full size rather than crops: InstanceNorm and
-    LayerNorm statistics of a crop differ from a whole face's, and at the same pixels per step, two
-    whole images recovered more than eight 128x128 crops; whole faces downscaled to 128 px for most
-    of the steps recovered less too.
+    the steps, then decays (cosine). Whole images at full size, not crops: InstanceNorm and
+    LayerNorm statistics of a crop differ from a whole face's (what else was tried, and what each
+    measured: docs/tried-and-measured.md).
     Conv weights that are zero stay zero.
     Deterministic for ``cfg.seed`` (and the number of threads).
     """

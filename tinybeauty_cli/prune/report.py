@@ -19,11 +19,13 @@ class ChannelGroup:
     channels_after: int
     removed: list[int]
     importance: list[float]  # per channel, before pruning (higher = kept)
+    left_whole: str = ""  # why a group that was to be cut was left whole (the network could not run cut)
 
     def to_dict(self) -> dict[str, Any]:
         return {"layers": self.layers, "consumers": self.consumers, "channels_before": self.channels_before,
                 "channels_after": self.channels_after, "removed": self.removed,
-                "importance": [round(v, 5) for v in self.importance]}
+                "importance": [round(v, 5) for v in self.importance],
+                **({"left_whole": self.left_whole} if self.left_whole else {})}
 
 
 
@@ -145,13 +147,18 @@ def method_notes(cfg: PruneConfig, rows: list[LayerReport], groups: list[Channel
                          f"({lo.name}, {lo.weights_after:,} weights) to {hi.sparsity:.1%} "
                          f"({hi.name}, {hi.weights_after:,} weights)")
     if cfg.method == PruneMethod.channel.value and cfg.any_pruning:
-        if groups:
-            kept = sorted({(g.channels_before, g.channels_after) for g in groups})
+        cut = [g for g in groups if not g.left_whole]
+        if cut:
+            kept = sorted({(g.channels_before, g.channels_after) for g in cut})
             shown = ", ".join(f"{b} -> {a}" for b, a in kept)
-            notes.append(f"{len(groups)} channel groups pruned (channels {shown}); the network's input and "
+            notes.append(f"{len(cut)} channel groups pruned (channels {shown}); the network's input and "
                          f"output channels are kept")
         else:
             notes.append("no channel group could be pruned at this rate")
+        for g in groups:
+            if g.left_whole:
+                notes.append(f"channels of {', '.join(g.layers)} left whole: cut, the network no longer runs "
+                             f"({g.left_whole}); torch-pruning does not know how to cut through one of its ops")
     if excluded:
         notes.append(f"excluded from pruning: {', '.join(sorted(excluded))}")
     return notes

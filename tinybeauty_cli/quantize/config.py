@@ -19,6 +19,8 @@ ARCHIVE_FOLDER = "int8"
 _ZIP_TIME = (2024, 1, 1, 0, 0, 0)  # fixed, so that the same model gives the same bytes
 #: Calibration images go through the network this many at a time.
 CALIB_BATCH = 4
+#: Calibration images of int8 (``tbopt quantize``, ``tbopt run``).
+DEFAULT_CALIB_COUNT = 32
 #: Timed runs when engines are ranked (the fastest run counts).
 SELECTION_RUNS = 7
 #: Calibration images whose conv outputs set the per-channel range equalization.
@@ -31,7 +33,7 @@ class QuantizeConfig:
 
     backend: str = "auto"
     calib: Path | None = None
-    calib_count: int = 32
+    calib_count: int = DEFAULT_CALIB_COUNT
     keep_float: str | tuple[str, ...] = "auto"  # "auto" | "none" | layer names
     min_psnr_db: float = 45.0
     threads: int | None = None  # threads of use: engines ranked and latency measured at them (default: PyTorch's)
@@ -46,7 +48,7 @@ class QuantizeConfig:
         if self.calib_count < 1:
             raise ConfigError(f"--calib-count must be >= 1, got {self.calib_count}")
         if not (math.isfinite(self.min_psnr_db) and self.min_psnr_db > 0):
-            raise ConfigError(f"--min-psnr must be a positive number of dB, got {self.min_psnr_db}")
+            raise ConfigError(f"--min-fidelity must be a positive number of dB, got {self.min_psnr_db}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
         if self.runs < 1 or self.warmup < 0 or self.sensitivity_images < 1:

@@ -110,6 +110,30 @@ def _qconfig_key(qconfig) -> str:
 # the quantizer proper
 
 
+def _transposed(module: nn.Module) -> bool:
+    return isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
+
+
+def _per_channel(qconfig) -> bool:
+    if qconfig is None or qconfig.weight is None:
+        return False
+    return qconfig.weight().qscheme in (torch.per_channel_symmetric, torch.per_channel_affine,
+                                        torch.per_channel_affine_float_qparams)
+
+
+def _valid_for(module: nn.Module, qconfig):
+    """``qconfig`` as ``module`` can take it: a transposed convolution gets per-tensor weight scales
+    where the backend's default asks for per-channel ones (onednn's mapping does; torch.ao then refuses
+    the layer: "Per channel weight observer is not supported yet for ConvTranspose{n}d"). The
+    per-tensor observer is the one PyTorch's own x86 and fbgemm mappings give transposed convolutions."""
+    if not (_transposed(module) and _per_channel(qconfig)):
+        return qconfig
+    from torch.ao.quantization import QConfig
+    from torch.ao.quantization.observer import default_weight_observer
+
+    return QConfig(activation=qconfig.activation, weight=default_weight_observer)
+
+
 @dataclass
 class Layer:
     """A quantizable layer, by its name in the float model and in the rewritten graph."""
@@ -133,8 +157,20 @@ class Quantizer:
     def qconfigs(self, backend: str) -> dict[str, Any]:
         mapping, _ = backend_qconfig_mapping(backend)
         by_type = mapping.object_type_qconfigs
-        return {layer.graph_name: by_type.get(type(self.graph.get_submodule(layer.graph_name)),
-                                              mapping.global_qconfig) for layer in self.layers}
+        out = {}
+        for layer in self.layers:
+            module = self.graph.get_submodule(layer.graph_name)
+            out[layer.graph_name] = _valid_for(module, by_type.get(type(module), mapping.global_qconfig))
+        return out
+
+    def per_tensor_layers(self, backend: str) -> list[str]:
+        """Layers (float-model names) whose weights get one scale although ``backend`` scales per channel:
+        PyTorch has no per-channel weight observer for transposed convolutions."""
+        mapping, _ = backend_qconfig_mapping(backend)
+        by_type = mapping.object_type_qconfigs
+        modules = {layer.name: self.graph.get_submodule(layer.graph_name) for layer in self.layers}
+        return [name for name, m in modules.items()
+                if _transposed(m) and _per_channel(by_type.get(type(m), mapping.global_qconfig))]
 
     def key(self, backend: str) -> str:
         return "+".join(_qconfig_key(q) for q in self.qconfigs(backend).values())
@@ -248,9 +284,9 @@ def plan_backend(q: Quantizer, backend: str, cfg: QuantizeConfig, forced: set[st
                 break
             if len(quantize) == 1:
                 raise UnsupportedError(
-                    f"even with every other layer kept float, fidelity stays below --min-psnr "
+                    f"even with every other layer kept float, fidelity stays below --min-fidelity "
                     f"{cfg.min_psnr_db:g} dB ({fid:.2f} dB with only {by_graph[g].name} in int8)",
-                    hint="lower --min-psnr, or calibrate on images closer to what the model will see")
+                    hint="lower --min-fidelity, or calibrate on images closer to what the model will see")
             quantize.discard(g)
             fid = _fidelity(q, q.convert(cal, backend, quantize), sens_x, sens_ref)
             decisions[g].quantized = False
@@ -341,7 +377,7 @@ def choose_backend(q: Quantizer, backends: list[str], trials: list[BackendTrial]
 
 
 def _missed(plan: Plan, cfg: QuantizeConfig) -> str:
-    return (f"fidelity {plan.fidelity_db:.2f} dB on the calibration images is below --min-psnr "
+    return (f"fidelity {plan.fidelity_db:.2f} dB on the calibration images is below --min-fidelity "
             f"{cfg.min_psnr_db:g} dB (--keep-float {_keep_float_text(cfg)})")
 
 

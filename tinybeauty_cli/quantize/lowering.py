@@ -1,18 +1,18 @@
 """Lowering an int8 FX graph to TorchScript, and the archive format tbopt writes it in.
 
 The lowered model is scripted (traced if scripting fails) and frozen, so the quantized
-weights become packed constants. :func:`write_torchscript` rewrites a saved archive
-compactly and reproducibly (fixed record times) with ``tbopt.json`` metadata embedded;
-the file loads with ``torch.jit.load`` alone.
+weights become packed constants. :func:`torchscript_archive` rewrites a saved archive
+compactly and reproducibly (fixed record times) with ``tbopt.json`` metadata embedded, in
+memory; the file ``flow/`` writes from it loads with ``torch.jit.load`` alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import warnings
 import zipfile
-from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -88,8 +88,16 @@ def lower_to_torchscript(converted: nn.Module, example: torch.Tensor) -> torch.j
         return frozen
 
 
-def write_torchscript(script_path: Path, out_path: Path, metadata: Mapping[str, Any]) -> None:
-    """Rewrite a saved TorchScript archive compactly, with ``tbopt.json`` embedded.
+def torchscript_bytes(script: torch.jit.ScriptModule) -> bytes:
+    """``torch.jit.save`` of ``script``, in memory (its own file writer aborts the process on a full disk)."""
+    buffer = io.BytesIO()
+    torch.jit.save(script, buffer)
+    return buffer.getvalue()
+
+
+def torchscript_archive(saved: bytes, metadata: Mapping[str, Any]) -> bytes:
+    """A saved TorchScript archive (``saved``, as :func:`torchscript_bytes` makes it) rewritten
+    compactly, with ``tbopt.json`` embedded.
 
     * The ``*.debug_pkl`` records are dropped: they only map graph nodes back to Python
       source lines for error messages, and were a quarter of the file.
@@ -103,10 +111,12 @@ def write_torchscript(script_path: Path, out_path: Path, metadata: Mapping[str, 
         info = zipfile.ZipInfo(f"{ARCHIVE_FOLDER}/{record}", date_time=_ZIP_TIME)
         dst.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
 
-    with zipfile.ZipFile(script_path) as src, zipfile.ZipFile(out_path, "w") as dst:
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(saved)) as src, zipfile.ZipFile(out, "w") as dst:
         for info in src.infolist():
             record = info.filename.split("/", 1)[1]
             if record.endswith(".debug_pkl") or record == f"extra/{TORCHSCRIPT_META}":
                 continue
             put(dst, record, src.read(info))
         put(dst, f"extra/{TORCHSCRIPT_META}", json.dumps(metadata, separators=(",", ":")))
+    return out.getvalue()

@@ -78,6 +78,11 @@ def quantize_module(model: nn.Module, config: QuantizeConfig, calib: torch.Tenso
     plan, reason, more_notes, float_ms = choose_backend(
         quantizer, backends, trials, cfg, forced, calib, sens_x, sens_ref, model, threads, progress, timings)
     notes.extend(more_notes)
+    int8_layers = {d.name for d in plan.decisions if d.quantized}
+    per_tensor = [name for name in quantizer.per_tensor_layers(plan.backend) if name in int8_layers]
+    if per_tensor:
+        notes.append(f"{', '.join(per_tensor)}: one int8 weight scale per tensor, not per channel as {plan.backend} "
+                     "gives the other convolutions (PyTorch quantizes transposed convolutions per tensor only)")
     if float_ms is not None and plan.latency_ms >= float_ms:
         notes.append(f"the chosen {plan.backend} int8 model ({plan.latency_ms:.1f} ms) was not faster than the "
                      f"float model ({float_ms:.1f} ms) when the engines were ranked")

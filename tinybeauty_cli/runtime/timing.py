@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from ..core.contexts import torch_threads
+from ..core.load import cores, load_average
 
 #: glibc's mallopt parameters (malloc.h): keep up to 1 GB free at the top of the heap, and serve
 #: blocks up to 32 MB (the largest threshold glibc accepts) from the heap instead of fresh mappings.
@@ -65,6 +66,10 @@ class Latency:
     warmup: int
     threads: int
     allocator: str = ""  # how freed memory was handled while timing (:func:`steady_allocator`)
+    #: the machine's 1-minute load average when timing ended, and its cores: a time taken while
+    #: other jobs ran says more about the machine than about the model (None where the OS has none)
+    load_average: float | None = None
+    cpus: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -103,7 +108,7 @@ def _latency(times_ms: list[float], warmup: int, threads: int) -> Latency:
     ts = sorted(times_ms)
     p90 = ts[min(len(ts) - 1, int(round(0.9 * (len(ts) - 1))))]
     return Latency(statistics.median(ts), p90, statistics.fmean(ts), ts[0], len(ts), warmup, threads,
-                   steady_allocator())
+                   steady_allocator(), load_average(), cores())
 
 
 def measure_latencies(fns: dict[str, Callable[[], object]], runs: int = 30, warmup: int = 5,

@@ -106,22 +106,17 @@ for _name, _fn in _UNARY.items():
     OPS[_name] = _unary(_fn)
 
 
-@_op("rsqrt")
-def _rsqrt(op, c):
-    eps = float(c.param("epsilon", 1e-12))
-    return (lambda x: torch.rsqrt(x + eps)), [op.x]
+def _with_epsilon(fn, default: float):
+    """A unary op of ``x + epsilon`` (MIL's default epsilon when the op does not set one)."""
+    def make(op, c):
+        eps = float(c.param("epsilon", default))
+        return (lambda x: fn(x + eps)), [op.x]
+    return make
 
 
-@_op("inverse")
-def _inverse(op, c):
-    eps = float(c.param("epsilon", 1e-4))
-    return (lambda x: torch.reciprocal(x + eps)), [op.x]
-
-
-@_op("log")
-def _log(op, c):
-    eps = float(c.param("epsilon", 1e-45))
-    return (lambda x: torch.log(x + eps)), [op.x]
+for _name, (_fn, _eps) in {"rsqrt": (torch.rsqrt, 1e-12), "inverse": (torch.reciprocal, 1e-4),
+                           "log": (torch.log, 1e-45)}.items():
+    OPS[_name] = _with_epsilon(_fn, _eps)
 
 
 @_op("clip")
@@ -333,13 +328,18 @@ def _conv_params(c, nd: int) -> tuple[list[int], list[int], int]:
     return c.ints("strides", [1] * nd), c.ints("dilations", [1] * nd), int(c.param("groups", 1))
 
 
+def _conv_weights(op, c, table: dict) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """weight, bias and spatial dimensions of a conv or conv_transpose whose dimensions ``table`` has."""
+    w, b = c.tensor("weight"), c.tensor("bias")
+    nd = w.dim() - 2
+    if nd not in table:
+        raise UnsupportedError(f"{op.op_type} {op.name!r}: {nd}-d convolution is not supported")
+    return w, b, nd
+
+
 @_op("conv")
 def _conv(op, c):
-    w = c.tensor("weight")
-    b = c.tensor("bias")
-    nd = w.dim() - 2
-    if nd not in _CONV:
-        raise UnsupportedError(f"conv {op.name!r}: {nd}-d convolution is not supported")
+    w, b, nd = _conv_weights(op, c, _CONV)
     strides, dil, groups = _conv_params(c, nd)
     pads = _pads(op, c, w.shape[2:], strides, dil)
     conv = _CONV[nd]
@@ -352,11 +352,7 @@ def _conv(op, c):
 
 @_op("conv_transpose")
 def _conv_transpose(op, c):
-    w = c.tensor("weight")
-    b = c.tensor("bias")
-    nd = w.dim() - 2
-    if nd not in _CONV_T:
-        raise UnsupportedError(f"conv_transpose {op.name!r}: {nd}-d is not supported")
+    w, b, nd = _conv_weights(op, c, _CONV_T)
     strides, dil, groups = _conv_params(c, nd)
     pad_type = c.param("pad_type", "valid")
     if pad_type == "valid":
