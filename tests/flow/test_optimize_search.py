@@ -19,7 +19,7 @@ from tinybeauty_cli.flow.optimize_search import Search
 from tinybeauty_cli.flow.prune import prune_loaded
 from tinybeauty_cli.prune.config import PruneConfig
 
-from ..test_optimize import _rebuild, small_space, tiny  # noqa: F401 - tiny is a fixture
+from .test_optimize import _rebuild, small_space, tiny  # noqa: F401 - tiny is a fixture
 
 # -- distillation continued -------------------------------------------------------------------------------
 
@@ -176,12 +176,13 @@ def _clock_only(budget_min: float, spent_s: float) -> Search:
 
 
 def test_a_step_expected_to_end_after_the_budget_is_not_started_but_a_cheaper_one_is():
-    search = _clock_only(budget_min=1.0, spent_s=30.0)  # 30 s left
+    search = _clock_only(budget_min=5.0, spent_s=200.0)  # 100 s left, 35 of them for the end (2 Core ML + cpu)
+    assert search.reserve() == pytest.approx(2 * 1.5 * 10 + 0.5 * 10)
     assert not search.fits("ios13/channel0.3x750+1250/pal4", {"distill_step": 1250, "score": 1})
     assert search.fits("ios13/original/pal4+gptq", {"score": 1, "gptq": 1})
-    assert search.not_tried == [{"key": "ios13/channel0.3x750+1250/pal4", "expected_s": 135.0, "left_s": 30.0,
+    assert search.not_tried == [{"key": "ios13/channel0.3x750+1250/pal4", "expected_s": 135.0, "left_s": 65.0,
                                  "reason": "time budget: expected to end after it"}]
-    faster = _clock_only(budget_min=1.0, spent_s=30.0)
+    faster = _clock_only(budget_min=5.0, spent_s=200.0)
     faster.costs = CostModel()
     faster.costs.observe("score", 1.0)
     faster.costs.observe("distill_step", 0.1, 10)  # ten times faster: the same step fits
