@@ -17,6 +17,7 @@ files are copied into ``--out`` atomically, with ``search.json``, ``search.md`` 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -40,6 +41,7 @@ from .optimize_cache import SearchCache
 from .optimize_config import CACHE_DIR, REPORT_FILES, TARGET_FILES, OptimizeConfig
 from .optimize_result import Candidate, OptimizeResult
 from .optimize_result import rounded as _r
+from .optimize_data import DataUse, data_use
 from .optimize_make import TWIN, OnRow
 from .optimize_make import shown as _shown
 from .optimize_search import Search
@@ -86,18 +88,20 @@ def _locked_optimize(checkpoint: Path, out: Path, cfg: OptimizeConfig, force: bo
         raise UsageError(f"{checkpoint} is a {loaded.kind} model; tbopt optimize starts from a float checkpoint")
     with torch_threads(cfg.threads):
         threads = torch.get_num_threads()
-        images = load_images(cfg.data, loaded.preprocessing.size, cfg.limit)
+        if force:
+            SearchCache(out / CACHE_DIR, {}, progress).clear()
+        use = data_use(cfg.data, cfg.calib, loaded.preprocessing.size, cfg.limit, out / CACHE_DIR / "split")
+        images = use.images
         context = {**cfg.cache_context(), "checkpoint_sha256": loaded.sha256, "threads": threads,
                    "images": images.source, "images_sha256": _array_digest(images)}
         cache = SearchCache(out / CACHE_DIR, context, progress)
-        if force:
-            cache.clear()
+        cfg = dataclasses.replace(cfg, calib=use.calib)  # a split's calibration part, when --calib is --data
         if resume and cache.exists() and not cache.same_context():
             progress.note("the search in --out was made with other settings, images or checkpoint: starting afresh")
         cache.start()
         search = Search(loaded, images, cfg, cache, progress, on_row)
         search.run()
-        return _finish(search, checkpoint, out, cfg, threads, force or resume)
+        return _finish(search, checkpoint, out, cfg, threads, force or resume, use)
 
 
 def _array_digest(images: ImageSet) -> str:
@@ -108,7 +112,7 @@ def _array_digest(images: ImageSet) -> str:
 
 
 def _finish(search: Search, checkpoint: Path, out: Path, cfg: OptimizeConfig, threads: int,
-            replace: bool) -> OptimizeResult:
+            replace: bool, use: DataUse | None = None) -> OptimizeResult:
     budget = search.budget
     original_path = Path(search.original.path)
     as_read = WrittenFile.of_bytes(original_path, search.original.content)  # the input's bytes, as read once
@@ -157,11 +161,12 @@ def _finish(search: Search, checkpoint: Path, out: Path, cfg: OptimizeConfig, th
                           "commands": best.recipe.commands(_shown(checkpoint), _shown(dest), cfg, threads,
                                                        backend=best.backend)}
 
-    command = _command_line(checkpoint, out, cfg)
+    command = _command_line(checkpoint, out, dataclasses.replace(cfg, calib=cfg.data) if use and use.split else cfg)
     result = OptimizeResult(str(checkpoint), str(out), command, cfg, budget, search.images.source, original,
                             search.candidates, search.models, search.skipped, search.not_tried, chosen,
                             time.perf_counter() - search.t_start, threads, stopped=search.stopped,
-                            costs=search.costs.to_dict())
+                            costs=search.costs.to_dict(), images_use=use.to_dict() if use else {})
+    result.notes.extend(use.notes if use else [])
     if search.not_tried:
         result.notes.append(f"the time budget stopped the search: {len(search.not_tried)} step(s) not tried "
                             f"(listed in search.json); --resume with a larger --time-budget continues it")

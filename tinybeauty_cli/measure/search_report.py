@@ -72,6 +72,11 @@ def search_markdown(result: Mapping[str, Any]) -> str:
             lines += ["", f"## {title}", ""] + [f"- {s['key']}: {s['reason']}" + (
                 f" (expected {s['expected_s']:.0f} s, {s['left_s']:.0f} s left)" if "expected_s" in s else "")
                 for s in result[key]]
+    use = result.get("images_use") or {}
+    if use:
+        show = (lambda v: ", ".join(v) if isinstance(v, list) else str(v))
+        lines += ["", "## Which images served which purpose", "", f"- scored for the budget: {show(use['scored'])}",
+                  f"- distillation, GPTQ and int8 calibration: {show(use['calibration'])}"]
     if result.get("stopped"):
         lines += ["", "## Why the search stopped", "", result["stopped"]]
     if result.get("cost_model"):
