@@ -303,6 +303,9 @@ def test_full_resolution_groups_pruned_harder_for_the_cpu_and_the_command_rebuil
     result = optimize(ckpt, out, cfg)
     keys = [m.key for m in result.models]
     assert keys == ["channel0.25x4", "channel0.25-fullres0.5x4"]
+    cpu = result.chosen["cpu"]  # both latencies: the one that chose it, and a plain process's
+    assert cpu["latency_ms"] > 0 and cpu["latency_plain_process_ms"] > 0
+    assert "keeping freed memory" in cpu["latency_chosen_by"] and "MALLOC_TRIM_THRESHOLD_=" in cpu["latency_note"]
     full = [c for c in result.candidates if c.recipe.full_res_rate]
     assert [c.recipe.target for c in full][:1] == ["cpu"] and {c.recipe.target for c in full} == {"cpu", "ios16"}
     recipe = full[0].recipe

@@ -211,5 +211,8 @@ def render_optimize(ui: _output.Output, r: OptimizeResult) -> None:
             f"{len(r.not_tried)} not tried (time budget); wrote {', '.join(REPORT_FILES.values())} into {r.out}/")
     if r.stopped:
         ui.line(f"stopped: {r.stopped}")
+    cpu = d["chosen"].get("cpu") or {}
+    if cpu.get("latency_note"):
+        ui.line(f"cpu latency: {cpu['latency_note']}")
     for n in r.notes:
         ui.note(n)

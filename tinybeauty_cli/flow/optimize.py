@@ -31,17 +31,18 @@ from ..core.checkpoint import load_model
 from ..core.contexts import torch_threads
 from ..core.errors import InputError, OutputError, OutputExistsError, UsageError
 from ..core.files import atomic_output, check_folder, folder_lock, normalized, sha256_file, size_on_disk, zipped_size
-from ..core.images import ImageSet, load_images, uint8_to_model
+from ..core.images import ImageSet, uint8_to_model
 from ..core.progress import Progress, SilentProgress
 from ..core.written import WrittenFile
 from ..measure.search_report import pareto_figure, pareto_front, search_markdown
+from ..runtime.plain_timing import allocator_hint, plain_process_latency
 from ..runtime.runners import TorchRunner, open_runner, runner_for
-from ..runtime.timing import measure_latencies
+from ..runtime.timing import measure_latencies, steady_allocator
 from .optimize_cache import SearchCache
 from .optimize_config import CACHE_DIR, REPORT_FILES, TARGET_FILES, OptimizeConfig
+from .optimize_data import DataUse, data_use
 from .optimize_result import Candidate, OptimizeResult
 from .optimize_result import rounded as _r
-from .optimize_data import DataUse, data_use
 from .optimize_make import TWIN, OnRow
 from .optimize_make import shown as _shown
 from .optimize_search import Search
@@ -160,6 +161,8 @@ def _finish(search: Search, checkpoint: Path, out: Path, cfg: OptimizeConfig, th
                           "latency_ms": cpu_times.get(best.recipe.key, best.latency_ms),
                           "commands": best.recipe.commands(_shown(checkpoint), _shown(dest), cfg, threads,
                                                        backend=best.backend)}
+        if target == "cpu":
+            chosen[target].update(plain_latency(dest, chosen[target]["latency_ms"], cfg, threads))
 
     command = _command_line(checkpoint, out, dataclasses.replace(cfg, calib=cfg.data) if use and use.split else cfg)
     result = OptimizeResult(str(checkpoint), str(out), command, cfg, budget, search.images.source, original,
@@ -178,6 +181,17 @@ def _finish(search: Search, checkpoint: Path, out: Path, cfg: OptimizeConfig, th
     with atomic_output(out / REPORT_FILES["figure"], force=True) as tmp:
         pareto_figure(data, tmp)
     return result
+
+
+def plain_latency(path: Path, kept_ms: float | None, cfg: OptimizeConfig, threads: int) -> dict[str, Any]:
+    """The chosen int8 file's latency as a plain Python process gets it, beside the figure that chose it
+    (freed memory kept), and the one line that gives a user's process the faster one."""
+    plain = plain_process_latency(path, runs=cfg.runs, warmup=cfg.warmup, threads=threads)
+    plain_ms = plain["p50_ms"] if plain else None
+    return {"latency_plain_process_ms": plain_ms, "latency_chosen_by": f"latency with {steady_allocator()}",
+            "latency_note": f"chosen by its latency with freed memory kept ({kept_ms} ms); a plain Python process "
+                            f"that leaves glibc's allocator as it starts: {plain_ms} ms; for the faster figure: "
+                            f"{allocator_hint()}"}
 
 
 def _verified_smallest(search: Search, kept: list[Candidate]) -> Candidate | None:
