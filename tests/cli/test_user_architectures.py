@@ -17,19 +17,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
-
-from tinybeauty_cli.cli.app import app
-
 from ..archs import ARCHS, make
-from ..test_cli import assert_one_line_error
-
-runner = CliRunner()
+from ..helpers import assert_one_line_error
+from ..helpers import run as run_cli
 NAMES = list(ARCHS)
 
 
 def run(*args):
-    r = runner.invoke(app, [str(a) for a in args])
+    r = run_cli(*args)
     assert "internal error" not in r.output + r.stderr, r.stderr
     assert "Traceback" not in r.output + r.stderr, r.stderr
     return r

@@ -16,7 +16,7 @@ import pytest
 from tinybeauty_cli.core.errors import OutputError
 from tinybeauty_cli.core.files import LOCK_NAME, folder_lock
 
-from ..test_quantize import save_small
+from ..helpers import save_small
 
 SIZE = 32
 

@@ -14,8 +14,7 @@ from typer.testing import CliRunner
 
 from tinybeauty_cli.core.images import builtin_test_set
 
-from ..test_cli import assert_one_line_error
-from ..test_quantize import save_small
+from ..helpers import assert_one_line_error, save_small
 
 SIZE = 32
 LONG = 248  # bytes: legal (<= 255), but a temporary name made by adding to it was not

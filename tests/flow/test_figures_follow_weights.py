@@ -22,8 +22,7 @@ from tinybeauty_cli.flow.optimize_config import CACHE_DIR, OptimizeConfig
 from tinybeauty_cli.measure.evaluate import Scores
 from tinybeauty_cli.runtime.runners import TorchRunner
 
-from ..conftest import small_tinybeauty
-from ..test_quantize import save_small
+from ..helpers import save_small, small_tinybeauty
 
 SIZE = 32
 DB = 0.01
@@ -166,10 +165,15 @@ def test_run_reports_the_written_models(src, tmp_path, options):
 def test_optimize_with_fitted_palettes_reports_the_files_it_wrote(src, tmp_path):
     """Fitted palettes (one fit shared by two targets), pruning with distillation: each candidate's figures
     are those of its cached file, each chosen file's those of the file in --out."""
+    base = dict(palettes=("pal2",), sparsities=(), bits_by_layer=False, calib_count=3, backend="x86", runs=2,
+                warmup=0, threads=1, limit=3)
+    # plain pal2's fidelity first: a budget 0.5 dB above it makes the search fit pal2's palettes
+    plain = optimize(src, tmp_path / "plain", OptimizeConfig(targets=("ios16",), rates=(), fit_steps=0,
+                                                             min_fidelity_db=1.0, **base))
+    pal2 = next(c for c in plain.candidates if c.recipe.weights == "pal2").fidelity_psnr_db
     out = tmp_path / "out"
-    cfg = OptimizeConfig(targets=("ios16", "ios17"), rates=(0.3,), finetune_steps=(3,), palettes=("pal2",),
-                         sparsities=(), fit_steps=3, bits_by_layer=False, calib_count=3, backend="x86", runs=2,
-                         warmup=0, threads=1, limit=3, min_fidelity_db=1.0)
+    cfg = OptimizeConfig(targets=("ios16", "ios17"), rates=(0.3,), finetune_steps=(3,), fit_steps=3,
+                         min_fidelity_db=pal2 + 0.5, **base)
     result = optimize(src, out, cfg)
     assert [c for c in result.candidates if c.recipe.fit_steps], [c.recipe.key for c in result.candidates]
     assert any(m.key.startswith("channel") for m in result.models)

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from tinybeauty_cli.core.files import sha256_file, size_on_disk
 from tinybeauty_cli.flow.optimize_config import CACHE_DIR, REPORT_FILES
 
-from ..test_quantize import save_small
+from ..helpers import save_small
 
 SIZE = 32
 runner = CliRunner()
