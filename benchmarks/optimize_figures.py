@@ -201,11 +201,12 @@ def _describe_search(label: str, wall: float, data: dict, ref: Path | None) -> N
         print(f"      {target}: {c['size_bytes']:,} B, {quality}, latency {c.get('latency_ms')} ms, {c['recipe']['key']}")
 
 
-def search_anywhere(demo: Path, work: Path, parallel: bool) -> None:
-    """Section 6: the demo at full and one thread, the released checkpoint with and without GPTQ."""
-    print(f"6. the search on any machine ({cpu_name()}; load average {os.getloadavg()})")
-    runs = {"default": [str(demo), "--out", str(work / "demo_default")],
-            "--threads 1": [str(demo), "--out", str(work / "demo_threads1"), "--threads", "1"]}
+def search_anywhere(demo: Path, work: Path, parallel: bool, extra: list[str]) -> None:
+    """Section 6: the demo at full and one thread, the released checkpoint with and without GPTQ
+    (``extra``: options added to every search, e.g. ``--time-budget 25 --limit 25`` on a loaded machine)."""
+    print(f"6. the search on any machine ({cpu_name()}; load average {os.getloadavg()}); extra options: {extra}")
+    runs = {"default": [str(demo), "--out", str(work / "demo_default"), *extra],
+            "--threads 1": [str(demo), "--out", str(work / "demo_threads1"), "--threads", "1", *extra]}
     for label, (wall, data) in _searches(runs, parallel).items():
         _describe_search(f"demo {label}", wall, data, demo)
         ios13 = data["chosen"].get("ios13", {})
@@ -216,9 +217,11 @@ def search_anywhere(demo: Path, work: Path, parallel: bool) -> None:
         return
     faces, calib = work / "style1_data", work / "style1_calib"
     _face_and_crops(face, faces, calib)
-    runs = {"with GPTQ": [str(ckpt), "--data", str(faces), "--calib", str(calib), "--out", str(work / "style1_gptq")],
+    budget = [a for i, a in enumerate(extra) if a == "--time-budget" or (i and extra[i - 1] == "--time-budget")]
+    runs = {"with GPTQ": [str(ckpt), "--data", str(faces), "--calib", str(calib), "--out", str(work / "style1_gptq"),
+                          *budget],
             "--no-gptq": [str(ckpt), "--data", str(faces), "--calib", str(calib), "--out", str(work / "style1_plain"),
-                          "--no-gptq"]}
+                          "--no-gptq", *budget]}
     print(f"   style1, --data {face.name}, --calib 32 crops of it (load average {os.getloadavg()})")
     for label, (wall, data) in _searches(runs, parallel).items():
         _describe_search(f"style1 {label}", wall, data, None)
@@ -256,6 +259,9 @@ def main() -> int:
     p.add_argument("--only-cpu-ratio", action="store_true", help="only section 3, on the search already in --work")
     p.add_argument("--only-search", action="store_true", help="only section 6 (the search on any machine)")
     p.add_argument("--parallel", action="store_true", help="section 6: the two searches of each pair side by side")
+    p.add_argument("--search-option", action="append", default=[],
+                   help="section 6: an option added to the demo searches (repeat; e.g. --search-option=--limit "
+                        "--search-option=25); --time-budget also goes to the style1 ones")
     a = p.parse_args()
     work = a.work or Path(tempfile.mkdtemp(prefix="optimize_figures_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -264,7 +270,7 @@ def main() -> int:
         cpu_ratio(a.checkpoint, work, json.loads((work / "demo" / "search.json").read_text()), a.runs, a.earlier_int8)
         return 0
     if a.only_search:
-        search_anywhere(a.checkpoint, work, a.parallel)
+        search_anywhere(a.checkpoint, work, a.parallel, a.search_option)
         return 0
     if a.only_resume:
         resume_checks(a.checkpoint, work, json.loads((work / "demo" / "search.json").read_text()))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tinybeauty_cli.core.checkpoint import load_model
+from tinybeauty_cli.core.images import builtin_test_set
 from tinybeauty_cli.core.training import FitConfig, fit
 from tinybeauty_cli.flow.optimize import optimize
 from tinybeauty_cli.flow.optimize_config import CACHE_DIR, OptimizeConfig, Recipe
@@ -59,7 +60,8 @@ def test_prune_continues_the_shorter_distillation_from_its_weights(tiny, tmp_pat
     d, ckpt = tiny
     loaded = load_model(ckpt)
     short = PruneConfig(rate=0.5, method="channel", finetune_steps=3, finetune_images=4, calibration_images=4)
-    artifact, model, report = prune_loaded(loaded, short, eval_images=None, score_before_finetune=False)
+    few = builtin_test_set(32, 2)
+    artifact, model, report = prune_loaded(loaded, short, eval_images=few, score_before_finetune=False)
     from tinybeauty_cli.core.artifact import save_artifact
     save_artifact(artifact, tmp_path / "short.pt")
     shorter = load_model(tmp_path / "short.pt")
@@ -68,15 +70,15 @@ def test_prune_continues_the_shorter_distillation_from_its_weights(tiny, tmp_pat
         marker.fill_(0.125)  # a learning rate of ~0 keeps what the continuation starts from
     longer = dataclasses.replace(short, finetune_steps=5, lr=1e-12)
     with pytest.raises(Exception, match="other settings"):
-        prune_loaded(loaded, longer, continue_from=shorter)  # the learning rate differs from the short run's
+        prune_loaded(loaded, longer, eval_images=few, continue_from=shorter)  # another learning rate
     longer = dataclasses.replace(short, finetune_steps=5)
-    _, cont, rep = prune_loaded(loaded, longer, continue_from=shorter, score_before_finetune=False)
+    _, cont, rep = prune_loaded(loaded, longer, eval_images=few, continue_from=shorter, score_before_finetune=False)
     assert rep.finetune["steps"] == 5 and rep.finetune["continued_from_step"] == 3
     assert [p.shape for p in cont.parameters()] == [p.shape for p in shorter.module.parameters()]
     w = cont.get_submodule("upconv2.conv").weight
     assert (w - 0.125).abs().max() < 0.05  # two steps from the saved weights, not from the pruned original
     with pytest.raises(Exception, match="holds 3 distillation steps"):
-        prune_loaded(loaded, dataclasses.replace(short, finetune_steps=3), continue_from=shorter)
+        prune_loaded(loaded, dataclasses.replace(short, finetune_steps=3), eval_images=few, continue_from=shorter)
 
 
 def _judged(monkeypatch, misses):
@@ -100,6 +102,7 @@ def _judged(monkeypatch, misses):
     monkeypatch.setattr(optimize_make.Maker, "make_candidate", make_candidate)
 
 
+@pytest.mark.slow
 def test_a_missed_first_rate_is_rescued_by_lower_rates_and_a_continued_distillation(tiny, tmp_path, monkeypatch):
     """Rate 0.5 misses after the short distillation: 0.25 is tried, and 0.5's distillation is continued
     (2 + 2 steps, from the saved 2-step model); the printed commands rebuild the continued model."""
