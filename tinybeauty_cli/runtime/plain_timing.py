@@ -34,7 +34,7 @@ def plain_process_latency(path: Path | str, runs: int = 30, warmup: int = 5, thr
     """``path`` timed in a plain process (batch 1, median of ``runs`` after ``warmup``); None when the
     child could not time it (its error is not this command's)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    args = [sys.executable, "-m", "tinybeauty_cli.runtime.plain_timing", str(path), "--runs", str(runs),
+    args = [sys.executable, "-m", __name__, str(path), "--runs", str(runs),  # this module, as the child
             "--warmup", str(warmup)] + (["--threads", str(threads)] if threads else [])
     try:
         res = subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout)
