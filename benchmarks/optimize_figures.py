@@ -15,6 +15,13 @@
 5. The released checkpoint with ``face_01.png`` as ``--data`` (no targets: fidelity budget): the
    chosen files and where ``pareto.png`` is, to look at.
 
+6. (``--only-search``) the search on any machine: the demo with the default options and with
+   ``--threads 1`` (a stand-in for a slower machine; run side by side with ``--parallel``): wall
+   time (<= 10 min), ``TinyBeauty.mlmodel`` bytes (<= 28,000) and its PSNR drop by ``tbopt bench``
+   (<= 0.3 dB), the cost model it measured, what it did not try and why it stopped; then the
+   released checkpoint with ``face_01.png`` as ``--data`` and 32 crops of it as ``--calib``, with and
+   without GPTQ palettes in the space (``--no-gptq``).
+
 Each ``tbopt`` is the real command in a subprocess. The machine may be shared: the load average is
 printed at the start and the end.
 """
@@ -152,6 +159,93 @@ def realdata(work: Path) -> None:
     print(f"   pareto.png: {work / 'real' / 'pareto.png'}")
 
 
+def _started(args: list[str]) -> tuple[float, subprocess.Popen]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return time.perf_counter(), subprocess.Popen([sys.executable, "-m", "tinybeauty_cli", *args], cwd=ROOT, env=env,
+                                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def _searches(runs: dict[str, list[str]], parallel: bool) -> dict[str, tuple[float, dict]]:
+    """``tbopt optimize ARGS --json`` for each label, side by side when ``parallel``: (wall s, result)."""
+    done: dict[str, tuple[float, dict]] = {}
+    pending = list(runs.items())
+    while pending:
+        batch = pending if parallel else pending[:1]
+        pending = [] if parallel else pending[1:]
+        started = {label: _started(["optimize", *args, "--json", "--force"]) for label, args in batch}
+        for label, (t0, proc) in started.items():
+            out, _ = proc.communicate()
+            if proc.returncode != 0:
+                sys.exit(f"tbopt optimize ({label}) failed ({proc.returncode})")
+            done[label] = (time.perf_counter() - t0, json.loads(out))
+    return done
+
+
+def _describe_search(label: str, wall: float, data: dict, ref: Path | None) -> None:
+    print(f"   [{label}] {wall:.0f} s wall ({wall / 60:.1f} min; <= 10 min: {check(wall <= 600)}); "
+          f"{len(data['candidates'])} candidates, {len(data['models'])} float models, {len(data['skipped'])} "
+          f"skipped, {len(data['not_tried'])} not tried; threads {data['threads']}")
+    print(f"      stopped: {data.get('stopped')}")
+    costs = ", ".join(f"{k} {v['seconds_per_unit']:.3g} s" for k, v in (data.get("cost_model") or {}).items())
+    print(f"      cost model: {costs}")
+    for n in data["not_tried"]:
+        print(f"      not tried: {n['key']} (expected {n.get('expected_s', '?')} s, {n.get('left_s', '?')} s left)")
+    rows = bench_psnr([Path(c["file"]) for c in data["chosen"].values() if c.get("file")], ref) if ref else {}
+    for target, c in data["chosen"].items():
+        if not c.get("file"):
+            print(f"      {target}: {c['reason']}")
+            continue
+        row = rows.get(Path(c["file"]).name, {})
+        quality = (f"PSNR drop {rows[ref.name]['target_psnr_db'] - row['target_psnr_db']:.3f} dB by tbopt bench"
+                   if ref and row.get("target_psnr_db") is not None else f"fidelity {c['fidelity_psnr_db']} dB")
+        print(f"      {target}: {c['size_bytes']:,} B, {quality}, latency {c.get('latency_ms')} ms, {c['recipe']['key']}")
+
+
+def search_anywhere(demo: Path, work: Path, parallel: bool, extra: list[str]) -> None:
+    """Section 6: the demo at full and one thread, the released checkpoint with and without GPTQ
+    (``extra``: options added to every search, e.g. ``--time-budget 25 --limit 25`` on a loaded machine)."""
+    print(f"6. the search on any machine ({cpu_name()}; load average {os.getloadavg()}); extra options: {extra}")
+    runs = {"default": [str(demo), "--out", str(work / "demo_default"), *extra],
+            "--threads 1": [str(demo), "--out", str(work / "demo_threads1"), "--threads", "1", *extra]}
+    for label, (wall, data) in _searches(runs, parallel).items():
+        _describe_search(f"demo {label}", wall, data, demo)
+        ios13 = data["chosen"].get("ios13", {})
+        print(f"      TinyBeauty.mlmodel <= 28,000 B: {check(bool(ios13.get('file')) and ios13['size_bytes'] <= 28_000)}")
+    ckpt, face = REALDATA / "tinybeauty_style1.pt", REALDATA / "face_01.png"
+    if not (ckpt.is_file() and face.is_file()):
+        print("   the released checkpoint is absent: skipped")
+        return
+    faces, calib = work / "style1_data", work / "style1_calib"
+    _face_and_crops(face, faces, calib)
+    budget = [a for i, a in enumerate(extra) if a == "--time-budget" or (i and extra[i - 1] == "--time-budget")]
+    runs = {"with GPTQ": [str(ckpt), "--data", str(faces), "--calib", str(calib), "--out", str(work / "style1_gptq"),
+                          *budget],
+            "--no-gptq": [str(ckpt), "--data", str(faces), "--calib", str(calib), "--out", str(work / "style1_plain"),
+                          "--no-gptq", *budget]}
+    print(f"   style1, --data {face.name}, --calib 32 crops of it (load average {os.getloadavg()})")
+    for label, (wall, data) in _searches(runs, parallel).items():
+        _describe_search(f"style1 {label}", wall, data, None)
+    print(f"   load average at the end {os.getloadavg()}")
+
+
+def _face_and_crops(face: Path, faces: Path, calib: Path, count: int = 32) -> None:
+    """``faces/``: the face itself; ``calib/``: ``count`` square crops of it (60-90% of its side, at random
+    places, seed 0), each resized to the face's size."""
+    import numpy as np
+    from PIL import Image
+
+    faces.mkdir(parents=True, exist_ok=True)
+    calib.mkdir(parents=True, exist_ok=True)
+    (faces / face.name).write_bytes(face.read_bytes())
+    img = Image.open(face).convert("RGB")
+    side = min(img.size)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        s = int(side * rng.uniform(0.6, 0.9))
+        x, y = (int(rng.integers(0, d - s + 1)) for d in img.size)
+        img.crop((x, y, x + s, y + s)).resize(img.size, Image.BICUBIC).save(calib / f"crop_{i:02d}.png")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", type=Path, default=ROOT / "tinybeauty_cli" / "core" / "assets" / "tinybeauty_demo.pt")
@@ -163,12 +257,20 @@ def main() -> int:
     p.add_argument("--only-realdata", action="store_true", help="only section 5 (the released checkpoint)")
     p.add_argument("--only-resume", action="store_true", help="only section 4, on the search already in --work")
     p.add_argument("--only-cpu-ratio", action="store_true", help="only section 3, on the search already in --work")
+    p.add_argument("--only-search", action="store_true", help="only section 6 (the search on any machine)")
+    p.add_argument("--parallel", action="store_true", help="section 6: the two searches of each pair side by side")
+    p.add_argument("--search-option", action="append", default=[],
+                   help="section 6: an option added to the demo searches (repeat; e.g. --search-option=--limit "
+                        "--search-option=25); --time-budget also goes to the style1 ones")
     a = p.parse_args()
     work = a.work or Path(tempfile.mkdtemp(prefix="optimize_figures_"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"load average at start {os.getloadavg()}; {os.cpu_count()} cores, {cpu_name()}; outputs in {work}")
     if a.only_cpu_ratio:
         cpu_ratio(a.checkpoint, work, json.loads((work / "demo" / "search.json").read_text()), a.runs, a.earlier_int8)
+        return 0
+    if a.only_search:
+        search_anywhere(a.checkpoint, work, a.parallel, a.search_option)
         return 0
     if a.only_resume:
         resume_checks(a.checkpoint, work, json.loads((work / "demo" / "search.json").read_text()))

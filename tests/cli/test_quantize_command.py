@@ -31,6 +31,9 @@ def test_quantize_json(cli_quantized):
     assert d["latency"]["threads"] == 1 and d["quality"]["images"].startswith("built-in synthetic test set (3 pairs")
     assert d["config"]["calib_count"] == 3 and d["config"]["keep_float"] == "auto"
     assert d["size"]["int8_bytes"] == out.stat().st_size
+    # both latencies: as tbopt times it (freed memory kept) and as a plain process gets it
+    assert d["latency"]["int8_plain_process_ms"] > 0 and "keeping freed memory" in d["latency"]["int8_timed_with"]
+    assert "MALLOC_TRIM_THRESHOLD_=" in d["latency"]["faster_with"]
 
 
 def test_info_and_apply_accept_the_int8_file(cli_quantized, tmp_path):

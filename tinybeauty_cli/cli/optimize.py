@@ -102,9 +102,9 @@ def optimize(
                         f"Default: {_csv(OptimizeConfig.rates)}.", rich_help_panel=SPACE, show_default=False)] = None,
     finetune_steps: Annotated[Optional[List[str]], typer.Option(
         "--finetune-steps", help="Distillation lengths to try after channel pruning (repeatable, or a comma "
-                                 "list); a longer "
-                                        "one only for the rates a shorter one kept. Default: tbopt prune's, then "
-                                        "2000.", rich_help_panel=SPACE, show_default=False)] = None,
+                                 "list); a longer one continues the shortest (tbopt prune --continue-from), for "
+                                 "the rates it kept and the first it missed. Default: tbopt prune's, then 2000.",
+        rich_help_panel=SPACE, show_default=False)] = None,
     full_res_rates: Annotated[Optional[List[str]], typer.Option(
         "--full-res-rates", help="For each rate the longest distillation kept: the same rate with the channel groups "
                                  "of the full-resolution convs pruned at these rates (tbopt prune --group-rate; "
@@ -120,6 +120,14 @@ def optimize(
     fit_steps: Annotated[int, typer.Option(
         "--fit-steps", min=0, help="Steps of palette fitting (tbopt export --fit-palettes) for the palettes that "
                                    "missed the budget; 0 to skip.", rich_help_panel=SPACE)] = OptimizeConfig.fit_steps,
+    lower_rates: Annotated[Optional[List[str]], typer.Option(
+        "--lower-rates", help="Rates below the first of --rates, tried (highest first) when the first misses the "
+                              "budget after the short distillation (repeatable, or a comma list; '' for none). "
+                              f"Default: {_csv(OptimizeConfig.lower_rates)}.",
+        rich_help_panel=SPACE, show_default=False)] = None,
+    gptq: Annotated[bool, typer.Option(
+        "--gptq/--no-gptq", help="Try the palettes plain k-means missed again with GPTQ entries (tbopt export "
+                                 "--palette-method gptq: same bytes).", rich_help_panel=SPACE)] = True,
     bits_by_layer: Annotated[bool, typer.Option(
         "--bits-by-layer/--no-bits-by-layer", help="Also try the palettes that missed the budget with bits chosen "
                                                    "by layer in the same bytes (tbopt export --bits-by-layer auto).",
@@ -154,7 +162,8 @@ def optimize(
         full_res_rates=_numbers(full_res_rates, OptimizeConfig.full_res_rates, "--full-res-rates"),
         palettes=split_list(palettes) if palettes is not None else PALETTES,
         sparsities=_numbers(sparsities, OptimizeConfig.sparsities, "--sparsities"), fit_steps=fit_steps, bits_by_layer=bits_by_layer, runs=runs,
-        threads=threads, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+        threads=threads, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle,
+        lower_rates=_numbers(lower_rates, OptimizeConfig.lower_rates, "--lower-rates"), gptq=gptq)
     path = ui.model_or_demo(checkpoint)
     with ui.live_table(f"tbopt optimize: candidates ({path.name})", ROW_COLUMNS, right=ROW_COLUMNS[3:8]) as add:
         result = run_search(path, out, cfg, force=force, resume=resume, progress=ui,
@@ -199,7 +208,12 @@ def render_optimize(ui: _output.Output, r: OptimizeResult) -> None:
                 ui.line(f"  {line}")
     tried = len(r.candidates)
     ui.line(f"{tried} candidate(s) and {len(r.models)} float model(s) in {r.seconds:.0f} s; "
-            f"{len(r.skipped)} skipped (their branch missed), {len(r.not_tried)} not tried (time budget); "
-            f"wrote {', '.join(REPORT_FILES.values())} into {r.out}/")
+            f"{len(r.skipped)} skipped (their branch missed, or they could not beat a kept file), "
+            f"{len(r.not_tried)} not tried (time budget); wrote {', '.join(REPORT_FILES.values())} into {r.out}/")
+    if r.stopped:
+        ui.line(f"stopped: {r.stopped}")
+    cpu = d["chosen"].get("cpu") or {}
+    if cpu.get("latency_note"):
+        ui.line(f"cpu latency: {cpu['latency_note']}")
     for n in r.notes:
         ui.note(n)

@@ -43,6 +43,11 @@ def prune(
         "--finetune-steps", min=0, show_default=False,
         help=f"Distillation steps after pruning (teacher: the input model). Default: 0 for magnitude and global, "
              f"{DEFAULT_CHANNEL_FINETUNE_STEPS} for channel.")] = None,
+    continue_from: Annotated[Optional[Path], typer.Option(
+        "--continue-from", help="The same pruning of this checkpoint with a shorter distillation (a tbopt prune "
+                                "output): continue its distillation to --finetune-steps (steps, learning rate and "
+                                "batches where a run of that length would be) instead of starting afresh.",
+        show_default=False)] = None,
     calib: Annotated[Optional[Path], typer.Option(
         "--calib", help="Folder of unlabeled images for channel ranking and fine-tuning (of pairs, only the inputs "
                         "are used). Default: synthetic portraits, never the test set.", rich_help_panel="Data")] = None,
@@ -88,7 +93,8 @@ def prune(
                  "(default: synthetic portraits)")
     path = out.model_or_demo(artifact)
     report = prune_model(path, cfg, output=output, force=force, data=calib, eval_data=data, eval_limit=limit,
-                         threads=threads, progress=out, **model_options(arch, arch_kwargs, trust_pickle))
+                         threads=threads, progress=out, continue_from=continue_from,
+                         **model_options(arch, arch_kwargs, trust_pickle))
     out.emit(report, render_prune)
 
 

@@ -108,6 +108,9 @@ def render_quantize(out: _output.Output, r: QuantizeResult) -> None:
                f"{lat['int8']['runs']} interleaved runs after {lat['int8']['warmup']} warm-up; "
                f"float = {lat['float_engine']}, int8 = {lat['int8_engine']}; {load_text(lat.get('load_average'))}",
               right=("float", "int8", "int8 / float"))
+    if lat.get("int8_timed_with"):
+        out.line(f"int8 latency {lat['int8']['p50_ms']} ms is timed with {lat['int8_timed_with']}; a plain Python "
+                 f"process gets {lat.get('int8_plain_process_ms')} ms; for the faster one: {lat['faster_with']}")
     if any(layer.alone_fidelity_db is not None for layer in r.layers):
         out.table("layers (sensitivity: fidelity with only that layer in int8)",
                   ["layer", "type", "precision", "alone in int8 (dB)", "why"],

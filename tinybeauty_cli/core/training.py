@@ -31,10 +31,16 @@ class FitConfig:
     #: The image loss: ``"l1"`` (mean absolute difference) or ``"l2"`` (mean squared difference, the
     #: quantity PSNR measures; distillation after channel pruning recovers more of the PSNR with it).
     loss: str = "l1"
+    #: Steps of this schedule already taken (by an earlier fit whose weights the model holds): the
+    #: fit runs steps ``start`` to ``steps - 1``, at their learning rates and on the batches a fit
+    #: from step 0 draws there. Adam's moments are not part of a checkpoint: they start afresh.
+    start: int = 0
 
     def __post_init__(self) -> None:
         if self.loss not in ("l1", "l2"):
             raise ValueError(f"FitConfig.loss must be 'l1' or 'l2', got {self.loss!r}")
+        if not 0 <= self.start <= self.steps:
+            raise ValueError(f"FitConfig.start must be in [0, steps], got {self.start} of {self.steps}")
 
 
 @dataclass
@@ -73,8 +79,13 @@ def fit(
         return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * t))
 
     result = FitResult()
+    skip = getattr(batch_fn, "skip", None)
+    for step in range(cfg.start):  # the random draws of the steps already taken, so that the rest match
+        if skip is None:
+            raise ValueError("continuing a fit needs a batch function that can skip steps (its .skip)")
+        skip(step, gen)
     model.train()
-    for step in range(cfg.steps):
+    for step in range(cfg.start, cfg.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         x, target = batch_fn(step, gen)
@@ -107,9 +118,11 @@ def distillation_batches(teacher: nn.Module, images: torch.Tensor, batch_size: i
     teacher = teacher.eval()  # under no_grad: it is never trained
     targets: dict[tuple[int, bool], torch.Tensor] = {}
 
+    def draw(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randint(0, len(images), (batch_size,), generator=gen), torch.rand(batch_size, generator=gen) < 0.5
+
     def batch(step: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(0, len(images), (batch_size,), generator=gen)
-        flip = torch.rand(batch_size, generator=gen) < 0.5
+        idx, flip = draw(gen)
         x = images[idx]
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x).contiguous()
         keys = [(int(i), bool(f)) for i, f in zip(idx, flip)]
@@ -121,4 +134,5 @@ def distillation_batches(teacher: nn.Module, images: torch.Tensor, batch_size: i
                 targets[keys[j]] = row
         return x, torch.stack([targets[k] for k in keys])
 
+    batch.skip = lambda step, gen: draw(gen)  # type: ignore[attr-defined]  # what a continued fit replays
     return batch

@@ -1,20 +1,12 @@
 """``tbopt optimize``: search the space tbopt spans for the smallest Core ML file per iOS target and
 the fastest int8 CPU file that keep the quality, and write them with the commands that rebuild them.
 
-The search (:mod:`.optimize_search`), cheap before dear:
-
-1. the original model's plain weight storage per Core ML target: fp16, int8, palettes from 8
-   bits down (a branch stops at the first palette that misses the budget); then int8
-   TorchScript for ``cpu`` (timed; the engine ranked by ``tbopt quantize``);
-2. channel pruning, rates ascending, per distillation length (a longer one only for the rates a
-   shorter one kept): the pruned float model is scored first and a rate that misses the budget
-   stops its branch (higher rates are not pruned); a pruned model that keeps the quality gets the
-   same storage search as the original;
-3. the dear storage, for the palettes that missed: bits chosen by layer in the same bytes, fitted
-   palettes, both; smallest files first, down a palette size while one keeps the quality, and
-   nothing whose weights alone outweigh the smallest file kept (:meth:`_Search.cannot_beat`);
-4. weights zeroed and stored sparse in fp16 (ML Programs), last: on TinyBeauty it has not kept
-   the quality where a palette of the same bytes did.
+The search (:mod:`.optimize_search` its order and clock, :mod:`.optimize_make` making and scoring
+each step, :mod:`.optimize_cost` the seconds each kind of work takes on this run) goes cheap and
+likely gains first: the model as given (plain palettes down to the first miss, then GPTQ palettes),
+channel pruning after a short distillation, the distillation continued for the rates that kept
+(or to rescue the first rate that missed, with the rates below it), the dear palettes (bits by
+layer, fitted), sparse storage last.
 
 Every evaluation is cached by recipe in ``--out/.tbopt-search`` (:mod:`.optimize_cache`): the
 pruning, the file and its scores. ``--resume`` reuses them; ``--time-budget`` stops starting new
@@ -25,6 +17,7 @@ files are copied into ``--out`` atomically, with ``search.json``, ``search.md`` 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -38,17 +31,21 @@ from ..core.checkpoint import load_model
 from ..core.contexts import torch_threads
 from ..core.errors import InputError, OutputError, OutputExistsError, UsageError
 from ..core.files import atomic_output, check_folder, folder_lock, normalized, sha256_file, size_on_disk, zipped_size
-from ..core.images import ImageSet, load_images, uint8_to_model
+from ..core.images import ImageSet, uint8_to_model
 from ..core.progress import Progress, SilentProgress
 from ..core.written import WrittenFile
 from ..measure.search_report import pareto_figure, pareto_front, search_markdown
+from ..runtime.plain_timing import allocator_hint, plain_process_latency
 from ..runtime.runners import TorchRunner, open_runner, runner_for
-from ..runtime.timing import measure_latencies
+from ..runtime.timing import measure_latencies, steady_allocator
 from .optimize_cache import SearchCache
 from .optimize_config import CACHE_DIR, REPORT_FILES, TARGET_FILES, OptimizeConfig
+from .optimize_data import DataUse, data_use
 from .optimize_result import Candidate, OptimizeResult
 from .optimize_result import rounded as _r
-from .optimize_search import TWIN, OnRow, _Search, _shown
+from .optimize_make import TWIN, OnRow
+from .optimize_make import shown as _shown
+from .optimize_search import Search
 
 
 def check_outputs(out: Path, targets: tuple[str, ...], force: bool, resume: bool) -> None:
@@ -92,20 +89,22 @@ def _locked_optimize(checkpoint: Path, out: Path, cfg: OptimizeConfig, force: bo
         raise UsageError(f"{checkpoint} is a {loaded.kind} model; tbopt optimize starts from a float checkpoint")
     with torch_threads(cfg.threads):
         threads = torch.get_num_threads()
-        images = load_images(cfg.data, loaded.preprocessing.size, cfg.limit)
+        if force:
+            SearchCache(out / CACHE_DIR, {}, progress).clear()
+        use = data_use(cfg.data, cfg.calib, loaded.preprocessing.size, cfg.limit, out / CACHE_DIR / "split")
+        images = use.images
         context = {**cfg.cache_context(), "checkpoint_sha256": loaded.sha256, "threads": threads,
                    "images": images.source, "images_sha256": _array_digest(images)}
         cache = SearchCache(out / CACHE_DIR, context, progress)
-        if force:
-            cache.clear()
+        cfg = dataclasses.replace(cfg, calib=use.calib)  # a split's calibration part, when --calib is --data
         if resume and cache.exists() and not cache.same_context():
             progress.note("the search in --out was made with other settings, images or checkpoint: starting afresh")
         # the original is scored first (a model that computes NaN on the images is refused): nothing is
         # written into --out before that
-        search = _Search(loaded, images, cfg, cache, progress, on_row)
+        search = Search(loaded, images, cfg, cache, progress, on_row)
         cache.start()
         search.run()
-        return _finish(search, checkpoint, out, cfg, threads, force or resume)
+        return _finish(search, checkpoint, out, cfg, threads, force or resume, use)
 
 
 def _array_digest(images: ImageSet) -> str:
@@ -115,8 +114,8 @@ def _array_digest(images: ImageSet) -> str:
     return h.hexdigest()
 
 
-def _finish(search: _Search, checkpoint: Path, out: Path, cfg: OptimizeConfig, threads: int,
-            replace: bool) -> OptimizeResult:
+def _finish(search: Search, checkpoint: Path, out: Path, cfg: OptimizeConfig, threads: int,
+            replace: bool, use: DataUse | None = None) -> OptimizeResult:
     budget = search.budget
     original_path = Path(search.original.path)
     as_read = WrittenFile.of_bytes(original_path, search.original.content)  # the input's bytes, as read once
@@ -124,7 +123,10 @@ def _finish(search: _Search, checkpoint: Path, out: Path, cfg: OptimizeConfig, t
                 "zipped_bytes": as_read.zipped_bytes, "target_psnr_db": _r(search.reference.target_psnr_db),
                 "quality_db": _r(search.reference.target_psnr_db) if budget.uses_targets else None,
                 "latency_ms": None, "engine": "PyTorch eager fp32", "threads": threads}
+    t0 = time.perf_counter()
     cpu_times = _time_cpu_side_by_side(search, cfg, original) if "cpu" in cfg.targets else {}
+    if "cpu" in cfg.targets:
+        search.costs.observe("timing", time.perf_counter() - t0)
     for target in set(c.recipe.target for c in search.candidates):  # the Pareto front, per target
         group = [c for c in search.candidates if c.recipe.target == target and c.quality_db is not None]
         xs = [(c.latency_ms if target == "cpu" and c.latency_ms is not None else c.size_bytes) for c in group]
@@ -161,11 +163,15 @@ def _finish(search: _Search, checkpoint: Path, out: Path, cfg: OptimizeConfig, t
                           "latency_ms": cpu_times.get(best.recipe.key, best.latency_ms),
                           "commands": best.recipe.commands(_shown(checkpoint), _shown(dest), cfg, threads,
                                                        backend=best.backend)}
+        if target == "cpu":
+            chosen[target].update(plain_latency(dest, chosen[target]["latency_ms"], cfg, threads))
 
-    command = _command_line(checkpoint, out, cfg)
+    command = _command_line(checkpoint, out, dataclasses.replace(cfg, calib=cfg.data) if use and use.split else cfg)
     result = OptimizeResult(str(checkpoint), str(out), command, cfg, budget, search.images.source, original,
                             search.candidates, search.models, search.skipped, search.not_tried, chosen,
-                            time.perf_counter() - search.t_start, threads)
+                            time.perf_counter() - search.t_start, threads, stopped=search.stopped,
+                            costs=search.costs.to_dict(), images_use=use.to_dict() if use else {})
+    result.notes.extend(use.notes if use else [])
     if search.not_tried:
         result.notes.append(f"the time budget stopped the search: {len(search.not_tried)} step(s) not tried "
                             f"(listed in search.json); --resume with a larger --time-budget continues it")
@@ -179,7 +185,18 @@ def _finish(search: _Search, checkpoint: Path, out: Path, cfg: OptimizeConfig, t
     return result
 
 
-def _verified_smallest(search: _Search, kept: list[Candidate]) -> Candidate | None:
+def plain_latency(path: Path, kept_ms: float | None, cfg: OptimizeConfig, threads: int) -> dict[str, Any]:
+    """The chosen int8 file's latency as a plain Python process gets it, beside the figure that chose it
+    (freed memory kept), and the one line that gives a user's process the faster one."""
+    plain = plain_process_latency(path, runs=cfg.runs, warmup=cfg.warmup, threads=threads)
+    plain_ms = plain["p50_ms"] if plain else None
+    return {"latency_plain_process_ms": plain_ms, "latency_chosen_by": f"latency with {steady_allocator()}",
+            "latency_note": f"chosen by its latency with freed memory kept ({kept_ms} ms); a plain Python process "
+                            f"that leaves glibc's allocator as it starts: {plain_ms} ms; for the faster figure: "
+                            f"{allocator_hint()}"}
+
+
+def _verified_smallest(search: Search, kept: list[Candidate]) -> Candidate | None:
     """The smallest Core ML candidate that still keeps the quality when its file is run as
     ``tbopt bench`` runs it (Core ML on macOS, the reference executor elsewhere); its figures
     become those. One that misses is marked so and the next smallest is tried."""
@@ -200,7 +217,7 @@ def _verified_smallest(search: _Search, kept: list[Candidate]) -> Candidate | No
     return None
 
 
-def _time_cpu_side_by_side(search: _Search, cfg: OptimizeConfig, original: dict[str, Any]) -> dict[str, float]:
+def _time_cpu_side_by_side(search: Search, cfg: OptimizeConfig, original: dict[str, Any]) -> dict[str, float]:
     """The int8 files within the budget and the original, timed with their runs interleaved (same load)."""
     x1 = uint8_to_model(search.images.inputs[:1])
     fns: dict[str, Callable[[], object]] = {}

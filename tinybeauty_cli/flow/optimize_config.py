@@ -21,7 +21,7 @@ from ..prune.config import PruneConfig, PruneMethod
 from ..quantize.config import QuantizeConfig
 from .run_config import model_args
 
-OPTIMIZE_VERSION = 1
+OPTIMIZE_VERSION = 2
 #: Where each target's chosen file goes, inside ``--out``.
 TARGET_FILES = {
     "ios13": "TinyBeauty.mlmodel",
@@ -33,7 +33,7 @@ TARGET_FILES = {
 TARGETS = tuple(TARGET_FILES)
 DEFAULT_TARGETS = ("ios13", "cpu", "ios16")
 #: ``--time-budget`` when none is given (minutes); ``--time-budget 0`` lifts it.
-DEFAULT_TIME_BUDGET_MIN = 13.0
+DEFAULT_TIME_BUDGET_MIN = 10.0
 #: The search's own files inside ``--out``; the cache keeps every candidate for ``--resume``.
 REPORT_FILES = {"json": "search.json", "markdown": "search.md", "figure": "pareto.png"}
 CACHE_DIR = ".tbopt-search"
@@ -63,6 +63,11 @@ class Recipe:
     #: this rate instead of ``rate`` (``tbopt prune --group-rate``); 0: every group at ``rate``.
     full_res_rate: float = 0.0
     full_res: tuple[str, ...] = ()
+    #: Palette entries chosen by GPTQ and tables refit on calibration images (``--palette-method gptq``).
+    gptq: bool = False
+    #: The distillation continued from this many steps (the same rate's shorter one) up to ``steps``
+    #: (``tbopt prune --continue-from``); 0: distilled from the start.
+    from_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -80,14 +85,16 @@ class Recipe:
     def model_key(self) -> str:
         """The float model this recipe stores: the pruning part of :attr:`key`."""
         full_res = f"-fullres{self.full_res_rate:g}" if self.full_res_rate else ""
-        parts = [f"channel{self.rate:g}{full_res}x{self.steps}" if self.rate else "original"]
+        steps = f"{self.from_steps}+{self.steps - self.from_steps}" if self.from_steps else str(self.steps)
+        parts = [f"channel{self.rate:g}{full_res}x{steps}" if self.rate else "original"]
         if self.sparsity:
             parts.append(f"sparse{self.sparsity:g}")
         return "+".join(parts)
 
     @property
     def storage(self) -> str:
-        return self.weights + ("+bits" if self.bits_by_layer else "") + (f"+fit{self.fit_steps}" if self.fit_steps else "")
+        return (self.weights + ("+gptq" if self.gptq else "") + ("+bits" if self.bits_by_layer else "")
+                + (f"+fit{self.fit_steps}" if self.fit_steps else ""))
 
     @property
     def key(self) -> str:
@@ -116,7 +123,14 @@ class Recipe:
     def export_config(self) -> ExportConfig:
         fmt = "neuralnetwork" if self.target == "ios13" else "mlprogram"
         return ExportConfig(format=fmt, weights=None if self.weights == "fp16" else self.weights,
-                            target=coreml_target(self.target), bits_by_layer="auto" if self.bits_by_layer else None)
+                            target=coreml_target(self.target), bits_by_layer="auto" if self.bits_by_layer else None,
+                            palette_method="gptq" if self.gptq else "kmeans")
+
+    @property
+    def shorter(self) -> "Recipe":
+        """The float model a continued distillation starts from (``from_steps`` of the same pruning)."""
+        return Recipe(target=self.target, rate=self.rate, steps=self.from_steps, full_res_rate=self.full_res_rate,
+                      full_res=self.full_res)
 
     # -- the commands that rebuild the file -------------------------------------------------------------
     def commands(self, checkpoint: str, output: str, cfg: "OptimizeConfig", threads: int,
@@ -136,9 +150,13 @@ class Recipe:
         if self.rate:
             pruned = f"{stem}_channel-{_pct(self.rate)}{'-fullres' if self.full_res_rate else ''}.pt"
             groups = [a for layer, r in self.group_rates for a in ("--group-rate", f"{layer}={r:g}")]
-            lines.append(["tbopt", "prune", source, "--method", "channel", "--rate", f"{self.rate:g}", *groups,
-                          "--finetune-steps", str(self.steps), "--seed", str(cfg.seed), *data, *threads_opt,
-                          "-o", pruned])
+            line = ["tbopt", "prune", source, "--method", "channel", "--rate", f"{self.rate:g}", *groups,
+                    "--seed", str(cfg.seed), *data, *threads_opt]
+            if self.from_steps:
+                shorter = pruned.replace(".pt", f"-{self.from_steps}.pt")
+                lines.append(line + ["--finetune-steps", str(self.from_steps), "-o", shorter])
+                line = line + ["--continue-from", shorter]
+            lines.append(line + ["--finetune-steps", str(self.steps), "-o", pruned])
             source, stem = pruned, Path(pruned).stem
         if self.sparsity:
             sparse = f"{stem}_sparse-{_pct(self.sparsity)}.pt"
@@ -156,12 +174,14 @@ class Recipe:
             line = ["tbopt", "export", source]
             if self.weights != "fp16":
                 line += ["--weights", self.weights]
+            if self.gptq:
+                line += ["--palette-method", "gptq"]
             if self.bits_by_layer:
                 line += ["--bits-by-layer", "auto"]
             if self.fit_steps:
                 line += ["--fit-palettes", str(self.fit_steps)]
-            if self.bits_by_layer or self.fit_steps:
-                line += data  # one --calib folder: the images bits are chosen and palettes fitted on
+            if self.bits_by_layer or self.fit_steps or self.gptq:
+                line += data  # one --calib folder: bits chosen, GPTQ calibrated and palettes fitted on them
             lines.append(line + ["--target", coreml_target(self.target), "-o", output])
         if lines:  # the first command opens the checkpoint; the artifacts it writes remember --arch
             lines[0][3:3] = model_args(cfg.arch, cfg.arch_kwargs, cfg.trust_pickle)
@@ -189,6 +209,11 @@ class OptimizeConfig:
     #: (None: tbopt prune's default for channel pruning). A longer distillation is tried only for the
     #: rates whose shorter one kept the quality: it leaves room for the smaller storage modes.
     rates: tuple[float, ...] = (0.3, 0.4, 0.5)
+    #: Rates below the first, tried only when the first misses the budget after its short
+    #: distillation (Core ML bytes still shrink where the CPU would want more channels).
+    lower_rates: tuple[float, ...] = (0.25, 0.2)
+    #: GPTQ palettes (``tbopt export --palette-method gptq``) for the palettes plain k-means missed.
+    gptq: bool = True
     finetune_steps: tuple[int | None, ...] = (None, 2000)
     #: For the CPU: after the longest distillation of every rate that kept the quality, the same rate
     #: with the channel groups of the full-resolution convs pruned at these rates (0.66 keeps 8 of 24
@@ -229,6 +254,11 @@ class OptimizeConfig:
         for r in rates:
             PruneConfig(rate=r, method="channel")  # refuses a rate outside [0, 1)
         object.__setattr__(self, "rates", rates)
+        lower = tuple(sorted({float(r) for r in self.lower_rates if 0.0 < float(r) < (rates[0] if rates else 1.0)},
+                             reverse=True))
+        for r in lower:
+            PruneConfig(rate=r, method="channel")
+        object.__setattr__(self, "lower_rates", lower)
         steps = tuple(dict.fromkeys(self.finetune_steps)) or (None,)
         if any(s is not None and s < 0 for s in steps):
             raise UsageError("--finetune-steps must be >= 0")

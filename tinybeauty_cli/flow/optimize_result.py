@@ -138,6 +138,9 @@ class OptimizeResult:
     seconds: float
     threads: int
     notes: list[str] = field(default_factory=list)
+    stopped: str = ""  # why the search ended
+    costs: dict[str, Any] = field(default_factory=dict)  # the cost model measured on this run
+    images_use: dict[str, Any] = field(default_factory=dict)  # which images were scored, which calibrated
     #: the load average when the search ended (its int8 files are timed at the end)
     load_average: float | None = field(default_factory=load_average)
 
@@ -158,7 +161,7 @@ class OptimizeResult:
             "original": self.original, "chosen": self.chosen,
             "candidates": [c.to_dict() for c in self.candidates], "models": [m.to_dict() for m in self.models],
             "skipped": self.skipped, "not_tried": self.not_tried, "seconds": round(self.seconds, 1),
-            "notes": self.notes, "caption": caption(self),
+            "stopped": self.stopped, "cost_model": self.costs, "images_use": self.images_use, "notes": self.notes, "caption": caption(self),
         }
 
 

@@ -1,212 +1,161 @@
-"""The search behind ``tbopt optimize`` (:mod:`.optimize`): its state and its order -- which float models
-are made, which files are tried for each target and when a branch stops -- and how each candidate is
-made and scored. Choosing among the candidates and writing the results is :mod:`.optimize`'s.
+"""The order of the search behind ``tbopt optimize`` (:mod:`.optimize`): what to try next, whether it
+still fits the time budget, and when a branch stops. How a float model or a candidate file is made,
+scored and timed is :mod:`.optimize_make`'s; the seconds each kind of work takes are the cost model's
+(:mod:`.optimize_cost`), measured on this run.
+
+The order is the same on every machine -- cheap and likely gains first -- and a step that the cost
+model expects to end after the time budget is not started (it is listed, with its expected
+seconds); cheaper steps after it still are. So a slower machine makes the same steps in the same
+order and reaches the same files, later, as far as its budget goes:
+
+1. the model as given, per target: palettes from 4 bits down to the first that misses; that palette
+   and the smaller ones again with GPTQ entries (``--palette-method gptq``: the same bytes, seconds
+   to make); up towards 8 bits and int8 only when 4 bits missed both ways; int8 TorchScript for ``cpu``;
+2. channel pruning at the first rate after the short distillation. Kept: the same storage search,
+   then the next rates. Missed: what can rescue it -- the distillation continued from the short one
+   to the long one (``tbopt prune --continue-from``), and the rates below the first
+   (``lower_rates``);
+3. the long distillation, continued from the short one, for each rate that kept the quality, each
+   with its storage search and, for the CPU, its full-resolution variant;
+4. the dear storage for the palettes GPTQ also missed: bits by layer and fitted palettes, the smallest
+   files first, never one whose weights alone outweigh the smallest file kept;
+5. weights zeroed and stored sparse (ML Programs); fp16 of the model as given for a target where
+   nothing kept the quality.
+
+Each step's expected seconds include what the search must still do after it: scoring each chosen
+Core ML file as tbopt bench runs it and timing the int8 files side by side (``reserve``).
+
+It stops when the space is exhausted or nothing left fits the budget, and says which (:attr:`Search.stopped`).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import shutil
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
-import torch
-from torch import nn
-
-from ..core.artifact import save_artifact
-from ..core.checkpoint import LoadedModel, load_model
+from ..core.checkpoint import LoadedModel
 from ..core.errors import TbOptError, UnsupportedError
-from ..core.files import size_on_disk, zipped_size
 from ..core.images import ImageSet
 from ..core.progress import Progress
-from ..core.quality import made_up
-from ..coreml.weights import carry_file_weights, stored_weights
-from ..export.config import ExportConfig, storage_bits
-from ..export.prepare import coreml_ready_module
-from ..measure.evaluate import Evaluation, Scores, evaluate
-from ..prune.layers import full_resolution_convs
-from ..runtime.runners import TorchRunner, open_runner, runner_for
-from .export import export_loaded
+from ..measure.evaluate import Evaluation
 from .optimize_cache import SearchCache
-from .optimize_config import TARGET_FILES, Budget, OptimizeConfig, Recipe
+from .optimize_config import OptimizeConfig, Recipe
+from .optimize_cost import CostModel
+from .optimize_make import TWIN, Maker, OnRow, file_twin, shown, with_fitted_palettes
 from .optimize_result import Candidate, ModelEntry
-from .optimize_result import rounded as _r
-from .prune import prune_loaded
-from .quantize import quantize_loaded
 
+__all__ = ["FIT_REACH_DB", "TWIN", "Search", "file_twin", "shown", "with_fitted_palettes"]
 
-def with_fitted_palettes(config: ExportConfig, steps: int, calib: Path | None = None) -> ExportConfig:
-    """The export configuration that fits the palettes for ``steps`` steps before palettizing
-    (``tbopt export --fit-palettes N [--calib DIR]``), on the search's unlabeled images."""
-    return dataclasses.replace(config, fit_palettes=steps, fit_data=str(calib) if calib else None)
-
-
-def _shown(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
-OnRow = Callable[[Any], None]
 #: The most PSNR fitted palettes recovered over plain ones in our measurements (1.6 dB: the demo,
 #: pal4, 300 steps); a palette further below the budget is not fitted.
 FIT_REACH_DB = 2.0
-#: Layers whose weights a Core ML export compresses.
-_STORED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
-
-#: How the search scores a Core ML file: the file's own weights in PyTorch (3-4x faster than the
-#: reference executor off macOS); the chosen files are scored again as tbopt bench runs them.
-TWIN = "PyTorch with the file's decompressed weights"
-
-
-@dataclass
-class _ImageOutTwin(TorchRunner):
-    """The twin of a file with an image output: the made-up image stored in 8 bits, as Core ML does."""
-
-    def residual(self, x: np.ndarray) -> np.ndarray:
-        lo, hi = self.preprocessing.value_range
-        y = made_up(x, super().residual(x))
-        y8 = np.clip(np.rint((y - lo) * (255.0 / (hi - lo))), 0, 255)
-        return y8 * ((hi - lo) / 255.0) + lo - x
+#: The palette a storage search starts from, going down while it keeps the quality and up when it
+#: does not: every scoring counts on a slow machine, and on TinyBeauty 4-bit palettes (with GPTQ)
+#: keep a 0.3 dB budget on the model as given and after channel pruning, where 8 and 6 bits
+#: always do and only add files that cannot be chosen.
+START_PALETTE = "pal4"
 
 
-def file_twin(model: LoadedModel, path: Path, fmt: str) -> TorchRunner | None:
-    """The Core ML file at ``path`` (exported from ``model`` with image I/O) as a PyTorch runner carrying
-    its stored weights; None when the converter folded ops into those weights (a scale after a conv):
-    no PyTorch model with them computes what the file does, and the file itself must be run."""
-    size = model.preprocessing.size
-    twin = coreml_ready_module(model.module, size, fmt)
-    match = carry_file_weights(twin, stored_weights(path), torch.zeros(1, 3, size, size))
-    if match.rewritten:
-        return None
-    return _ImageOutTwin(twin.eval(), model.preprocessing, engine=TWIN)
-
-
-class _Search:
-    """The search's state: the original and its scores, the cache, the clock, what was found."""
+class Search:
+    """The search's order and clock; :attr:`maker` makes and scores what it decides to try."""
 
     def __init__(self, loaded: LoadedModel, images: ImageSet, cfg: OptimizeConfig, cache: SearchCache,
                  progress: Progress, on_row: OnRow | None):
-        self.original, self.images, self.cfg, self.cache = loaded, images, cfg, cache
-        self.progress, self.on_row = progress, on_row or (lambda row: None)
-        self.t_start = time.perf_counter()
-        self.candidates: list[Candidate] = []
-        self.models: list[ModelEntry] = []
+        self.cfg, self.t_start, self.costs = cfg, time.perf_counter(), CostModel()
+        self.maker = Maker(loaded, images, cfg, cache, progress, on_row, self.costs)
         self.skipped: list[dict[str, str]] = []
-        self.not_tried: list[dict[str, str]] = []
-        self.to_rescue: list[tuple[Recipe, list[str]]] = []  # (model and target, palettes from the first miss)
-        self.pace: list[float] = []  # seconds per distillation step of the channel-pruned models made
-        self.to_sparsify: list[Recipe] = []  # models and targets whose weights are then zeroed and stored sparse
-        self.fits: dict[tuple, Any] = {}  # palette fits, shared between targets (export_loaded)
-        prep = loaded.preprocessing
-        self.reference: Evaluation = evaluate(TorchRunner(loaded.module.eval(), prep, name=str(loaded.path)), images,
-                                              progress=progress,
-                                              description="scoring the original")
-        self.budget = Budget(_r(self.reference.target_psnr_db), cfg.max_drop_db, cfg.min_fidelity_db)
-        self._models: dict[str, LoadedModel | None] = {"original": loaded}
-        size = prep.size
-        self.full_res = tuple(full_resolution_convs(copy.deepcopy(loaded.module), torch.zeros(1, 3, size, size)))
+        self.not_tried: list[dict[str, Any]] = []
+        self.to_rescue: list[tuple[Recipe, list[str]]] = []  # (model and target, palettes GPTQ missed)
+        self.to_sparsify: list[Recipe] = []
+        self.stopped = ""
 
-    # -- the clock and the bookkeeping -------------------------------------------------------------------
-    def time_left(self, expected_s: float = 0.0) -> bool:
-        """True when the time budget leaves room to start a step expected to take ``expected_s``."""
+    # what was found, and how it is scored, is the maker's
+    candidates = property(lambda self: self.maker.candidates)
+    models = property(lambda self: self.maker.models)
+    budget = property(lambda self: self.maker.budget)
+    reference = property(lambda self: self.maker.reference)
+    original = property(lambda self: self.maker.original)
+    images = property(lambda self: self.maker.images)
+    cache = property(lambda self: self.maker.cache)
+    progress = property(lambda self: self.maker.progress)
+
+    def score(self, runner: Any, description: str) -> Evaluation:
+        """A chosen file scored as tbopt bench runs it (its seconds are the cost model's ``verify``)."""
+        return self.maker.score(runner, description, kind="verify")
+
+    # -- the clock ----------------------------------------------------------------------------------------
+    def seconds_left(self) -> float | None:
         budget = self.cfg.time_budget_s
-        return budget is None or time.perf_counter() - self.t_start + expected_s < budget
+        return None if budget is None else budget - (time.perf_counter() - self.t_start)
 
-    def expected_seconds(self, recipe: Recipe) -> float:
-        """What making ``recipe``'s channel-pruned model should take: its distillation steps at the
-        pace of the pruned models made so far in this search (0 before the first)."""
-        if recipe.sparsity or not recipe.rate or not self.pace:
-            return 0.0
-        return recipe.steps * sum(self.pace) / len(self.pace)
+    def reserve(self) -> float:
+        """Seconds the end of the search is expected to take: each Core ML target's chosen file scored
+        as a file (the reference executor off macOS) and the int8 files timed side by side."""
+        coreml = sum(t != "cpu" for t in self.cfg.targets)
+        return self.costs.estimate({"verify": coreml, "timing": 1 if "cpu" in self.cfg.targets else 0})
+
+    def fits(self, key: str, work: dict[str, float]) -> bool:
+        """True when ``work`` is expected (by the cost model) to end within the time budget, the end of
+        the search included (:meth:`reserve`); else it is listed as not tried, with its expected seconds."""
+        left = self.seconds_left()
+        left = None if left is None else left - self.reserve()
+        expected = self.costs.estimate(work)
+        if left is None or (left > 0 and expected < left):
+            return True
+        if not any(n["key"] == key for n in self.not_tried):
+            self.not_tried.append({"key": key, "expected_s": round(expected, 1), "left_s": round(max(left, 0.0), 1),
+                                   "reason": "time budget: expected to end after it" if left > 0
+                                   else "time budget reached before it was started"})
+        return False
 
     def skip(self, key: str, reason: str) -> None:
         self.skipped.append({"key": key, "reason": reason})
 
-    def later(self, key: str) -> None:
-        self.not_tried.append({"key": key, "reason": "time budget reached before it was started"})
-
-    def score(self, runner: Any, description: str) -> Evaluation:
-        return evaluate(runner, self.images, reference=self.reference.outputs, progress=self.progress,
-                        description=description)
-
     # -- float models ---------------------------------------------------------------------------------------
-    def model(self, recipe: Recipe) -> LoadedModel | None:
-        """The float model ``recipe`` stores, made (or read from the cache) on first use; None when it
-        misses the budget (its branch stops) or there was no time to make it."""
+    def made(self, recipe: Recipe) -> tuple[LoadedModel, ModelEntry] | None:
+        """``recipe``'s float model, made now if it fits the time budget (kept or not); None when there
+        was no time, or its source was not made."""
         key = recipe.model_key
-        if key in self._models:
-            return self._models[key]
-        # weights are zeroed in the (channel-pruned) model; channels are pruned from the original
-        source = self.model(dataclasses.replace(recipe, sparsity=0.0)) if recipe.sparsity else self.original
+        known = self.maker.known_model(key)
+        if known is not None or not recipe.rate and not recipe.sparsity:
+            return known if known is not None else (self.original, None)  # type: ignore[return-value]
+        shorter = None
+        if recipe.sparsity:
+            source = self.model(dataclasses.replace(recipe, sparsity=0.0))  # zeroed in the kept (pruned) model
+        else:
+            source = self.original
+            if recipe.from_steps:
+                made = self.made(recipe.shorter)
+                shorter = made[0] if made is not None else None
+                if shorter is None:
+                    return None
         if source is None:
             return None
-        path = self.cache.model_path(key)
-        entry = self.cache.load(key, ModelEntry.from_record)
-        if entry is not None:
-            psnr, fid = entry.target_psnr_db, entry.fidelity_psnr_db
-            entry = dataclasses.replace(entry, quality_db=self.budget.quality(psnr, fid),
-                                        kept=self.budget.keeps(psnr, fid), cached=True)
-        elif not self.time_left(self.expected_seconds(recipe)):
-            self.later(key)
-            self._models[key] = None
+        if not self.fits(key, self.maker.model_work(recipe)):
             return None
-        else:
-            t0 = time.perf_counter()
-            cfg = recipe.sparse_config(self.cfg.seed) if recipe.sparsity else recipe.prune_config(self.cfg.seed)
-            original = self.original.module
+        return self.maker.make_model(recipe, source, shorter)
 
-            def scorer(module: nn.Module, reference: np.ndarray | None, description: str, label: str) -> Evaluation:
-                if module is original:  # scored once, at the start
-                    return self.reference
-                return evaluate(TorchRunner(module.eval(), source.preprocessing, name=label), self.images,
-                                reference=reference, progress=self.progress, description=description)
-
-            artifact, _module, _report = prune_loaded(source, cfg, data=self.cfg.calib, eval_images=self.images,
-                                                      progress=self.progress, scorer=scorer)
-            save_artifact(artifact, path, force=True)
-            loaded = load_model(path)
-            ev = self.score(runner_for(loaded), f"scoring {key}")
-            q = self.budget.quality(ev.target_psnr_db, ev.fidelity_psnr_db)
-            entry = ModelEntry(key, self.cache.relative(path), _r(ev.target_psnr_db), _r(ev.fidelity_psnr_db), _r(q),
-                               self.budget.keeps(ev.target_psnr_db, ev.fidelity_psnr_db),
-                               round(time.perf_counter() - t0, 1))
-            if recipe.rate and recipe.steps and not recipe.sparsity:
-                self.pace.append(entry.seconds / recipe.steps)  # seconds per distillation step, all included
-            self.cache.store(key, {"file": entry.file, "entry": entry.to_dict()})
-        self.models.append(entry)
-        self.on_row(entry)
-        self._models[key] = load_model(path) if entry.kept else None
-        return self._models[key]
-
-    def missed(self, model_key: str) -> bool:
-        """True when the float model ``model_key`` was made and misses the budget."""
-        return any(m.key == model_key and not m.kept for m in self.models)
-
-    def weight_bytes(self, recipe: Recipe) -> int | None:
-        """A lower bound of ``recipe``'s file size: its conv weights alone at its bits per weight (None
-        when its float model was not made)."""
-        parent = self.model(dataclasses.replace(recipe, sparsity=0.0))
-        if parent is None:
+    def model(self, recipe: Recipe) -> LoadedModel | None:
+        """``recipe``'s float model when it was made and keeps the budget; else None (its branch stops)."""
+        made = self.made(recipe)
+        if made is None or (made[1] is not None and not made[1].kept):
             return None
-        n = sum(m.weight.numel() for m in parent.module.modules() if isinstance(m, _STORED))
-        bits = storage_bits(recipe.export_config().weight_mode)
-        return int((1.0 - recipe.sparsity) * n * bits / 8 + (n / 8 if recipe.sparsity else 0))
+        return made[0]
+
+    def missed(self, recipe: Recipe) -> bool:
+        """True when ``recipe``'s float model was made and misses the budget."""
+        known = self.maker.known_model(recipe.model_key)
+        return known is not None and not known[1].kept
 
     def cannot_beat(self, recipe: Recipe) -> bool:
         """True (and noted) when ``recipe``'s conv weights alone, at its bits per weight, take at least
         as many bytes as the smallest file within the budget found so far for its target."""
         kept = [c for c in self.candidates if c.recipe.target == recipe.target and c.kept]
-        if not kept:
+        parent = self.model(dataclasses.replace(recipe, sparsity=0.0)) if kept else None
+        if parent is None:
             return False
-        bound = self.weight_bytes(recipe)
-        if bound is None:
-            return False
+        bound = self.maker.weight_bytes(recipe, parent)
         best = min(kept, key=lambda c: c.size_bytes)
         if bound < best.size_bytes:
             return False
@@ -217,96 +166,186 @@ class _Search:
     # -- candidates -----------------------------------------------------------------------------------------
     def candidate(self, recipe: Recipe) -> Candidate | None:
         """Evaluate ``recipe`` (or read it from the cache); None when it could not be tried."""
-        cand = self.cache.load(recipe.key, lambda record: Candidate.from_record(record, self.budget))
-        if cand is None:
-            if not recipe.is_cpu and self.cannot_beat(recipe):
-                return None
-            model = self.model(recipe)
-            if model is None:
-                return None
-            if not self.time_left():
-                self.later(recipe.key)
-                return None
-            t0 = time.perf_counter()
-            folder = self.cache.file_dir(recipe.key)
-            shutil.rmtree(folder, ignore_errors=True)  # a half-made earlier attempt
-            path = folder / TARGET_FILES[recipe.target]
-            try:
-                cand = self._cpu(recipe, model, path) if recipe.is_cpu else self._coreml(recipe, model, path)
-            except UnsupportedError as exc:
-                self.skip(recipe.key, str(exc))
-                return None
-            cand.seconds = round(time.perf_counter() - t0, 1)
-            self.cache.store(recipe.key, cand.to_dict())
-        self.candidates.append(cand)
-        self.on_row(cand)
-        return cand
+        cached = self.maker.cached_candidate(recipe)
+        if cached is not None:
+            return cached
+        if not recipe.is_cpu and self.cannot_beat(recipe):
+            return None
+        model = self.model(recipe)
+        if model is None or not self.fits(recipe.key, self.maker.candidate_work(recipe)):
+            return None
+        try:
+            return self.maker.make_candidate(recipe, model)
+        except UnsupportedError as exc:
+            self.skip(recipe.key, str(exc))
+            return None
 
-    def _measured(self, recipe: Recipe, path: Path, ev: Evaluation, **extra: Any) -> Candidate:
-        return Candidate(recipe, self.cache.relative(path), size_on_disk(path), zipped_size(path),
-                         _r(ev.target_psnr_db), _r(ev.fidelity_psnr_db), _r(ev.worst_fidelity_db),
-                         _r(self.budget.quality(ev.target_psnr_db, ev.fidelity_psnr_db)),
-                         self.budget.keeps(ev.target_psnr_db, ev.fidelity_psnr_db), 0.0, **extra)
-
-    def _coreml(self, recipe: Recipe, model: LoadedModel, path: Path) -> Candidate:
-        config = recipe.export_config()
-        if recipe.fit_steps:
-            config = with_fitted_palettes(config, recipe.fit_steps, self.cfg.calib)
-        if recipe.bits_by_layer and self.cfg.calib:
-            config = dataclasses.replace(config, calib=str(self.cfg.calib))  # bits are chosen on them
-        result = export_loaded(model, path, config, force=True, progress=self.progress, fits=self.fits)
-        twin = file_twin(model, path, config.format)
-        if twin is None:
-            runner = open_runner(path)
-            ev = self.score(runner, f"scoring {recipe.key} as a file")
-            return self._measured(recipe, path, ev, notes=list(result.notes), scored_with=runner.engine)
-        ev = self.score(twin, f"scoring {recipe.key}")
-        return self._measured(recipe, path, ev, notes=list(result.notes), scored_with=TWIN)
-
-    def _cpu(self, recipe: Recipe, model: LoadedModel, path: Path) -> Candidate:
-        scores = Scores(self.images, self.progress)
-        command = " && ".join(recipe.commands(_shown(Path(self.original.path)), path.name, self.cfg,
-                                              torch.get_num_threads()))
-        qcfg = self.cfg.quantize_config()
-        if qcfg.backend == "auto":
-            # The engine is ranked by timing; the file is then made with it pinned, as the printed
-            # command makes it (calibration batches differ between the two ways).
-            quick = dataclasses.replace(qcfg, eval_limit=1, runs=1, warmup=0)  # the ranking is all it is for
-            ranked = quantize_loaded(model, path.with_name("ranking.pt"), quick, force=True, progress=self.progress,
-                                     command=command, source_bytes=model.content or None)
-            path.with_name("ranking.pt").unlink()
-            qcfg = dataclasses.replace(qcfg, backend=ranked.backend)
-        result = quantize_loaded(model, path, qcfg, force=True, progress=self.progress,
-                                 command=command, source_bytes=model.content or None, scores=scores)
-        written = result.written
-        assert written is not None
-        ev = scores.score(written.module, runner_for(written), "scoring int8", reference=self.reference.outputs)
-        return self._measured(recipe, path, ev, latency_ms=_r(result.latency["int8"]["p50_ms"]),
-                              engine=result.engine, threads=result.latency["threads"], backend=result.backend,
-                              notes=list(result.notes))
+    def down_while_kept(self, base: Recipe, modes: list[str], **variant: Any) -> list[str]:
+        """``base`` stored in ``modes`` (largest first, with ``variant``) until one misses; the modes from
+        that miss on (empty when all kept or a step was not made)."""
+        for i, mode in enumerate(modes):
+            cand = self.candidate(dataclasses.replace(base, weights=mode, **variant))
+            if cand is None:
+                return []
+            if not cand.kept:
+                for rest in modes[i + 1:]:
+                    self.skip(dataclasses.replace(base, weights=rest, **variant).key, f"{mode} missed the budget")
+                return modes[i:]
+        return []
 
     # -- the order of the search ------------------------------------------------------------------------------
     def storage_branch(self, model_recipe: Recipe, target: str) -> None:
-        """Every plain storage of one float model for one target, cheap first; a branch stops at its
-        first miss, which is remembered for :meth:`rescue` (bits by layer, fitted palettes)."""
+        """The storage of one float model for one target, from the middle palette (``START_PALETTE``)
+        down while it keeps the quality; the first palette that misses and the smaller ones again with
+        GPTQ entries (same bytes); when even the middle one misses with GPTQ, up towards 8 bits and
+        int8 until one keeps. What GPTQ missed too is remembered for :meth:`rescue`."""
         base = dataclasses.replace(model_recipe, target=target)
         if target == "cpu":
             self.candidate(dataclasses.replace(base, weights="int8"))
             return
-        fp16 = self.candidate(dataclasses.replace(base, weights="fp16"))
-        if fp16 is not None and not fp16.kept:
-            self.skip(f"{target}/{base.model_key}/*", "fp16 storage already misses the budget")
-            return
-        self.candidate(dataclasses.replace(base, weights="int8"))
         modes = self.cfg.storage_modes(target)
-        for i, mode in enumerate(modes):
-            cand = self.candidate(dataclasses.replace(base, weights=mode))
-            if cand is not None and not cand.kept:
-                for rest in modes[i + 1:]:
-                    self.skip(dataclasses.replace(base, weights=rest).key, f"{mode} missed the budget")
-                self.to_rescue.append((base, modes[i:]))
-                break
+        start = modes.index(START_PALETTE) if START_PALETTE in modes else 0
+        missed = self.down_while_kept(base, modes[start:])
+        if missed and self.cfg.gptq:
+            missed = self.down_while_kept(base, missed, gptq=True)
+        if missed:
+            self.to_rescue.append((base, missed))
+        if missed and missed[0] == modes[start]:  # nothing kept from the middle down: larger storage
+            for mode in [*reversed(modes[:start]), "int8"]:
+                cand = self.candidate(dataclasses.replace(base, weights=mode))
+                if cand is not None and cand.kept:
+                    break
         self.to_sparsify.append(base)  # after the dear palettes: sparse fp16 has not won on TinyBeauty
+
+    def fallback(self, targets: list[str]) -> None:
+        """fp16 storage of the model as given, for each Core ML target where nothing kept the quality."""
+        for target in targets:
+            if target != "cpu" and not any(c.kept for c in self.candidates if c.recipe.target == target):
+                self.candidate(Recipe(target=target, weights="fp16"))
+
+    def run(self) -> None:
+        targets = [t for t in self.cfg.targets if t != "cpu"] + [t for t in self.cfg.targets if t == "cpu"]
+        for target in targets:
+            self.storage_branch(Recipe(target=targets[0]), target)
+        steps = self.cfg.resolved_steps()
+        kept = self.short_distillations(targets, steps[0], longest=len(steps) == 1)
+        for longer in steps[1:]:
+            kept = self.longer_distillations(targets, kept, steps[0], longer)
+        self.rescue()
+        for base in self.to_sparsify:
+            self.sparse_branch(base)
+        self.fallback(targets)
+        self.stopped = self.why_stopped()
+
+    def short_distillations(self, targets: list[str], steps: int, longest: bool = False) -> list[float]:
+        """Channel pruning, rates ascending, after the short distillation; the rates that kept the
+        quality. When the first rate misses: its distillation continued to the longer ones
+        (:meth:`longer_distillations` does it) and the rates below it. ``longest``: no longer one
+        follows (each kept rate gets its full-resolution variant here)."""
+        rates = self.cfg.rates
+        kept: list[float] = []
+        for i, rate in enumerate(rates):
+            recipe = Recipe(target=targets[0], rate=rate, steps=steps)
+            if self.model(recipe) is None:
+                if self.missed(recipe):
+                    for rest in rates[i + 1:]:
+                        self.skip(f"*/{dataclasses.replace(recipe, rate=rest).model_key}/*",
+                                  f"channel pruning at {rate:g} already misses the budget")
+                    kept.append(-rate)  # to be rescued by a longer distillation, if one keeps it
+                    if i == 0:
+                        kept += self.lower_rates(targets, steps)
+                    break
+                continue
+            kept.append(rate)
+            for target in targets:
+                self.storage_branch(recipe, target)
+            if longest:
+                self.full_res_branch(recipe, targets)
+        return kept
+
+    def lower_rates(self, targets: list[str], steps: int) -> list[float]:
+        """Rates below the first, highest first, after the short distillation (the first missed)."""
+        kept = []
+        for rate in self.cfg.lower_rates:
+            recipe = Recipe(target=targets[0], rate=rate, steps=steps)
+            if self.model(recipe) is None:
+                continue
+            kept.append(rate)
+            for target in targets:
+                self.storage_branch(recipe, target)
+            break  # the highest rate below the first that keeps the quality: lower ones are larger
+        return kept
+
+    def longer_distillations(self, targets: list[str], rates: list[float], shorter: int, steps: int) -> list[float]:
+        """The distillation of each rate continued from ``shorter`` to ``steps`` steps, in the order the
+        short ones were made (a rate the short one missed, negative in ``rates``, to rescue it); each
+        model that keeps the quality gets the storage search and its full-resolution variant."""
+        kept = []
+        for signed in rates:
+            rate = abs(signed)
+            recipe = Recipe(target=targets[0], rate=rate, steps=steps, from_steps=shorter)
+            if self.model(recipe) is None:
+                continue
+            kept.append(rate)
+            for target in targets:
+                self.storage_branch(recipe, target)
+            self.full_res_branch(recipe, targets)
+        return kept
+
+    def full_res_branch(self, model_recipe: Recipe, targets: list[str]) -> None:
+        """A rate that kept the quality after the longest distillation, again with the groups of the
+        full-resolution convs pruned harder (for the CPU first: that is what it is for)."""
+        if not self.maker.full_res:
+            return
+        for full_res_rate in (r for r in self.cfg.full_res_rates if r > model_recipe.rate):
+            recipe = Recipe(target=targets[0], rate=model_recipe.rate, steps=model_recipe.steps,
+                            full_res_rate=full_res_rate, full_res=self.maker.full_res)
+            if self.model(recipe) is None:
+                break  # missed (a harder rate would too) or no time left
+            for target in sorted(targets, key=lambda t: t != "cpu"):
+                self.storage_branch(recipe, target)
+
+    def rescue(self) -> None:
+        """The dear part, for the palettes GPTQ missed too: bits chosen by layer (same bytes), then
+        fitted palettes, model by model and target by target, the smallest files first, going down a
+        palette size while one keeps the quality. Nothing whose weights alone cannot beat the smallest
+        file kept so far is made (:meth:`cannot_beat`), nor a fit of a palette too far below the budget."""
+        def promise(item: tuple[Recipe, list[str]]) -> tuple[int, float]:
+            base, modes = item
+            model = self.model(base)
+            closest = self.closest(dataclasses.replace(base, weights=modes[0]))
+            return (self.maker.weight_bytes(dataclasses.replace(base, weights=modes[0]), model) if model else 0,
+                    -(closest if closest is not None else float("-inf")))
+
+        for base, modes in sorted(self.to_rescue, key=promise):
+            for mode in modes:
+                if not any(c is not None and c.kept for c in self.rescue_variants(dataclasses.replace(base, weights=mode))):
+                    break
+
+    def rescue_variants(self, recipe: Recipe) -> Any:
+        """The dear variants of one palette, in order, until one keeps the quality."""
+        variants = []
+        if self.cfg.bits_by_layer and self.bits_available(recipe):
+            variants.append(dataclasses.replace(recipe, bits_by_layer=True))
+        if self.cfg.fit_steps:
+            variants.append(dataclasses.replace(recipe, gptq=self.cfg.gptq, fit_steps=self.cfg.fit_steps))
+        for variant in variants:
+            closest = self.closest(recipe)
+            if variant.fit_steps and closest is not None and closest < self.budget.line_db - FIT_REACH_DB:
+                self.skip(variant.key, f"{recipe.storage} is more than {FIT_REACH_DB:g} dB below the budget, "
+                                       f"more than fitting has recovered")
+                continue
+            cand = self.candidate(variant)
+            yield cand
+            if cand is not None and cand.kept:
+                return
+
+    def closest(self, recipe: Recipe) -> float | None:
+        """The best quality of ``recipe``'s palette without fitting (plain, GPTQ or bits by layer)."""
+        plain = dataclasses.replace(recipe, gptq=False, bits_by_layer=False, fit_steps=0)
+        qs = [c.quality_db for c in self.candidates if c.quality_db is not None and not c.recipe.fit_steps
+              and dataclasses.replace(c.recipe, gptq=False, bits_by_layer=False) == plain]
+        return max(qs) if qs else None
 
     def bits_available(self, recipe: Recipe) -> bool:
         """True when ``tbopt export`` can choose palette bits by layer for ``recipe``'s file."""
@@ -316,49 +355,6 @@ class _Search:
             return False
         return True
 
-    def rescue(self) -> None:
-        """The dear part: the palettes that missed the budget stored with bits chosen by layer (same
-        bytes), then fitted (``--fit-palettes``), model by model and target by target, the smallest
-        files first, going down a palette size while one of them keeps the quality. A candidate whose
-        weights alone cannot beat the smallest file kept so far is not made (:meth:`cannot_beat`)."""
-        def promise(item: tuple[Recipe, list[str]]) -> tuple[int, float]:
-            # the smallest files first; of the same bytes, the one whose plain palette came closest
-            base, modes = item
-            recipe = dataclasses.replace(base, weights=modes[0])
-            plain = [c.quality_db for c in self.candidates if c.recipe == recipe and c.quality_db is not None]
-            return self.weight_bytes(recipe) or 0, -(plain[0] if plain else float("-inf"))
-
-        order = sorted(self.to_rescue, key=promise)
-        for base, modes in order:
-            for mode in modes:
-                recipe = dataclasses.replace(base, weights=mode)
-                variants = []
-                if self.cfg.bits_by_layer and self.bits_available(recipe):
-                    variants.append(dataclasses.replace(recipe, bits_by_layer=True))
-                if self.cfg.fit_steps:
-                    variants.append(dataclasses.replace(recipe, fit_steps=self.cfg.fit_steps))
-                    if variants[0].bits_by_layer:
-                        variants.append(dataclasses.replace(recipe, bits_by_layer=True, fit_steps=self.cfg.fit_steps))
-                kept = False
-                for variant in variants:
-                    if variant.fit_steps and self.too_far_to_fit(recipe):
-                        self.skip(variant.key, f"{recipe.storage} is more than {FIT_REACH_DB:g} dB below the "
-                                               f"budget, more than fitting has recovered")
-                        continue
-                    cand = self.candidate(variant)
-                    if cand is not None and cand.kept:
-                        kept = True
-                        break
-                if not kept:
-                    break
-
-    def too_far_to_fit(self, recipe: Recipe) -> bool:
-        """True when ``recipe``'s palettes (with bits by layer, when tried) fall further below the
-        budget than fitting is known to recover."""
-        closest = [c.quality_db for c in self.candidates if c.quality_db is not None and not c.recipe.fit_steps
-                   and dataclasses.replace(c.recipe, bits_by_layer=False) == recipe]
-        return bool(closest) and max(closest) < self.budget.line_db - FIT_REACH_DB
-
     def sparse_branch(self, base: Recipe) -> None:
         """Weights zeroed (global magnitude) and stored sparse in fp16: ML Programs only."""
         if base.target == "ios13":
@@ -366,49 +362,17 @@ class _Search:
         for i, s in enumerate(self.cfg.sparsities):
             recipe = dataclasses.replace(base, sparsity=s, weights="fp16")
             cand = self.candidate(recipe)
-            if (cand is not None and not cand.kept) or self.missed(recipe.model_key):
+            if (cand is not None and not cand.kept) or self.missed(recipe):
                 for rest in self.cfg.sparsities[i + 1:]:
                     self.skip(dataclasses.replace(base, sparsity=rest, weights="fp16").key,
                               f"sparsity {s:g} missed the budget")
                 break
 
-    def full_res_branch(self, rate: float, steps: int, targets: list[str]) -> None:
-        """A rate that kept the quality after the longest distillation, again with the groups of the
-        full-resolution convs pruned harder (for the CPU first: that is what it is for)."""
-        if not self.full_res:
-            return
-        for full_res_rate in (r for r in self.cfg.full_res_rates if r > rate):
-            recipe = Recipe(target=targets[0], rate=rate, steps=steps, full_res_rate=full_res_rate,
-                            full_res=self.full_res)
-            if self.model(recipe) is None:
-                break  # missed (a harder rate would too) or no time left
-            for target in sorted(targets, key=lambda t: t != "cpu"):
-                self.storage_branch(recipe, target)
-
-    def run(self) -> None:
-        targets = [t for t in self.cfg.targets if t != "cpu"] + [t for t in self.cfg.targets if t == "cpu"]
-        original = Recipe(target=targets[0])
-        for target in targets:
-            self.storage_branch(original, target)
-        rates = self.cfg.rates
-        longest = max(self.cfg.resolved_steps())
-        for steps in self.cfg.resolved_steps():
-            kept_rates = []
-            for i, rate in enumerate(rates):
-                recipe = Recipe(target=targets[0], rate=rate, steps=steps)
-                if self.model(recipe) is None:
-                    if self.missed(recipe.model_key):
-                        for rest in rates[i + 1:]:
-                            self.skip(f"*/{dataclasses.replace(recipe, rate=rest).model_key}/*",
-                                      f"channel pruning at {rate:g} already misses the budget")
-                        break
-                    continue
-                kept_rates.append(rate)
-                for target in targets:
-                    self.storage_branch(recipe, target)
-                if steps == longest:  # before the next rate's long distillation: the time budget may end there
-                    self.full_res_branch(rate, steps, targets)
-            rates = tuple(kept_rates)  # a longer distillation only where the shorter one kept the quality
-        self.rescue()
-        for base in self.to_sparsify:
-            self.sparse_branch(base)
+    def why_stopped(self) -> str:
+        """Why the search ended, in a sentence for the result."""
+        spent = time.perf_counter() - self.t_start
+        if self.not_tried:
+            return (f"the time budget: {len(self.not_tried)} step(s) were expected to end after it and were not "
+                    f"started (after {spent:.0f} s; listed with their expected seconds)")
+        return (f"the space was exhausted after {spent:.0f} s: every step was made, or ruled out because a cheaper "
+                f"step of its branch missed the budget or its weights alone could not beat a file already kept")

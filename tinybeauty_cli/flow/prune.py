@@ -96,16 +96,37 @@ def _r(v: float | None) -> float | None:
     return None if v is None else round(float(v), 3)
 
 
+def continued_steps(loaded: LoadedModel, cfg: PruneConfig, shorter: LoadedModel) -> int:
+    """The distillation steps ``shorter`` already holds of ``cfg``'s pruning of ``loaded``
+    (``tbopt prune --continue-from``): its last step must be that pruning, of this checkpoint, with the
+    same settings and fewer steps; anything else is refused."""
+    steps = shorter.artifact.history if shorter.artifact is not None else []
+    last = steps[-1] if steps else None
+    if last is None or last.step != "prune":
+        raise InputError(f"--continue-from {shorter.path}: its last step is not a tbopt prune")
+    if last.figures.get("source_sha256") != loaded.sha256:
+        raise InputError(f"--continue-from {shorter.path} was not pruned from {loaded.path}")
+    done = int(last.config.get("finetune_steps", 0))
+    same = {**last.config, "finetune_steps": cfg.steps} == {**cfg.to_dict()}
+    if not same:
+        raise InputError(f"--continue-from {shorter.path} was pruned with other settings ({last.command})",
+                         hint="give the same --method, --rate, --group-rate, --exclude and --seed")
+    if not 0 < done < cfg.steps:
+        raise UsageError(f"--continue-from {shorter.path} holds {done} distillation steps; "
+                         f"--finetune-steps must be more than that, got {cfg.steps}")
+    return done
+
+
 def prune_loaded(loaded: LoadedModel, cfg: PruneConfig, *, data: Path | None = None,
                  eval_images: ImageSet | None = None, progress: Progress | None = None,
-                 scorer: Scorer | None = None) -> tuple[Artifact, nn.Module, PruneReport]:
-    """Prune a loaded float model, fine-tune it, score it; nothing is written.
-
-    ``data``: a folder of unlabeled images for channel ranking and distillation (default:
-    synthetic portraits). ``scorer`` scores every model this step scores (default:
-    :func:`torch_scorer` on ``eval_images``, the built-in test set when not given).
-    Returns the new artifact (history extended by this step), the pruned module and
-    the report (sizes not filled in: they need the file).
+                 scorer: Scorer | None = None, continue_from: LoadedModel | None = None,
+                 score_before_finetune: bool = True) -> tuple[Artifact, nn.Module, PruneReport]:
+    """Prune a loaded float model, fine-tune it, score it; nothing is written. ``data``: unlabeled images
+    for ranking and distillation (default: synthetic portraits); ``scorer`` scores every model (default:
+    :func:`torch_scorer` on ``eval_images``, the built-in test set when not given); ``continue_from``: the
+    same pruning distilled for fewer steps, continued (:func:`continued_steps`); without
+    ``score_before_finetune`` the pruned model is scored only after its distillation.
+    Returns the new artifact (history extended), the pruned module and the report (sizes not filled in).
     """
     progress = progress or SilentProgress()
     t_start = time.perf_counter()
@@ -152,8 +173,12 @@ def prune_loaded(loaded: LoadedModel, cfg: PruneConfig, *, data: Path | None = N
         quality["target_psnr_pruned_only_db"] = _r(raw.target_psnr_db)
         quality["fidelity_pruned_only_db"] = _r(raw.fidelity_psnr_db)
 
-    model, report = prune_module(original, cfg, pool, size=size, before_finetune=score_pruned_only,
-                                 progress=progress)
+    start = None
+    if continue_from is not None:
+        start = (continue_from.module.eval(), continued_steps(loaded, cfg, continue_from))
+    model, report = prune_module(original, cfg, pool, size=size,
+                                 before_finetune=score_pruned_only if score_before_finetune else None,
+                                 progress=progress, continue_from=start)
     final = timed_score(model, reference, "scoring the pruned model", pruned_label)
     quality.update({
         "target_psnr_after_db": _r(final.target_psnr_db),
@@ -169,7 +194,8 @@ def prune_loaded(loaded: LoadedModel, cfg: PruneConfig, *, data: Path | None = N
     if report.finetune["steps"]:
         report.finetune["images"] = pool_source
 
-    step = HistoryStep.now("prune", cfg.command_line(), cfg.to_dict(), report.figures())
+    command = cfg.command_line() + (f" --continue-from {continue_from.path}" if continue_from is not None else "")
+    step = HistoryStep.now("prune", command, cfg.to_dict(), {**report.figures(), "source_sha256": loaded.sha256})
     artifact = loaded.artifact.with_step(model, step, arch=_arch_for(loaded.artifact, model))
     rebuild_check(artifact, model, torch.from_numpy(uint8_to_model(eval_images.inputs[:1])))
     report.architecture = artifact.arch.describe()
@@ -181,7 +207,7 @@ def prune_file(path: Path | str, cfg: PruneConfig, *, output: Path | str | None 
                data: Path | None = None, eval_data: Path | None = None, eval_limit: int | None = None,
                arch: str | None = None, arch_kwargs: str | Mapping[str, Any] | None = None,
                trust_pickle: bool = False, threads: int | None = None,
-               progress: Progress | None = None) -> PruneReport:
+               progress: Progress | None = None, continue_from: Path | str | None = None) -> PruneReport:
     """``tbopt prune``: load, prune, fine-tune, score, write a tbopt artifact, measure it.
 
     ``threads`` sets PyTorch's CPU threads for the whole step (restored afterwards).
@@ -190,21 +216,24 @@ def prune_file(path: Path | str, cfg: PruneConfig, *, output: Path | str | None 
         raise UsageError(f"--threads must be >= 1, got {threads}")
     with torch_threads(threads):
         return _prune_file(Path(path), cfg, output, force, data, eval_data, eval_limit,
-                           dict(arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle), progress)
+                           dict(arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle), progress,
+                           Path(continue_from) if continue_from is not None else None)
 
 
 def _prune_file(path: Path, cfg: PruneConfig, output: Path | str | None, force: bool, data: Path | None,
                 eval_data: Path | None, eval_limit: int | None, model_options: dict[str, Any],
-                progress: Progress | None) -> PruneReport:
+                progress: Progress | None, continue_from: Path | None = None) -> PruneReport:
     out_path = Path(output) if output is not None else default_output_name(path, cfg)
-    out_path = check_output(out_path, force, inputs=(path,))
+    out_path = check_output(out_path, force, inputs=(path,) + ((continue_from,) if continue_from else ()))
     if eval_limit is not None and eval_limit < 1:
         raise UsageError(f"--limit must be >= 1, got {eval_limit}")
     loaded = load_model(path, **model_options)
     size = loaded.preprocessing.size
     eval_images = (builtin_test_set(size, eval_limit, progress) if eval_data is None
                    else load_folder(Path(eval_data), size, eval_limit))
-    artifact, _model, report = prune_loaded(loaded, cfg, data=data, eval_images=eval_images, progress=progress)
+    shorter = load_model(continue_from) if continue_from is not None else None
+    artifact, _model, report = prune_loaded(loaded, cfg, data=data, eval_images=eval_images, progress=progress,
+                                            continue_from=shorter)
     write_pruned(artifact, loaded, report, out_path, force=force)
     return report
 

@@ -36,6 +36,7 @@ from ..quantize.graph_rewrites import RewriteReport
 from ..quantize.lowering import quiet, torchscript_archive, torchscript_bytes
 from ..quantize.results import BackendTrial, LayerDecision, LayerSplit, QuantizeOutcome, rounded
 from ..quantize.transform import quantize_module
+from ..runtime.plain_timing import allocator_hint, plain_process_latency
 from ..runtime.runners import TorchRunner
 from ..runtime.timing import measure_latencies
 
@@ -137,8 +138,18 @@ def quantize_file(source: Path | str, output: Path | str, config: QuantizeConfig
     eval_images = None
     if data is not None:
         eval_images = load_images(Path(data), loaded.preprocessing.size, cfg.eval_limit, progress)
-    return _quantize(loaded, output, cfg, force=force, progress=progress, command=command,
-                     eval_images=eval_images, scores=None, t_start=t_start)
+    result = _quantize(loaded, output, cfg, force=force, progress=progress, command=command,
+                       eval_images=eval_images, scores=None, t_start=t_start)
+    result.latency.update(plain_process_figures(output, result.latency, cfg))
+    return result
+
+
+def plain_process_figures(output: Path, latency: dict[str, Any], cfg: QuantizeConfig) -> dict[str, Any]:
+    """The int8 file timed again as a plain Python process runs it (glibc's allocator as a process starts),
+    beside the figure timed with freed memory kept, and the line that gives a process the faster one."""
+    plain = plain_process_latency(output, runs=cfg.runs, warmup=cfg.warmup, threads=latency.get("threads"))
+    return {"int8_plain_process_ms": plain["p50_ms"] if plain else None,
+            "int8_timed_with": latency["int8"].get("allocator", ""), "faster_with": allocator_hint()}
 
 
 def quantize_loaded(loaded: LoadedModel, output: Path | str, config: QuantizeConfig | None = None, *,

@@ -66,10 +66,23 @@ def search_markdown(result: Mapping[str, Any]) -> str:
         for m in result["models"]:
             lines.append(f"| {m['key']} | {_fmt(m['quality_db'])} | {_fmt(m['fidelity_psnr_db'])} | "
                          f"{'yes' if m['kept'] else 'no'} | {m['seconds']:.1f} |")
-    for title, key in (("Skipped (a cheaper step of the branch missed the budget)", "skipped"),
-                       ("Not tried (time budget)", "not_tried")):
+    for title, key in (("Skipped (a cheaper step of the branch missed the budget, or it could not beat a kept file)",
+                        "skipped"), ("Not tried (time budget)", "not_tried")):
         if result.get(key):
-            lines += ["", f"## {title}", ""] + [f"- {s['key']}: {s['reason']}" for s in result[key]]
+            lines += ["", f"## {title}", ""] + [f"- {s['key']}: {s['reason']}" + (
+                f" (expected {s['expected_s']:.0f} s, {s['left_s']:.0f} s left)" if "expected_s" in s else "")
+                for s in result[key]]
+    use = result.get("images_use") or {}
+    if use:
+        show = (lambda v: ", ".join(v) if isinstance(v, list) else str(v))
+        lines += ["", "## Which images served which purpose", "", f"- scored for the budget: {show(use['scored'])}",
+                  f"- distillation, GPTQ and int8 calibration: {show(use['calibration'])}"]
+    if result.get("stopped"):
+        lines += ["", "## Why the search stopped", "", result["stopped"]]
+    if result.get("cost_model"):
+        lines += ["", "## Cost model (measured on this run)", "", "| work | seconds per unit | units |",
+                  "|---|---:|---:|"]
+        lines += [f"| {k} | {v['seconds_per_unit']:.3f} | {v['units']:g} |" for k, v in result["cost_model"].items()]
     lines += ["", result["caption"], ""]
     return "\n".join(lines)
 

@@ -21,8 +21,12 @@ def conv_masks(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def distill(student: nn.Module, teacher: nn.Module, images: torch.Tensor, cfg: PruneConfig,
-            *, progress: Progress | None = None) -> list[float]:
+            *, progress: Progress | None = None, start: int = 0) -> list[float]:
     """Fine-tune ``student`` to reproduce ``teacher``'s made-up images, in place.
+
+    ``start``: steps of ``cfg.steps`` the student has already been distilled for (a shorter
+    distillation of the same rate, seed and images): the distillation continues from there, at the
+    learning rate and on the batches of a ``cfg.steps``-step schedule (``FitConfig.start``).
 
     Each step takes ``cfg.batch_size`` whole images from ``images`` (randomly flipped;
     the teacher sees exactly what the student sees, and its made-up image of each image and
@@ -47,13 +51,14 @@ def distill(student: nn.Module, teacher: nn.Module, images: torch.Tensor, cfg: P
             m.weight.mul_(masks[name])
 
     losses: list[float] = []
-    with progress.task("fine-tuning (distillation)", total=steps) as advance:
+    with progress.task("fine-tuning (distillation)" + (f", continued from step {start}" if start else ""),
+                       total=steps - start) as advance:
         def on_step(step: int, loss: float) -> None:
             losses.append(loss)
             advance(1, loss=loss)
 
         fit(student, distillation_batches(teacher, images, cfg.batch_size),
-            FitConfig(steps=steps, lr=cfg.lr, warmup=steps // 4, seed=cfg.seed, loss=cfg.loss),
+            FitConfig(steps=steps, lr=cfg.lr, warmup=steps // 4, seed=cfg.seed, loss=cfg.loss, start=start),
             after_step=keep_zeros, on_step=on_step)
     student.eval()
     return losses

@@ -39,7 +39,8 @@ from .report import ChannelGroup, LayerReport, ModelTotals, PruneReport, method_
 
 def prune_module(model: nn.Module, config: PruneConfig, data: torch.Tensor | None = None, *,
                  size: int | None = None, before_finetune: Callable[[nn.Module], None] | None = None,
-                 progress: Progress | None = None) -> tuple[nn.Module, PruneReport]:
+                 progress: Progress | None = None, continue_from: tuple[nn.Module, int] | None = None
+                 ) -> tuple[nn.Module, PruneReport]:
     """Prune a copy of ``model`` as ``config`` says, fine-tune it when ``config.steps > 0``; ``model`` is left as is.
 
     ``data``: unlabeled images in model space, float (N, 3, S, S) in [-1, 1], on which
@@ -48,6 +49,10 @@ def prune_module(model: nn.Module, config: PruneConfig, data: torch.Tensor | Non
     fine-tuning. ``size``: the input size (px) at which MACs are counted (default: the
     data's, else the artifact format's default). ``before_finetune`` is called with the
     pruned model just before fine-tuning starts (only when it does), e.g. to score it.
+
+    ``continue_from``: ``(module, steps)``, the same pruning of ``model`` already distilled for
+    ``steps`` of ``config.steps``: its weights are the start and only the remaining steps are taken
+    (nothing is pruned again).
 
     Returns the pruned model (in eval mode) and a report of what was done; the report's
     ``quality`` is empty, its ``input`` None and its ``architecture`` the model's class.
@@ -60,12 +65,17 @@ def prune_module(model: nn.Module, config: PruneConfig, data: torch.Tensor | Non
         size = int(data.shape[-1]) if data is not None else Preprocessing().size
     channels = input_channels(model)
 
-    pruned = copy.deepcopy(model).eval()
-    before_weights = {n: m.weight.detach().clone() for n, m in prunable_layers(pruned).items()}
+    start = continue_from[1] if continue_from is not None else 0
+    if not 0 <= start < max(config.steps, 1):
+        raise ConfigError(f"a distillation of {start} steps cannot be continued to {config.steps}")
+    pruned = copy.deepcopy(model if continue_from is None else continue_from[0]).eval()
+    before_weights = {n: m.weight.detach().clone() for n, m in prunable_layers(model).items()}
     thresholds: dict[str, float | None] = {}
     groups: list[ChannelGroup] = []
     with _timer(seconds, "prune"):
-        if config.method == PruneMethod.channel.value:
+        if continue_from is not None:
+            pass  # pruned (and partly distilled) already
+        elif config.method == PruneMethod.channel.value:
             if config.any_pruning:
                 calibration = _required(data, "channel pruning ranks and refits channels on them")
                 groups = prune_channels(pruned, config.rate, calibration[: config.calibration_images],
@@ -76,8 +86,9 @@ def prune_module(model: nn.Module, config: PruneConfig, data: torch.Tensor | Non
                                          global_threshold=config.method == PruneMethod.global_.value)
     pruned.eval()
     layer_rows = _layer_reports(before_weights, pruned, excluded, thresholds)
-    changed = any(r.nonzero_after != int(torch.count_nonzero(before_weights[r.name])) or
-                  r.shape_after != r.shape_before for r in layer_rows)
+    changed = continue_from is not None or any(
+        r.nonzero_after != int(torch.count_nonzero(before_weights[r.name])) or r.shape_after != r.shape_before
+        for r in layer_rows)
 
     notes: list[str] = []
     finetune: dict[str, Any] = {"steps": 0, "images": None, "first_loss": None, "last_loss": None}
@@ -89,9 +100,10 @@ def prune_module(model: nn.Module, config: PruneConfig, data: torch.Tensor | Non
             before_finetune(pruned)
         teacher = copy.deepcopy(model)
         with _timer(seconds, "finetune"):
-            losses = distill(pruned, teacher, images, config, progress=progress)
+            losses = distill(pruned, teacher, images, config, progress=progress, start=start)
         # "images" says where the images came from: the caller, who knows, fills it in.
-        finetune = {"steps": len(losses), "images": None, "batch_size": config.batch_size, "lr": config.lr,
+        finetune = {"steps": start + len(losses), "continued_from_step": start, "images": None,
+                    "batch_size": config.batch_size, "lr": config.lr,
                     "loss": config.loss,
                     "first_loss": _r6(losses[0]), "last_loss": _r6(float(np.mean(losses[-10:])))}
 
