@@ -132,6 +132,14 @@ def optimize(
         "--bits-by-layer/--no-bits-by-layer", help="Also try the palettes that missed the budget with bits chosen "
                                                    "by layer in the same bytes (tbopt export --bits-by-layer auto).",
         rich_help_panel=SPACE)] = True,
+    recipe: Annotated[Optional[Path], typer.Option(
+        "--recipe", metavar="FILE",
+        help="The search.json of an earlier tbopt optimize (same architecture): rebuild its chosen recipes on this "
+             "checkpoint, score them against this budget, and search only the targets where one misses. Default "
+             "--for: its targets.", rich_help_panel="Replay", show_default=False)] = None,
+    from_dir: Annotated[Optional[Path], typer.Option(
+        "--from", metavar="DIR", help="The --output folder of an earlier tbopt optimize: --recipe DIR/search.json.",
+        rich_help_panel="Replay", show_default=False)] = None,
     runs: RunsOpt = DEFAULT_RUNS,
     threads: ThreadsOpt = None,
     force: ForceOpt = False,
@@ -148,12 +156,16 @@ def optimize(
     """
     _imports.everything()
     from ..flow.optimize import optimize as run_search  # noqa: PLC0415 - torch and coremltools, only when run
+    from ..flow.optimize_replay import read_replay, replay_source  # noqa: PLC0415
 
     ui = _output.Output(json_mode=json_out, quiet=quiet)
     if out is not None and out_old is not None and out != out_old:
         raise UsageError("--out is the old name of --output; give one of them")
     out = out or out_old or Path("optimized_model")
+    source = replay_source(recipe, from_dir)
     chosen = pick(split_list(targets), [t.value for t in Target], "--for") if targets else DEFAULT_TARGETS
+    if source is not None and not targets:
+        chosen = tuple(read_replay(source).recipes) or DEFAULT_TARGETS  # the earlier search's targets
     cfg = OptimizeConfig(
         max_drop_db=max_drop, min_fidelity_db=min_fidelity,
         targets=chosen, data=data, limit=limit,
@@ -167,7 +179,7 @@ def optimize(
     path = ui.model_or_demo(checkpoint)
     with ui.live_table(f"tbopt optimize: candidates ({path.name})", ROW_COLUMNS, right=ROW_COLUMNS[3:8]) as add:
         result = run_search(path, out, cfg, force=force, resume=resume, progress=ui,
-                            on_row=lambda row: add(row_cells(row)))
+                            on_row=lambda row: add(row_cells(row)), recipe=source)
     ui.emit(result, render_optimize)
 
 
@@ -210,6 +222,12 @@ def render_optimize(ui: _output.Output, r: OptimizeResult) -> None:
     ui.line(f"{tried} candidate(s) and {len(r.models)} float model(s) in {r.seconds:.0f} s; "
             f"{len(r.skipped)} skipped (their branch missed, or they could not beat a kept file), "
             f"{len(r.not_tried)} not tried (time budget); wrote {', '.join(REPORT_FILES.values())} into {r.out}/")
+    if r.replay:
+        from ..measure.search_report import replay_text  # noqa: PLC0415
+
+        ui.line(f"replayed from {r.replay['from']}:")
+        for target, t in r.replay["targets"].items():
+            ui.line(f"  {target}: {replay_text(t)}")
     if r.stopped:
         ui.line(f"stopped: {r.stopped}")
     cpu = d["chosen"].get("cpu") or {}
@@ -217,3 +235,4 @@ def render_optimize(ui: _output.Output, r: OptimizeResult) -> None:
         ui.line(f"cpu latency: {cpu['latency_note']}")
     for n in r.notes:
         ui.note(n)
+

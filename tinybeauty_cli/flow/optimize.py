@@ -45,6 +45,7 @@ from .optimize_result import Candidate, OptimizeResult
 from .optimize_result import rounded as _r
 from .optimize_make import TWIN, OnRow
 from .optimize_make import shown as _shown
+from .optimize_replay import Replay, architecture, check_architecture, read_replay, replay_then_search
 from .optimize_search import Search
 
 
@@ -62,8 +63,11 @@ def check_outputs(out: Path, targets: tuple[str, ...], force: bool, resume: bool
 
 
 def optimize(checkpoint: Path | str, out: Path | str, cfg: OptimizeConfig | None = None, *, force: bool = False,
-             resume: bool = False, progress: Progress | None = None, on_row: OnRow | None = None) -> OptimizeResult:
-    """Search, choose, write (see the module docstring). ``on_row`` sees every model and candidate as it comes."""
+             resume: bool = False, progress: Progress | None = None, on_row: OnRow | None = None,
+             recipe: Path | str | None = None) -> OptimizeResult:
+    """Search, choose, write (see the module docstring). ``on_row`` sees every model and candidate as it comes.
+    ``recipe``: an earlier search's ``search.json`` whose chosen recipes are replayed first
+    (:mod:`.optimize_replay`); only the targets where they miss are searched."""
     cfg = cfg or OptimizeConfig()
     progress = progress or SilentProgress()
     checkpoint, out = Path(checkpoint), normalized(out)
@@ -74,11 +78,12 @@ def optimize(checkpoint: Path | str, out: Path | str, cfg: OptimizeConfig | None
     check_folder(out, what="search's outputs")
     # one search per folder, from before its first check to its last file (see core.files.folder_lock)
     with folder_lock(out, f"tbopt optimize --out {out}"):
-        return _locked_optimize(checkpoint, out, cfg, force, resume, progress, on_row)
+        return _locked_optimize(checkpoint, out, cfg, force, resume, progress, on_row, recipe)
 
 
 def _locked_optimize(checkpoint: Path, out: Path, cfg: OptimizeConfig, force: bool, resume: bool,
-                     progress: Progress, on_row: OnRow | None) -> OptimizeResult:
+                     progress: Progress, on_row: OnRow | None, recipe: Path | str | None = None) -> OptimizeResult:
+    plan = read_replay(Path(recipe)) if recipe is not None else None  # refused before any work
     check_outputs(out, cfg.targets, force, resume)
     for name in ("data", "calib"):
         folder = getattr(cfg, name)
@@ -87,6 +92,8 @@ def _locked_optimize(checkpoint: Path, out: Path, cfg: OptimizeConfig, force: bo
     loaded = load_model(checkpoint, **cfg.model_options())
     if loaded.kind != "float":
         raise UsageError(f"{checkpoint} is a {loaded.kind} model; tbopt optimize starts from a float checkpoint")
+    if plan is not None:
+        check_architecture(plan, loaded)
     with torch_threads(cfg.threads):
         threads = torch.get_num_threads()
         if force:
@@ -103,8 +110,11 @@ def _locked_optimize(checkpoint: Path, out: Path, cfg: OptimizeConfig, force: bo
         # written into --out before that
         search = Search(loaded, images, cfg, cache, progress, on_row)
         cache.start()
-        search.run()
-        return _finish(search, checkpoint, out, cfg, threads, force or resume, use)
+        if plan is not None:
+            replay_then_search(search, plan)
+        else:
+            search.run()
+        return _finish(search, checkpoint, out, cfg, threads, force or resume, use, plan)
 
 
 def _array_digest(images: ImageSet) -> str:
@@ -115,7 +125,7 @@ def _array_digest(images: ImageSet) -> str:
 
 
 def _finish(search: Search, checkpoint: Path, out: Path, cfg: OptimizeConfig, threads: int,
-            replace: bool, use: DataUse | None = None) -> OptimizeResult:
+            replace: bool, use: DataUse | None = None, plan: Replay | None = None) -> OptimizeResult:
     budget = search.budget
     original_path = Path(search.original.path)
     as_read = WrittenFile.of_bytes(original_path, search.original.content)  # the input's bytes, as read once
@@ -170,19 +180,23 @@ def _finish(search: Search, checkpoint: Path, out: Path, cfg: OptimizeConfig, th
     result = OptimizeResult(str(checkpoint), str(out), command, cfg, budget, search.images.source, original,
                             search.candidates, search.models, search.skipped, search.not_tried, chosen,
                             time.perf_counter() - search.t_start, threads, stopped=search.stopped,
-                            costs=search.costs.to_dict(), images_use=use.to_dict() if use else {})
+                            costs=search.costs.to_dict(), images_use=use.to_dict() if use else {},
+                            architecture=architecture(search.original), replay=plan.to_dict() if plan else {})
     result.notes.extend(use.notes if use else [])
     if search.not_tried:
         result.notes.append(f"the time budget stopped the search: {len(search.not_tried)} step(s) not tried "
                             f"(listed in search.json); --resume with a larger --time-budget continues it")
-    data = result.to_dict()
+    _write_reports(out, result.to_dict())
+    return result
+
+
+def _write_reports(out: Path, data: dict[str, Any]) -> None:
     with atomic_output(out / REPORT_FILES["json"], force=True) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     with atomic_output(out / REPORT_FILES["markdown"], force=True) as tmp:
         tmp.write_text(search_markdown(data))
     with atomic_output(out / REPORT_FILES["figure"], force=True) as tmp:
         pareto_figure(data, tmp)
-    return result
 
 
 def plain_latency(path: Path, kept_ms: float | None, cfg: OptimizeConfig, threads: int) -> dict[str, Any]:

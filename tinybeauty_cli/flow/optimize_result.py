@@ -141,6 +141,8 @@ class OptimizeResult:
     stopped: str = ""  # why the search ended
     costs: dict[str, Any] = field(default_factory=dict)  # the cost model measured on this run
     images_use: dict[str, Any] = field(default_factory=dict)  # which images were scored, which calibrated
+    architecture: dict[str, Any] = field(default_factory=dict)  # what a replay of its recipes must match
+    replay: dict[str, Any] = field(default_factory=dict)  # per target: replayed, or searched and why
     #: the load average when the search ended (its int8 files are timed at the end)
     load_average: float | None = field(default_factory=load_average)
 
@@ -161,7 +163,8 @@ class OptimizeResult:
             "original": self.original, "chosen": self.chosen,
             "candidates": [c.to_dict() for c in self.candidates], "models": [m.to_dict() for m in self.models],
             "skipped": self.skipped, "not_tried": self.not_tried, "seconds": round(self.seconds, 1),
-            "stopped": self.stopped, "cost_model": self.costs, "images_use": self.images_use, "notes": self.notes, "caption": caption(self),
+            "stopped": self.stopped, "cost_model": self.costs, "images_use": self.images_use,
+            "architecture": self.architecture, "replay": self.replay, "notes": self.notes, "caption": caption(self),
         }
 
 

@@ -28,6 +28,15 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def replay_text(t: dict[str, Any]) -> str:
+    """One target of a replay: the recipe, its size and quality, and whether it was searched (and why)."""
+    made = (f"{t['recipe']}" + (f", {t['size_bytes']:,} B" if t.get("size_bytes") is not None else "")
+            + (f", {t['quality_db']:.2f} dB" if t.get("quality_db") is not None else "")) if t.get("recipe") else ""
+    if t["status"] == "replayed":
+        return f"replayed {made} (within the budget)"
+    return f"searched: {t['reason']}" + (f" [{made}]" if made else "")
+
+
 def search_markdown(result: Mapping[str, Any]) -> str:
     """``search.md``: the chosen file per target beside the original, its commands, every candidate."""
     quality = result["quality_axis"]
@@ -77,6 +86,9 @@ def search_markdown(result: Mapping[str, Any]) -> str:
         show = (lambda v: ", ".join(v) if isinstance(v, list) else str(v))
         lines += ["", "## Which images served which purpose", "", f"- scored for the budget: {show(use['scored'])}",
                   f"- distillation, GPTQ and int8 calibration: {show(use['calibration'])}"]
+    if result.get("replay"):
+        lines += ["", "## Replayed recipes", "", f"From `{result['replay']['from']}`:", ""]
+        lines += [f"- {target}: {replay_text(t)}" for target, t in result["replay"]["targets"].items()]
     if result.get("stopped"):
         lines += ["", "## Why the search stopped", "", result["stopped"]]
     if result.get("cost_model"):
