@@ -64,6 +64,8 @@ def test_replay_on_another_checkpoint_rebuilds_the_recipes_without_a_search(earl
         # nothing searched: the one candidate per target is the replayed one
         assert [c.recipe.key for c in result.candidates if c.recipe.target == target] == [recipe["key"]]
     assert "nothing searched" in data["stopped"]
+    assert data["command"].endswith(f"--recipe {d / 'a' / 'search.json'}")
+    assert data["architecture"] == before["architecture"]  # the same network, widths, size and shapes
     md = (d / "b" / REPORT_FILES["markdown"]).read_text()
     assert "## Replayed recipes" in md and f"ios16: replayed {before['chosen']['ios16']['recipe']['key']}" in md
 

@@ -177,6 +177,9 @@ def _finish(search: Search, checkpoint: Path, out: Path, cfg: OptimizeConfig, th
             chosen[target].update(plain_latency(dest, chosen[target]["latency_ms"], cfg, threads))
 
     command = _command_line(checkpoint, out, dataclasses.replace(cfg, calib=cfg.data) if use and use.split else cfg)
+    if plan is not None:
+        command += f" --recipe {_shown(plan.source)}"
+        plan.settle(chosen)
     result = OptimizeResult(str(checkpoint), str(out), command, cfg, budget, search.images.source, original,
                             search.candidates, search.models, search.skipped, search.not_tried, chosen,
                             time.perf_counter() - search.t_start, threads, stopped=search.stopped,

@@ -47,6 +47,14 @@ class Replay:
     def to_dict(self) -> dict[str, Any]:
         return {"from": str(self.source), "targets": self.targets}
 
+    def settle(self, chosen: dict[str, dict[str, Any]]) -> None:
+        """A replayed file that kept the budget when scored during the search but not when run as a file
+        (``tbopt bench``'s way) was not chosen: say so rather than "replayed"."""
+        for target, told in self.targets.items():
+            if told["status"] == "replayed" and chosen.get(target, {}).get("file") is None:
+                told.update(status="missed", reason=f"the replayed file missed the budget when run as a file "
+                                                    f"({chosen.get(target, {}).get('reason', 'not chosen')})")
+
 
 def replay_source(recipe: Path | None, from_dir: Path | None) -> Path | None:
     """The ``search.json`` that ``--recipe FILE`` or ``--from DIR`` names (one of them, or neither)."""

@@ -34,7 +34,8 @@ def replay_text(t: dict[str, Any]) -> str:
             + (f", {t['quality_db']:.2f} dB" if t.get("quality_db") is not None else "")) if t.get("recipe") else ""
     if t["status"] == "replayed":
         return f"replayed {made} (within the budget)"
-    return f"searched: {t['reason']}" + (f" [{made}]" if made else "")
+    said = "searched" if t["status"] == "searched" else "not chosen"
+    return f"{said}: {t['reason']}" + (f" [{made}]" if made else "")
 
 
 def search_markdown(result: Mapping[str, Any]) -> str:
