@@ -161,16 +161,18 @@ def test_missing_folders_are_made_and_nothing_temporary_is_left(name, inputs, tm
     # (the scratch fixture checks that the process's temporary folder is empty)
 
 
-def _fail_after_writing_part(monkeypatch, target, attr: str, folder: bool = False) -> None:
-    """Make a writer put part of its output down, then fail as a full disk does."""
-    def writer(self_or_obj, path, *args, **kwargs):
+def _fail_after_writing_part(monkeypatch, target, attr: str, folder: bool = False, path_is_self: bool = False) -> None:
+    """Make a writer put part of its output down, then fail as a full disk does (``path_is_self``: the
+    writer is a method of the path, as ``Path.write_bytes``)."""
+    def writer(self_or_obj, *args, **kwargs):
+        path = self_or_obj if path_is_self else args[0]
         # a path, or an open file (whose .name is its path); a Path's own .name is only its last part
         path = Path(path) if isinstance(path, (str, os.PathLike)) else Path(path.name)
         if folder:
             path.mkdir(parents=True, exist_ok=True)
-            (path / "part").write_bytes(b"x" * 100)
-        else:
-            Path(path).write_bytes(b"x" * 100)
+            path = path / "part"
+        with open(path, "wb") as f:
+            f.write(b"x" * 100)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     monkeypatch.setattr(target, attr, writer)
@@ -178,18 +180,20 @@ def _fail_after_writing_part(monkeypatch, target, attr: str, folder: bool = Fals
 
 def test_enospc_from_each_writer_in_process(inputs, tmp_path, scratch, monkeypatch):
     """Without a mount: each kind of writer fails with ENOSPC halfway; nothing partial is left."""
-    import torch
     from PIL import Image as PILImage
 
-    from tinybeauty_cli.export.convert import ExportedModel
+    from tinybeauty_cli.coreml.spec import coremltools
 
+    mlmodel = coremltools().models.MLModel
     out = tmp_path / "out"
     out.mkdir()
-    cases = [("prune", torch, "save", False), ("export-mlmodel", ExportedModel, "save", False),
-             ("export-mlpackage", ExportedModel, "save", True), ("apply", PILImage.Image, "save", False)]
-    for name, target, attr, folder in cases:
+    # the writers each command's file goes through: an artifact's bytes (core.written.write_file),
+    # coremltools' MLModel.save, Pillow's Image.save
+    cases = [("prune", Path, "write_bytes", False, True), ("export-mlmodel", mlmodel, "save", False, False),
+             ("export-mlpackage", mlmodel, "save", True, False), ("apply", PILImage.Image, "save", False, False)]
+    for name, target, attr, folder, path_is_self in cases:
         with monkeypatch.context() as m:
-            _fail_after_writing_part(m, target, attr, folder)
+            _fail_after_writing_part(m, target, attr, folder, path_is_self)
             assert_one_line_error(run(*_args(name, inputs, out)), "no space left", 1)
         assert listing(out) == [], (name, listing(out))
 
