@@ -132,3 +132,22 @@ def test_a_search_json_of_another_architecture_is_refused(earlier, tmp_path):
     d, _, other = earlier
     with pytest.raises(UsageError, match="another architecture"):
         optimize(other, tmp_path / "out", space(data=d / "faces"), recipe=d / "a" / "search.json")
+
+
+def test_a_continued_distillation_replays_from_its_shorter_one(earlier, tmp_path):
+    """A recipe whose distillation continues a shorter one (``channel0.3x4+2``) is rebuilt the way the
+    search makes it: the short distillation first, then continued."""
+    d, second, _ = earlier
+    data = json.loads((d / "a" / "search.json").read_text())
+    recipe = {**data["chosen"]["ios16"]["recipe"], "rate": 0.3, "steps": 6, "from_steps": 4, "full_res_rate": 0.0,
+              "full_res": [], "sparsity": 0.0}
+    recipe["key"] = f"ios16/channel0.3x4+2/{recipe['storage']}"
+    data["chosen"] = {"ios16": {**data["chosen"]["ios16"], "recipe": recipe}}
+    (tmp_path / "search.json").write_text(json.dumps(data))
+    result = optimize(second, tmp_path / "out", space(data=d / "faces", min_fidelity_db=25.0, targets=("ios16",)),
+                      recipe=tmp_path / "search.json")
+    assert [m.key for m in result.models] == ["channel0.3x4", "channel0.3x4+2"]
+    told = result.to_dict()["replay"]["targets"]["ios16"]
+    assert told["recipe"] == recipe["key"]
+    assert told["status"] == "replayed"  # a 25 dB budget: the storage the earlier search chose keeps it
+    assert result.to_dict()["chosen"]["ios16"]["recipe"]["key"] == recipe["key"]
