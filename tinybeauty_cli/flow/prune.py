@@ -117,6 +117,23 @@ def continued_steps(loaded: LoadedModel, cfg: PruneConfig, shorter: LoadedModel)
     return done
 
 
+def _ranking_images(loaded: LoadedModel, cfg: PruneConfig, data: Path | None, progress: Progress,
+                    seconds: dict[str, float]) -> tuple[torch.Tensor | None, str | None]:
+    """The images channels are ranked on and the pruned model is distilled on (None when neither is
+    done), and where they came from; the seconds they took go into ``seconds["images"]``."""
+    if not (cfg.any_pruning and (cfg.steps > 0 or cfg.method == PruneMethod.channel.value)):
+        return None, None
+    t_images = time.perf_counter()
+    count = max(cfg.finetune_images, cfg.calibration_images) if cfg.steps > 0 else cfg.calibration_images
+    images = unlabeled_images(data, loaded.preprocessing.size, count, progress)
+    pool = torch.from_numpy(uint8_to_model(images.inputs))
+    # channels are ranked on these images and the pruned model distilled from the original's outputs on
+    # them: a NaN there would train NaN weights, and the message would blame the pruned model
+    require_finite_on(loaded.path, loaded.module, pool, images.image_labels())
+    seconds["images"] = round(time.perf_counter() - t_images, 2)  # drawn or read: part of the recovery
+    return pool, images.source
+
+
 def prune_loaded(loaded: LoadedModel, cfg: PruneConfig, *, data: Path | None = None,
                  eval_images: ImageSet | None = None, progress: Progress | None = None,
                  scorer: Scorer | None = None, continue_from: LoadedModel | None = None,
@@ -140,19 +157,8 @@ def prune_loaded(loaded: LoadedModel, cfg: PruneConfig, *, data: Path | None = N
     if eval_images.inputs.shape[1] != size:
         raise InputError(f"evaluation images are {eval_images.inputs.shape[1]}px but the model takes {size}px")
 
-    pool: torch.Tensor | None = None
-    pool_source = None
     seconds: dict[str, float] = {}
-    if cfg.any_pruning and (cfg.steps > 0 or cfg.method == PruneMethod.channel.value):
-        t_images = time.perf_counter()
-        count = max(cfg.finetune_images, cfg.calibration_images) if cfg.steps > 0 else cfg.calibration_images
-        images = unlabeled_images(data, size, count, progress)
-        pool = torch.from_numpy(uint8_to_model(images.inputs))
-        pool_source = images.source
-        # channels are ranked on these images and the pruned model distilled from the original's outputs on
-        # them: a NaN there would train NaN weights, and the message would blame the pruned model
-        require_finite_on(loaded.path, original, pool, images.image_labels())
-        seconds["images"] = round(time.perf_counter() - t_images, 2)  # drawn or read: part of the recovery
+    pool, pool_source = _ranking_images(loaded, cfg, data, progress, seconds)
 
     score = scorer or torch_scorer(loaded.preprocessing, eval_images, progress)
 
