@@ -164,15 +164,16 @@ class Search:
         return True
 
     # -- candidates -----------------------------------------------------------------------------------------
-    def candidate(self, recipe: Recipe) -> Candidate | None:
-        """Evaluate ``recipe`` (or read it from the cache); None when it could not be tried."""
+    def candidate(self, recipe: Recipe, past_budget: bool = False) -> Candidate | None:
+        """Evaluate ``recipe`` (or read it from the cache); None when it could not be tried.
+        ``past_budget``: made even when the time budget is spent (a target's one shippable file)."""
         cached = self.maker.cached_candidate(recipe)
         if cached is not None:
             return cached
         if not recipe.is_cpu and self.cannot_beat(recipe):
             return None
         model = self.model(recipe)
-        if model is None or not self.fits(recipe.key, self.maker.candidate_work(recipe)):
+        if model is None or not (past_budget or self.fits(recipe.key, self.maker.candidate_work(recipe))):
             return None
         try:
             return self.maker.make_candidate(recipe, model)
@@ -218,10 +219,11 @@ class Search:
         self.to_sparsify.append(base)  # after the dear palettes: sparse fp16 has not won on TinyBeauty
 
     def fallback(self, targets: list[str]) -> None:
-        """fp16 storage of the model as given, for each Core ML target where nothing kept the quality."""
+        """fp16 storage of the model as given, for each Core ML target where nothing kept the quality:
+        made even past the time budget (a few seconds), so that no target is left without a file."""
         for target in targets:
             if target != "cpu" and not any(c.kept for c in self.candidates if c.recipe.target == target):
-                self.candidate(Recipe(target=target, weights="fp16"))
+                self.candidate(Recipe(target=target, weights="fp16"), past_budget=True)
 
     def run(self) -> None:
         targets = [t for t in self.cfg.targets if t != "cpu"] + [t for t in self.cfg.targets if t == "cpu"]
