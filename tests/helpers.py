@@ -160,3 +160,27 @@ def export_and_rebuild_by_its_command(tmp_path: Path, args: list[str], name: str
     assert {k: v for k, v in ma.items() if k != history} == {k: v for k, v in mb.items() if k != history}
     assert untimed(json.loads(ma[history])) == untimed(json.loads(mb[history]))
     return first / name, made
+
+
+# ---------------------------------------------------------------- every command on one model, cheaply
+
+#: The int8 engine the command tests quantize with: the first this PyTorch build has.
+ENGINE = next(e for e in ("x86", "fbgemm", "qnnpack", "onednn") if e in torch.backends.quantized.supported_engines)
+#: The commands that take one model file.
+MODEL_COMMANDS = ("info", "apply", "bench", "compare", "prune", "quantize", "export", "run")
+
+
+def cheap_command_args(command: str, model: Path, photo: Path, other_model: Path, out: Path) -> list:
+    """``command`` on ``model`` with the cheapest options (``photo`` for apply, ``other_model`` for
+    compare), its outputs under ``out``."""
+    return {
+        "info": ["info", model],
+        "apply": ["apply", model, photo, "-o", out / "made"],
+        "bench": ["bench", model, "--no-timing", "--limit", "2", "--quiet"],
+        "compare": ["compare", model, other_model, "--no-timing", "--limit", "2", "-o", out / "cmp", "--quiet"],
+        "prune": ["prune", model, "--rate", "0.3", "--limit", "2", "-o", out / "pruned.pt", "--quiet"],
+        "quantize": ["quantize", model, "--limit", "2", "--calib-count", "2", "--keep-float", "none",
+                     "--backend", ENGINE, "-o", out / "int8.pt", "--quiet"],
+        "export": ["export", model, "-o", out / "model.mlpackage", "--quiet"],
+        "run": ["run", model, "--output", out / "run", "--limit", "2", "--quiet"],
+    }[command]

@@ -34,7 +34,7 @@ from torch import nn
 from tinybeauty_cli.cli.app import app
 from tinybeauty_cli.core.artifact import Artifact, Preprocessing, save_artifact
 
-from tests.helpers import ROOT, run, small_tinybeauty
+from tests.helpers import ENGINE, MODEL_COMMANDS, ROOT, cheap_command_args, run, small_tinybeauty
 
 SIZE = 32
 
@@ -284,23 +284,10 @@ def _flag(command: str, *names: str) -> str:
 
 def command_args(command: str, model: Path, root: Path, out: Path) -> list:
     """Arguments of ``command`` on ``model`` (the cheapest options), its outputs under ``out``."""
-    image = root / "odd" / "rgb.png"
-    return {
-        "info": ["info", model],
-        "apply": ["apply", model, image, "-o", out / "made"],
-        "bench": ["bench", model, "--no-timing", "--limit", "2", "--quiet"],
-        "compare": ["compare", model, root / "good.pt", "--no-timing", "--limit", "2", "-o", out / "cmp", "--quiet"],
-        "prune": ["prune", model, "--rate", "0.3", "--limit", "2", "-o", out / "pruned.pt", "--quiet"],
-        "quantize": ["quantize", model, "--limit", "2", "--calib-count", "2", "--keep-float", "none",
-                     "--backend", ENGINE, "-o", out / "int8.pt", "--quiet"],
-        "export": ["export", model, "-o", out / "model.mlpackage", "--quiet"],
-        "run": ["run", model, _flag("run", "--output", "--out"), out / "run", "--limit", "2", "--quiet"],
-    }[command]
+    return cheap_command_args(command, model, root / "odd" / "rgb.png", root / "good.pt", out)
 
 
-#: One int8 engine of this PyTorch build (``auto`` would time them all).
-ENGINE = next(e for e in ("x86", "fbgemm", "qnnpack", "onednn") if e in torch.backends.quantized.supported_engines)
-COMMANDS = ("info", "apply", "bench", "compare", "prune", "quantize", "export", "run")
+COMMANDS = MODEL_COMMANDS
 
 # ---------------------------------------------------------------- 1. weights that cannot be right
 

@@ -26,28 +26,17 @@ from torch import nn
 from tinybeauty_cli.core.artifact import Artifact, ArchSpec, Preprocessing, save_artifact
 
 from .. import archs
-from ..helpers import run, small_tinybeauty
+from ..helpers import MODEL_COMMANDS, cheap_command_args, run, small_tinybeauty
 from .nonfinite_model import NAN_FIGURE, save_nan_on_faces
 
 SIZE = 32
 NAN_SIZE = 64  # at 32 px no scaling separates the probe image from faces
-ENGINE = next(e for e in ("x86", "fbgemm", "qnnpack", "onednn") if e in torch.backends.quantized.supported_engines)
-COMMANDS = ("info", "apply", "bench", "compare", "prune", "quantize", "export", "run")
+COMMANDS = MODEL_COMMANDS
 
 
 def command_args(command: str, model: Path, root: Path, out: Path) -> list:
     """``command`` on ``model`` with the cheapest options; a photo and a second model from ``root``."""
-    return {
-        "info": ["info", model],
-        "apply": ["apply", model, root / "photo.png", "-o", out / "made"],
-        "bench": ["bench", model, "--no-timing", "--limit", "2", "--quiet"],
-        "compare": ["compare", model, root / "good.pt", "--no-timing", "--limit", "2", "-o", out / "cmp", "--quiet"],
-        "prune": ["prune", model, "--rate", "0.3", "--limit", "2", "-o", out / "pruned.pt", "--quiet"],
-        "quantize": ["quantize", model, "--limit", "2", "--calib-count", "2", "--keep-float", "none",
-                     "--backend", ENGINE, "-o", out / "int8.pt", "--quiet"],
-        "export": ["export", model, "-o", out / "model.mlpackage", "--quiet"],
-        "run": ["run", model, "--output", out / "run", "--limit", "2", "--quiet"],
-    }[command]
+    return cheap_command_args(command, model, root / "photo.png", root / "good.pt", out)
 
 
 def arch_classes() -> dict[str, type]:
