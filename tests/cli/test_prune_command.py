@@ -51,6 +51,7 @@ def test_channel_with_finetuning_on_a_folder(tmp_path, small_artifact, photos):
     assert "width 6" in info["architecture"]
 
 
+@pytest.mark.slow  # 10-50 s: the default run keeps under 10 minutes on 2 cores
 def test_group_rate_prunes_the_named_group_harder_and_the_history_rebuilds_it(tmp_path, small_artifact, photos):
     out = tmp_path / "g.pt"
     r = run("prune", small_artifact, "--rate", "0.25", "--method", "channel", "--finetune-steps", "0",

@@ -93,6 +93,7 @@ def test_refusals_write_nothing(tmp_path, cli_quantized):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "s.pt"]
 
 
+@pytest.mark.slow  # 10-50 s: the default run keeps under 10 minutes on 2 cores
 def test_quantize_scores_photos_without_targets(tmp_path):
     """--data of plain photos (no target/ folder): fidelity only, no PSNR against targets, no crash."""
     import numpy as np

@@ -37,7 +37,7 @@ def twice(tmp_path: Path, name: str, *args) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("method, extra", [("magnitude", ()), ("global", ()),
-                                           ("channel", ("--finetune-steps", "3"))])
+                                           pytest.param("channel", ("--finetune-steps", "3"), marks=pytest.mark.slow)])
 def test_prune_gives_the_same_weights(small_artifact, tmp_path, method, extra):
     a, b = twice(tmp_path, "p.pt", "prune", small_artifact, "--rate", "0.3", "--method", method, *extra,
                  "--limit", "1", "--threads", "1", "--quiet")
@@ -49,6 +49,7 @@ def test_prune_gives_the_same_weights(small_artifact, tmp_path, method, extra):
         untimed({k: v for k, v in pb.items() if k != "state_dict"})
 
 
+@pytest.mark.slow  # 10-50 s: the default run keeps under 10 minutes on 2 cores
 def test_quantize_gives_the_same_int8_archive(small_artifact, tmp_path):
     # Two processes, as two runs of the command are: TorchScript numbers the classes it generates
     # (``___torch_mangle_N``) with a counter that lives as long as the Python process.

@@ -87,6 +87,7 @@ def test_search_picks_the_known_best_candidate_of_a_small_space(tiny, tmp_path):
         assert (out / name).exists()
 
 
+@pytest.mark.slow  # 10-50 s: the default run keeps under 10 minutes on 2 cores
 def test_a_palette_that_missed_is_tried_with_bits_by_layer_and_fitted_in_the_same_bytes(tiny, tmp_path):
     """The dear phase: the first palette that missed comes back with bits chosen by layer, then fitted;
     each keeps the plain palette's bytes (within the fit's record), and it goes on down
@@ -292,6 +293,7 @@ def test_a_distillation_expected_to_end_after_the_budget_is_not_started(tiny, tm
     assert OptimizeConfig().time_budget_min is not None and OptimizeConfig().time_budget_min <= 15
 
 
+@pytest.mark.slow  # 10-50 s: the default run keeps under 10 minutes on 2 cores
 def test_full_resolution_groups_pruned_harder_for_the_cpu_and_the_command_rebuilds_them(tiny, tmp_path, monkeypatch):
     """After the longest distillation of a kept rate, the same rate with the groups of the
     full-resolution convs pruned harder (cpu first); its prune command carries the group rates and
