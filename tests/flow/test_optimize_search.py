@@ -192,13 +192,3 @@ def test_a_step_expected_to_end_after_the_budget_is_not_started_but_a_cheaper_on
     assert faster.fits("ios13/channel0.3x750+1250/pal4", {"distill_step": 1250, "score": 1})
     assert "time budget" in search.why_stopped()
 
-
-def test_a_target_gets_its_fp16_file_even_when_the_budget_is_spent(tiny, tmp_path):
-    """With no time left for any step, each Core ML target still ends with the file that can always be
-    shipped (fp16 of the model as given), and the search says the budget stopped it."""
-    d, ckpt = tiny
-    cfg = small_space(targets=("ios13",), data=d / "pairs", time_budget_min=1e-6)
-    result = optimize(ckpt, tmp_path / "out", cfg)
-    assert result.chosen["ios13"]["recipe"]["weights"] == "fp16", result.chosen
-    assert (tmp_path / "out" / "TinyBeauty.mlmodel").is_file()
-    assert result.not_tried and "time budget" in result.stopped
