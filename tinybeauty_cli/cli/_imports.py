@@ -15,6 +15,7 @@ Each command calls the one function that covers what it runs, first thing (insid
 
 from __future__ import annotations
 
+from contextlib import suppress
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -58,44 +59,25 @@ def coreml() -> None:
     """:func:`compiler`, the optional dependencies coremltools tries under a bare ``except:`` that are
     installed, then coremltools itself (quietly, as ``coreml.spec`` imports it)."""
     compiler()
-    for optional in _COREMLTOOLS_OPTIONAL:
-        optional()
+    _coremltools_optional()
     from ..coreml.spec import coremltools  # noqa: PLC0415
 
     coremltools()
 
 
-def _sklearn() -> None:
-    try:
-        import sklearn  # noqa: F401, PLC0415
-    except ImportError:
-        pass
-
-
-def _scipy() -> None:
-    try:
+def _coremltools_optional() -> None:
+    """The optional dependencies coremltools tries, each where it is installed (ImportError only:
+    an interrupt still ends the command)."""
+    with suppress(ImportError):
         import scipy.optimize  # noqa: F401, PLC0415
         import scipy.sparse  # noqa: F401, PLC0415
         import scipy.stats  # noqa: F401, PLC0415
-    except ImportError:
-        pass
-
-
-def _torchvision() -> None:
-    try:
+    with suppress(ImportError):
+        import sklearn  # noqa: F401, PLC0415
+    with suppress(ImportError):
         import torchvision  # noqa: F401, PLC0415
-    except ImportError:
-        pass
-
-
-def _torchao() -> None:
-    try:
+    with suppress(ImportError):
         import torchao  # noqa: F401, PLC0415
-    except ImportError:
-        pass
-
-
-_COREMLTOOLS_OPTIONAL = (_scipy, _sklearn, _torchvision, _torchao)
 
 
 def everything() -> None:
