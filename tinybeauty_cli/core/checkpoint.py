@@ -296,6 +296,15 @@ def load_model(
                                  f"a tbopt artifact or TorchScript)", hint="give the checkpoint it was exported from")
     path = require_file(Path(path), "checkpoint")
     data = path.read_bytes()  # the one read of the file: hash, format and weights all come from these bytes
+    return model_from_bytes(path, data, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, check=check)
+
+
+def model_from_bytes(path: Path | str, data: bytes, *, arch: str | None = None,
+                     arch_kwargs: str | Mapping[str, Any] | None = None, trust_pickle: bool = False,
+                     check: bool = True) -> LoadedModel:
+    """:func:`load_model` of a file whose bytes were read (or written) already: ``data`` is its
+    content and ``path`` only names it."""
+    path = Path(path)
     digest = hashlib.sha256(data).hexdigest()
     spec = _parse_arch(arch, arch_kwargs)
 

@@ -17,8 +17,9 @@ from .files import atomic_output
 
 @dataclass(frozen=True)
 class WrittenFile:
-    """``path`` as written. ``content`` is a single file's bytes (empty for a folder); ``spec`` the
-    Core ML spec read once where the writer needed it."""
+    """``path`` as written. ``content`` is a single file's bytes (empty for a folder), ``files`` a
+    folder's files' bytes by their path inside it; ``spec`` the Core ML spec read once where the writer
+    needed it."""
 
     path: Path
     sha256: str
@@ -26,6 +27,7 @@ class WrittenFile:
     zipped_bytes: int
     content: bytes = field(default=b"", repr=False)
     spec: Any = field(default=None, repr=False, compare=False)
+    files: Mapping[str, bytes] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def of_bytes(cls, path: Path | str, content: bytes, spec: Any = None) -> "WrittenFile":
@@ -40,17 +42,45 @@ class WrittenFile:
         ``core.files.sha256_file``, ``size_on_disk`` and ``zipped_size``."""
         path = Path(path)
         files = {str(f.relative_to(path)): f.read_bytes() for f in sorted(p for p in path.rglob("*") if p.is_file())}
+        return cls.of_files(path, files, spec)
+
+    @classmethod
+    def of_file(cls, path: Path | str, spec: Any = None) -> "WrittenFile":
+        """A file or a folder on disk, read once."""
+        path = Path(path)
+        return cls.of_folder(path, spec) if path.is_dir() else cls.of_bytes(path, path.read_bytes(), spec)
+
+    @classmethod
+    def of_files(cls, path: Path | str, files: Mapping[str, bytes], spec: Any = None) -> "WrittenFile":
+        """A folder whose files (by their path inside it) hold ``files`` (nothing is read)."""
+        path = Path(path)
+        files = dict(sorted(files.items(), key=lambda kv: Path(kv[0])))  # the order of core.files.sha256_file
         h = hashlib.sha256()
         for name, data in files.items():
             h.update(name.encode())
             h.update(b"\0")
             h.update(data)
         return cls(path, h.hexdigest(), sum(len(d) for d in files.values()),
-                   _zipped({f"{path.name}/{name}": data for name, data in files.items()}), b"", spec)
+                   _zipped({f"{path.name}/{name}": data for name, data in files.items()}), b"", spec, files)
+
+    @property
+    def is_folder(self) -> bool:
+        return bool(self.files)
+
+    def write_to(self, path: Path | str) -> None:
+        """Write these bytes at ``path`` (a temporary place the caller renames into position)."""
+        path = Path(path)
+        if not self.is_folder:
+            path.write_bytes(self.content)
+            return
+        for name, data in self.files.items():
+            (path / name).parent.mkdir(parents=True, exist_ok=True)
+            (path / name).write_bytes(data)
 
     def moved_to(self, path: Path | str) -> "WrittenFile":
         """The same file under the name it was renamed to (written as a temporary file first)."""
-        return WrittenFile(Path(path), self.sha256, self.size_bytes, self.zipped_bytes, self.content, self.spec)
+        return WrittenFile(Path(path), self.sha256, self.size_bytes, self.zipped_bytes, self.content, self.spec,
+                           self.files)
 
 
 def write_file(path: Path | str, content: bytes, *, force: bool = False) -> WrittenFile:

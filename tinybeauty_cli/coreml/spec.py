@@ -27,6 +27,7 @@ import numpy as np
 
 from ..core.artifact import Preprocessing
 from ..core.errors import ConfigError, InputError, NotImageModelError, UnsupportedError
+from ..core.written import WrittenFile
 
 #: Where an ML Program package keeps its graph description and weights.
 PACKAGE_DATA = Path("Data") / "com.apple.CoreML"
@@ -107,6 +108,24 @@ def load_spec(path: Path | str) -> Any:
     ct = coremltools()
     with quiet(), readable(path) as copy:
         return ct.utils.load_spec(copy)
+
+
+def spec_of_bytes(content: bytes) -> Any:
+    """The protobuf specification of a ``.mlmodel`` whose bytes are held (parsed as
+    ``coremltools.utils.load_spec`` parses the file)."""
+    spec = coremltools().proto.Model_pb2.Model()
+    spec.ParseFromString(content)
+    return spec
+
+
+@contextlib.contextmanager
+def held(file: WrittenFile) -> Iterator[Path]:
+    """A file whose bytes are held in memory, written into a private temporary folder for coremltools
+    to open (removed after): the file itself is not read again."""
+    with tempfile.TemporaryDirectory(prefix="tbopt-read-") as folder:
+        copy = Path(folder) / Path(file.path).name
+        file.write_to(copy)
+        yield copy
 
 
 def load_program(path: Path | str) -> Any:

@@ -10,7 +10,9 @@ network sees [-1, 1]) and returns the made-up RGB image, computed inside the gra
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field, fields
@@ -30,8 +32,8 @@ from ..core.images import uint8_to_model
 from ..core.progress import Progress, SilentProgress
 from ..core.sanity import require_finite_on, require_finite_output
 from ..core.written import WrittenFile
-from ..coreml.spec import (coremltools, graph_op_counts, load_spec, neural_network_weight_bytes, package_parts, quiet,
-                           read_coreml)
+from ..coreml.spec import (coremltools, graph_op_counts, held, load_spec, neural_network_weight_bytes, package_parts,
+                           quiet, read_coreml, spec_of_bytes)
 from ..coreml.weights import carry_file_weights, stored_weights
 from ..export.config import FORMAT_BY_SUFFIX, FORMAT_NAMES, ExportConfig, ExportError, format_for_path
 from ..export.convert import ExportedModel, bits_for_export, export_module, plan_for
@@ -79,9 +81,11 @@ class ExportResult:
     palette_gptq: dict[str, Any] | None = None  # --palette-method gptq: what it did (GptqReport.to_dict)
     #: The file as written (hash, sizes, spec); not part of ``to_dict``.
     file: WrittenFile | None = field(default=None, repr=False, compare=False)
+    #: Its stored weights, decompressed, as read with it (``coreml.weights.stored_weights``); not part of ``to_dict``.
+    stored_weights: list | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "file"}
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in ("file", "stored_weights")}
 
 
 def _refuse_torchscript(loaded: LoadedModel) -> None:
@@ -151,7 +155,7 @@ def export_loaded(loaded: LoadedModel, output: Path | str, config: ExportConfig,
             "calibration": prepared.calib_source, **exported.bits_by_layer.to_dict()},
         activations=None if exported.activations is None else {
             "dtype": config.activations, "calibration": prepared.calib_source, **exported.activations.to_dict()},
-        file=file.moved_to(output))
+        file=file.moved_to(output), stored_weights=weights)
 
 
 @dataclass
@@ -234,17 +238,18 @@ def save_coreml(exported: ExportedModel, path: Path) -> None:
 
 def read_written(path: Path) -> tuple[WrittenFile, list]:
     """The Core ML file just written at ``path``, read once: its bytes' hash and sizes, its spec and its
-    stored weights, decompressed. Raises :class:`ExportError` if it does not read back."""
-    try:
-        spec = load_spec(path)
-    except Exception as exc:  # noqa: BLE001
-        raise ExportError(f"the written file does not load as a Core ML model: {exc}") from exc
-    file = WrittenFile.of_folder(path, spec) if path.is_dir() else WrittenFile.of_bytes(path, path.read_bytes(), spec)
-    try:
-        weights = stored_weights(path, spec)
-    except InputError as exc:
-        raise ExportError(f"the written ML Program does not read back: {exc}") from exc
-    return file, weights
+    stored weights, decompressed, all from those bytes. Raises :class:`ExportError` if it does not read back."""
+    file = WrittenFile.of_file(path)
+    with held(file) if file.is_folder else contextlib.nullcontext(path) as readable:
+        try:
+            spec = load_spec(readable) if file.is_folder else spec_of_bytes(file.content)
+        except Exception as exc:  # noqa: BLE001
+            raise ExportError(f"the written file does not load as a Core ML model: {exc}") from exc
+        try:
+            weights = stored_weights(readable, spec)
+        except InputError as exc:
+            raise ExportError(f"the written ML Program does not read back: {exc}") from exc
+    return dataclasses.replace(file, spec=spec), weights
 
 
 def executor_fidelity(path: Path, reference: nn.Module, size: int, prep: Preprocessing,

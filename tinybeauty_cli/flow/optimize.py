@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -30,10 +29,11 @@ import torch
 from ..core.checkpoint import load_model
 from ..core.contexts import torch_threads
 from ..core.errors import InputError, OutputError, OutputExistsError, UsageError
-from ..core.files import atomic_output, check_folder, folder_lock, normalized, sha256_file, size_on_disk, zipped_size
+from ..core.files import atomic_output, check_folder, folder_lock, normalized, sha256_file
 from ..core.images import ImageSet, uint8_to_model
 from ..core.progress import Progress, SilentProgress
 from ..core.written import WrittenFile
+from ..coreml.spec import held
 from ..measure.search_report import pareto_figure, pareto_front, search_markdown
 from ..runtime.plain_timing import allocator_hint, plain_process_latency
 from ..runtime.runners import TorchRunner, open_runner, runner_for
@@ -159,16 +159,12 @@ def _finish(search: Search, checkpoint: Path, out: Path, cfg: OptimizeConfig, th
                 chosen[target] = {"file": None, "reason": "no candidate kept the quality when run as tbopt bench runs it"}
                 continue
         dest = out / TARGET_FILES[target]
-        src = search.cache.verified(best.recipe.key, best.file)  # its bytes, checked again just before the copy
-        sha = sha256_file(src)
-        with atomic_output(dest, force=replace, directory=src.is_dir()) as tmp:
-            (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp)
-            if sha256_file(tmp) != sha:
-                raise OutputError(f"the copy of {src} for {dest} differs from it", hint="nothing was replaced")
-        # the figures of the file in --out, read from it once it is there
-        written = {"size_bytes": size_on_disk(dest), "zipped_bytes": zipped_size(dest), "sha256": sha256_file(dest)}
-        if written["sha256"] != sha:
-            raise OutputError(f"{dest} changed while it was written (its SHA-256 is not the cached file's)")
+        file = search.cache.file(best.recipe.key)  # the bytes scored: as written, or as read and checked
+        with atomic_output(dest, force=replace, directory=file.is_folder) as tmp:
+            file.write_to(tmp)
+            if sha256_file(tmp) != file.sha256:  # what reached the disk, read once before it is renamed into place
+                raise OutputError(f"the copy of {file.path} for {dest} differs from it", hint="nothing was replaced")
+        written = {"size_bytes": file.size_bytes, "zipped_bytes": file.zipped_bytes, "sha256": file.sha256}
         chosen[target] = {**best.to_dict(), **written, "file": str(dest),
                           "latency_ms": cpu_times.get(best.recipe.key, best.latency_ms),
                           "commands": best.recipe.commands(_shown(checkpoint), _shown(dest), cfg, threads,
@@ -220,14 +216,14 @@ def _verified_smallest(search: Search, kept: list[Candidate]) -> Candidate | Non
     for cand in sorted(kept, key=lambda c: (c.size_bytes, -(c.quality_db or 0.0))):
         if cand.scored_with != TWIN:
             return cand
-        ev = search.score(open_runner(search.cache.verified(cand.recipe.key, cand.file)),
-                          f"scoring {cand.recipe.key} as a file")
+        with held(search.cache.file(cand.recipe.key)) as copy:  # the bytes the search copies into --out
+            ev = search.score(open_runner(copy), f"scoring {cand.recipe.key} as a file")
         cand.target_psnr_db, cand.fidelity_psnr_db = _r(ev.target_psnr_db), _r(ev.fidelity_psnr_db)
         cand.worst_fidelity_db = _r(ev.worst_fidelity_db)
         cand.quality_db = _r(search.budget.quality(ev.target_psnr_db, ev.fidelity_psnr_db))
         cand.kept = search.budget.keeps(ev.target_psnr_db, ev.fidelity_psnr_db)
         cand.scored_with = "the file, as tbopt bench runs it"
-        search.cache.store(cand.recipe.key, cand.to_dict())
+        search.cache.store(cand.recipe.key, cand.to_dict(), search.cache.file(cand.recipe.key))
         if cand.kept:
             return cand
         cand.notes.append("kept the quality in PyTorch with the file's weights, but not when the file itself ran")
@@ -242,7 +238,7 @@ def _time_cpu_side_by_side(search: Search, cfg: OptimizeConfig, original: dict[s
     fns["original"] = lambda: orig_runner.predict(x1)
     for c in search.candidates:
         if c.recipe.is_cpu and c.kept:
-            runner = runner_for(load_model(search.cache.verified(c.recipe.key, c.file)))
+            runner = runner_for(search.maker.int8_model(c.recipe.key))
             fns[c.recipe.key] = (lambda r: (lambda: r.predict(x1)))(runner)
     with search.progress.task("timing the int8 files side by side", total=None):
         lat = measure_latencies(fns, runs=cfg.runs, warmup=cfg.warmup, threads=cfg.threads)

@@ -6,6 +6,10 @@ Each entry is written atomically (the file first, its record last): an interrupt
 whole entry or none. A record holds the SHA-256 and size of its file, taken when it was stored;
 an entry is trusted only when its record is whole (every field, of its type) and its file still has
 those bytes. Any other entry is redone, with a note that names it and says why.
+
+A file is read at most once per search: one found in the cache is checked on the bytes read then,
+which the search goes on with (:meth:`SearchCache.file`); one made in this run is stored with the
+bytes it was written from (a :class:`~tinybeauty_cli.core.written.WrittenFile`), never read back.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
 from ..core.errors import OutputError
-from ..core.files import atomic_output, sha256_file, size_on_disk
+from ..core.files import atomic_output
 from ..core.progress import Progress, SilentProgress
+from ..core.written import WrittenFile
 
 T = TypeVar("T")
 
@@ -35,6 +40,7 @@ class SearchCache:
         self.context = dict(context)
         self.progress = progress or SilentProgress()
         self._context_digest = digest(self.context)
+        self._files: dict[str, WrittenFile] = {}  # by key: each file as written or read in this run
 
     def exists(self) -> bool:
         return self.root.is_dir() and any(self.root.iterdir())
@@ -103,39 +109,33 @@ class SearchCache:
             return f"its file {file!r} lies outside the cache"
         if not target.exists():
             return f"its file {file} is missing"
-        actual = size_on_disk(target)
-        if actual != size:
-            return f"its file {file} has {actual:,} bytes, {size:,} when it was written"
-        if sha256_file(target) != sha:
+        read = WrittenFile.of_file(target)  # the one read of a cached file: checked here, used after
+        if read.size_bytes != size:
+            return f"its file {file} has {read.size_bytes:,} bytes, {size:,} when it was written"
+        if read.sha256 != sha:
             return f"its file {file} is not the one written (SHA-256 differs)"
+        self._files[key] = read
         return None
 
     def forget(self, key: str) -> None:
         """Remove ``key``'s record and the files made for it."""
+        self._files.pop(key, None)
         self.record_path(key).unlink(missing_ok=True)
         shutil.rmtree(self.file_dir(key), ignore_errors=True)
         self.model_path(key).unlink(missing_ok=True)
 
-    def store(self, key: str, record: Mapping[str, Any]) -> None:
-        """Record ``key``'s finished entry; its ``file`` (already written) is hashed now."""
-        file = self.absolute(record["file"])
+    def store(self, key: str, record: Mapping[str, Any], file: WrittenFile) -> None:
+        """Record ``key``'s finished entry; its ``file`` (written already, at ``record["file"]``) as written."""
+        if Path(file.path).resolve() != self.absolute(record["file"]).resolve():
+            raise OutputError(f"search cache: {key}'s record names {record['file']}, not the file written ({file.path})")
+        self._files[key] = file
         with atomic_output(self.record_path(key), force=True) as tmp:
-            tmp.write_text(json.dumps({**record, "key": key, "file_sha256": sha256_file(file),
-                                       "file_size": size_on_disk(file)}, indent=2, default=str) + "\n")
+            tmp.write_text(json.dumps({**record, "key": key, "file_sha256": file.sha256,
+                                       "file_size": file.size_bytes}, indent=2, default=str) + "\n")
 
-    def verified(self, key: str, relative: str) -> Path:
-        """The cached file ``relative`` of ``key``, checked against its record just before it is used."""
-        why = self._problem(key, self._record(key))
-        if why is not None:
-            raise OutputError(f"search cache: {key} cannot be used: {why}",
-                              hint="another process may be writing into --out; run the search again with --resume")
-        return self.absolute(relative)
-
-    def _record(self, key: str) -> Any:
-        try:
-            return json.loads(self.record_path(key).read_text())
-        except (OSError, ValueError):
-            return None
+    def file(self, key: str) -> WrittenFile:
+        """``key``'s file as this search wrote it or read it from the cache (its bytes checked then)."""
+        return self._files[key]
 
     def relative(self, path: Path) -> str:
         return str(Path(path).relative_to(self.root))

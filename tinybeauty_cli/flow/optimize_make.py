@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.artifact import save_artifact
-from ..core.checkpoint import LoadedModel, load_model
-from ..core.files import size_on_disk, zipped_size
+from ..core.artifact import write_artifact
+from ..core.checkpoint import LoadedModel, model_from_bytes
 from ..core.images import ImageSet
 from ..core.progress import Progress
 from ..core.quality import made_up
-from ..coreml.weights import carry_file_weights, stored_weights
+from ..core.written import WrittenFile
+from ..coreml.weights import carry_file_weights
 from ..export.config import ExportConfig, storage_bits
 from ..export.prepare import coreml_ready_module
 from ..measure.evaluate import Evaluation, Scores, evaluate
@@ -72,13 +72,14 @@ class _ImageOutTwin(TorchRunner):
         return y8 * ((hi - lo) / 255.0) + lo - x
 
 
-def file_twin(model: LoadedModel, path: Path, fmt: str) -> TorchRunner | None:
-    """The Core ML file at ``path`` (exported from ``model`` with image I/O) as a PyTorch runner carrying
-    its stored weights; None when the converter folded ops into those weights (a scale after a conv):
-    no PyTorch model with them computes what the file does, and the file itself must be run."""
+def file_twin(model: LoadedModel, weights: list, fmt: str) -> TorchRunner | None:
+    """A Core ML file exported from ``model`` with image I/O, as a PyTorch runner carrying its stored
+    ``weights`` (``coreml.weights.stored_weights``, as the export read them); None when the converter
+    folded ops into those weights (a scale after a conv): no PyTorch model with them computes what the
+    file does, and the file itself must be run."""
     size = model.preprocessing.size
     twin = coreml_ready_module(model.module, size, fmt)
-    match = carry_file_weights(twin, stored_weights(path), torch.zeros(1, 3, size, size))
+    match = carry_file_weights(twin, weights, torch.zeros(1, 3, size, size))
     if match.rewritten:
         return None
     return _ImageOutTwin(twin.eval(), model.preprocessing, engine=TWIN)
@@ -95,17 +96,27 @@ class Maker:
         self.models: list[ModelEntry] = []
         self.fits: dict[tuple, Any] = {}  # palette fits, shared between targets (export_loaded)
         self._models: dict[str, tuple[LoadedModel, ModelEntry]] = {}
+        self._int8: dict[str, LoadedModel] = {}  # the int8 models made in this run, by recipe key
+        # The PyTorch models (float and int8) each run once on the images: an int8 file's float model is
+        # scored when it is made and again by quantize; the original's outputs are kept throughout.
+        self.scores = Scores(images, progress, keep=2)
         prep = loaded.preprocessing
         self.reference: Evaluation = self.score(TorchRunner(loaded.module.eval(), prep, name=str(loaded.path)), "scoring the original",
-                                                reference=False)
+                                                reference=False, remember=True)
         self.budget = Budget(_r(self.reference.target_psnr_db), cfg.max_drop_db, cfg.min_fidelity_db)
         size = prep.size
         self.full_res = tuple(full_resolution_convs(copy.deepcopy(loaded.module), torch.zeros(1, 3, size, size)))
 
-    def score(self, runner: Any, description: str, reference: bool = True, kind: str = "score") -> Evaluation:
+    def score(self, runner: Any, description: str, reference: bool = True, kind: str = "score",
+              remember: bool = False) -> Evaluation:
+        """``runner`` scored on the search's images; with ``remember``, its outputs are kept for the next
+        score of the same model (:class:`Scores`)."""
         t0 = time.perf_counter()
-        ev = evaluate(runner, self.images, reference=self.reference.outputs if reference else None,
-                      progress=self.progress, description=description)
+        ref = self.reference.outputs if reference else None
+        if remember:
+            ev = self.scores.score(runner, runner, description, reference=ref)
+        else:
+            ev = evaluate(runner, self.images, reference=ref, progress=self.progress, description=description)
         self.costs.observe(kind, time.perf_counter() - t0)
         return ev
 
@@ -120,7 +131,8 @@ class Maker:
         psnr, fid = entry.target_psnr_db, entry.fidelity_psnr_db
         entry = dataclasses.replace(entry, quality_db=self.budget.quality(psnr, fid), kept=self.budget.keeps(psnr, fid),
                                     cached=True)
-        return self._remember(key, load_model(self.cache.model_path(key)), entry)
+        file = self.cache.file(key)  # read once, when the cache checked it
+        return self._remember(key, model_from_bytes(file.path, file.content), entry)
 
     def _remember(self, key: str, model: LoadedModel, entry: ModelEntry) -> tuple[LoadedModel, ModelEntry]:
         self._models[key] = (model, entry)
@@ -151,14 +163,15 @@ class Maker:
         def scorer(module: nn.Module, reference: np.ndarray | None, description: str, label: str) -> Evaluation:
             if module is self.original.module:  # scored once, at the start
                 return self.reference
-            final.append(self.score(TorchRunner(module.eval(), source.preprocessing, name=label), f"scoring {key}"))
+            final.append(self.score(TorchRunner(module.eval(), source.preprocessing, name=label), f"scoring {key}",
+                                    remember=True))
             return final[-1]
 
         artifact, _module, report = prune_loaded(source, cfg, data=self.cfg.calib, eval_images=self.images,
                                                  progress=self.progress, scorer=scorer, continue_from=shorter,
                                                  score_before_finetune=False)
         path = self.cache.model_path(key)
-        save_artifact(artifact, path, force=True)
+        written = write_artifact(artifact, path, force=True)
         ev = final[-1]
         entry = ModelEntry(key, self.cache.relative(path), _r(ev.target_psnr_db), _r(ev.fidelity_psnr_db),
                            _r(self.budget.quality(ev.target_psnr_db, ev.fidelity_psnr_db)),
@@ -168,8 +181,9 @@ class Maker:
             self.costs.observe("distill_step", report.seconds.get("finetune", 0.0), steps)
         if not recipe.from_steps and not recipe.sparsity:
             self.costs.observe("prune", report.seconds.get("prune", 0.0))
-        self.cache.store(key, {"file": entry.file, "entry": entry.to_dict()})
-        return self._remember(key, load_model(path), entry)
+        self.cache.store(key, {"file": entry.file, "entry": entry.to_dict()}, written)
+        # the model as its file would open, from the bytes just written: the file is never read back
+        return self._remember(key, model_from_bytes(path, written.content), entry)
 
     def weight_bytes(self, recipe: Recipe, parent: LoadedModel) -> int:
         """A lower bound of ``recipe``'s file size: its conv weights alone at its bits per weight."""
@@ -205,18 +219,26 @@ class Maker:
         folder = self.cache.file_dir(recipe.key)
         shutil.rmtree(folder, ignore_errors=True)  # a half-made earlier attempt
         path = folder / TARGET_FILES[recipe.target]
-        cand = self._cpu(recipe, model, path) if recipe.is_cpu else self._coreml(recipe, model, path)
+        cand, file = self._cpu(recipe, model, path) if recipe.is_cpu else self._coreml(recipe, model, path)
         cand.seconds = round(time.perf_counter() - t0, 1)
-        self.cache.store(recipe.key, cand.to_dict())
+        self.cache.store(recipe.key, cand.to_dict(), file)
         return self._found(cand)
 
-    def _measured(self, recipe: Recipe, path: Path, ev: Evaluation, **extra: Any) -> Candidate:
-        return Candidate(recipe, self.cache.relative(path), size_on_disk(path), zipped_size(path),
+    def int8_model(self, key: str) -> LoadedModel:
+        """The int8 model of candidate ``key``: as made in this run, else opened from the bytes the cache
+        read when it checked the file."""
+        if key not in self._int8:
+            file = self.cache.file(key)
+            self._int8[key] = model_from_bytes(file.path, file.content)
+        return self._int8[key]
+
+    def _measured(self, recipe: Recipe, file: WrittenFile, ev: Evaluation, **extra: Any) -> Candidate:
+        return Candidate(recipe, self.cache.relative(file.path), file.size_bytes, file.zipped_bytes,
                          _r(ev.target_psnr_db), _r(ev.fidelity_psnr_db), _r(ev.worst_fidelity_db),
                          _r(self.budget.quality(ev.target_psnr_db, ev.fidelity_psnr_db)),
                          self.budget.keeps(ev.target_psnr_db, ev.fidelity_psnr_db), 0.0, **extra)
 
-    def _coreml(self, recipe: Recipe, model: LoadedModel, path: Path) -> Candidate:
+    def _coreml(self, recipe: Recipe, model: LoadedModel, path: Path) -> tuple[Candidate, WrittenFile]:
         config = recipe.export_config()
         if recipe.fit_steps:
             config = with_fitted_palettes(config, recipe.fit_steps, self.cfg.calib)
@@ -225,13 +247,15 @@ class Maker:
         t0 = time.perf_counter()
         result = export_loaded(model, path, config, force=True, progress=self.progress, fits=self.fits)
         self._observe_export(recipe, config.format, time.perf_counter() - t0, result)
-        twin = file_twin(model, path, config.format)
+        file = result.file
+        assert file is not None and result.stored_weights is not None
+        twin = file_twin(model, result.stored_weights, config.format)
         if twin is None:
             runner = open_runner(path)
             ev = self.score(runner, f"scoring {recipe.key} as a file")
-            return self._measured(recipe, path, ev, notes=list(result.notes), scored_with=runner.engine)
+            return self._measured(recipe, file, ev, notes=list(result.notes), scored_with=runner.engine), file
         ev = self.score(twin, f"scoring {recipe.key}")
-        return self._measured(recipe, path, ev, notes=list(result.notes), scored_with=TWIN)
+        return self._measured(recipe, file, ev, notes=list(result.notes), scored_with=TWIN), file
 
     def _observe_export(self, recipe: Recipe, fmt: str, seconds: float, result: Any) -> None:
         """The export's seconds, split between the plain export and what a recipe adds to it."""
@@ -252,28 +276,24 @@ class Maker:
         if recipe.bits_by_layer:
             self.costs.observe("bits", rest)
 
-    def _cpu(self, recipe: Recipe, model: LoadedModel, path: Path) -> Candidate:
-        scores = Scores(self.images, self.progress)
+    def _cpu(self, recipe: Recipe, model: LoadedModel, path: Path) -> tuple[Candidate, WrittenFile]:
+        scores = self.scores
         command = " && ".join(recipe.commands(shown(Path(self.original.path)), path.name, self.cfg,
                                               torch.get_num_threads()))
         qcfg = self.cfg.quantize_config()
         t0 = time.perf_counter()
-        if qcfg.backend == "auto":
-            # The engine is ranked by timing; the file is then made with it pinned, as the printed
-            # command makes it (calibration batches differ between the two ways).
-            quick = dataclasses.replace(qcfg, eval_limit=1, runs=1, warmup=0)  # the ranking is all it is for
-            ranked = quantize_loaded(model, path.with_name("ranking.pt"), quick, force=True, progress=self.progress,
-                                     command=command, source_bytes=model.content or None)
-            path.with_name("ranking.pt").unlink()
-            qcfg = dataclasses.replace(qcfg, backend=ranked.backend)
+        # With --backend auto the engines are ranked and the file made in one run; the ranking leaves the
+        # calibration as a run with the chosen engine pinned does it, so the printed command (engine
+        # pinned) makes this very file.
         result = quantize_loaded(model, path, qcfg, force=True, progress=self.progress,
                                  command=command, source_bytes=model.content or None, scores=scores)
-        written = result.written
-        assert written is not None
+        written, file = result.written, result.file
+        assert written is not None and file is not None
+        self._int8[recipe.key] = written
         t1 = time.perf_counter()
         ev = scores.score(written.module, runner_for(written), "scoring int8", reference=self.reference.outputs)
         self.costs.observe("score", time.perf_counter() - t1)
         self.costs.observe("quantize", t1 - t0)
-        return self._measured(recipe, path, ev, latency_ms=_r(result.latency["int8"]["p50_ms"]),
+        return self._measured(recipe, file, ev, latency_ms=_r(result.latency["int8"]["p50_ms"]),
                               engine=result.engine, threads=result.latency["threads"], backend=result.backend,
-                              notes=list(result.notes))
+                              notes=list(result.notes)), file

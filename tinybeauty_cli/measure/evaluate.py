@@ -93,21 +93,31 @@ class Scores:
     ``tbopt run`` scores the same models in several stages (a stage's own report, then the final
     table): keyed by the model's weights (:func:`model_key`), the second request costs nothing,
     and a model whose weights changed since is run again.
+
+    ``keep``: the outputs of at most this many models are kept besides the first one scored (the
+    reference the others are compared with), the most recently used; a search that scores dozens of
+    models on a hundred images at full size would otherwise hold gigabytes of outputs.
     """
 
-    def __init__(self, images: ImageSet, progress: Progress | None = None):
+    def __init__(self, images: ImageSet, progress: Progress | None = None, keep: int | None = None):
         self.images = images
         self.progress = progress or SilentProgress()
+        self.keep = keep
         self._outputs: dict[tuple, tuple[object, np.ndarray]] = {}
+        self._first: tuple | None = None
 
     def outputs(self, key: object, runner: Runner, description: str) -> np.ndarray:
         """The made-up images of the model ``key`` (run through ``runner`` the first time only)."""
         memo_key = model_key(key, runner)
-        hit = self._outputs.get(memo_key)
+        hit = self._outputs.pop(memo_key, None)
         if hit is None:
             outputs = evaluate(runner, self.images, progress=self.progress, description=description).outputs
             # the key object is kept so that an identity key stays unique while it is here
-            hit = self._outputs[memo_key] = (key, outputs)
+            hit = (key, outputs)
+            self._first = memo_key if self._first is None else self._first
+        self._outputs[memo_key] = hit  # the most recently used last
+        if self.keep is not None and len(self._outputs) > self.keep + 1:
+            del self._outputs[next(k for k in self._outputs if k != self._first)]
         return hit[1]
 
     def score(self, key: object, runner: Runner, description: str, reference: np.ndarray | None = None) -> Evaluation:

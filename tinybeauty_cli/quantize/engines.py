@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from ..core.contexts import quantized_engine
 from ..core.errors import ConfigError, UnsupportedError
-from ..core.progress import Progress, SilentProgress
+from ..core.progress import Progress
 from ..core.quality import fidelity_psnr_db, made_up
 from ..runtime.timing import measure_latencies
 from .config import BACKENDS, CALIB_BATCH, SELECTION_RUNS, QuantizeConfig
@@ -208,6 +208,20 @@ class Quantizer:
             self._prepared[key] = (prepared, qconfigs, len(calib))
         return prepared, qconfigs
 
+    def observed_once(self, backend: str, x: torch.Tensor):
+        """A copy of the prepared model for ``backend``'s qconfigs that has observed ``x`` alone: enough to
+        convert and time an engine's all-int8 model. The calibration proper (:meth:`calibrated`) starts
+        afresh from the first image, in the batches a run with that engine pinned uses, so that the file
+        an engine ranking chooses is the file ``--backend`` that engine makes."""
+        key = self.key(backend)
+        if key not in self._prepared:
+            self._prepared[key] = (*self.prepare(backend), 0)
+        prepared, qconfigs, _seen = self._prepared[key]
+        copied = copy.deepcopy(prepared) if _seen == 0 else self.prepare(backend)[0]
+        with torch.no_grad():
+            copied(x)
+        return copied, qconfigs
+
     def convert(self, prepared_and_qconfigs, backend: str, quantize: set[str]) -> fx.GraphModule:
         """A copy of the calibrated model with only the graph layers in ``quantize`` in int8."""
         from torch.ao.quantization import QConfigMapping
@@ -335,7 +349,7 @@ def choose_backend(q: Quantizer, backends: list[str], trials: list[BackendTrial]
     scripts: dict[str, torch.jit.ScriptModule] = {}
     with progress.task("timing engines", total=len(backends)) as advance:
         for b in backends:
-            cal = q.calibrated(b, calib[:1], SilentProgress(), "")  # calibration continues from here later
+            cal = q.observed_once(b, calib[:1])
             with quantized_engine(b):
                 scripts[b] = lower_to_torchscript(q.convert(cal, b, all_layers), x1)
             advance(1)
