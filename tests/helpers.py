@@ -184,3 +184,26 @@ def cheap_command_args(command: str, model: Path, photo: Path, other_model: Path
         "export": ["export", model, "-o", out / "model.mlpackage", "--quiet"],
         "run": ["run", model, "--output", out / "run", "--limit", "2", "--quiet"],
     }[command]
+
+
+def small_space(**kw):
+    """A small ``tbopt optimize`` space: ios16 only, no pruning, three palettes, no sparse, GPTQ or
+    fitted storage; int8 fast (``kw`` replaces any of it)."""
+    from tinybeauty_cli.flow.optimize_config import OptimizeConfig
+
+    base = dict(targets=("ios16",), rates=(), palettes=("pal8", "pal4", "pal2"), sparsities=(), fit_steps=0,
+                bits_by_layer=False, gptq=False, calib_count=3, backend="x86", runs=2, warmup=0, threads=1)
+    return OptimizeConfig(**{**base, **kw})
+
+
+def rebuild_by_commands(commands, dest: Path, cwd: Path, monkeypatch) -> Path:
+    """Run the printed ``tbopt`` commands (a search's recipe) in ``cwd``, the final output renamed into ``cwd``."""
+    monkeypatch.chdir(cwd)
+    for line in commands:
+        args = shlex.split(line)
+        assert args[0] == "tbopt"
+        if args[-2:] == ["-o", str(dest)]:
+            args[-1] = dest.name
+        r = run(*args[1:])
+        assert r.exit_code == 0, (line, r.output)
+    return cwd / dest.name

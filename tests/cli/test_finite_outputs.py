@@ -1,6 +1,6 @@
 """Issue 20, class 2: a model finite on the probe image but NaN on faces, through every command.
 
-The checkpoint (``nonfinite_model``) passes every check made when a model is opened. Wherever it
+The checkpoint (``tests/models.py``) passes every check made when a model is opened. Wherever it
 then runs on images -- scoring, calibration, validation, apply, the search -- the command must end
 with one line naming the model and the image (its file, or "built-in test image N" / "synthetic
 portrait N"), exit 1, write nothing, and never print "nan" as a figure.
@@ -24,7 +24,7 @@ from tinybeauty_cli.core.images import (builtin_test_set, load_folder, load_imag
 from tinybeauty_cli.core.sanity import require_finite_on, require_finite_output
 
 from ..helpers import small_tinybeauty
-from .nonfinite_model import NAN_FIGURE, save_nan_on_faces
+from ..models import NAN_FIGURE, save_nan_on_faces
 
 SIZE = 64
 cli = CliRunner()

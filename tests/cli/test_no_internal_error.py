@@ -3,7 +3,7 @@
 
 The corpora: bad models like those of ``test_bad_inputs_refused.py`` (NaN and Inf weights, finite
 weights that overflow, TorchScript files of other networks), the checkpoint that is finite on the
-probe image but NaN on faces (``nonfinite_model``), and every network of ``tests/archs.py`` (its
+probe image but NaN on faces (``tests/models.py``), and every network of ``tests/archs.py`` (its
 ``ARCHS`` and any other ``nn.Module`` class it defines, found when the test runs, so that networks
 added there are covered without a change here). A command may succeed or refuse with one line; it
 may not fail any other way.
@@ -27,7 +27,7 @@ from tinybeauty_cli.core.artifact import Artifact, ArchSpec, Preprocessing, save
 
 from .. import archs
 from ..helpers import MODEL_COMMANDS, cheap_command_args, run, small_tinybeauty
-from .nonfinite_model import NAN_FIGURE, save_nan_on_faces
+from ..models import NAN_FIGURE, save_nan_on_faces
 
 SIZE = 32
 NAN_SIZE = 64  # at 32 px no scaling separates the probe image from faces

@@ -12,50 +12,22 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from tinybeauty_cli.core.checkpoint import TORCHSCRIPT_META, load_model
 from tinybeauty_cli.core.errors import OutputExistsError, UsageError
-from tinybeauty_cli.core.images import builtin_test_set, model_to_uint8, uint8_to_model
+from tinybeauty_cli.core.images import builtin_test_set, uint8_to_model
 from tinybeauty_cli.coreml.spec import graph_op_counts, load_spec
 from tinybeauty_cli.coreml.weights import stored_weights
 from tinybeauty_cli.flow import optimize_make as flow
 from tinybeauty_cli.flow.optimize import optimize
 from tinybeauty_cli.flow.optimize_config import CACHE_DIR, REPORT_FILES, TARGET_FILES, OptimizeConfig
 from tinybeauty_cli.measure.bench import BenchConfig, bench
-from tinybeauty_cli.measure.evaluate import evaluate
 from tinybeauty_cli.measure.search_report import pareto_front
 from tinybeauty_cli.runtime.runners import runner_for
 
-from tests.helpers import save_small, run
+from tests.helpers import rebuild_by_commands, run, small_space
 
 SIZE = 32
-
-
-def small_space(**kw) -> OptimizeConfig:
-    """ios16 only, no pruning, three palettes, no sparse, GPTQ or fitted storage; int8 fast."""
-    base = dict(targets=("ios16",), rates=(), palettes=("pal8", "pal4", "pal2"), sparsities=(), fit_steps=0,
-                bits_by_layer=False, gptq=False, calib_count=3, backend="x86", runs=2, warmup=0, threads=1)
-    return OptimizeConfig(**{**base, **kw})
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny TinyBeauty at 32x32, four pairs (input/ + target/) and the same four inputs alone.
-
-    The targets are the tiny model's own made-up images with a little noise: what it was trained
-    to make, so that any change of its weights costs PSNR, as on a trained model."""
-    d = tmp_path_factory.mktemp("optimize")
-    ckpt = save_small(d / "tiny.pt", size=SIZE)
-    images = builtin_test_set(SIZE, 4)
-    made_up = evaluate(runner_for(load_model(ckpt)), images).outputs
-    noise = np.random.default_rng(0).normal(0.0, 2.0 / 127.5, made_up.shape)
-    targets = model_to_uint8(np.clip(made_up + noise, -1, 1))
-    for sub, arrays in (("pairs/input", images.inputs), ("pairs/target", targets), ("faces", images.inputs)):
-        (d / sub).mkdir(parents=True)
-        for name, a in zip(images.names, arrays):
-            Image.fromarray(a).save(d / sub / f"{name}.png")
-    return d, ckpt
 
 
 def test_pareto_front_keeps_what_nothing_beats():
@@ -192,19 +164,6 @@ def test_time_budget_lists_what_was_not_tried(tiny, tmp_path):
     assert (tmp_path / "out" / "TinyBeauty-ios16.mlpackage").is_dir()
 
 
-def _rebuild(commands, dest, cwd, monkeypatch):
-    """Run the printed ``tbopt`` commands in ``cwd``, the final output renamed into ``cwd``."""
-    monkeypatch.chdir(cwd)
-    for line in commands:
-        args = shlex.split(line)
-        assert args[0] == "tbopt"
-        if args[-2:] == ["-o", str(dest)]:
-            args[-1] = dest.name
-        r = run(*args[1:])
-        assert r.exit_code == 0, (line, r.output)
-    return cwd / dest.name
-
-
 def _int8_weights_and_graph(path):
     """An int8 TorchScript archive's weights and constants (every record but code, metadata and the
     serialization id, byte for byte) and its graph: the quantized ops in the order the code runs them.
@@ -238,7 +197,7 @@ def test_printed_commands_rebuild_the_chosen_files(tiny, tmp_path, monkeypatch):
             assert chosen["commands"][0].startswith("tbopt prune") and "--threads 1" in chosen["commands"][0]
         folder = tmp_path / f"rebuilt-{target}"
         folder.mkdir()
-        theirs = _rebuild(chosen["commands"], dest, folder, monkeypatch)
+        theirs = rebuild_by_commands(chosen["commands"], dest, folder, monkeypatch)
         if target == "cpu":
             (wa, ga), (wb, gb) = _int8_weights_and_graph(dest), _int8_weights_and_graph(theirs)
             assert wa == wb and ga == gb and any(op.startswith("ops.quantized.conv") for op in ga)
@@ -276,7 +235,7 @@ def test_cli_writes_the_chosen_files_and_refuses_an_earlier_search(tiny, tmp_pat
     dest = out / TARGET_FILES["ios13"]
     folder = tmp_path / "rebuilt"
     folder.mkdir()
-    theirs = _rebuild(data["chosen"]["ios13"]["commands"], dest, folder, monkeypatch)
+    theirs = rebuild_by_commands(data["chosen"]["ios13"]["commands"], dest, folder, monkeypatch)
     assert graph_op_counts(load_spec(dest)) == graph_op_counts(load_spec(theirs))
     for x, y in zip(stored_weights(dest), stored_weights(theirs), strict=True):
         assert (x.name, x.storage) == (y.name, y.storage) and np.array_equal(x.value, y.value)
@@ -322,7 +281,7 @@ def test_full_resolution_groups_pruned_harder_for_the_cpu_and_the_command_rebuil
         uniform.module.get_submodule("res.model.0.model.0.conv").out_channels
     prune_line = recipe.commands(str(ckpt), "x.pt", cfg, 1)[0]
     assert "--group-rate content_encoder.conv_first.conv=0.5 --group-rate upconv2.conv=0.5" in prune_line
-    rebuilt = _rebuild([prune_line], out / "nothing.pt", tmp_path, monkeypatch)
+    rebuilt = rebuild_by_commands([prune_line], out / "nothing.pt", tmp_path, monkeypatch)
     pruned = tmp_path / shlex.split(prune_line)[-1]
     assert not rebuilt.exists() and pruned.exists()
     a, b = load_model(pruned).module.state_dict(), cached.module.state_dict()

@@ -8,7 +8,7 @@ import json
 from tinybeauty_cli.flow.optimize import optimize
 from tinybeauty_cli.flow.optimize_data import data_use
 
-from .test_optimize import small_space, tiny  # noqa: F401 - tiny is a fixture
+from tests.helpers import small_space
 
 
 def test_calib_as_the_data_folder_is_split_and_the_parts_never_overlap(tiny, tmp_path):

@@ -20,7 +20,7 @@ from tinybeauty_cli.flow.optimize_search import Search
 from tinybeauty_cli.flow.prune import prune_loaded
 from tinybeauty_cli.prune.config import PruneConfig
 
-from .test_optimize import _rebuild, small_space, tiny  # noqa: F401 - tiny is a fixture
+from tests.helpers import rebuild_by_commands, small_space
 
 # -- distillation continued -------------------------------------------------------------------------------
 
@@ -120,7 +120,7 @@ def test_a_missed_first_rate_is_rescued_by_lower_rates_and_a_continued_distillat
     continued = next(m for m in result.models if m.key == "channel0.5x2+2")
     lines = Recipe(target="ios16", rate=0.5, steps=4, from_steps=2).commands(str(ckpt), "x.mlpackage", cfg, 1)
     assert "--continue-from" in lines[1] and "--finetune-steps 4" in lines[1] and "--finetune-steps 2" in lines[0]
-    _rebuild(lines[:2], tmp_path / "nothing", tmp_path, monkeypatch)
+    rebuild_by_commands(lines[:2], tmp_path / "nothing", tmp_path, monkeypatch)
     rebuilt = load_model(tmp_path / shlex.split(lines[1])[-1]).module.state_dict()
     cached = load_model(tmp_path / "out" / CACHE_DIR / continued.file).module.state_dict()
     assert rebuilt.keys() == cached.keys() and all(torch.equal(rebuilt[k], cached[k]) for k in rebuilt)

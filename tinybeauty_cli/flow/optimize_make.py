@@ -232,8 +232,8 @@ class Maker:
             self._int8[key] = model_from_bytes(file.path, file.content)
         return self._int8[key]
 
-    def _measured(self, recipe: Recipe, file: WrittenFile, ev: Evaluation, **extra: Any) -> Candidate:
-        return Candidate(recipe, self.cache.relative(file.path), file.size_bytes, file.zipped_bytes,
+    def _measured(self, recipe: Recipe, path: Path, file: WrittenFile, ev: Evaluation, **extra: Any) -> Candidate:
+        return Candidate(recipe, self.cache.relative(path), file.size_bytes, file.zipped_bytes,
                          _r(ev.target_psnr_db), _r(ev.fidelity_psnr_db), _r(ev.worst_fidelity_db),
                          _r(self.budget.quality(ev.target_psnr_db, ev.fidelity_psnr_db)),
                          self.budget.keeps(ev.target_psnr_db, ev.fidelity_psnr_db), 0.0, **extra)
@@ -253,9 +253,9 @@ class Maker:
         if twin is None:
             runner = open_runner(path)
             ev = self.score(runner, f"scoring {recipe.key} as a file")
-            return self._measured(recipe, file, ev, notes=list(result.notes), scored_with=runner.engine), file
+            return self._measured(recipe, path, file, ev, notes=list(result.notes), scored_with=runner.engine), file
         ev = self.score(twin, f"scoring {recipe.key}")
-        return self._measured(recipe, file, ev, notes=list(result.notes), scored_with=TWIN), file
+        return self._measured(recipe, path, file, ev, notes=list(result.notes), scored_with=TWIN), file
 
     def _observe_export(self, recipe: Recipe, fmt: str, seconds: float, result: Any) -> None:
         """The export's seconds, split between the plain export and what a recipe adds to it."""
@@ -294,6 +294,6 @@ class Maker:
         ev = scores.score(written.module, runner_for(written), "scoring int8", reference=self.reference.outputs)
         self.costs.observe("score", time.perf_counter() - t1)
         self.costs.observe("quantize", t1 - t0)
-        return self._measured(recipe, file, ev, latency_ms=_r(result.latency["int8"]["p50_ms"]),
+        return self._measured(recipe, path, file, ev, latency_ms=_r(result.latency["int8"]["p50_ms"]),
                               engine=result.engine, threads=result.latency["threads"], backend=result.backend,
                               notes=list(result.notes)), file

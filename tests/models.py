@@ -1,4 +1,5 @@
-"""A checkpoint that passes every check made when a model is opened but computes NaN on faces.
+"""Checkpoints the tests build for a purpose: one that passes every check made when a model is opened
+but computes NaN on faces.
 
 Its weights are finite and its output on ``core.sanity.probe_input`` is finite; one residual
 conv's weights are scaled so that its largest output on the probe image is a fraction of the
@@ -19,7 +20,7 @@ from tinybeauty_cli.core.artifact import Artifact, HistoryStep, Preprocessing, s
 from tinybeauty_cli.core.images import builtin_test_set, synthetic_unlabeled, uint8_to_model
 from tinybeauty_cli.core.sanity import probe_input
 
-from ..helpers import small_tinybeauty
+from .helpers import small_tinybeauty
 
 #: "nan" or "inf" standing where a number would (a table cell, after a label, before "dB"), not in a path.
 NAN_FIGURE = re.compile(r"(?:^|[\s│|(,:=])[+-]?(?:nan|inf)(?=$|[\s│|),;%]|dB)", re.IGNORECASE | re.MULTILINE)
