@@ -419,3 +419,24 @@ def test_timings_say_how_freed_memory_was_handled():
     assert lat.allocator == steady_allocator() and lat.to_dict()["allocator"] == lat.allocator
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert lat.allocator.startswith("glibc malloc keeping freed memory")
+
+
+def test_the_engine_ranking_leaves_the_file_a_pinned_engine_makes():
+    """With --backend auto the engines are timed on copies that saw one calibration image; the chosen
+    engine's model is calibrated as a run with it pinned calibrates it (same batches), so that the
+    printed command (engine pinned) makes the same file. Continuing the ranking's calibration gave
+    other activation ranges (measured: other outputs with 2 and 20 calibration images)."""
+    from tinybeauty_cli.core.contexts import quantized_engine
+    from tinybeauty_cli.core.images import synthetic_unlabeled, uint8_to_model
+    from tinybeauty_cli.quantize.transform import quantize_module
+
+    if len(qz.usable_backends("auto", SilentProgress())[0]) < 2:
+        pytest.skip("one usable quantized engine here: nothing is ranked")
+    model = small_tinybeauty().eval()
+    calib = torch.from_numpy(uint8_to_model(synthetic_unlabeled(20, 32).inputs))
+    cfg = dict(threads=1, min_psnr_db=1.0)
+    auto, outcome = quantize_module(model, QuantizeConfig(backend="auto", **cfg), calib)
+    assert len([t for t in outcome.backends if t.status != "excluded"]) >= 2  # the engines were ranked
+    pinned, _ = quantize_module(model, QuantizeConfig(backend=outcome.backend, **cfg), calib)
+    with quantized_engine(outcome.backend), torch.no_grad():
+        assert torch.equal(auto(calib), pinned(calib))
