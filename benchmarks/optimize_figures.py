@@ -21,6 +21,9 @@
    (<= 0.3 dB), the cost model it measured, what it did not try and why it stopped; then the
    released checkpoint with ``face_01.png`` as ``--data`` and 32 crops of it as ``--calib``, with and
    without GPTQ palettes in the space (``--no-gptq``).
+7. (``--only-replay``, after 6 in the same ``--work``) style1's search replayed on the demo and the
+   demo's on style1 (``--from``): wall time (<= 4 min each), which targets were replayed and which
+   searched.
 
 Each ``tbopt`` is the real command in a subprocess. The machine may be shared: the load average is
 printed at the start and the end.
@@ -228,6 +231,31 @@ def search_anywhere(demo: Path, work: Path, parallel: bool, extra: list[str]) ->
     print(f"   load average at the end {os.getloadavg()}")
 
 
+def replay_figures(demo: Path, work: Path) -> None:
+    """Section 7: each search of section 6 replayed on the other checkpoint (``--from``): wall time
+    (<= 4 min), which targets were replayed and which searched, and the files."""
+    ckpt = REALDATA / "tinybeauty_style1.pt"
+    pairs = {"style1's search on the demo": (work / "style1_gptq", [str(demo)], demo),
+             "the demo's search on style1": (work / "demo_default",
+                                             [str(ckpt), "--data", str(work / "style1_data"), "--calib",
+                                              str(work / "style1_calib")], None)}
+    print(f"7. replay ({cpu_name()}; load average {os.getloadavg()})")
+    for label, (source, args, ref) in pairs.items():
+        if not (source / "search.json").is_file() or not Path(args[0]).is_file():
+            print(f"   {label}: {source / 'search.json'} or {args[0]} is absent (run --only-search first): skipped")
+            continue
+        out = work / ("replay_" + source.name)
+        runs = {label: [*args, "--from", str(source), "--out", str(out)]}
+        for _, (wall, data) in _searches(runs, parallel=False).items():
+            print(f"   [{label}] {wall:.0f} s wall ({wall / 60:.1f} min; <= 4 min: {check(wall <= 240)})")
+            for target, told in (data.get("replay") or {}).get("targets", {}).items():
+                print(f"      {target}: {told['status']}"
+                      + (f" ({told['recipe']})" if told.get("recipe") else "")
+                      + (f": {told['reason']}" if told.get("reason") else "")
+                      + (f"; {told['size_bytes']:,} B at {told['quality_db']} dB" if told.get("size_bytes") else ""))
+            _describe_search(label, wall, data, ref)
+
+
 def _face_and_crops(face: Path, faces: Path, calib: Path, count: int = 32) -> None:
     """``faces/``: the face itself; ``calib/``: ``count`` square crops of it (60-90% of its side, at random
     places, seed 0), each resized to the face's size."""
@@ -258,6 +286,8 @@ def main() -> int:
     p.add_argument("--only-resume", action="store_true", help="only section 4, on the search already in --work")
     p.add_argument("--only-cpu-ratio", action="store_true", help="only section 3, on the search already in --work")
     p.add_argument("--only-search", action="store_true", help="only section 6 (the search on any machine)")
+    p.add_argument("--only-replay", action="store_true",
+                   help="only section 7 (replay), on the searches section 6 left in --work")
     p.add_argument("--parallel", action="store_true", help="section 6: the two searches of each pair side by side")
     p.add_argument("--search-option", action="append", default=[],
                    help="section 6: an option added to the demo searches (repeat; e.g. --search-option=--limit "
@@ -271,6 +301,9 @@ def main() -> int:
         return 0
     if a.only_search:
         search_anywhere(a.checkpoint, work, a.parallel, a.search_option)
+        return 0
+    if a.only_replay:
+        replay_figures(a.checkpoint, work)
         return 0
     if a.only_resume:
         resume_checks(a.checkpoint, work, json.loads((work / "demo" / "search.json").read_text()))

@@ -120,7 +120,7 @@ def test_differing_defaults_are_explained_in_help():
     def help_of(name, option):
         return next(p.help for p in GROUP.commands[name].params if option in p.opts)
 
-    assert "export" in help_of("run", "--weights")  # int8 here, fp16 in export: says why
+    assert "export" in help_of("run", "--weights")  # int8 here as in export: says so
     assert "16" in help_of("quantize", "--calib-count") and "32" in help_of("export", "--calib-count")
     assert "45" in help_of("run", "--min-fidelity")
 

@@ -72,7 +72,7 @@ def exported(corpus):
     def get(name: str):
         if name not in made:
             out = corpus / f"{name}.mlpackage"
-            made[name] = (ok(run("export", corpus / f"{name}.pt", *arch(name), "-o", out, "--json")), out)
+            made[name] = (ok(run("export", corpus / f"{name}.pt", *arch(name), "--fp16", "-o", out, "--json")), out)
         return made[name]
 
     return get

@@ -47,12 +47,12 @@ def models(tmp_path_factory):
 slow = pytest.mark.slow
 CASES = [  # (file name, export options, source model, bar kind)
     pytest.param("fp32-tensor.mlpackage", ["--fp32", "--io", "tensor"], "dense", "fp32", id="fp32-tensor.mlpackage"),
-    pytest.param("fp16-image.mlpackage", [], "dense", "fp16", id="fp16-image.mlpackage"),
+    pytest.param("fp16-image.mlpackage", ["--fp16"], "dense", "fp16", id="fp16-image.mlpackage"),
     pytest.param("int8-image.mlpackage", ["--weights", "int8"], "dense", "compressed", marks=slow, id="int8-image.mlpackage"),
     pytest.param("pal4-tensor.mlpackage", ["--weights", "pal4", "--io", "tensor"], "dense", "compressed", id="pal4-tensor.mlpackage"),
     pytest.param("sparse-pal4.mlpackage", ["--weights", "pal4"], "pruned", "compressed", id="sparse-pal4.mlpackage"),
     pytest.param("fp32-tensor.mlmodel", ["--fp32", "--io", "tensor"], "dense", "fp32", marks=slow, id="fp32-tensor.mlmodel"),
-    pytest.param("fp16-image.mlmodel", [], "dense", "fp16", marks=slow, id="fp16-image.mlmodel"),
+    pytest.param("fp16-image.mlmodel", ["--fp16"], "dense", "fp16", marks=slow, id="fp16-image.mlmodel"),
     pytest.param("pal2-image.mlmodel", ["--weights", "pal2"], "dense", "compressed", id="pal2-image.mlmodel"),
 ]
 
@@ -104,7 +104,8 @@ def tail_steps(runner: cr.CoreMLRunner) -> list:
 def test_fp16_image_files_make_up_the_face_in_fp32(models, inputs):
     """``x + r``, the clip, ``+ 1`` and ``* 127.5`` run in fp32 in an fp16 program: the image file
     gives what its tensor twin's fp16 residual gives, made up in fp32 (fp16 hardware emulated)."""
-    image, tensor = exported(models, "image.mlpackage"), exported(models, "tensor.mlpackage", "--io", "tensor")
+    image, tensor = (exported(models, "image.mlpackage", "--fp16"),
+                     exported(models, "tensor.mlpackage", "--fp16", "--io", "tensor"))
     made = cr.open_coreml_runner(image, use_device=False, fp16_emulation=True, round_image_output=False)
     twin = cr.open_coreml_runner(tensor, use_device=False, fp16_emulation=True)
     tail = tail_steps(made)
@@ -124,7 +125,7 @@ def test_fp16_image_file_of_the_released_model_on_a_real_face(tmp_path, real_inp
 
     from tests.helpers import REAL_CKPT, REAL_COREML_SIZE
 
-    path = export_json(REAL_CKPT, tmp_path / "real.mlpackage", "--size", REAL_COREML_SIZE)["path"]
+    path = export_json(REAL_CKPT, tmp_path / "real.mlpackage", "--fp16", "--size", REAL_COREML_SIZE)["path"]
     made = cr.open_coreml_runner(path, use_device=False, fp16_emulation=True, round_image_output=False)
     model = load_model(REAL_CKPT).module.eval()
     with torch.inference_mode():
@@ -144,7 +145,8 @@ def rewrite_metadata(path, out, **entries) -> None:
 
 @pytest.mark.parametrize("suffix", [".mlpackage", pytest.param(".mlmodel", marks=slow)])
 def test_metadata_says_what_the_file_gives(models, inputs, tmp_path, suffix):
-    image, tensor = exported(models, f"image{suffix}"), exported(models, f"tensor{suffix}", "--io", "tensor")
+    image, tensor = (exported(models, f"image{suffix}", "--fp16"),
+                     exported(models, f"tensor{suffix}", "--fp16", "--io", "tensor"))
     for path, output in ((image, "image"), (tensor, "residual")):
         runner = cr.open_coreml_runner(path, use_device=False)
         meta = runner.model.spec.description.metadata
@@ -172,7 +174,7 @@ def test_metadata_says_what_the_file_gives(models, inputs, tmp_path, suffix):
 
 def test_declared_fp16_inputs_are_rounded_in_every_mode(models, inputs):
     """An fp16 tensor input holds fp16 values, whatever array the caller hands Core ML."""
-    path = exported(models, "fp16-in.mlpackage", "--io", "tensor", "--target", "iOS16")
+    path = exported(models, "fp16-in.mlpackage", "--fp16", "--io", "tensor", "--target", "iOS16")
     x = np.clip(inputs[:1] + np.float32(3e-4) * np.random.default_rng(0).standard_normal(inputs[:1].shape,
                                                                                          np.float32), -1, 1)
     x16 = x.astype(np.float16).astype(np.float32)

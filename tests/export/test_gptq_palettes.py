@@ -184,3 +184,30 @@ def test_the_released_checkpoint_gains_3_db_on_the_real_face_at_the_same_size(tm
     (k_size, k_db), (g_size, g_db) = results["kmeans"], results["gptq"]
     assert g_size <= 1.02 * k_size
     assert g_db >= k_db + 3.0, results
+
+
+def test_gptq_palettes_of_the_same_weights_are_computed_once_for_several_targets(tmp_path, small_artifact, monkeypatch):
+    """``tbopt optimize`` exports one model for several targets: the GPTQ palettes (keyed by the weights,
+    tables and calibration images) are computed once and both files store the same values."""
+    from tinybeauty_cli.flow import export as export_flow  # noqa: PLC0415
+    from tinybeauty_cli.flow.export import export_loaded  # noqa: PLC0415
+
+    calls = []
+    real = export_flow.gptq_palettized
+    monkeypatch.setattr(export_flow, "gptq_palettized", lambda *a, **k: calls.append(1) or real(*a, **k))
+    loaded, fits = load_model(small_artifact), {}
+    config = ExportConfig(format="neuralnetwork", weights="pal4", palette_method="gptq", calib_count=2)
+    first = export_loaded(loaded, tmp_path / "a.mlmodel", config, fits=fits)
+    second = export_loaded(loaded, tmp_path / "b.mlpackage", ExportConfig(
+        format="mlprogram", weights="pal4", palette_method="gptq", calib_count=2, target="iOS16"), fits=fits)
+    assert len(calls) == 1 and not first.palette_gptq["reused"] and second.palette_gptq["reused"]
+    def palettized(path):
+        return sorted((w.value for w in stored_weights(path) if w.storage.startswith("palettized")),
+                      key=lambda v: (v.shape, float(abs(v).sum())))
+
+    conv, again = palettized(tmp_path / "a.mlmodel"), palettized(tmp_path / "b.mlpackage")
+    assert len(conv) == len(again) > 0
+    assert all(a.shape == b.shape and abs(a - b).max() < 1e-3 for a, b in zip(conv, again))
+    other = export_loaded(loaded, tmp_path / "c.mlmodel", ExportConfig(
+        format="neuralnetwork", weights="pal4", palette_method="gptq", calib_count=3), fits=fits)
+    assert len(calls) == 2 and not other.palette_gptq["reused"]  # other calibration images: computed again

@@ -4,6 +4,9 @@ which is then split; photos without --calib are named in the result."""
 from __future__ import annotations
 
 import json
+import re
+
+import pytest
 
 from tinybeauty_cli.flow.optimize import optimize
 from tinybeauty_cli.flow.optimize_data import data_use
@@ -34,3 +37,21 @@ def test_photos_without_calib_are_named_and_the_result_says_which_images_served(
     assert any("none serves both" in n for n in result.notes)
     assert "--calib" in saved["command"] and str(d / "faces") in saved["command"]
     assert "Which images served which purpose" in (out / "search.md").read_text()
+
+
+def test_photos_without_calib_get_the_measured_gap_between_portraits_and_photos(tiny, tmp_path):
+    """The note carries a figure measured on this run: the distilled model's fidelity to the original on
+    synthetic portraits (what it learnt from) and on the --data photos."""
+    d, ckpt = tiny
+    result = optimize(ckpt, tmp_path / "out", small_space(data=d / "faces", min_fidelity_db=1.0, palettes=("pal4",),
+                                                          rates=(0.5,), finetune_steps=(4,)))
+    measured = [n for n in result.notes if re.search(r"measured: channel0\.5\S*x4 reproduces the original at", n)]
+    assert len(measured) == 1, result.notes
+    portraits, photos = [float(x) for x in re.findall(r"at ([-\d.]+) dB", measured[0])]
+    key = measured[0].split()[1]
+    model = next(m for m in result.models if m.key == key)
+    assert photos == pytest.approx(model.fidelity_psnr_db, abs=0.06) and portraits > 0
+    assert "16 synthetic portraits" in measured[0]
+    with_calib = optimize(ckpt, tmp_path / "out2", small_space(data=d / "faces", calib=d / "faces", min_fidelity_db=1.0,
+                                                               palettes=("pal4",), rates=(0.5,), finetune_steps=(4,)))
+    assert not any("measured: channel" in n for n in with_calib.notes)

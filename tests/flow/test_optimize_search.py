@@ -6,16 +6,18 @@ from __future__ import annotations
 import dataclasses
 import shlex
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from tinybeauty_cli.core.checkpoint import load_model
 from tinybeauty_cli.core.images import builtin_test_set
+from tinybeauty_cli.core.progress import SilentProgress
 from tinybeauty_cli.core.training import FitConfig, fit
 from tinybeauty_cli.flow.optimize import optimize
-from tinybeauty_cli.flow.optimize_config import CACHE_DIR, OptimizeConfig, Recipe
-from tinybeauty_cli.flow.optimize_cost import CostModel
+from tinybeauty_cli.flow.optimize_config import CACHE_DIR, Budget, OptimizeConfig, Recipe
+from tinybeauty_cli.flow.optimize_cost import PRIORS, CostModel
 from tinybeauty_cli.flow.optimize_search import Search
 from tinybeauty_cli.flow.prune import prune_loaded
 from tinybeauty_cli.prune.config import PruneConfig
@@ -160,7 +162,7 @@ def test_the_cost_model_predicts_from_measured_units_and_priors():
     costs = CostModel()
     assert costs.estimate({"distill_step": 100}) == 0.0  # nothing measured: no estimate
     costs.observe("score", 10.0)
-    assert costs.estimate({"distill_step": 100}) == pytest.approx(100 * 0.005 * 10.0)  # a prior in scorings
+    assert costs.estimate({"distill_step": 100}) == pytest.approx(100 * PRIORS["distill_step"] * 10.0)  # a prior in scorings
     costs.observe("distill_step", 30.0, 100)
     costs.observe("distill_step", 50.0, 100)
     assert costs.per("distill_step") == pytest.approx(0.4)
@@ -179,11 +181,13 @@ def _clock_only(budget_min: float, spent_s: float) -> Search:
 
 
 def test_a_step_expected_to_end_after_the_budget_is_not_started_but_a_cheaper_one_is():
-    search = _clock_only(budget_min=5.0, spent_s=200.0)  # 100 s left, 35 of them for the end (2 Core ML + cpu)
-    assert search.reserve() == pytest.approx(2 * 1.5 * 10 + 0.5 * 10)
+    search = _clock_only(budget_min=5.0, spent_s=200.0)  # 100 s left, some for the end (2 Core ML + cpu)
+    reserve = (2 * PRIORS["verify"] + PRIORS["timing"]) * 10
+    assert search.reserve() == pytest.approx(reserve)
     assert not search.fits("ios13/channel0.3x750+1250/pal4", {"distill_step": 1250, "score": 1})
     assert search.fits("ios13/original/pal4+gptq", {"score": 1, "gptq": 1})
-    assert search.not_tried == [{"key": "ios13/channel0.3x750+1250/pal4", "expected_s": 135.0, "left_s": 65.0,
+    assert search.not_tried == [{"key": "ios13/channel0.3x750+1250/pal4", "expected_s": 135.0,
+                                 "left_s": pytest.approx(100 - reserve, abs=0.1),
                                  "reason": "time budget: expected to end after it"}]
     faster = _clock_only(budget_min=5.0, spent_s=200.0)
     faster.costs = CostModel()
@@ -192,3 +196,81 @@ def test_a_step_expected_to_end_after_the_budget_is_not_started_but_a_cheaper_on
     assert faster.fits("ios13/channel0.3x750+1250/pal4", {"distill_step": 1250, "score": 1})
     assert "time budget" in search.why_stopped()
 
+
+
+def _with_maker(search: Search, **maker) -> Search:
+    search.maker = SimpleNamespace(**{"known_model": lambda key: None, "candidates": [], "progress": SilentProgress(),
+                                      **maker})
+    search.skipped, search.predicted, search.continued = [], set(), {}
+    return search
+
+
+def test_a_continued_distillation_is_shortened_to_what_the_budget_holds_and_no_further():
+    """The time left after the search's end and the new model's least storage (each Core ML target's
+    middle palette with GPTQ, the CPU's int8 file) holds the extra steps: all of them, a multiple of 50
+    when at least half fit, else the whole continuation is left to the budget check (not started)."""
+    def planned(spent_s: float) -> Recipe:
+        search = _with_maker(_clock_only(budget_min=10.0, spent_s=spent_s))
+        return search.continued_recipe(["ios13", "ios16", "cpu"], 0.3, 750, 2000)
+
+    after = (2 * PRIORS["verify"] + PRIORS["timing"] + PRIORS["export:neuralnetwork"] + PRIORS["export:mlprogram"]
+             + PRIORS["gptq"] + PRIORS["quantize"] + 3 + 1) * 10  # the end, the least storage, the model's scoring
+    assert planned(200.0).steps == 2000  # 400 s left: all 1250 extra steps (0.1 s each) fit
+    spent = 600 - after - 100  # 1000 extra steps fit, not 1250
+    shortened = planned(spent)
+    assert shortened.from_steps == 750 and 750 + 950 <= shortened.steps < 2000 and shortened.steps % 50 == 0
+    assert shortened.model_key == f"channel0.3x750+{shortened.steps - 750}"
+    assert planned(600 - after - 30).steps == 2000  # 300 steps: under half of them, not worth shortening
+
+
+def test_a_storage_that_cost_the_model_as_given_more_than_twice_a_models_margin_is_not_made():
+    budget = Budget(38.932, 0.3, 40.0)  # line 38.632
+    pal4 = SimpleNamespace(recipe=Recipe(target="ios13", weights="pal4", gptq=True), quality_db=38.867)
+    int8 = SimpleNamespace(recipe=Recipe(target="cpu", weights="int8"), quality_db=38.801)
+    models = {"channel0.3x750": 38.633, "channel0.3x750+1250": 38.96}
+    search = _with_maker(_clock_only(budget_min=10.0, spent_s=0.0), budget=budget, candidates=[pal4, int8],
+                         reference=SimpleNamespace(target_psnr_db=38.932),
+                         known_model=lambda key: (None, SimpleNamespace(quality_db=models[key])) if key in models else None)
+    marginal = Recipe(target="ios13", rate=0.3, steps=750, weights="pal4", gptq=True)
+    assert search.predicted_miss(marginal)  # 0.065 dB on the model as given; 0.001 dB of margin here
+    assert search.predicted_miss(dataclasses.replace(marginal, target="cpu", weights="int8", gptq=False))
+    assert "cost the model as given 0.07 dB" in search.skipped[0]["reason"]
+    assert not search.predicted_miss(Recipe(target="ios13", rate=0.3, steps=2000, from_steps=750, weights="pal4",
+                                            gptq=True))  # 0.33 dB of margin
+    assert not search.predicted_miss(dataclasses.replace(marginal, weights="pal6"))  # not measured as given
+    assert not search.predicted_miss(Recipe(target="ios13", weights="pal4", gptq=True))  # the model as given
+
+
+def test_a_step_still_running_at_the_budgets_end_is_stopped_and_listed():
+    search = _with_maker(_clock_only(budget_min=0.01, spent_s=0.0))  # 0.6 s
+
+    def distillation():
+        with search.maker.progress.task("fine-tuning (distillation)", total=100) as advance:
+            for _ in range(100):
+                time.sleep(0.02)
+                advance(1)
+        return "made"
+
+    assert search.clocked("channel0.3x750", distillation) is None
+    assert search.not_tried[0]["key"] == "channel0.3x750"
+    assert "stopped at the time budget's end" in search.not_tried[0]["reason"]
+    roomy = _with_maker(_clock_only(budget_min=10.0, spent_s=0.0))
+    assert roomy.clocked("x", lambda: "made") == "made" and roomy.not_tried == []
+
+
+def test_a_rate_that_keeps_no_middle_palette_is_continued_before_any_higher_rate(monkeypatch):
+    """The first rate keeps the quality but no Core ML target keeps it in the middle palette: its
+    distillation is continued at once and the higher rates are left out (they would lose more)."""
+    search = _with_maker(_clock_only(budget_min=10.0, spent_s=0.0))
+    search.cfg = OptimizeConfig(rates=(0.3, 0.4), finetune_steps=(750, 2000), time_budget_min=10.0)
+    made: list[str] = []
+    monkeypatch.setattr(search, "model", lambda recipe: made.append(recipe.model_key) or object())
+    monkeypatch.setattr(search, "storage_branch", lambda recipe, target: made.append(f"{target}/{recipe.model_key}"))
+    monkeypatch.setattr(search, "kept_middle", lambda recipe, targets: recipe.from_steps > 0)
+    kept = search.short_distillations(["ios13", "cpu"], (750, 2000))
+    assert made == ["channel0.3x750", "ios13/channel0.3x750", "cpu/channel0.3x750",
+                    "channel0.3x750+1250", "ios13/channel0.3x750+1250", "cpu/channel0.3x750+1250"]
+    assert kept == [0.3] and search.skipped[0]["key"] == "*/channel0.4x750/*"
+    monkeypatch.setattr(search, "full_res_branch", lambda recipe, targets: made.append(f"fullres/{recipe.model_key}"))
+    assert search.longer_distillations(["ios13", "cpu"], kept, 750, 2000) == [0.3]
+    assert made[-2:] == ["channel0.3x750+1250", "fullres/channel0.3x750+1250"]  # not made or stored again

@@ -85,15 +85,20 @@ def bench(
 
 def render_bench(out: _output.Output, result: BenchResult) -> None:
     from ..core.load import highest, load_text, overload_note  # noqa: PLC0415
-    from ..measure.bench import MARKDOWN_COLUMNS, row_cells  # noqa: PLC0415 - torch
+    from ..measure.bench import columns, row_cells  # noqa: PLC0415 - torch
 
-    heads = [c for c, _ in MARKDOWN_COLUMNS]
+    cols = columns(result)
+    heads = [c for c, _ in cols]
     cfg = result.config
     caption = (f"{result.data_source}; fidelity/SSIM vs {Path(result.reference).name}; latency: batch 1, "
                f"{cfg.effective_threads} thread(s), median of {cfg.runs} runs after {cfg.warmup} warm-up, "
-               f"{load_text(highest(r.latency for r in result.rows))}")
-    out.table("tbopt bench", heads, [row_cells(r) for r in result.rows], caption=caption, right=heads[2:])
+               f"{load_text(highest(r.latency for r in result.rows))}"
+               + ("; p50 with freed memory kept, plain p50 in a plain Python process (int8)"
+                  if result.plain_process_rows else ""))
+    out.table("tbopt bench", heads, [row_cells(r, cols) for r in result.rows], caption=caption, right=heads[2:])
     for n in result.notes:
         out.line(n)
+    if note := result.plain_process_note():
+        out.line(note)
     if note := overload_note(highest(r.latency for r in result.rows)):
         out.line(note)

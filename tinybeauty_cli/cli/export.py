@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from ..export.config import DEFAULT_CALIB_COUNT, ExportConfig
+from ..export.config import DEFAULT_CALIB_COUNT, DEFAULT_WEIGHTS, ExportConfig
 from . import _imports, _output
 from ._errors import handle_errors
 from ._options import ArchKwargsOpt, ArchOpt, ForceOpt, JsonOpt, QuietOpt, TrustPickleOpt, model_options
@@ -79,13 +79,16 @@ def export(
     output: Annotated[Path, typer.Option(
         "--output", "-o", metavar="FILE", help="Core ML file to write; the extension picks the format: .mlmodel (NeuralNetwork, "
                                "iOS 13+) or .mlpackage (ML Program, iOS 15+).")] = Path("TinyBeauty.mlmodel"),
-    fp16: Annotated[bool, typer.Option(
-        "--fp16/--fp32", help="Precision: fp16 weights (and fp16 compute in an ML Program), or fp32.",
-        rich_help_panel=PANEL)] = True,
+    fp16: Annotated[Optional[bool], typer.Option(
+        "--fp16/--fp32", help="fp16 weights (about twice the bytes of the default int8), or fp32 weights and "
+                              "compute. With --weights: the compute precision of an ML Program (fp16 unless "
+                              "--fp32). Default: int8 weights, fp16 compute.",
+        rich_help_panel=PANEL, show_default=False)] = None,
     weights: Annotated[Optional[WeightsChoice], typer.Option(
         "--weights", case_sensitive=False, help="Store conv weights as fp16, int8 (linear, per output channel), int4 (linear, per block "
                           "of input channels, iOS18) or palettized to N bits (palN: k-means look-up table per "
-                          "tensor, or per group with --granularity). Default: the --fp16/--fp32 precision.",
+                          "tensor, or per group with --granularity). Default: int8, as tbopt run stores; with "
+                          "--fp16 or --fp32 and no --weights, that precision.",
         rich_help_panel=PANEL, show_default=False)] = None,
     block_size: Annotated[Optional[int], typer.Option(
         "--block-size", min=1, help="--weights int4: input channels that share a scale (default 8; a layer they do "
@@ -175,7 +178,7 @@ def export(
     out = _output.Output(json_mode=json_out, quiet=quiet)
     path = out.model_or_demo(artifact)
     config = ExportConfig.for_output(
-        output, precision="fp16" if fp16 else "fp32", weights=weights.value if weights else None,
+        output, precision="fp32" if fp16 is False else "fp16", weights=_weights(fp16, weights),
         sparse=sparse.value, target=target.value if target else None, io=io.value, size=size,
         author=author, license=license_, model_version=model_version,
         activations=activations.value if activations else None,
@@ -189,6 +192,14 @@ def export(
         result = export_file(path, output, config, force=force, progress=out,
                              **model_options(arch, arch_kwargs, trust_pickle))
     out.emit(result, render_export)
+
+
+def _weights(fp16: bool | None, weights: WeightsChoice | None) -> str | None:
+    """The weight storage: --weights if given; else --fp16/--fp32's precision (None), else int8 --
+    the storage tbopt run's .mlmodel has, under 100 KB where fp16 is about twice that."""
+    if weights is not None:
+        return weights.value
+    return None if fp16 is not None else DEFAULT_WEIGHTS
 
 
 def _feature(f: dict) -> str:

@@ -58,8 +58,8 @@ def run(
         help="Distillation steps after pruning (default: the method's, see tbopt prune --help).")] = None,
     weights: Annotated[ModelWeightModeChoice, typer.Option(  # type: ignore[valid-type]
         "--weights", case_sensitive=False,
-        help="Weight storage in TinyBeauty.mlmodel (as tbopt export --weights). int8 by default, where tbopt "
-             "export stores --fp16: the plan's file is an int8 .mlmodel under 100 KB.")
+        help="Weight storage in TinyBeauty.mlmodel (as tbopt export --weights). int8 by default, as tbopt "
+             "export: the plan's file is an int8 .mlmodel under 100 KB.")
     ] = ModelWeightModeChoice("int8"),  # type: ignore[valid-type]
     package_weights: Annotated[Optional[WeightModeChoice], typer.Option(  # type: ignore[valid-type]
         "--package-weights", show_default=False, case_sensitive=False,

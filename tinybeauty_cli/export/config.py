@@ -29,6 +29,9 @@ ACTIVATION_MODES = ("int8",)
 #: channels per palette); a layer whose channels they do not divide gets the largest common divisor.
 DEFAULT_BLOCK_SIZE = 8
 DEFAULT_GROUP_SIZE = 1
+#: ``tbopt export``'s weight storage when neither ``--weights`` nor ``--fp16``/``--fp32`` is given (as
+#: ``tbopt run``'s): linear int8 per output channel, half the bytes of fp16.
+DEFAULT_WEIGHTS = "int8"
 #: Calibration images for ``--activations int8`` when ``--calib-count`` is not given.
 DEFAULT_CALIB_COUNT = 16
 FORMAT_BY_SUFFIX = {".mlmodel": "neuralnetwork", ".mlpackage": "mlprogram"}
@@ -80,7 +83,8 @@ def format_for_path(path: Path | str) -> str:
 
 @dataclass
 class ExportConfig:
-    """What to write. ``weights=None`` stores weights at the compute ``precision``."""
+    """What to write. ``weights=None`` stores weights at the compute ``precision`` (``tbopt export``
+    passes ``weights=DEFAULT_WEIGHTS`` unless told ``--fp16``, ``--fp32`` or ``--weights``)."""
 
     format: str = "neuralnetwork"  # "neuralnetwork" | "mlprogram"
     precision: str = "fp16"  # "fp16" | "fp32"
@@ -245,8 +249,9 @@ class ExportConfig:
         parts = ["tbopt export"] + ([shlex.quote(str(source))] if source else [])
         if output:
             parts.append(f"-o {shlex.quote(str(output))}")
-        if self.precision != default.precision:
-            parts.append("--fp32")
+        if self.weights is None or self.precision != default.precision:
+            # without --weights tbopt export stores int8: fp16 weights (precision, no weights) need --fp16
+            parts.append(f"--{self.precision}")
         for attr, flag in (("weights", "--weights"), ("sparse", "--sparse"), ("target", "--target"), ("io", "--io"),
                            ("size", "--size"), ("block_size", "--block-size"), ("granularity", "--granularity"),
                            ("group_size", "--group-size"), ("bits_by_layer", "--bits-by-layer"),
@@ -358,7 +363,9 @@ def plan_export(config: ExportConfig, tensor_zeros: list[tuple[int, int]]) -> Ex
     target, why = max(needs, key=lambda n: _target_index(n[0]))
     if config.target is not None:
         if _target_index(config.target) < _target_index(target):
-            hint = "pass --sparse off to store the pruned weights dense" if sparse else None
+            hint = ("pass --sparse off to store the pruned weights dense" if sparse else
+                    "--fp16 stores fp16 weights (twice the bytes), which an iOS15 ML Program reads"
+                    if config.weights == "int8" and config.target == "iOS15" else None)
             raise UsageError(f"--target {config.target} is too low: {why} requires {target} or later", hint=hint)
         target = config.target
     return ExportPlan(target, sparse, zeros, threshold, notes)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field, fields
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+import numpy as np
 from torch import nn
 
 from ..core.artifact import HistoryStep, Preprocessing
@@ -197,11 +199,22 @@ def _prepare(loaded: LoadedModel, config: ExportConfig, command: str, fits: dict
         bits = config.palette_bits if p.allocation is None else bits_by_name(
             model, p.allocation, torch.zeros(1, input_channels(model), size, size))
     if config.palette_method == "gptq":  # the fit, if any, then trains these tables' values
-        images = calibration_inputs(p.calibration, artifact.preprocessing.value_range)
-        p.model, report = gptq_palettized(model, bits, images,
-                                          group_size=config.palette_group_size if config.grouped else None,
-                                          seed=config.seed, progress=progress)
-        p.palette_gptq = {"calibration": p.calib_source, **report.to_dict()}
+        group_size = config.palette_group_size if config.grouped else None
+        # the same weights, tables and calibration images give the same palettes whatever the target
+        # (the search exports one model for several): keyed by the weights and the images themselves
+        key = ("gptq", weights_fingerprint(model), json.dumps(bits if isinstance(bits, int) else sorted(bits.items())),
+               group_size, config.seed, hashlib.sha256(np.ascontiguousarray(p.calibration).tobytes()).hexdigest())
+        reused = fits is not None and key in fits
+        if reused:
+            gptq_model, report = fits[key]
+            p.model = copy.deepcopy(gptq_model)  # the kept one is never handed out, so never edited
+        else:
+            images = calibration_inputs(p.calibration, artifact.preprocessing.value_range)
+            p.model, report = gptq_palettized(model, bits, images, group_size=group_size, seed=config.seed,
+                                              progress=progress)
+            if fits is not None:
+                fits[key] = (copy.deepcopy(p.model), report)
+        p.palette_gptq = {"calibration": p.calib_source, **report.to_dict(), "reused": reused}
         # the export step after it records the configuration: this one only what GPTQ did (each byte counts
         # against the size the tables were chosen for)
         p.history.append(HistoryStep.now("gptq-palettes", command, None, report.to_dict()))

@@ -40,7 +40,7 @@ from ..runtime.runners import TorchRunner, open_runner, runner_for
 from ..runtime.timing import measure_latencies, steady_allocator
 from .optimize_cache import SearchCache
 from .optimize_config import CACHE_DIR, REPORT_FILES, TARGET_FILES, OptimizeConfig
-from .optimize_data import DataUse, data_use
+from .optimize_data import DataUse, calibration_gap, data_use
 from .optimize_result import Candidate, OptimizeResult
 from .optimize_result import rounded as _r
 from .optimize_make import TWIN, OnRow
@@ -114,6 +114,9 @@ def _locked_optimize(checkpoint: Path, out: Path, cfg: OptimizeConfig, force: bo
             replay_then_search(search, plan)
         else:
             search.run()
+        gap = calibration_gap(search, use, progress)
+        if gap is not None:
+            use.notes.append(gap)
         return _finish(search, checkpoint, out, cfg, threads, force or resume, use, plan)
 
 

@@ -171,9 +171,7 @@ class Recipe:
                 line += ["--calib", str(cfg.calib)]
             lines.append(line + threads_opt + ["-o", output])
         else:
-            line = ["tbopt", "export", source]
-            if self.weights != "fp16":
-                line += ["--weights", self.weights]
+            line = ["tbopt", "export", source, "--weights", self.weights]  # fp16 too: export's default is int8
             if self.gptq:
                 line += ["--palette-method", "gptq"]
             if self.bits_by_layer:

@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 #: A unit's cost before it has been measured, in scorings of the image set (the first thing the
-#: search times). These only decide whether a first step of a kind is started; measured on the demo
-#: (100 images at 256 px, 1 and 2 threads): a distillation step about 1/200 of a scoring, an export
-#: a fifth, GPTQ palettes about half, an int8 quantization (calibration, engine choice and timing)
-#: about one, channel ranking and refit about half; a chosen Core ML file scored by the reference
-#: executor one and a half, the int8 files timed side by side a half.
-PRIORS = {"distill_step": 0.005, "fit_step": 0.004, "export:neuralnetwork": 0.2, "export:mlprogram": 0.2,
-          "gptq": 0.5, "bits": 0.5, "quantize": 1.0, "prune": 0.5, "score": 1.0, "verify": 1.5, "timing": 0.5}
+#: search times). These only decide whether a first step of a kind is started. Measured in one
+#: search of the demo (100 images at 256 px, 2 threads, a scoring 4.5 s): a distillation step of
+#: the model pruned at 0.3 a thirtieth of a scoring (0.15 s) and a palette-fit step as much, an export
+#: 0.4-0.55, GPTQ palettes 1.8, palette bits by layer 2.3, an int8 quantization (calibration,
+#: engine choice and timing) 2.5, channel ranking and refit 0.9; a chosen Core ML file scored by
+#: the reference executor 1.3, the int8 files timed side by side 0.4.
+PRIORS = {"distill_step": 0.033, "fit_step": 0.031, "export:neuralnetwork": 0.4, "export:mlprogram": 0.55,
+          "gptq": 1.8, "bits": 2.3, "quantize": 2.5, "prune": 0.9, "score": 1.0, "verify": 1.3, "timing": 0.4}
 
 
 @dataclass

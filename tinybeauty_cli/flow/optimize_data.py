@@ -14,6 +14,7 @@ from typing import Any
 
 from ..core.errors import UsageError
 from ..core.images import ImageSet, list_images, load_images
+from ..core.progress import Progress
 
 #: One image in this many (sorted by name) is scored when --calib is the --data folder.
 SCORED_EVERY = 4
@@ -29,6 +30,7 @@ class DataUse:
     calibration: list[str] = field(default_factory=list)  # file names, when --calib is a folder
     notes: list[str] = field(default_factory=list)
     split: bool = False  # --calib was the --data folder, split in two
+    synthetic_calibration: bool = False  # --data holds photos, and the models learnt from synthetic portraits
 
     def to_dict(self) -> dict[str, Any]:
         return {"scored": self.scored or self.images.source,
@@ -44,6 +46,7 @@ def data_use(data: Path | None, calib: Path | None, size: int, limit: int | None
     use = DataUse(images, calib, scored=[p.name for p in list_images(data)] if _plain(data) else [],
                   calibration=[p.name for p in list_images(calib)] if _plain(calib) else [])
     if data is not None and images.targets is None and calib is None:
+        use.synthetic_calibration = True
         use.notes.append(
             f"--data {data} holds photos and no --calib was given: the models were distilled, GPTQ palettes "
             f"and int8 calibrated on synthetic portraits, not on faces like yours; pass --calib with photos "
@@ -74,3 +77,39 @@ def _split(folder: Path, size: int, limit: int | None, scratch: Path) -> DataUse
                    [f"--calib is the --data folder: {len(scored)} of its {len(files)} images are scored for the "
                     f"budget and the other {len(calibration)} calibrate (distillation, GPTQ, int8); none serves both"],
                    split=True)
+
+
+#: Synthetic portraits a distilled model is scored on to measure what calibrating on them cost on the photos.
+GAP_PORTRAITS = 16
+
+
+def calibration_gap(search: Any, use: DataUse, progress: Progress) -> str | None:
+    """When the models learnt from synthetic portraits but the budget is scored on photos: the
+    fidelity of the longest-distilled pruned model to the original on synthetic portraits (what it
+    was distilled on) and on the photos, in one sentence; None when no pruned model was made."""
+    from ..runtime.runners import TorchRunner  # noqa: PLC0415 - torch, only when there is a gap to measure
+    from ..measure.evaluate import evaluate  # noqa: PLC0415
+    from .prune import unlabeled_images  # noqa: PLC0415
+
+    made = [m for m in search.models if "channel" in m.key and "sparse" not in m.key and m.fidelity_psnr_db is not None]
+    if not use.synthetic_calibration or not made:
+        return None
+    entry = max(made, key=lambda m: (_steps(m.key), m.fidelity_psnr_db))
+    model = search.maker.known_model(entry.key)[0]
+    original = search.original
+    portraits = unlabeled_images(None, original.preprocessing.size, GAP_PORTRAITS, progress)
+    portraits = ImageSet(portraits.names, portraits.inputs, None, portraits.source, portraits.labels)
+    ref = evaluate(TorchRunner(original.module.eval(), original.preprocessing), portraits, progress=progress,
+                   description="scoring the original on synthetic portraits")
+    ev = evaluate(TorchRunner(model.module.eval(), model.preprocessing), portraits, reference=ref.outputs,
+                  progress=progress, description=f"scoring {entry.key} on synthetic portraits")
+    gap = ev.fidelity_psnr_db - entry.fidelity_psnr_db
+    return (f"measured: {entry.key} reproduces the original at {ev.fidelity_psnr_db:.1f} dB on {len(portraits)} "
+            f"synthetic portraits like those it was distilled on, and at {entry.fidelity_psnr_db:.1f} dB on the "
+            f"--data photos ({gap:+.1f} dB{': calibrating on photos can win that back' if gap > 0.5 else ''})")
+
+
+def _steps(model_key: str) -> int:
+    """Distillation steps in a model key (``channel0.3x750+1250`` -> 2000)."""
+    steps = model_key.split("x", 1)[1].split("+sparse")[0] if "x" in model_key else "0"
+    return sum(int(part) for part in steps.split("+") if part.isdigit())

@@ -265,7 +265,7 @@ class Maker:
             self.costs.observe(kind, seconds)
             return
         rest = max(0.0, seconds - self.costs.per(kind))
-        if recipe.gptq and result.palette_gptq:
+        if recipe.gptq and result.palette_gptq and not result.palette_gptq.get("reused"):
             gptq_s = min(rest, float(result.palette_gptq.get("seconds") or rest))
             self.costs.observe("gptq", gptq_s)
             rest -= gptq_s

@@ -30,9 +30,11 @@ It stops when the space is exhausted or nothing left fits the budget, and says w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from ..core.checkpoint import LoadedModel
 from ..core.errors import TbOptError, UnsupportedError
@@ -57,6 +59,37 @@ FIT_REACH_DB = 2.0
 START_PALETTE = "pal4"
 
 
+#: A continued distillation shortened to fit the time budget keeps at least this share of its
+#: planned extra steps (fewer would not lift the model much above the shorter one), in whole
+#: multiples of ``STEP_QUANTUM`` (so that a resumed or replayed search finds the same recipe).
+MIN_CONTINUED_SHARE = 0.5
+STEP_QUANTUM = 50
+
+
+class OutOfTime(Exception):
+    """A step still running when the time budget ran out (the machine ran slower than the cost
+    model expected, e.g. when its load rose mid-search)."""
+
+
+class _Clocked:
+    """A :class:`Progress` that raises :class:`OutOfTime` at the first advance past ``deadline``."""
+
+    def __init__(self, inner: Progress, deadline: float):
+        self.inner, self.deadline = inner, deadline
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
+        with self.inner.task(description, total=total) as advance:
+            def clocked(*args: Any, **kwargs: Any) -> None:
+                advance(*args, **kwargs)
+                if time.perf_counter() > self.deadline:
+                    raise OutOfTime(description)
+            yield clocked
+
+    def note(self, message: str) -> None:
+        self.inner.note(message)
+
+
 class Search:
     """The search's order and clock; :attr:`maker` makes and scores what it decides to try."""
 
@@ -68,6 +101,9 @@ class Search:
         self.not_tried: list[dict[str, Any]] = []
         self.to_rescue: list[tuple[Recipe, list[str]]] = []  # (model and target, palettes GPTQ missed)
         self.to_sparsify: list[Recipe] = []
+        self.to_climb: list[tuple[Recipe, list[str]]] = []  # a pruned model's larger palettes, tried late
+        self.continued: dict[tuple[float, int], Recipe] = {}  # (rate, planned steps) -> the continuation made
+        self.predicted: set[str] = set()  # recipes skipped as sure misses (:meth:`predicted_miss`)
         self.stopped = ""
 
     # what was found, and how it is scored, is the maker's
@@ -134,7 +170,26 @@ class Search:
             return None
         if not self.fits(key, self.maker.model_work(recipe)):
             return None
-        return self.maker.make_model(recipe, source, shorter)
+        return self.clocked(key, lambda: self.maker.make_model(recipe, source, shorter))
+
+    def clocked(self, key: str, make: Callable[[], Any]) -> Any:
+        """``make()``, stopped at the time budget's end (None then, and listed as not tried): a step the
+        cost model expected to fit may not, when the machine slows down mid-search."""
+        left = self.seconds_left()
+        if left is None:
+            return make()
+        inner = self.maker.progress
+        self.maker.progress = _Clocked(inner, time.perf_counter() + left)
+        t0 = time.perf_counter()
+        try:
+            return make()
+        except OutOfTime as exc:
+            self.not_tried.append({"key": key, "expected_s": None, "left_s": 0.0,
+                                   "reason": f"stopped at the time budget's end after {time.perf_counter() - t0:.0f} s "
+                                             f"of {exc} (the machine ran slower than the cost model expected)"})
+            return None
+        finally:
+            self.maker.progress = inner
 
     def model(self, recipe: Recipe) -> LoadedModel | None:
         """``recipe``'s float model when it was made and keeps the budget; else None (its branch stops)."""
@@ -173,22 +228,57 @@ class Search:
         if not recipe.is_cpu and self.cannot_beat(recipe):
             return None
         model = self.model(recipe)
-        if model is None or not (past_budget or self.fits(recipe.key, self.maker.candidate_work(recipe))):
+        if model is None or self.predicted_miss(recipe):
+            return None
+        if not (past_budget or self.fits(recipe.key, self.maker.candidate_work(recipe))):
             return None
         try:
+            if recipe.fit_steps and not past_budget:
+                return self.clocked(recipe.key, lambda: self.maker.make_candidate(recipe, model))
             return self.maker.make_candidate(recipe, model)
         except UnsupportedError as exc:
             self.skip(recipe.key, str(exc))
             return None
 
+    def predicted_miss(self, recipe: Recipe) -> bool:
+        """True (and noted) when ``recipe`` stores a changed model (pruned or zeroed) in a way that, on the
+        model as given, lost more than twice this model's margin above the budget line: the storage's
+        error, measured in this search on the model as given, counted at half (target PSNR: its drop in
+        dB; fidelity: its squared error, which adds to the model's own)."""
+        if not (recipe.rate or recipe.sparsity):
+            return False
+        if recipe.key in self.predicted:
+            return True
+        known = self.maker.known_model(recipe.model_key)
+        plain = dataclasses.replace(recipe, rate=0.0, steps=0, from_steps=0, sparsity=0.0, full_res_rate=0.0)
+        twins = [c for c in self.candidates if c.recipe == plain and c.quality_db is not None]
+        if known is None or known[1].quality_db is None or not twins:
+            return False
+        q_model, q_twin, line = known[1].quality_db, twins[0].quality_db, self.budget.line_db
+        if self.budget.uses_targets:
+            lost = self.reference.target_psnr_db - q_twin
+            predicted = q_model - lost / 2
+        else:  # fidelity to the original: the model's error and the storage's add up
+            lost = float("inf")
+            predicted = -10.0 * math.log10(10 ** (-q_model / 10) + 10 ** (-q_twin / 10) / 2)
+        if lost <= 0 or predicted >= line:
+            return False
+        self.predicted.add(recipe.key)
+        self.skip(recipe.key, (f"{recipe.storage} cost the model as given {lost:.2f} dB; " if lost != float("inf")
+                               else f"{recipe.storage} keeps {q_twin:.2f} dB of the model as given; ")
+                  + f"{recipe.model_key} is {q_model - line:+.2f} dB from the budget's line: even half that "
+                    f"loss would take it below")
+        return True
+
     def down_while_kept(self, base: Recipe, modes: list[str], **variant: Any) -> list[str]:
         """``base`` stored in ``modes`` (largest first, with ``variant``) until one misses; the modes from
         that miss on (empty when all kept or a step was not made)."""
         for i, mode in enumerate(modes):
-            cand = self.candidate(dataclasses.replace(base, weights=mode, **variant))
-            if cand is None:
+            recipe = dataclasses.replace(base, weights=mode, **variant)
+            cand = None if self.predicted_miss(recipe) else self.candidate(recipe)
+            if cand is None and recipe.key not in self.predicted:
                 return []
-            if not cand.kept:
+            if cand is None or not cand.kept:
                 for rest in modes[i + 1:]:
                     self.skip(dataclasses.replace(base, weights=rest, **variant).key, f"{mode} missed the budget")
                 return modes[i:]
@@ -212,11 +302,27 @@ class Search:
         if missed:
             self.to_rescue.append((base, missed))
         if missed and missed[0] == modes[start]:  # nothing kept from the middle down: larger storage
-            for mode in [*reversed(modes[:start]), "int8"]:
-                cand = self.candidate(dataclasses.replace(base, weights=mode))
-                if cand is not None and cand.kept:
-                    break
+            up = [*reversed(modes[:start]), "int8"]
+            if base.rate:  # after the longer distillations, which may keep the middle palette
+                self.to_climb.append((base, up))
+            else:
+                self.climb(base, up)
         self.to_sparsify.append(base)  # after the dear palettes: sparse fp16 has not won on TinyBeauty
+
+    def climb(self, base: Recipe, modes: list[str]) -> None:
+        """``base`` stored in ``modes`` (smallest first) until one keeps the quality."""
+        for mode in modes:
+            cand = self.candidate(dataclasses.replace(base, weights=mode))
+            if cand is not None and cand.kept:
+                break
+
+    def kept_middle(self, model_recipe: Recipe, targets: list[str]) -> bool:
+        """True when some Core ML target kept the quality with ``model_recipe``'s model stored in the
+        middle palette (``START_PALETTE``, plain or GPTQ), or no Core ML target is searched."""
+        coreml = [t for t in targets if t != "cpu"]
+        return not coreml or any(
+            c.kept and c.recipe.weights == START_PALETTE and not c.recipe.fit_steps and not c.recipe.bits_by_layer
+            and c.recipe.model_key == model_recipe.model_key for c in self.candidates)
 
     def fallback(self, targets: list[str]) -> None:
         """fp16 storage of the model as given, for each Core ML target where nothing kept the quality:
@@ -230,40 +336,51 @@ class Search:
         for target in targets:
             self.storage_branch(Recipe(target=targets[0]), target)
         steps = self.cfg.resolved_steps()
-        kept = self.short_distillations(targets, steps[0], longest=len(steps) == 1)
+        kept = self.short_distillations(targets, steps)
         for longer in steps[1:]:
             kept = self.longer_distillations(targets, kept, steps[0], longer)
+        for base, modes in self.to_climb:
+            self.climb(base, modes)
         self.rescue()
         for base in self.to_sparsify:
             self.sparse_branch(base)
         self.fallback(targets)
         self.stopped = self.why_stopped()
 
-    def short_distillations(self, targets: list[str], steps: int, longest: bool = False) -> list[float]:
-        """Channel pruning, rates ascending, after the short distillation; the rates that kept the
-        quality. When the first rate misses: its distillation continued to the longer ones
-        (:meth:`longer_distillations` does it) and the rates below it. ``longest``: no longer one
-        follows (each kept rate gets its full-resolution variant here)."""
-        rates = self.cfg.rates
+    def short_distillations(self, targets: list[str], steps: tuple[int, ...]) -> list[float]:
+        """Channel pruning, rates ascending, after the short distillation (``steps[0]``); the rates that
+        kept the quality. A rate whose model keeps the quality but not in the middle palette for any
+        Core ML target has its distillation continued at once (a higher rate at the same length would
+        lose more, and the longer one is what can still win); the higher rates are left out. When the
+        first rate misses: its distillation continued later (:meth:`longer_distillations`) and the rates
+        below it now. With one length only, each kept rate gets its full-resolution variant here."""
+        rates, short = self.cfg.rates, steps[0]
         kept: list[float] = []
         for i, rate in enumerate(rates):
-            recipe = Recipe(target=targets[0], rate=rate, steps=steps)
+            recipe = Recipe(target=targets[0], rate=rate, steps=short)
             if self.model(recipe) is None:
                 if self.missed(recipe):
-                    for rest in rates[i + 1:]:
-                        self.skip(f"*/{dataclasses.replace(recipe, rate=rest).model_key}/*",
-                                  f"channel pruning at {rate:g} already misses the budget")
+                    self.skip_rates(rates[i + 1:], recipe, f"channel pruning at {rate:g} already misses the budget")
                     kept.append(-rate)  # to be rescued by a longer distillation, if one keeps it
                     if i == 0:
-                        kept += self.lower_rates(targets, steps)
+                        kept += self.lower_rates(targets, short)
                     break
                 continue
             kept.append(rate)
             for target in targets:
                 self.storage_branch(recipe, target)
-            if longest:
+            if len(steps) == 1:
                 self.full_res_branch(recipe, targets)
+            elif not self.kept_middle(recipe, targets):
+                self.continue_rate(targets, rate, short, steps[1])
+                self.skip_rates(rates[i + 1:], recipe, f"channel pruning at {rate:g} after {short} steps keeps no "
+                                                       f"{START_PALETTE} file: a higher rate would lose more")
+                break
         return kept
+
+    def skip_rates(self, rates: tuple[float, ...], recipe: Recipe, reason: str) -> None:
+        for rest in rates:
+            self.skip(f"*/{dataclasses.replace(recipe, rate=rest).model_key}/*", reason)
 
     def lower_rates(self, targets: list[str], steps: int) -> list[float]:
         """Rates below the first, highest first, after the short distillation (the first missed)."""
@@ -278,19 +395,68 @@ class Search:
             break  # the highest rate below the first that keeps the quality: lower ones are larger
         return kept
 
+    def continued_recipe(self, targets: list[str], rate: float, shorter: int, steps: int) -> Recipe:
+        """The distillation of ``rate`` continued from ``shorter`` to ``steps`` steps -- or to fewer, when
+        the time left (after the end of the search and the storage of the model it makes) holds at least
+        :data:`MIN_CONTINUED_SHARE` of the extra steps but not all: a slower machine then gets a shorter
+        continuation rather than none."""
+        recipe = Recipe(target=targets[0], rate=rate, steps=steps, from_steps=shorter)
+        left = self.seconds_left()
+        if left is None or self.maker.known_model(recipe.model_key) is not None:
+            return recipe
+        after = self.costs.estimate(self.follow_up(targets)) + self.reserve()
+        per_step = self.costs.per("distill_step")
+        if per_step <= 0:
+            return recipe
+        fit = int((left - after - self.costs.per("score")) / per_step)
+        extra = steps - shorter
+        if fit >= extra or fit < MIN_CONTINUED_SHARE * extra:
+            return recipe  # all of it, or too little to be worth it (the budget check lists it)
+        return dataclasses.replace(recipe, steps=shorter + fit // STEP_QUANTUM * STEP_QUANTUM)
+
+    def follow_up(self, targets: list[str]) -> dict[str, float]:
+        """The least storage work a new float model is worth making for: each Core ML target's middle
+        palette with GPTQ (the tables fitted once), the int8 file for the CPU."""
+        work: dict[str, float] = {}
+        for target in targets:
+            if target == "cpu":
+                work["quantize"] = work.get("quantize", 0) + 1
+            else:
+                kind = f"export:{Recipe(target=target).export_config().format}"
+                work[kind] = work.get(kind, 0) + 1
+                work["gptq"] = 1
+            work["score"] = work.get("score", 0) + 1
+        return work
+
+    def continue_rate(self, targets: list[str], rate: float, shorter: int, steps: int) -> bool:
+        """``rate``'s distillation continued (:meth:`continued_recipe`) and stored for every target; True
+        when its model keeps the quality."""
+        recipe = self.continued_recipe(targets, rate, shorter, steps)
+        self.continued[(rate, steps)] = recipe
+        if self.model(recipe) is None:
+            return False
+        for target in targets:
+            self.storage_branch(recipe, target)
+        return True
+
     def longer_distillations(self, targets: list[str], rates: list[float], shorter: int, steps: int) -> list[float]:
         """The distillation of each rate continued from ``shorter`` to ``steps`` steps, in the order the
         short ones were made (a rate the short one missed, negative in ``rates``, to rescue it); each
-        model that keeps the quality gets the storage search and its full-resolution variant."""
+        model that keeps the quality gets the storage search and its full-resolution variant. A rate
+        continued early (:meth:`short_distillations`) is not made again."""
         kept = []
         for signed in rates:
             rate = abs(signed)
-            recipe = Recipe(target=targets[0], rate=rate, steps=steps, from_steps=shorter)
-            if self.model(recipe) is None:
+            early = self.continued.get((rate, steps))
+            if early is not None:
+                recipe = early
+                if self.model(recipe) is None:
+                    continue
+            elif not self.continue_rate(targets, rate, shorter, steps):
                 continue
+            else:
+                recipe = self.continued[(rate, steps)]
             kept.append(rate)
-            for target in targets:
-                self.storage_branch(recipe, target)
             self.full_res_branch(recipe, targets)
         return kept
 

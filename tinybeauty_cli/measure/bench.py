@@ -17,6 +17,7 @@ from ..core.progress import Progress, SilentProgress
 from ..core.quality import fidelity_psnr_db, worst_fidelity_db
 from ..core.runner import Runner
 from ..core.written import WrittenFile
+from ..runtime.plain_timing import PLAIN_ALLOCATOR, allocator_hint, plain_process_latency
 from ..runtime.runners import open_runner
 from ..runtime.timing import Latency, measure_latency
 from .describe import describe
@@ -74,6 +75,9 @@ class BenchRow:
     ssim: float | None
     latency: Latency | None
     is_reference: bool = False
+    #: int8 TorchScript, timed: the median a plain Python process gets (glibc's allocator as a process
+    #: starts), beside ``latency`` timed with freed memory kept; None for other rows or when not timed
+    plain_process_p50_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k != "latency"}
@@ -87,6 +91,8 @@ class BenchRow:
             "latency_p50_ms": None if lat is None else round(lat.p50_ms, 3),
             "latency_p90_ms": None if lat is None else round(lat.p90_ms, 3),
             "images_per_second": None if lat is None else round(lat.images_per_second, 2),
+            "latency_timed_with": None if lat is None else lat.allocator,
+            "plain_process_timed_with": None if self.plain_process_p50_ms is None else PLAIN_ALLOCATOR,
             "threads": None if lat is None else lat.threads,
             "timing_runs": None if lat is None else lat.runs,
             "load_average": None if lat is None else lat.load_average,
@@ -107,8 +113,29 @@ class BenchResult:
     examples: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"data": self.data_source, "reference": self.reference, "config": self.config.to_dict(),
-                "rows": [r.to_dict() for r in self.rows], "notes": list(self.notes)}
+        d = {"data": self.data_source, "reference": self.reference, "config": self.config.to_dict(),
+             "rows": [r.to_dict() for r in self.rows], "notes": list(self.notes)}
+        if self.plain_process_rows:
+            d["faster_with"] = allocator_hint()
+        return d
+
+    @property
+    def plain_process_rows(self) -> list[BenchRow]:
+        return [r for r in self.rows if r.plain_process_p50_ms is not None]
+
+    def plain_process_note(self) -> str | None:
+        """Which latency is which for int8 files, and the line that gives a user's process the faster one."""
+        rows = self.plain_process_rows
+        if not rows:
+            return None
+        timed = [r for r in rows if r.latency is not None]
+        figures = ", ".join(f"{r.name} {r.latency.p50_ms:.2f} ms kept, {r.plain_process_p50_ms:.2f} ms plain"
+                            for r in timed)
+        kept_faster = all(r.latency.p50_ms < r.plain_process_p50_ms for r in timed)
+        how = ("for the faster one in your own process" if kept_faster else
+               "to run your own process as p50 was timed (not faster here)")
+        return (f"int8 latency: p50 is timed with {timed[0].latency.allocator}; 'plain p50' is what a plain "
+                f"Python process gets with glibc's allocator as it starts ({figures}); {how}: {allocator_hint()}")
 
 
 class _ScoreSets:
@@ -154,7 +181,8 @@ class Entry:
 
 
 def bench(paths: list[Path], cfg: BenchConfig, *, ref: Path | None = None, time_models: bool = True,
-          progress: Progress | None = None, keep_examples: int = 0, **open_options: Any) -> BenchResult:
+          progress: Progress | None = None, keep_examples: int = 0, plain_process: bool = True,
+          **open_options: Any) -> BenchResult:
     """Open and measure every artifact in ``paths`` on the same images (see :func:`measure_entries`).
 
     ``ref`` is the artifact fidelity is measured against (default: the first of ``paths``).
@@ -168,18 +196,19 @@ def bench(paths: list[Path], cfg: BenchConfig, *, ref: Path | None = None, time_
         if ref is not None and all(ref_path.resolve() != e.path.resolve() for e in entries):
             reference = Entry(ref_path, open_runner(ref_path, **open_options))
         return measure_entries(entries, cfg, reference=reference, ref_path=ref_path, time_models=time_models,
-                               progress=progress, keep_examples=keep_examples)
+                               progress=progress, keep_examples=keep_examples, plain_process=plain_process)
 
 
 def measure_entries(entries: list[Entry], cfg: BenchConfig, *, ref_path: Path, reference: Entry | None = None,
                     scores: Scores | None = None, time_models: bool = True, progress: Progress | None = None,
-                    keep_examples: int = 0) -> BenchResult:
+                    keep_examples: int = 0, plain_process: bool = False) -> BenchResult:
     """Score and time opened artifacts on the same images.
 
     Fidelity is measured against the entry whose path is ``ref_path``, or against ``reference``
     when it is not one of ``entries``. ``scores`` holds images (and models already run on them)
     to reuse. ``keep_examples=K`` keeps K images spread over the set and every artifact's outputs on
-    them (:attr:`BenchResult.examples`), e.g. for a picture of the results.
+    them (:attr:`BenchResult.examples`), e.g. for a picture of the results. ``plain_process``: time each
+    int8 TorchScript file again in a fresh process (:func:`.plain_process_latency`), as a user's gets it.
     """
     progress = progress or SilentProgress()
     sets = _ScoreSets(cfg, progress, scores)
@@ -210,9 +239,17 @@ def measure_entries(entries: list[Entry], cfg: BenchConfig, *, ref_path: Path, r
                 ss = float(np.mean(ssim_ref.score(model_to_uint8(out))))
             elif runner.size != ref_size:
                 notes.append(f"{e.path.name} runs at {runner.size}px, the reference at {ref_size}px: no fidelity")
-            latency = None
+            latency = plain_ms = None
             if time_models:
                 latency = time_runner(runner, images.inputs[0], cfg, progress, f"timing {e.path.name}")
+                if plain_process and runner.kind == "int8" and e.path.is_file():
+                    with progress.task(f"timing {e.path.name} in a plain process", total=None):
+                        plain = plain_process_latency(e.path, runs=cfg.runs, warmup=cfg.warmup,
+                                                      threads=cfg.effective_threads)
+                    plain_ms = plain["p50_ms"] if plain else None
+                    if plain is None:
+                        notes.append(f"{e.path.name}: the plain-process timing failed; only the figure with "
+                                     "freed memory kept is given")
             info = describe(e.path, runner=runner, written=e.written)
             rows.append(BenchRow(
                 name=e.path.name, path=str(e.path), kind=runner.kind, engine=runner.engine,
@@ -220,7 +257,7 @@ def measure_entries(entries: list[Entry], cfg: BenchConfig, *, ref_path: Path, r
                 parameters=info.get("parameters"), nonzero_parameters=info.get("nonzero_parameters"),
                 macs=info.get("macs"), images=len(out), target_psnr_db=ev.target_psnr_db,
                 fidelity_psnr_db=fid, worst_fidelity_db=worst, ssim=ss, latency=latency,
-                is_reference=is_ref,
+                is_reference=is_ref, plain_process_p50_ms=plain_ms,
             ))
         if any(e.runner.off_device for e in entries):
             notes.append("Core ML times measured with tbopt's reference executor on this CPU are not "
@@ -253,6 +290,16 @@ MARKDOWN_COLUMNS = [
     ("PSNR vs targets (dB)", "target_psnr_db"), ("fidelity (dB)", "fidelity_psnr_db"), ("SSIM", "ssim"),
     ("p50 (ms)", "latency_p50_ms"), ("p90 (ms)", "latency_p90_ms"), ("img/s", "images_per_second"),
 ]
+#: int8 TorchScript files timed in a plain process: a column after p50 (only when a row has one).
+PLAIN_COLUMN = ("plain p50 (ms)", "plain_process_p50_ms")
+
+
+def columns(result: BenchResult) -> list[tuple[str, str]]:
+    """The table's columns: the plain-process p50 beside p50 when some row has it."""
+    cols = list(MARKDOWN_COLUMNS)
+    if result.plain_process_rows:
+        cols.insert(cols.index(("p50 (ms)", "latency_p50_ms")) + 1, PLAIN_COLUMN)
+    return cols
 
 
 def format_value(key: str, v: Any) -> str:
@@ -269,10 +316,10 @@ def format_value(key: str, v: Any) -> str:
     return str(v)
 
 
-def row_cells(row: BenchRow) -> list[str]:
+def row_cells(row: BenchRow, cols: list[tuple[str, str]] | None = None) -> list[str]:
     """A row as the table shows it: the reference is marked, its fidelity is 'ref'."""
     d = row.to_dict()
-    keys = [k for _, k in MARKDOWN_COLUMNS]
+    keys = [k for _, k in (cols or MARKDOWN_COLUMNS)]
     cells = [format_value(k, d[k]) for k in keys]
     if row.is_reference:
         cells[keys.index("name")] += " (ref)"
@@ -281,14 +328,16 @@ def row_cells(row: BenchRow) -> list[str]:
 
 
 def to_markdown(result: BenchResult) -> str:
-    lines = ["| " + " | ".join(c for c, _ in MARKDOWN_COLUMNS) + " |",
-             "|" + "|".join("---" for _ in MARKDOWN_COLUMNS) + "|"]
+    cols = columns(result)
+    lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in result.rows:
-        lines.append("| " + " | ".join(row_cells(r)) + " |")
+        lines.append("| " + " | ".join(row_cells(r, cols)) + " |")
     threads = result.config.effective_threads
     lines.append("")
     lines.append(f"Data: {result.data_source}. Fidelity and SSIM against {Path(result.reference).name}. "
                  f"Latency: batch 1, {threads} thread(s), median of {result.config.runs} runs after "
                  f"{result.config.warmup} warm-up runs, on {os.cpu_count()} CPU cores.")
     lines.extend(result.notes)
+    if note := result.plain_process_note():
+        lines.append(note)
     return "\n".join(lines) + "\n"

@@ -22,6 +22,8 @@ from typing import Any
 #: The environment variables that do what :func:`.timing.steady_allocator` does, for a user's process
 #: (glibc reads them when a process starts; the values are the ones tbopt sets).
 ALLOCATOR_ENV = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+#: What the child's timings ran with.
+PLAIN_ALLOCATOR = "glibc malloc as a process starts"
 
 
 def allocator_hint() -> str:
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         runner.predict(x)
         times.append((time.perf_counter() - t0) * 1000.0)
     print(json.dumps({"p50_ms": round(statistics.median(times), 3), "runs": a.runs, "warmup": a.warmup,
-                      "threads": torch.get_num_threads(), "allocator": "glibc malloc as a process starts"}))
+                      "threads": torch.get_num_threads(), "allocator": PLAIN_ALLOCATOR}))
     return 0
 
 
