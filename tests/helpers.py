@@ -52,6 +52,20 @@ def save_small(path: Path, model: TinyBeauty | None = None, history=("test-fixtu
     return path
 
 
+#: ``tbopt quantize`` options for a small model: fast, one thread.
+QUANTIZE_FAST = ("--backend", "x86", "--calib-count", "3", "--limit", "3", "--threads", "1")
+
+
+def save_small_and_int8(folder: Path) -> tuple[Path, Path, dict]:
+    """A small float model in ``folder`` and its int8 file by ``tbopt quantize`` (with ``QUANTIZE_FAST``),
+    and quantize's JSON result."""
+    src = save_small(folder / "small.pt")
+    out = folder / "small_int8.pt"
+    r = run("quantize", src, "-o", out, "--json", *QUANTIZE_FAST)
+    assert r.exit_code == 0, r.stderr
+    return src, out, json.loads(r.stdout)
+
+
 def save_photo(path: Path, size: tuple[int, int] = (96, 64), seed: int = 0) -> Path:
     """A random RGB photo of ``size`` (width, height) saved at ``path``."""
     rng = np.random.default_rng(seed)

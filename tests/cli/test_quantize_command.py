@@ -7,19 +7,14 @@ import sys
 import pytest
 
 
-from tests.helpers import assert_one_line_error, run, save_photo, save_small
+from tests.helpers import QUANTIZE_FAST, assert_one_line_error, run, save_photo, save_small, save_small_and_int8
 
-FAST = ["--backend", "x86", "--calib-count", "3", "--limit", "3", "--threads", "1"]
+FAST = list(QUANTIZE_FAST)
 
 
 @pytest.fixture(scope="module")
 def cli_quantized(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cli")
-    src = save_small(d / "small.pt")
-    out = d / "small_int8.pt"
-    r = run("quantize", src, "-o", out, "--json", *FAST)
-    assert r.exit_code == 0, r.stderr
-    return src, out, json.loads(r.stdout)
+    return save_small_and_int8(tmp_path_factory.mktemp("cli"))
 
 
 def test_quantize_json(cli_quantized):

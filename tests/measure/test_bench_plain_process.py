@@ -10,18 +10,14 @@ import pytest
 
 from tinybeauty_cli.runtime.plain_timing import PLAIN_ALLOCATOR, allocator_hint
 
-from tests.helpers import run, run_ok, save_small
+from tests.helpers import run, run_ok, save_small_and_int8
 
 FAST = ["--limit", "1", "--runs", "3", "--warmup", "1", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
 def float_and_int8(tmp_path_factory):
-    d = tmp_path_factory.mktemp("bench_plain")
-    src = save_small(d / "small.pt")
-    out = d / "small_int8.pt"
-    run_ok("quantize", src, "-o", out, "--backend", "x86", "--calib-count", "3", "--limit", "3", "--threads", "1",
-           "-q")
+    src, out, _ = save_small_and_int8(tmp_path_factory.mktemp("bench_plain"))
     return src, out
 
 
