@@ -57,7 +57,7 @@ def search_markdown(result: Mapping[str, Any]) -> str:
                      f"{c['recipe']['key']} |")
     hashes = [f"- {target}: `{c['sha256']}`" for target, c in result["chosen"].items() if c.get("sha256")]
     if hashes:
-        lines += ["", "SHA-256 of each chosen file, read back from the folder once written:", "", *hashes]
+        lines += ["", "SHA-256 of each chosen file, checked on the written copy before it was renamed into place:", "", *hashes]
     lines += ["", "Commands that rebuild each chosen file (same weights and graph):", ""]
     for target, c in result["chosen"].items():
         if c.get("commands"):
