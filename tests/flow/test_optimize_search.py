@@ -182,7 +182,7 @@ def _clock_only(budget_min: float, spent_s: float) -> Search:
 
 def test_a_step_expected_to_end_after_the_budget_is_not_started_but_a_cheaper_one_is():
     search = _clock_only(budget_min=5.0, spent_s=200.0)  # 100 s left, some for the end (2 Core ML + cpu)
-    reserve = (2 * PRIORS["verify"] + PRIORS["timing"]) * 10
+    reserve = (2 * PRIORS["verify"] + PRIORS["timing"] + PRIORS["plain"] + PRIORS["report"]) * 10
     assert search.reserve() == pytest.approx(reserve)
     assert not search.fits("ios13/channel0.3x750+1250/pal4", {"distill_step": 1250, "score": 1})
     assert search.fits("ios13/original/pal4+gptq", {"score": 1, "gptq": 1})
@@ -213,7 +213,7 @@ def test_a_continued_distillation_is_shortened_to_what_the_budget_holds_and_no_f
         search = _with_maker(_clock_only(budget_min=10.0, spent_s=spent_s))
         return search.continued_recipe(["ios13", "ios16", "cpu"], 0.3, 750, 2000)
 
-    after = (2 * PRIORS["verify"] + PRIORS["timing"] + PRIORS["export:neuralnetwork"] + PRIORS["export:mlprogram"]
+    after = (2 * PRIORS["verify"] + PRIORS["timing"] + PRIORS["plain"] + PRIORS["report"] + PRIORS["export:neuralnetwork"] + PRIORS["export:mlprogram"]
              + PRIORS["gptq"] + PRIORS["quantize"] + 3 + 1) * 10  # the end, the least storage, the model's scoring
     assert planned(200.0).steps == 2000  # 400 s left: all 1250 extra steps (0.1 s each) fit
     spent = 600 - after - 100  # 1000 extra steps fit, not 1250
@@ -274,3 +274,15 @@ def test_a_rate_that_keeps_no_middle_palette_is_continued_before_any_higher_rate
     monkeypatch.setattr(search, "full_res_branch", lambda recipe, targets: made.append(f"fullres/{recipe.model_key}"))
     assert search.longer_distillations(["ios13", "cpu"], kept, 750, 2000) == [0.3]
     assert made[-2:] == ["channel0.3x750+1250", "fullres/channel0.3x750+1250"]  # not made or stored again
+
+
+def test_the_time_budget_counts_from_the_start_the_cli_gives(tiny, tmp_path):
+    """``tbopt optimize`` passes the moment it started (its imports are part of the wait): a search
+    whose start lies an hour back has no time left, and only the file each target must have is made."""
+    d, ckpt = tiny
+    result = optimize(ckpt, tmp_path / "out", small_space(data=d / "faces", min_fidelity_db=1.0, limit=2,
+                                                          time_budget_min=1.0),
+                      started=time.perf_counter() - 3600)
+    assert result.seconds >= 3600
+    assert result.not_tried and all(n["reason"] == "time budget reached before it was started" for n in result.not_tried)
+    assert [c.recipe.storage for c in result.candidates] == ["fp16"]  # the fallback, made past the budget

@@ -64,10 +64,11 @@ def check_outputs(out: Path, targets: tuple[str, ...], force: bool, resume: bool
 
 def optimize(checkpoint: Path | str, out: Path | str, cfg: OptimizeConfig | None = None, *, force: bool = False,
              resume: bool = False, progress: Progress | None = None, on_row: OnRow | None = None,
-             recipe: Path | str | None = None) -> OptimizeResult:
+             recipe: Path | str | None = None, started: float | None = None) -> OptimizeResult:
     """Search, choose, write (see the module docstring). ``on_row`` sees every model and candidate as it comes.
     ``recipe``: an earlier search's ``search.json`` whose chosen recipes are replayed first
-    (:mod:`.optimize_replay`); only the targets where they miss are searched."""
+    (:mod:`.optimize_replay`); only the targets where they miss are searched. ``started``: the
+    ``time.perf_counter()`` the time budget counts from (default: now; the CLI passes its own start)."""
     cfg = cfg or OptimizeConfig()
     progress = progress or SilentProgress()
     checkpoint, out = Path(checkpoint), normalized(out)
@@ -78,11 +79,12 @@ def optimize(checkpoint: Path | str, out: Path | str, cfg: OptimizeConfig | None
     check_folder(out, what="search's outputs")
     # one search per folder, from before its first check to its last file (see core.files.folder_lock)
     with folder_lock(out, f"tbopt optimize --out {out}"):
-        return _locked_optimize(checkpoint, out, cfg, force, resume, progress, on_row, recipe)
+        return _locked_optimize(checkpoint, out, cfg, force, resume, progress, on_row, recipe, started)
 
 
 def _locked_optimize(checkpoint: Path, out: Path, cfg: OptimizeConfig, force: bool, resume: bool,
-                     progress: Progress, on_row: OnRow | None, recipe: Path | str | None = None) -> OptimizeResult:
+                     progress: Progress, on_row: OnRow | None, recipe: Path | str | None = None,
+                     started: float | None = None) -> OptimizeResult:
     plan = read_replay(Path(recipe)) if recipe is not None else None  # refused before any work
     check_outputs(out, cfg.targets, force, resume)
     for name in ("data", "calib"):
@@ -108,7 +110,7 @@ def _locked_optimize(checkpoint: Path, out: Path, cfg: OptimizeConfig, force: bo
             progress.note("the search in --out was made with other settings, images or checkpoint: starting afresh")
         # the original is scored first (a model that computes NaN on the images is refused): nothing is
         # written into --out before that
-        search = Search(loaded, images, cfg, cache, progress, on_row)
+        search = Search(loaded, images, cfg, cache, progress, on_row, started)
         cache.start()
         if plan is not None:
             replay_then_search(search, plan)

@@ -23,9 +23,12 @@ from typing import Any, Mapping
 #: the model pruned at 0.3 a thirtieth of a scoring (0.15 s) and a palette-fit step as much, an export
 #: 0.4-0.55, GPTQ palettes 1.8, palette bits by layer 2.3, an int8 quantization (calibration,
 #: engine choice and timing) 2.5, channel ranking and refit 0.9; a chosen Core ML file scored by
-#: the reference executor 1.3, the int8 files timed side by side 0.4.
+#: the reference executor 1.3, the int8 files timed side by side 0.4. Two kinds happen once, at the
+#: end, and keep their prior: the chosen int8 file timed in a plain process (a new Python process
+#: that imports torch) 1.5, and the reports written (search.json, search.md, pareto.png) 1.
 PRIORS = {"distill_step": 0.033, "fit_step": 0.031, "export:neuralnetwork": 0.4, "export:mlprogram": 0.55,
-          "gptq": 1.8, "bits": 2.3, "quantize": 2.5, "prune": 0.9, "score": 1.0, "verify": 1.3, "timing": 0.4}
+          "gptq": 1.8, "bits": 2.3, "quantize": 2.5, "prune": 0.9, "score": 1.0, "verify": 1.3, "timing": 0.4,
+          "plain": 1.5, "report": 1.0}
 
 
 @dataclass

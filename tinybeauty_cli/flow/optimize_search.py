@@ -94,8 +94,9 @@ class Search:
     """The search's order and clock; :attr:`maker` makes and scores what it decides to try."""
 
     def __init__(self, loaded: LoadedModel, images: ImageSet, cfg: OptimizeConfig, cache: SearchCache,
-                 progress: Progress, on_row: OnRow | None):
-        self.cfg, self.t_start, self.costs = cfg, time.perf_counter(), CostModel()
+                 progress: Progress, on_row: OnRow | None, started: float | None = None):
+        self.cfg, self.costs = cfg, CostModel()
+        self.t_start = time.perf_counter() if started is None else started
         self.maker = Maker(loaded, images, cfg, cache, progress, on_row, self.costs)
         self.skipped: list[dict[str, str]] = []
         self.not_tried: list[dict[str, Any]] = []
@@ -127,9 +128,11 @@ class Search:
 
     def reserve(self) -> float:
         """Seconds the end of the search is expected to take: each Core ML target's chosen file scored
-        as a file (the reference executor off macOS) and the int8 files timed side by side."""
+        as a file (the reference executor off macOS), the int8 files timed side by side and the chosen
+        one again in a plain process, and the reports written."""
         coreml = sum(t != "cpu" for t in self.cfg.targets)
-        return self.costs.estimate({"verify": coreml, "timing": 1 if "cpu" in self.cfg.targets else 0})
+        cpu = 1 if "cpu" in self.cfg.targets else 0
+        return self.costs.estimate({"verify": coreml, "timing": cpu, "plain": cpu, "report": 1})
 
     def fits(self, key: str, work: dict[str, float]) -> bool:
         """True when ``work`` is expected (by the cost model) to end within the time budget, the end of
