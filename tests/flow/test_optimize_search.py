@@ -286,3 +286,26 @@ def test_the_time_budget_counts_from_the_start_the_cli_gives(tiny, tmp_path):
     assert result.seconds >= 3600
     assert result.not_tried and all(n["reason"] == "time budget reached before it was started" for n in result.not_tried)
     assert [c.recipe.storage for c in result.candidates] == ["fp16"]  # the fallback, made past the budget
+
+
+@pytest.mark.parametrize("quality, made_next", [(38.684, False), (38.85, True)])
+def test_a_higher_rate_sure_to_miss_is_not_pruned_and_the_kept_one_is_continued(monkeypatch, quality, made_next):
+    """0.3 kept 38.684 dB of the original's 38.932 (line 38.632): 0.4, even losing only in proportion
+    to the rate (0.33 dB), would end below the line, so 0.3's distillation is continued instead. With
+    38.85 dB kept, 0.4 is pruned."""
+    entries = {"channel0.3x750": SimpleNamespace(quality_db=quality, kept=True)}
+    search = _with_maker(_clock_only(budget_min=10.0, spent_s=0.0), budget=Budget(38.932, 0.3, 40.0),
+                         reference=SimpleNamespace(target_psnr_db=38.932),
+                         known_model=lambda key: (object(), entries[key]) if key in entries else None)
+    search.cfg = OptimizeConfig(rates=(0.3, 0.4), finetune_steps=(750, 2000), time_budget_min=10.0)
+    made: list[str] = []
+    monkeypatch.setattr(search, "model", lambda recipe: made.append(recipe.model_key) or object())
+    monkeypatch.setattr(search, "storage_branch", lambda recipe, target: None)
+    monkeypatch.setattr(search, "kept_middle", lambda recipe, targets: True)
+    search.short_distillations(["ios13"], (750, 2000))
+    if made_next:
+        assert made == ["channel0.3x750", "channel0.4x750"] and not search.skipped
+    else:
+        assert made == ["channel0.3x750", "channel0.3x750+1250"]
+        assert search.skipped[0]["key"] == "*/channel0.4x750/*" and "0.33" not in search.skipped[0]["reason"]
+        assert "would end 0.03 dB below" in search.skipped[0]["reason"]

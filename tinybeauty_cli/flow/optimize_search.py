@@ -354,13 +354,21 @@ class Search:
         """Channel pruning, rates ascending, after the short distillation (``steps[0]``); the rates that
         kept the quality. A rate whose model keeps the quality but not in the middle palette for any
         Core ML target has its distillation continued at once (a higher rate at the same length would
-        lose more, and the longer one is what can still win); the higher rates are left out. When the
+        lose more, and the longer one is what can still win); the higher rates are left out, as they
+        are when the last kept rate's loss, scaled to theirs, already crosses the line
+        (:meth:`rate_predicted_to_miss`; the kept rate is continued instead). When the
         first rate misses: its distillation continued later (:meth:`longer_distillations`) and the rates
         below it now. With one length only, each kept rate gets its full-resolution variant here."""
         rates, short = self.cfg.rates, steps[0]
         kept: list[float] = []
         for i, rate in enumerate(rates):
             recipe = Recipe(target=targets[0], rate=rate, steps=short)
+            why = self.rate_predicted_to_miss(kept, recipe)
+            if why:
+                self.skip_rates(rates[i:], recipe, why)
+                if len(steps) > 1:
+                    self.continue_rate(targets, kept[-1], short, steps[1])
+                break
             if self.model(recipe) is None:
                 if self.missed(recipe):
                     self.skip_rates(rates[i + 1:], recipe, f"channel pruning at {rate:g} already misses the budget")
@@ -380,6 +388,30 @@ class Search:
                                                        f"{START_PALETTE} file: a higher rate would lose more")
                 break
         return kept
+
+    def rate_predicted_to_miss(self, kept: list[float], recipe: Recipe) -> str:
+        """Why ``recipe``'s rate is sure to miss at its distillation length, or "": the last kept rate's
+        loss (PSNR drop, or squared error against the original) scaled in proportion to the rate --
+        an optimistic guess, since a model loses faster than its rate grows -- already crosses the
+        budget's line."""
+        known = self.maker.known_model(dataclasses.replace(recipe, rate=kept[-1]).model_key) if (
+            kept and kept[-1] > 0) else None
+        prev = known[1] if known is not None else None
+        if prev is None or prev.quality_db is None:
+            return ""
+        scale = recipe.rate / kept[-1]
+        if self.budget.uses_targets:
+            lost = self.reference.target_psnr_db - prev.quality_db
+            if lost <= 0:
+                return ""
+            predicted = self.reference.target_psnr_db - lost * scale
+        else:  # the squared error against the original grows with the rate
+            predicted = prev.quality_db - 10.0 * math.log10(scale)
+        if predicted >= self.budget.line_db:
+            return ""
+        return (f"channel pruning at {kept[-1]:g} after {recipe.steps} steps is {prev.quality_db - self.budget.line_db:.2f} "
+                f"dB above the budget's line; at {recipe.rate:g}, even in proportion to the rate, it would end "
+                f"{self.budget.line_db - predicted:.2f} dB below")
 
     def skip_rates(self, rates: tuple[float, ...], recipe: Recipe, reason: str) -> None:
         for rest in rates:
