@@ -93,8 +93,9 @@ def optimize(
                         "Default: synthetic portraits, never the test set.", rich_help_panel="Data")] = None,
     limit: LimitOpt = None,
     time_budget: Annotated[float, typer.Option(
-        "--time-budget", min=0, help="Minutes: no new step starts after this (nor a distillation expected to end "
-                                     "after it); the result lists what was not tried. 0: no limit.")
+        "--time-budget", min=0, help="Minutes from the command's start: no step starts that is expected to end "
+                                     "after this, one still running then is stopped; the result lists what was "
+                                     "not tried. 0: no limit.")
     ] = DEFAULT_TIME_BUDGET_MIN,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the search in --output: finished candidates are read from its cache, not redone.")
