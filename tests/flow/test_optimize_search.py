@@ -309,3 +309,15 @@ def test_a_higher_rate_sure_to_miss_is_not_pruned_and_the_kept_one_is_continued(
         assert made == ["channel0.3x750", "channel0.3x750+1250"]
         assert search.skipped[0]["key"] == "*/channel0.4x750/*" and "0.33" not in search.skipped[0]["reason"]
         assert "would end 0.03 dB below" in search.skipped[0]["reason"]
+
+
+def test_longer_distillations_continue_the_highest_kept_rate_first(monkeypatch):
+    """Its files are the smallest and fastest: when the budget holds one continuation, it is that one."""
+    search = _with_maker(_clock_only(budget_min=10.0, spent_s=0.0))
+    continued: list[float] = []
+    monkeypatch.setattr(search, "continue_rate", lambda targets, rate, shorter, steps: continued.append(rate) or False)
+    search.longer_distillations(["ios13"], [0.3, 0.4, 0.5], 750, 2000)
+    assert continued == [0.5, 0.4, 0.3]
+    continued.clear()
+    search.longer_distillations(["ios13"], [-0.3, 0.25], 750, 2000)  # 0.3 missed: rescued first
+    assert continued == [0.3, 0.25]

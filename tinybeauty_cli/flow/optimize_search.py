@@ -475,12 +475,13 @@ class Search:
         return True
 
     def longer_distillations(self, targets: list[str], rates: list[float], shorter: int, steps: int) -> list[float]:
-        """The distillation of each rate continued from ``shorter`` to ``steps`` steps, in the order the
-        short ones were made (a rate the short one missed, negative in ``rates``, to rescue it); each
-        model that keeps the quality gets the storage search and its full-resolution variant. A rate
-        continued early (:meth:`short_distillations`) is not made again."""
+        """The distillation of each rate continued from ``shorter`` to ``steps`` steps, the highest rate
+        first (its files are the smallest and fastest, so its continuation can win the most; a rate the
+        short one missed, negative in ``rates``, to rescue it); each model that keeps the quality gets
+        the storage search and its full-resolution variant. A rate continued early
+        (:meth:`short_distillations`) is not made again."""
         kept = []
-        for signed in rates:
+        for signed in sorted(rates, key=abs, reverse=True):
             rate = abs(signed)
             early = self.continued.get((rate, steps))
             if early is not None:
