@@ -4,6 +4,7 @@ the same architecture, scored against its own budget; only the targets where a r
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -151,3 +152,29 @@ def test_a_continued_distillation_replays_from_its_shorter_one(earlier, tmp_path
     assert told["recipe"] == recipe["key"]
     assert told["status"] == "replayed"  # a 25 dB budget: the storage the earlier search chose keeps it
     assert result.to_dict()["chosen"]["ios16"]["recipe"]["key"] == recipe["key"]
+
+
+def test_the_targets_still_to_search_try_the_pruned_models_replay_made_first():
+    """A replayed CPU recipe made a pruned model that keeps the budget; the Core ML target whose replay
+    missed tries that model's storage before the search starts from the model as given."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from tinybeauty_cli.flow.optimize_config import Recipe  # noqa: PLC0415
+    from tinybeauty_cli.flow.optimize_replay import Replay, replay_then_search, replayed_models  # noqa: PLC0415
+
+    cpu = Recipe(target="cpu", rate=0.3, steps=2000, from_steps=750, weights="int8")
+    ios16 = Recipe(target="ios16", rate=0.5, steps=750, weights="pal2", gptq=True)
+    kept = {"channel0.3x750+1250": True, "channel0.5x750": False}
+    calls: list[str] = []
+    search = SimpleNamespace(
+        cfg=space(targets=("ios16", "cpu")), budget=SimpleNamespace(line_db=40.0), not_tried=[],
+        maker=SimpleNamespace(known_model=lambda key: (None, SimpleNamespace(kept=kept[key], quality_db=41.0 if kept[key]
+                                                                                else 30.0)) if key in kept else None),
+        candidate=lambda recipe: SimpleNamespace(kept=recipe.is_cpu, size_bytes=1, quality_db=41.0 if recipe.is_cpu else 30.0),
+        storage_branch=lambda model, target: calls.append(f"{target}/{model.model_key}"),
+        run=lambda: calls.append("run"), stopped="")
+    plan = Replay(source=Path("search.json"), architecture={}, recipes={"cpu": cpu, "ios16": ios16})
+    assert [m.model_key for m in replayed_models(search, plan)] == ["channel0.3x750+1250"]  # 0.5 missed here
+    replay_then_search(search, plan)
+    assert plan.targets["cpu"]["status"] == "replayed" and plan.targets["ios16"]["status"] == "searched"
+    assert calls == ["ios16/channel0.3x750+1250", "run"]

@@ -146,8 +146,24 @@ def _why_missed(search: Search, recipe: Recipe, cand: Any, line: float) -> str:
     return "the replayed recipe could not be made here"
 
 
+def replayed_models(search: Search, plan: Replay) -> list[Recipe]:
+    """The pruned float models replay made that keep this checkpoint's budget (their storage recipe
+    left out), the highest rate first: the targets still to search try them before anything else."""
+    models: dict[str, Recipe] = {}
+    for recipe in plan.recipes.values():
+        if recipe is None or not (recipe.rate or recipe.sparsity):
+            continue
+        model = Recipe(target=recipe.target, rate=recipe.rate, steps=recipe.steps, sparsity=recipe.sparsity,
+                       full_res_rate=recipe.full_res_rate, full_res=recipe.full_res, from_steps=recipe.from_steps)
+        known = search.maker.known_model(model.model_key)
+        if known is not None and known[1].kept:
+            models.setdefault(model.model_key, model)
+    return sorted(models.values(), key=lambda m: -m.rate)
+
+
 def replay_then_search(search: Search, plan: Replay) -> None:
-    """Replay, then the normal search for the targets replay did not settle (those only)."""
+    """Replay, then the normal search for the targets replay did not settle (those only), starting
+    with the storage of the pruned models replay made and kept (:func:`replayed_models`)."""
     to_search = replay(search, plan)
     if not to_search:
         search.stopped = (f"every target was replayed from {plan.source} within the budget: nothing searched")
@@ -155,6 +171,9 @@ def replay_then_search(search: Search, plan: Replay) -> None:
     full = search.cfg
     search.cfg = dataclasses.replace(full, targets=tuple(to_search))
     try:
+        for model in replayed_models(search, plan):  # made already: their storage first, for these targets
+            for target in to_search:
+                search.storage_branch(model, target)
         search.run()
     finally:
         search.cfg = full

@@ -19,8 +19,8 @@ order and reaches the same files, later, as far as its budget goes:
    with its storage search and, for the CPU, its full-resolution variant;
 4. the dear storage for the palettes GPTQ also missed: bits by layer and fitted palettes, the smallest
    files first, never one whose weights alone outweigh the smallest file kept;
-5. weights zeroed and stored sparse (ML Programs); fp16 of the model as given for a target where
-   nothing kept the quality.
+5. weights zeroed and stored sparse (ML Programs); the model as given in 8-bit weights (or fp16 when
+   that misses) for a target where nothing kept the quality.
 
 Each step's expected seconds include what the search must still do after it: scoring each chosen
 Core ML file as tbopt bench runs it and timing the int8 files side by side (``reserve``).
@@ -328,11 +328,13 @@ class Search:
             and c.recipe.model_key == model_recipe.model_key for c in self.candidates)
 
     def fallback(self, targets: list[str]) -> None:
-        """fp16 storage of the model as given, for each Core ML target where nothing kept the quality:
-        made even past the time budget (a few seconds), so that no target is left without a file."""
+        """For each Core ML target where nothing kept the quality, the model as given stored in 8-bit
+        linear weights (half fp16's bytes, no calibration), and in fp16 when even that misses: made
+        even past the time budget (a few seconds each), so that no target is left without a file."""
         for target in targets:
-            if target != "cpu" and not any(c.kept for c in self.candidates if c.recipe.target == target):
-                self.candidate(Recipe(target=target, weights="fp16"), past_budget=True)
+            for weights in ("int8", "fp16"):
+                if target != "cpu" and not any(c.kept for c in self.candidates if c.recipe.target == target):
+                    self.candidate(Recipe(target=target, weights=weights), past_budget=True)
 
     def run(self) -> None:
         targets = [t for t in self.cfg.targets if t != "cpu"] + [t for t in self.cfg.targets if t == "cpu"]
