@@ -5,6 +5,7 @@ file back."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import zipfile
@@ -28,6 +29,9 @@ class WrittenFile:
     content: bytes = field(default=b"", repr=False)
     spec: Any = field(default=None, repr=False, compare=False)
     files: Mapping[str, bytes] = field(default_factory=dict, repr=False, compare=False)
+    #: A folder's empty folders, by their path inside it: a package's manifest may name one (an ML
+    #: Program without a weight file keeps an empty ``weights/``), so a copy must have them too.
+    folders: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     @classmethod
     def of_bytes(cls, path: Path | str, content: bytes, spec: Any = None) -> "WrittenFile":
@@ -42,7 +46,8 @@ class WrittenFile:
         ``core.files.sha256_file``, ``size_on_disk`` and ``zipped_size``."""
         path = Path(path)
         files = {str(f.relative_to(path)): f.read_bytes() for f in sorted(p for p in path.rglob("*") if p.is_file())}
-        return cls.of_files(path, files, spec)
+        empty = tuple(str(d.relative_to(path)) for d in sorted(path.rglob("*")) if d.is_dir() and not any(d.iterdir()))
+        return dataclasses.replace(cls.of_files(path, files, spec), folders=empty)
 
     @classmethod
     def of_file(cls, path: Path | str, spec: Any = None) -> "WrittenFile":
@@ -76,11 +81,12 @@ class WrittenFile:
         for name, data in self.files.items():
             (path / name).parent.mkdir(parents=True, exist_ok=True)
             (path / name).write_bytes(data)
+        for name in self.folders:
+            (path / name).mkdir(parents=True, exist_ok=True)
 
     def moved_to(self, path: Path | str) -> "WrittenFile":
         """The same file under the name it was renamed to (written as a temporary file first)."""
-        return WrittenFile(Path(path), self.sha256, self.size_bytes, self.zipped_bytes, self.content, self.spec,
-                           self.files)
+        return dataclasses.replace(self, path=Path(path))
 
 
 def write_file(path: Path | str, content: bytes, *, force: bool = False) -> WrittenFile:
