@@ -321,3 +321,16 @@ def test_longer_distillations_continue_the_highest_kept_rate_first(monkeypatch):
     continued.clear()
     search.longer_distillations(["ios13"], [-0.3, 0.25], 750, 2000)  # 0.3 missed: rescued first
     assert continued == [0.3, 0.25]
+
+
+@pytest.mark.parametrize("palettes, kept_weights, expected", [
+    (("pal8", "pal6", "pal4", "pal3", "pal2"), "pal4", True),
+    (("pal8", "pal6", "pal4", "pal3", "pal2"), "pal6", False),  # kept only above the middle palette
+    (("pal8", "pal6"), "pal8", True),  # no pal4 given: the storage search starts from the largest
+])
+def test_the_palette_a_model_must_keep_is_the_one_its_storage_search_starts_from(palettes, kept_weights, expected):
+    model = Recipe(target="ios13", rate=0.3, steps=750)
+    cand = SimpleNamespace(kept=True, recipe=Recipe(target="ios13", rate=0.3, steps=750, weights=kept_weights, gptq=True))
+    search = _with_maker(_clock_only(budget_min=10.0, spent_s=0.0), candidates=[cand])
+    search.cfg = OptimizeConfig(palettes=palettes)
+    assert search.kept_middle(model, ["ios13", "cpu"]) is expected

@@ -321,10 +321,14 @@ class Search:
 
     def kept_middle(self, model_recipe: Recipe, targets: list[str]) -> bool:
         """True when some Core ML target kept the quality with ``model_recipe``'s model stored in the
-        middle palette (``START_PALETTE``, plain or GPTQ), or no Core ML target is searched."""
+        palette its storage search starts from (``START_PALETTE``, or the largest one given when that is
+        not; plain or GPTQ), or no Core ML target is searched."""
         coreml = [t for t in targets if t != "cpu"]
+        first = {t: START_PALETTE if START_PALETTE in modes else (modes[0] if modes else None)
+                 for t in coreml for modes in [self.cfg.storage_modes(t)]}
         return not coreml or any(
-            c.kept and c.recipe.weights == START_PALETTE and not c.recipe.fit_steps and not c.recipe.bits_by_layer
+            c.kept and c.recipe.target in first and c.recipe.weights == first[c.recipe.target]
+            and not c.recipe.fit_steps and not c.recipe.bits_by_layer
             and c.recipe.model_key == model_recipe.model_key for c in self.candidates)
 
     def fallback(self, targets: list[str]) -> None:
