@@ -14,8 +14,12 @@ No torch here.
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
+
+from ..core.progress import Progress
 
 #: A unit's cost before it has been measured, in scorings of the image set (the first thing the
 #: search times). These only decide whether a first step of a kind is started. Measured in one
@@ -62,3 +66,29 @@ class CostModel:
     def to_dict(self) -> dict[str, Any]:
         return {kind: {"seconds_per_unit": round(self.per(kind), 4), "units": round(self.units[kind], 1)}
                 for kind in sorted(self.units)}
+
+
+# -- the clock: a step stopped at the budget's end ----------------------------------------------------
+
+class OutOfTime(Exception):
+    """A step still running when the time budget ran out (the machine ran slower than the cost
+    model expected, e.g. when its load rose mid-search)."""
+
+
+class Clocked:
+    """A :class:`~..core.progress.Progress` that raises :class:`OutOfTime` at the first advance past ``deadline``."""
+
+    def __init__(self, inner: Progress, deadline: float):
+        self.inner, self.deadline = inner, deadline
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
+        with self.inner.task(description, total=total) as advance:
+            def clocked(*args: Any, **kwargs: Any) -> None:
+                advance(*args, **kwargs)
+                if time.perf_counter() > self.deadline:
+                    raise OutOfTime(description)
+            yield clocked
+
+    def note(self, message: str) -> None:
+        self.inner.note(message)

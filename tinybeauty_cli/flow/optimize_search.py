@@ -17,8 +17,8 @@ order and reaches the same files, later, as far as its budget goes:
    (``lower_rates``);
 3. the long distillation, continued from the short one, for each rate that kept the quality, each
    with its storage search and, for the CPU, its full-resolution variant;
-4. the dear storage for the palettes GPTQ also missed: bits by layer and fitted palettes, the smallest
-   files first, never one whose weights alone outweigh the smallest file kept;
+4. the dear storage for the palettes GPTQ also missed (:mod:`.optimize_rescue`): bits by layer and
+   fitted palettes, the smallest files first, never one whose weights alone outweigh the smallest file kept;
 5. weights zeroed and stored sparse (ML Programs); the model as given in 8-bit weights (or fp16 when
    that misses) for a target where nothing kept the quality.
 
@@ -30,28 +30,25 @@ It stops when the space is exhausted or nothing left fits the budget, and says w
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from ..core.checkpoint import LoadedModel
-from ..core.errors import TbOptError, UnsupportedError
+from ..core.errors import UnsupportedError
 from ..core.images import ImageSet
 from ..core.progress import Progress
 from ..measure.evaluate import Evaluation
 from .optimize_cache import SearchCache
 from .optimize_config import OptimizeConfig, Recipe
-from .optimize_cost import CostModel
+from .optimize_cost import Clocked, CostModel, OutOfTime
 from .optimize_make import TWIN, Maker, OnRow, file_twin, shown, with_fitted_palettes
+from .optimize_rescue import FIT_REACH_DB, DearStorage
 from .optimize_result import Candidate, ModelEntry
 
 __all__ = ["FIT_REACH_DB", "TWIN", "Search", "file_twin", "shown", "with_fitted_palettes"]
 
-#: The most PSNR fitted palettes recovered over plain ones in our measurements (1.6 dB: the demo,
-#: pal4, 300 steps); a palette further below the budget is not fitted.
-FIT_REACH_DB = 2.0
 #: The palette a storage search starts from, going down while it keeps the quality and up when it
 #: does not: every scoring counts on a slow machine, and on TinyBeauty 4-bit palettes (with GPTQ)
 #: keep a 0.3 dB budget on the model as given and after channel pruning, where 8 and 6 bits
@@ -66,31 +63,7 @@ MIN_CONTINUED_SHARE = 0.5
 STEP_QUANTUM = 50
 
 
-class OutOfTime(Exception):
-    """A step still running when the time budget ran out (the machine ran slower than the cost
-    model expected, e.g. when its load rose mid-search)."""
-
-
-class _Clocked:
-    """A :class:`Progress` that raises :class:`OutOfTime` at the first advance past ``deadline``."""
-
-    def __init__(self, inner: Progress, deadline: float):
-        self.inner, self.deadline = inner, deadline
-
-    @contextlib.contextmanager
-    def task(self, description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
-        with self.inner.task(description, total=total) as advance:
-            def clocked(*args: Any, **kwargs: Any) -> None:
-                advance(*args, **kwargs)
-                if time.perf_counter() > self.deadline:
-                    raise OutOfTime(description)
-            yield clocked
-
-    def note(self, message: str) -> None:
-        self.inner.note(message)
-
-
-class Search:
+class Search(DearStorage):
     """The search's order and clock; :attr:`maker` makes and scores what it decides to try."""
 
     def __init__(self, loaded: LoadedModel, images: ImageSet, cfg: OptimizeConfig, cache: SearchCache,
@@ -182,7 +155,7 @@ class Search:
         if left is None:
             return make()
         inner = self.maker.progress
-        self.maker.progress = _Clocked(inner, time.perf_counter() + left)
+        self.maker.progress = Clocked(inner, time.perf_counter() + left)
         t0 = time.perf_counter()
         try:
             return make()
@@ -514,69 +487,6 @@ class Search:
                 break  # missed (a harder rate would too) or no time left
             for target in sorted(targets, key=lambda t: t != "cpu"):
                 self.storage_branch(recipe, target)
-
-    def rescue(self) -> None:
-        """The dear part, for the palettes GPTQ missed too: bits chosen by layer (same bytes), then
-        fitted palettes, model by model and target by target, the smallest files first, going down a
-        palette size while one keeps the quality. Nothing whose weights alone cannot beat the smallest
-        file kept so far is made (:meth:`cannot_beat`), nor a fit of a palette too far below the budget."""
-        def promise(item: tuple[Recipe, list[str]]) -> tuple[int, float]:
-            base, modes = item
-            model = self.model(base)
-            closest = self.closest(dataclasses.replace(base, weights=modes[0]))
-            return (self.maker.weight_bytes(dataclasses.replace(base, weights=modes[0]), model) if model else 0,
-                    -(closest if closest is not None else float("-inf")))
-
-        for base, modes in sorted(self.to_rescue, key=promise):
-            for mode in modes:
-                if not any(c is not None and c.kept for c in self.rescue_variants(dataclasses.replace(base, weights=mode))):
-                    break
-
-    def rescue_variants(self, recipe: Recipe) -> Any:
-        """The dear variants of one palette, in order, until one keeps the quality."""
-        variants = []
-        if self.cfg.bits_by_layer and self.bits_available(recipe):
-            variants.append(dataclasses.replace(recipe, bits_by_layer=True))
-        if self.cfg.fit_steps:
-            variants.append(dataclasses.replace(recipe, gptq=self.cfg.gptq, fit_steps=self.cfg.fit_steps))
-        for variant in variants:
-            closest = self.closest(recipe)
-            if variant.fit_steps and closest is not None and closest < self.budget.line_db - FIT_REACH_DB:
-                self.skip(variant.key, f"{recipe.storage} is more than {FIT_REACH_DB:g} dB below the budget, "
-                                       f"more than fitting has recovered")
-                continue
-            cand = self.candidate(variant)
-            yield cand
-            if cand is not None and cand.kept:
-                return
-
-    def closest(self, recipe: Recipe) -> float | None:
-        """The best quality of ``recipe``'s palette without fitting (plain, GPTQ or bits by layer)."""
-        plain = dataclasses.replace(recipe, gptq=False, bits_by_layer=False, fit_steps=0)
-        qs = [c.quality_db for c in self.candidates if c.quality_db is not None and not c.recipe.fit_steps
-              and dataclasses.replace(c.recipe, gptq=False, bits_by_layer=False) == plain]
-        return max(qs) if qs else None
-
-    def bits_available(self, recipe: Recipe) -> bool:
-        """True when ``tbopt export`` can choose palette bits by layer for ``recipe``'s file."""
-        try:
-            dataclasses.replace(recipe, bits_by_layer=True).export_config()
-        except TbOptError:
-            return False
-        return True
-
-    def sparse_branch(self, base: Recipe) -> None:
-        """Weights zeroed (global magnitude) and stored sparse in fp16: ML Programs only."""
-        if base.target == "ios13":
-            return
-        for i, s in enumerate(self.cfg.sparsities):
-            recipe = dataclasses.replace(base, sparsity=s, weights="fp16")
-            cand = self.candidate(recipe)
-            if (cand is not None and not cand.kept) or self.missed(recipe):
-                for rest in self.cfg.sparsities[i + 1:]:
-                    self.skip(dataclasses.replace(base, sparsity=rest, weights="fp16").key,
-                              f"sparsity {s:g} missed the budget")
-                break
 
     def why_stopped(self) -> str:
         """Why the search ended, in a sentence for the result."""
